@@ -1,0 +1,53 @@
+# qbsync developer entry points. `make test` is the one command a newcomer (and CI) runs.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint typecheck unit fuzz integration qbittorrent venv clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# qbittorrent-nox is a Debian package; integration tests need the real binary.
+qbittorrent:
+	@command -v qbittorrent-nox >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing qbittorrent-nox with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qbittorrent-nox >/dev/null; \
+	  else \
+	    echo "qbittorrent-nox is missing: install it (Debian/Ubuntu: sudo apt-get install qbittorrent-nox) and re-run make test" >&2; \
+	    exit 1; \
+	  fi; }
+	@qbittorrent-nox --version
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests --ignore=tests/integration --ignore=tests/fuzz
+
+fuzz: venv
+	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q tests/fuzz
+
+integration: venv qbittorrent
+	$(BIN)/pytest -q tests/integration
+
+test: venv qbittorrent lint typecheck
+	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q --durations=15 tests
+
+bench: venv
+	$(BIN)/python bench/wire_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

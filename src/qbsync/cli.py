@@ -1,0 +1,112 @@
+"""The ``qbsync`` command: ``qbsync source`` and ``qbsync destination``.
+
+Flags, environment variables and defaults all come from :mod:`qbsync.config`; this module only
+turns them into argparse flags, prints ``--print-config`` and hands the resolved configuration
+to the role's runner. Exit status: 0 on a clean stop, 1 when the daemon fails at run time,
+2 for a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import ConfigError, Option, Role, options_for, redacted, resolve
+
+EXIT_CONFIG = 2
+
+_DESCRIPTIONS: dict[Role, str] = {
+    "source": "Stream pieces from the source qBittorrent to a qbsync destination as they finish.",
+    "destination": "Receive pieces, verify them, and add verified torrents to qBittorrent.",
+}
+
+
+def _add_option(parser: argparse.ArgumentParser, role: Role, opt: Option) -> None:
+    default = f"(default: {opt.default})" if opt.default else "(default: empty)"
+    if opt.required:
+        default = "(required)"
+    help_text = f"{opt.help} [env {opt.env(role)}] {default}"
+    if opt.is_flag:
+        # "--dry-run" alone means true; "--dry-run=false" is accepted too, like Go's flag package.
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            nargs="?",
+            const="true",
+            default=None,
+            metavar="BOOL",
+            help=help_text,
+        )
+    else:
+        parser.add_argument(
+            opt.flag,
+            dest=opt.name,
+            default=None,
+            metavar=opt.metavar or "N"
+            if opt.parse.__name__ in ("_parse_int", "_parse_float")
+            else opt.metavar or "VALUE",
+            help=help_text.replace("%", "%%"),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qbsync",
+        description="Sync torrents between two qBittorrent instances, piece by piece.",
+    )
+    parser.add_argument("--version", action="version", version=f"qbsync {__version__}")
+    sub = parser.add_subparsers(dest="role", metavar="{source,destination}")
+    sub.required = True
+    for role in ("source", "destination"):
+        p = sub.add_parser(
+            role,
+            help=_DESCRIPTIONS[role],
+            description=_DESCRIPTIONS[role]
+            + f" Every flag can also be set with the environment variable shown "
+            f"(prefix QBSYNC_{role.upper()}_); a flag wins over the environment.",
+        )
+        for opt in options_for(role):
+            _add_option(p, role, opt)
+        p.add_argument(
+            "--print-config",
+            action="store_true",
+            help='Print the resolved configuration as JSON (secrets as "***") and exit',
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    role: Role = args.role
+    flags = {opt.name: getattr(args, opt.name) for opt in options_for(role)}
+    try:
+        config = resolve(role, flags)
+    except ConfigError as exc:
+        print(f"qbsync {role}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        print(json.dumps(redacted(config), indent=2, sort_keys=True))
+        return 0
+
+    from . import log
+
+    log.setup(config.log_level, role)
+    if role == "source":
+        from .config import SourceConfig
+        from .source.runner import run as run_source
+
+        assert isinstance(config, SourceConfig)
+        return run_source(config)
+    from .config import DestinationConfig
+    from .destination.runner import run as run_destination
+
+    assert isinstance(config, DestinationConfig)
+    return run_destination(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Logging: one line per event on stderr, ``key=value`` pairs.
+
+Call sites log ``event=<name> key=value ...`` messages; this module adds the time, level and
+role so every line greps the same way. Values containing spaces or quotes are quoted with
+:func:`kv`. Secrets never reach a log line: configs redact them (``config.redacted``) and the
+auth token is never formatted anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def kv(value: object) -> str:
+    """Format one value for a ``key=value`` line (quoted when it has spaces or quotes)."""
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ms = int(record.msecs)
+        level = "warn" if record.levelno == logging.WARNING else record.levelname.lower()
+        line = (
+            f"time={ts}.{ms:03d}Z level={level} task={self.role} "
+            f"logger={record.name} {record.getMessage()}"
+        )
+        if record.exc_info:
+            exc = self.formatException(record.exc_info).replace("\n", "\\n")
+            line += f" traceback={kv(exc)}"
+        return line
+
+
+def setup(level: str, role: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(role))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS.get(level, logging.INFO))
+    # Third-party libraries stay quiet unless we debug.
+    for noisy in ("urllib3", "qbittorrentapi", "kubernetes", "hpack", "hypercorn"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if level != "debug" else logging.INFO)

@@ -1,0 +1,352 @@
+"""Torrent metainfo: bencode, the info-hash, the file table and piece <-> file geometry.
+
+Both daemons need the same answers to "which bytes of which files make up piece *i*", so that
+arithmetic lives here, once, with no I/O. The parser is strict: metainfo arrives from the
+network and from qBittorrent, and a malformed or hostile document must raise
+:class:`MetainfoError`, never an arbitrary exception.
+
+Path *safety* (whether a file name may be written under ``--data``) is a separate question,
+answered by :mod:`qbsync.paths`; this module only reports names as the torrent spells them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+
+MAX_METAINFO_BYTES = 64 * 1024 * 1024  # a 64 MiB .torrent is already absurd
+MAX_PIECE_LENGTH = 256 * 1024 * 1024  # libtorrent's own ceiling is 128 MiB; allow headroom
+MAX_DEPTH = 64
+
+
+class MetainfoError(ValueError):
+    """The bytes are not a usable torrent."""
+
+
+# --- bencode --------------------------------------------------------------------------------
+
+
+def bdecode(data: bytes) -> Any:
+    """Decode one bencoded value that spans all of ``data``.
+
+    Dictionary keys and strings stay ``bytes``. Raises :class:`MetainfoError` on anything
+    malformed, including trailing bytes, leading zeros and unsorted or duplicate keys are
+    tolerated (real-world torrents have them) but non-bytes keys are not.
+    """
+    if len(data) > MAX_METAINFO_BYTES:
+        raise MetainfoError(f"metainfo too large ({len(data)} bytes)")
+    value, end = _decode(memoryview(data), 0, 0)
+    if end != len(data):
+        raise MetainfoError(f"trailing data after bencoded value at byte {end}")
+    return value
+
+
+def bdecode_prefix(data: bytes) -> tuple[Any, int]:
+    """Decode one bencoded value at the start of ``data``; return it and where it ended."""
+    return _decode(memoryview(data), 0, 0)
+
+
+def _decode(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
+    if depth > MAX_DEPTH:
+        raise MetainfoError("bencode nested too deeply")
+    if pos >= len(buf):
+        raise MetainfoError("unexpected end of bencoded data")
+    c = buf[pos]
+    if c == ord("i"):
+        end = _find(buf, ord("e"), pos + 1)
+        text = bytes(buf[pos + 1 : end])
+        if (
+            not text
+            or text in (b"-", b"-0")
+            or (text.lstrip(b"-").startswith(b"0") and text.lstrip(b"-") != b"0")
+        ):
+            raise MetainfoError(f"bad integer {text!r}")
+        try:
+            return int(text), end + 1
+        except ValueError:
+            raise MetainfoError(f"bad integer {text!r}") from None
+    if c == ord("l"):
+        pos += 1
+        items = []
+        while pos < len(buf) and buf[pos] != ord("e"):
+            item, pos = _decode(buf, pos, depth + 1)
+            items.append(item)
+        if pos >= len(buf):
+            raise MetainfoError("unterminated list")
+        return items, pos + 1
+    if c == ord("d"):
+        pos += 1
+        out: dict[bytes, Any] = {}
+        while pos < len(buf) and buf[pos] != ord("e"):
+            key, pos = _decode(buf, pos, depth + 1)
+            if not isinstance(key, bytes):
+                raise MetainfoError("dictionary key is not a string")
+            out[key], pos = _decode(buf, pos, depth + 1)
+        if pos >= len(buf):
+            raise MetainfoError("unterminated dictionary")
+        return out, pos + 1
+    if ord("0") <= c <= ord("9"):
+        colon = _find(buf, ord(":"), pos)
+        digits = bytes(buf[pos:colon])
+        if len(digits) > 1 and digits.startswith(b"0"):
+            raise MetainfoError(f"bad string length {digits!r}")
+        length = int(digits)
+        start = colon + 1
+        if start + length > len(buf):
+            raise MetainfoError("string runs past the end of the data")
+        return bytes(buf[start : start + length]), start + length
+    raise MetainfoError(f"unexpected byte {chr(c)!r} at {pos}")
+
+
+def _find(buf: memoryview, byte: int, start: int) -> int:
+    for i in range(start, min(len(buf), start + 32)):
+        if buf[i] == byte:
+            return i
+    raise MetainfoError("malformed bencoded number or length")
+
+
+def bencode(value: Any) -> bytes:
+    out: list[bytes] = []
+    _encode(value, out)
+    return b"".join(out)
+
+
+def _encode(value: Any, out: list[bytes]) -> None:
+    if isinstance(value, bool):
+        raise TypeError("bencode has no booleans")
+    if isinstance(value, int):
+        out.append(b"i%de" % value)
+    elif isinstance(value, (bytes, bytearray)):
+        out.append(b"%d:" % len(value))
+        out.append(bytes(value))
+    elif isinstance(value, str):
+        _encode(value.encode(), out)
+    elif isinstance(value, (list, tuple)):
+        out.append(b"l")
+        for item in value:
+            _encode(item, out)
+        out.append(b"e")
+    elif isinstance(value, dict):
+        out.append(b"d")
+        for key in sorted(k.encode() if isinstance(k, str) else k for k in value):
+            _encode(key, out)
+            item = value[key] if key in value else value[key.decode()]
+            _encode(item, out)
+        out.append(b"e")
+    else:
+        raise TypeError(f"cannot bencode {type(value).__name__}")
+
+
+def _raw_info(data: bytes) -> bytes:
+    """The exact bytes of the top-level ``info`` value, as the info-hash is computed over them."""
+    buf = memoryview(data)
+    if not data.startswith(b"d"):
+        raise MetainfoError("metainfo is not a dictionary")
+    pos = 1
+    while pos < len(buf) and buf[pos] != ord("e"):
+        key, pos = _decode(buf, pos, 1)
+        start = pos
+        _, pos = _decode(buf, pos, 1)
+        if key == b"info":
+            return bytes(buf[start:pos])
+    raise MetainfoError("metainfo has no info dictionary")
+
+
+# --- metainfo -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TorrentFile:
+    """A file of the torrent: ``path`` is "/"-joined and includes the root folder (as
+    qBittorrent names files), ``offset`` is where it starts in the concatenated content."""
+
+    index: int
+    path: str
+    size: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@attrs.frozen
+class Span:
+    """The part of one file that belongs to a piece."""
+
+    file_index: int
+    file_offset: int  # where in the file the span starts
+    piece_offset: int  # where in the piece the span starts
+    length: int
+
+
+@attrs.frozen
+class Geometry:
+    """Piece/file arithmetic for a torrent; pure and shared by reader and writer."""
+
+    piece_length: int
+    total_size: int
+    files: tuple[TorrentFile, ...]
+
+    @classmethod
+    def from_sizes(cls, piece_length: int, files: Sequence[tuple[str, int]]) -> Geometry:
+        out, offset = [], 0
+        for i, (path, size) in enumerate(files):
+            if size < 0:
+                raise MetainfoError(f"negative file size for {path!r}")
+            out.append(TorrentFile(i, path, size, offset))
+            offset += size
+        if piece_length <= 0 or piece_length > MAX_PIECE_LENGTH:
+            raise MetainfoError(f"bad piece length {piece_length}")
+        return cls(piece_length, offset, tuple(out))
+
+    @property
+    def num_pieces(self) -> int:
+        return -(-self.total_size // self.piece_length) if self.total_size else 0
+
+    def piece_offset(self, index: int) -> int:
+        return index * self.piece_length
+
+    def piece_size(self, index: int) -> int:
+        if not 0 <= index < self.num_pieces:
+            raise IndexError(f"piece {index} out of range 0..{self.num_pieces - 1}")
+        return min(self.piece_length, self.total_size - index * self.piece_length)
+
+    def spans(self, index: int) -> Iterator[Span]:
+        """The file spans that make up piece ``index``, in order (zero-length files skipped)."""
+        start = self.piece_offset(index)
+        end = start + self.piece_size(index)
+        # Files are sorted by offset: bisect for the first file that ends after ``start``.
+        lo, hi = 0, len(self.files)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.files[mid].end <= start:
+                lo = mid + 1
+            else:
+                hi = mid
+        for f in self.files[lo:]:
+            if f.offset >= end:
+                break
+            s, e = max(start, f.offset), min(end, f.end)
+            if s < e:
+                yield Span(f.index, s - f.offset, s - start, e - s)
+
+    def file_pieces(self, file_index: int) -> range:
+        """Pieces that touch file ``file_index`` (empty for a zero-length file)."""
+        f = self.files[file_index]
+        if f.size == 0:
+            return range(0)
+        return range(f.offset // self.piece_length, (f.end - 1) // self.piece_length + 1)
+
+
+@attrs.frozen
+class Metainfo:
+    """A parsed ``.torrent``. ``piece_hashes`` holds v1 SHA-1 digests (empty for v2-only)."""
+
+    info_hash: str  # hex; SHA-1 of the info dict for v1/hybrid, truncated SHA-256 never used
+    info_hash_v2: str  # hex SHA-256 of the info dict when meta version 2 (else "")
+    name: str
+    geometry: Geometry
+    piece_hashes: tuple[bytes, ...]
+    private: bool
+    raw: bytes = attrs.field(repr=False)
+
+    @property
+    def has_v1(self) -> bool:
+        return bool(self.piece_hashes)
+
+    def matches(self, info_hash: str) -> bool:
+        """True when ``info_hash`` (as qBittorrent reports it) names this torrent."""
+        h = info_hash.lower()
+        return h == self.info_hash or (bool(self.info_hash_v2) and h == self.info_hash_v2)
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, bytes):
+        raise MetainfoError(f"{what} is not a string")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("utf-8", errors="replace")
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MetainfoError(f"{what} is not an integer")
+    return value
+
+
+def parse_metainfo(data: bytes) -> Metainfo:
+    top = bdecode(data)
+    if not isinstance(top, dict) or not isinstance(top.get(b"info"), dict):
+        raise MetainfoError("metainfo has no info dictionary")
+    info: dict[bytes, Any] = top[b"info"]
+    raw_info = _raw_info(data)
+    v1_hash = hashlib.sha1(raw_info).hexdigest()
+    meta_version = info.get(b"meta version", 1)
+    v2_hash = hashlib.sha256(raw_info).hexdigest() if meta_version == 2 else ""
+
+    name = _text(info.get(b"name", b""), "name")
+    piece_length = _int(info.get(b"piece length"), "piece length")
+
+    pieces_raw = info.get(b"pieces", b"")
+    if not isinstance(pieces_raw, bytes) or len(pieces_raw) % 20:
+        raise MetainfoError("pieces is not a multiple of 20 bytes")
+    hashes = tuple(pieces_raw[i : i + 20] for i in range(0, len(pieces_raw), 20))
+
+    files: list[tuple[str, int]] = []
+    if b"files" in info:
+        entries = info[b"files"]
+        if not isinstance(entries, list) or not entries:
+            raise MetainfoError("files is not a non-empty list")
+        for n, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise MetainfoError(f"file {n} is not a dictionary")
+            parts = entry.get(b"path.utf-8", entry.get(b"path"))
+            if not isinstance(parts, list) or not parts:
+                raise MetainfoError(f"file {n} has no path")
+            path = "/".join([name, *(_text(p, f"file {n} path") for p in parts)])
+            size = _int(entry.get(b"length"), f"file {n} length")
+            if entry.get(b"attr", b"") and b"p" in entry[b"attr"]:
+                pass  # BEP 47 padding file: counts in the geometry, qBittorrent hides it
+            files.append((path, size))
+    elif b"length" in info:
+        files.append((name, _int(info[b"length"], "length")))
+    elif b"file tree" in info:
+        files.extend(_v2_files(info[b"file tree"], name))
+    else:
+        raise MetainfoError("info has neither length nor files")
+
+    geometry = Geometry.from_sizes(piece_length, files)
+    if hashes and len(hashes) != geometry.num_pieces:
+        raise MetainfoError(f"{len(hashes)} piece hashes for {geometry.num_pieces} pieces")
+    if not hashes and not v2_hash:
+        raise MetainfoError("torrent has no piece hashes")
+    private = top[b"info"].get(b"private", 0) == 1
+    return Metainfo(
+        info_hash=v1_hash if hashes else v2_hash[:40],
+        info_hash_v2=v2_hash,
+        name=name,
+        geometry=geometry,
+        piece_hashes=hashes,
+        private=private,
+        raw=data,
+    )
+
+
+def _v2_files(tree: Any, root: str) -> Iterator[tuple[str, int]]:
+    """Files of a v2-only ``file tree`` in its (sorted) order."""
+    if not isinstance(tree, dict):
+        raise MetainfoError("file tree is not a dictionary")
+    for key in sorted(tree):
+        node = tree[key]
+        name = _text(key, "file tree name")
+        if not isinstance(node, dict):
+            raise MetainfoError("file tree node is not a dictionary")
+        if b"" in node and isinstance(node[b""], dict):
+            yield f"{root}/{name}", _int(node[b""].get(b"length", 0), "file tree length")
+        else:
+            yield from _v2_files(node, f"{root}/{name}")

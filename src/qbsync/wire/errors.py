@@ -1,0 +1,68 @@
+"""Typed protocol errors with stable codes.
+
+The code strings are part of the protocol and of the logs (``code=hash-mismatch``): users grep
+for them and the source maps them to retry decisions, so never rename one.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    # Piece acks and request results.
+    OK = "ok"
+    IO = "io"  # destination could not write (disk full, permissions): retry later
+    HASH_MISMATCH = "hash-mismatch"  # SHA-1 differs from the torrent's: re-read and resend
+    NOT_INITIALIZED = "not-initialized"  # destination has no state: send InitTorrent again
+    FINALIZING = "finalizing"  # torrent is being finalized: retry later
+    BAD_REQUEST = "bad-request"  # request failed validation (index, offset, geometry, ...)
+    UNSAFE_PATH = "unsafe-path"  # a file path would escape --data
+    NOT_FOUND = "not-found"  # finalize/abort/start for a torrent the destination does not have
+    INCOMPLETE = "incomplete"  # finalize with pieces still missing: resync
+    BUSY = "busy"  # a concurrent operation on the same torrent: retry later
+    QB_ERROR = "qb-error"  # the destination's qBittorrent failed or is unreachable
+    VERIFY_FAILED = "verify-failed"  # qBittorrent's recheck did not reach 100 %
+    INTERNAL = "internal"  # a bug: logged with a traceback on the side that raised it
+    # Connection-level failures (sent in an Error frame, then the connection closes).
+    PROTOCOL = "protocol"  # malformed frame or message, or a message out of order
+    UNSUPPORTED_VERSION = "unsupported-version"
+    UNKNOWN_TYPE = "unknown-type"
+    FRAME_TOO_LARGE = "frame-too-large"
+    AUTH_FAILED = "auth-failed"
+    CREDIT_EXCEEDED = "credit-exceeded"  # peer sent more piece bytes than it was granted
+    TIMEOUT = "timeout"  # handshake or keepalive deadline passed
+    SHUTTING_DOWN = "shutting-down"
+
+
+# Codes after which the same request may succeed if simply retried later.
+RETRYABLE: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.IO,
+        ErrorCode.FINALIZING,
+        ErrorCode.BUSY,
+        ErrorCode.QB_ERROR,
+        ErrorCode.TIMEOUT,
+        ErrorCode.SHUTTING_DOWN,
+    }
+)
+
+
+class WireError(Exception):
+    """A protocol-level failure with a stable code.
+
+    Raised by the sans-IO core on malformed input and by the connection when the peer reports
+    an error. ``str(err)`` is a one-line message suitable for ``key=value`` logs.
+    """
+
+    def __init__(self, code: ErrorCode, message: str = "") -> None:
+        super().__init__(f"{code.value}: {message}" if message else code.value)
+        self.code = code
+        self.message = message
+
+
+class ConnectionClosed(WireError):
+    """The peer went away (EOF, reset, or our own close). Not a protocol violation."""
+
+    def __init__(self, message: str = "connection closed") -> None:
+        super().__init__(ErrorCode.PROTOCOL, message)
