@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -143,8 +144,15 @@ def _parse_optional_path(raw: str) -> Path | None:
 
 def _parse_url(raw: str) -> str:
     v = raw.strip()
-    if v and not (v.startswith("http://") or v.startswith("https://")):
+    if not v:
+        return v
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in v):
         raise ValueError(f"not an http(s) URL: {raw!r} (for example http://localhost:8080)")
+    try:
+        parts.port  # noqa: B018  # validates the port
+    except ValueError:
+        raise ValueError(f"bad port in URL {raw!r}") from None
     return v.rstrip("/")
 
 
@@ -517,6 +525,7 @@ def resolve(
         else:
             raw[opt.name] = opt.default
 
+    from_fallback: dict[str, str] = {}  # option name -> conventional variable that set it
     for name, env_names in _FALLBACKS[role]:
         opt = _option(role, name)
         if raw[name] == opt.default:
@@ -524,12 +533,15 @@ def resolve(
                 value = env.get(env_name, "").strip()
                 if value:
                     raw[name] = value if ":" in value else f":{value}"
+                    from_fallback[name] = env_name
                     break
 
     values: dict[str, Any] = {}
     for opt in options_for(role):
         text = raw[opt.name]
         where = f"{opt.flag} / {opt.env(role)}"
+        if opt.name in from_fallback:
+            where += f" (from {from_fallback[opt.name]})"
         if opt.required and not text.strip():
             raise ConfigError(f"{where} is required")
         try:

@@ -112,6 +112,8 @@ class QB:
         self._local = threading.local()
         self._failures = 0
         self._opened_at: float | None = None
+        self._sync_lock = threading.Lock()
+        self._sync_client: qbittorrentapi.Client | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -288,3 +290,37 @@ class QB:
     async def ping(self) -> None:
         """A cheap request proving qBittorrent answers (used by /readyz)."""
         await self.web_api_version()
+
+    async def maindata(self, rid: int = 0) -> dict[str, Any]:
+        """``sync/maindata?rid=``: the incremental change feed (plain dicts, states normalized).
+
+        qBittorrent keeps the ``rid`` baseline *per session*: a call through another session
+        (another ``Client``, i.e. another worker thread here) gets a full update every time.
+        So these calls use one dedicated client, serialized by a lock, whatever thread runs
+        them.
+        """
+
+        def run(_: qbittorrentapi.Client) -> dict[str, Any]:
+            with self._sync_lock:
+                if self._sync_client is None:
+                    self._sync_client = qbittorrentapi.Client(
+                        host=self.url,
+                        username=self._username or None,
+                        password=self._password or None,
+                        REQUESTS_ARGS={"timeout": REQUEST_TIMEOUT},
+                        VERIFY_WEBUI_CERTIFICATE=True,
+                        RAISE_NOTIMPLEMENTEDERROR_FOR_UNIMPLEMENTED_API_ENDPOINTS=False,
+                        DISABLE_LOGGING_DEBUG_OUTPUT=True,
+                    )
+                raw: Any = self._sync_client.sync_maindata(rid=rid)
+            out: dict[str, Any] = dict(raw)
+            torrents = {str(h): dict(t) for h, t in (raw.get("torrents") or {}).items()}
+            for t in torrents.values():
+                if "state" in t:
+                    t["state"] = normalize_state(str(t["state"]))
+            out["torrents"] = torrents
+            out["torrents_removed"] = [str(h) for h in raw.get("torrents_removed") or []]
+            out["server_state"] = dict(raw.get("server_state") or {})
+            return out
+
+        return await self.call("sync_maindata", run)

@@ -62,7 +62,23 @@ class WireError(Exception):
 
 
 class ConnectionClosed(WireError):
-    """The peer went away (EOF, reset, or our own close). Not a protocol violation."""
+    """The peer went away (EOF, reset, or our own close). Not a protocol violation.
 
-    def __init__(self, message: str = "connection closed") -> None:
-        super().__init__(ErrorCode.PROTOCOL, message)
+    ``code`` says why when it is known: the code of the peer's connection-level ``Error`` frame
+    (for example ``shutting-down``, which is worth a quick reconnect) or of the violation that
+    made us close; plain EOF keeps the historical default ``protocol``.
+    """
+
+    def __init__(
+        self, message: str = "connection closed", code: ErrorCode = ErrorCode.PROTOCOL
+    ) -> None:
+        super().__init__(code, message)
+
+
+class LocalProtocolError(WireError):
+    """*We* tried to do something the protocol forbids (a bug or API misuse on this side).
+
+    Distinct from a plain :class:`WireError`, which the sans-IO core raises when the *peer*
+    broke the protocol (h11 makes the same Local/Remote split): a local error must never be
+    blamed on, or reported to, the peer.
+    """

@@ -1,0 +1,67 @@
+"""Which verified files on this destination came from which source (device, inode).
+
+Cross-seeded torrents on a seedbox are usually hardlinks of one file. The source reports each
+file's (``st_dev``, ``st_ino``); when a new torrent's file has the (device, inode) of a file a
+*finalized* torrent here already holds (same size), the destination links it instead of
+streaming it again. The link is then scanned like any file found on disk, so a recycled inode
+or a modified file is caught before it counts.
+
+This is the deliberately small version of the Go reference's registry (spec §16): only
+verified files are link sources, there is no "pending" state, so a torrent can never wait on
+itself or on a writer that died (B8, B9). Two torrents streaming the same file at the same time
+simply both stream it. The registry is rebuilt at startup from the ``.finalized`` markers,
+which keep the (device, inode) index (B4). Stale entries are dropped when they are looked up.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import metrics, paths
+
+if TYPE_CHECKING:
+    from .state import FinalizedMarker
+
+log = logging.getLogger("qbsync.destination.hardlinks")
+
+
+class HardlinkRegistry:
+    def __init__(self) -> None:
+        self._by_id: dict[tuple[int, int], tuple[paths.Parts, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, device: int, inode: int, parts: paths.Parts, size: int) -> None:
+        if (device or inode) and size > 0:
+            self._by_id[(device, inode)] = (parts, size)
+
+    def add_marker(self, marker: FinalizedMarker) -> None:
+        # The marker stores full data-root-relative paths (sub path included).
+        for f in marker.files:
+            try:
+                parts = paths.split_relative(f.path)
+            except paths.UnsafePathError:
+                continue
+            self.add(f.device, f.inode, parts, f.size)
+
+    def lookup(self, device: int, inode: int, size: int, root: Path) -> paths.Parts | None:
+        """A verified file with this source identity and size, still present; evicts stale
+        entries (deleted, replaced, or a recycled inode of another size)."""
+        entry = self._by_id.get((device, inode))
+        if entry is None:
+            return None
+        parts, known = entry
+        try:
+            present = paths.regular_size(root, parts)
+        except (OSError, paths.UnsafePathError):
+            present = None
+        if known != size or present != size:
+            if present != known:
+                del self._by_id[(device, inode)]
+                metrics.stale_inode_evictions.inc()
+                log.info("event=hardlink_source_evicted path=%s", "/".join(parts))
+            return None
+        return parts

@@ -1,0 +1,373 @@
+"""The destination's per-torrent model and its on-disk persistence format.
+
+Layout of ``<data>/.qbsync/<hash>/`` (one directory per torrent, hash = lower-case hex):
+
+``meta.json``
+    :class:`TorrentMeta` through cattrs: the file table as the source sent it (torrent-relative
+    names, sizes, selection, source (device, inode)), the sub-directory, and the schema version.
+    Written once at init (atomically) and rewritten on a selection change.
+``torrent``
+    The raw ``.torrent`` bytes, exactly as received: the destination qBittorrent is given these
+    bytes at finalize, and recovery re-parses them (geometry and piece hashes always come from
+    the parsed metainfo, never from request fields).
+``pieces``
+    The written-pieces map: ``QBSP`` magic, format version, bit count, the *written* bitfield,
+    the *unverified boundary* bitfield, and a CRC-32 over all of it. Anything that does not
+    parse (torn, truncated, wrong size, bad CRC) loads as "nothing written": the map is a
+    checkpoint, and losing it costs re-sending, never correctness.
+``.finalized``
+    JSON marker written when the torrent is verified (and registered in qBittorrent when one
+    is configured). It replaces everything else in the directory and keeps the small
+    (device, inode) -> path index the hardlink registry is rebuilt from (fixes the Go
+    reference's B4).
+
+Every write is atomic: temp file in the same directory, ``fsync``, ``rename``, ``fsync`` of the
+directory. The invariant the writer and flusher keep on top of this: **a bit persisted in
+``pieces`` means its bytes are durable** — the data files touched since the previous flush are
+``fdatasync``'ed before the bitmap that mentions them is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import secrets
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+import trio
+
+from ..bitfield import Bitfield
+from ..paths import Parts, partial_parts
+from ..torrent import Geometry, Metainfo
+
+SCHEMA_VERSION = 1
+META_NAME = "meta.json"
+TORRENT_NAME = "torrent"
+PIECES_NAME = "pieces"
+FINALIZED_NAME = ".finalized"
+TMP_PREFIX = ".tmp-"
+
+_PIECES_MAGIC = b"QBSP"
+_PIECES_VERSION = 1
+_PIECES_HEADER = struct.Struct(">4sBQ")  # magic, version, number of bits
+_CRC = struct.Struct(">I")
+
+converter = cattrs.Converter()
+
+
+# --- persisted documents --------------------------------------------------------------------
+
+
+@attrs.frozen
+class FileMeta:
+    """One file as the source sent it (torrent order, padding files excluded)."""
+
+    path: str
+    size: int
+    selected: bool = True
+    device: int = 0
+    inode: int = 0
+
+
+@attrs.frozen
+class TorrentMeta:
+    schema: int
+    info_hash: str
+    name: str
+    save_sub_path: str
+    files: tuple[FileMeta, ...]
+    created: float = 0.0
+
+
+@attrs.frozen
+class FinalizedFile:
+    path: str  # data-root-relative, "/"-joined (sub path included)
+    size: int
+    device: int = 0
+    inode: int = 0
+
+
+@attrs.frozen
+class FinalizedMarker:
+    info_hash: str
+    finalized_at: float
+    save_sub_path: str = ""
+    files: tuple[FinalizedFile, ...] = ()
+
+
+def dump_json(obj: Any) -> bytes:
+    return json.dumps(converter.unstructure(obj), indent=1, sort_keys=True).encode() + b"\n"
+
+
+def load_meta(raw: bytes) -> TorrentMeta:
+    """Parse ``meta.json``; raises ``ValueError`` on anything unusable."""
+    try:
+        meta = converter.structure(json.loads(raw), TorrentMeta)
+    except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
+        raise ValueError(f"unreadable meta.json: {exc}") from None
+    if meta.schema > SCHEMA_VERSION:
+        raise ValueError(f"meta.json schema {meta.schema} is newer than {SCHEMA_VERSION}")
+    return meta
+
+
+def load_marker(raw: bytes) -> FinalizedMarker | None:
+    try:
+        return converter.structure(json.loads(raw), FinalizedMarker)
+    except (ValueError, TypeError, cattrs.BaseValidationError):
+        return None
+
+
+def encode_pieces(written: Bitfield, unverified: Bitfield) -> bytes:
+    body = (
+        _PIECES_HEADER.pack(_PIECES_MAGIC, _PIECES_VERSION, written.size)
+        + written.to_bytes()
+        + unverified.to_bytes()
+    )
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def decode_pieces(raw: bytes, size: int) -> tuple[Bitfield, Bitfield]:
+    """Decode ``pieces``; anything malformed or of another size gives two empty maps."""
+    nbytes = (size + 7) // 8
+    empty = (Bitfield(size), Bitfield(size))
+    if len(raw) != _PIECES_HEADER.size + 2 * nbytes + _CRC.size:
+        return empty
+    body, crc = raw[: -_CRC.size], raw[-_CRC.size :]
+    if _CRC.unpack(crc)[0] != zlib.crc32(body):
+        return empty
+    magic, version, nbits = _PIECES_HEADER.unpack_from(body)
+    if magic != _PIECES_MAGIC or version != _PIECES_VERSION or nbits != size:
+        return empty
+    start = _PIECES_HEADER.size
+    try:
+        written = Bitfield(size, body[start : start + nbytes])
+        unverified = Bitfield(size, body[start + nbytes : start + 2 * nbytes])
+    except ValueError:
+        return empty
+    return written, unverified
+
+
+# --- atomic writes (blocking; call in a thread) ----------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(directory: Path, name: str, data: bytes) -> None:
+    """Write ``directory/name`` so that a crash leaves either the old or the new content."""
+    tmp = directory / f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, directory / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def read_optional(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+# --- in-memory model ------------------------------------------------------------------------
+
+
+class FileStatus(enum.Enum):
+    SKIPPED = "skipped"  # deselected, or a BEP 47 padding file: never written here
+    STREAMING = "streaming"  # being written into ``<path>.partial``
+    EXISTING = "existing"  # final name on disk (found or hardlinked), not verified yet
+    COMPLETE = "complete"  # final name, every piece touching it written and proven
+
+
+class Phase(enum.Enum):
+    ACTIVE = "active"  # accepting pieces
+    SCANNING = "scanning"  # verifying files found on disk; pieces are answered ``busy``
+    FINALIZING = "finalizing"  # a finalization runs or its result waits to be collected
+    CLOSED = "closed"  # aborted, finalized or shut down; the object is dead
+
+
+@attrs.define(eq=False)
+class DataFile:
+    """One file of the torrent's geometry (metainfo order, padding files included).
+
+    ``fd`` is the lazily opened write handle of the ``.partial`` file. Its lifetime is managed
+    on the event loop: every use in a thread is bracketed by ``users`` +1/-1, and closing sets
+    ``closing`` (no new users), waits until ``users`` is 0 and only then closes — so a file
+    descriptor number can never be reused under a write in flight.
+    """
+
+    index: int  # index in the metainfo geometry
+    request_index: int  # index in the source's (qBittorrent's) file list; -1 for padding
+    parts: Parts  # sub path + torrent-relative path, validated
+    size: int
+    offset: int
+    selected: bool
+    pad: bool
+    device: int = 0
+    inode: int = 0
+    status: FileStatus = FileStatus.STREAMING
+    linked: bool = False  # EXISTING because we hardlinked it from a verified file
+    fd: int | None = None
+    users: int = 0
+    closing: bool = False
+    remaining: int = 0  # pieces touching this file still unwritten (STREAMING only)
+    finalizing: bool = False  # an early (per-file) finalize runs
+    open_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    _idle: trio.Event | None = None
+
+    @property
+    def path(self) -> str:
+        return "/".join(self.parts)
+
+    @property
+    def working_parts(self) -> Parts:
+        return partial_parts(self.parts) if self.status is FileStatus.STREAMING else self.parts
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait_idle(self) -> None:
+        while self.users:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+
+@attrs.define(eq=False)
+class TorrentState:
+    """Everything the destination knows about one torrent. Only touched on the event loop."""
+
+    info_hash: str
+    meta: TorrentMeta
+    metainfo: Metainfo
+    files: list[DataFile]
+    written: Bitfield
+    unverified: Bitfield  # subset of written: boundary pieces whose SHA-1 could not match
+    meta_dir: Path
+    dry_run: bool = False
+    phase: Phase = Phase.ACTIVE
+    version: int = 0  # bumped on every change of ``written``/``unverified``
+    flushed_version: int = 0
+    touched: set[int] = attrs.field(factory=set)  # files written since the last flush
+    last_activity: float = attrs.field(factory=time.time)
+    flush_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    scan_done: trio.Event | None = None
+    finalize: Any = None  # the running or finished finalization (finalizer.FinalizeJob)
+    dry_seen: Bitfield | None = None  # dry run: pieces received and hash-checked (memory only)
+    cancel_scopes: set[trio.CancelScope] = attrs.field(factory=set)
+    tasks: int = 0
+    _tasks_idle: trio.Event | None = None
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.metainfo.geometry
+
+    @property
+    def num_pieces(self) -> int:
+        return self.geometry.num_pieces
+
+    @property
+    def dirty(self) -> bool:
+        return self.version != self.flushed_version
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+    # -- piece classification ------------------------------------------------------------------
+
+    def piece_files(self, index: int) -> list[DataFile]:
+        return [self.files[s.file_index] for s in self.geometry.spans(index)]
+
+    def is_boundary(self, index: int) -> bool:
+        """The piece touches a deselected (non-padding) file: its SHA-1 can only match when the
+        deselected bytes happen to be what the source sent for them (zeros)."""
+        return any(not f.selected and not f.pad for f in self.piece_files(index))
+
+    def is_needed(self, index: int) -> bool:
+        if self.written[index]:
+            return False
+        return any(f.status is FileStatus.STREAMING for f in self.piece_files(index))
+
+    def needed(self) -> Bitfield:
+        out = Bitfield(self.num_pieces)
+        for f in self.files:
+            if f.status is FileStatus.STREAMING:
+                for i in self.geometry.file_pieces(f.index):
+                    if not self.written[i]:
+                        out[i] = True
+        return out
+
+    def missing_count(self) -> int:
+        return self.needed().count()
+
+    def selection_key(self) -> tuple[tuple[str, int, bool], ...]:
+        return tuple((f.path, f.size, f.selected) for f in self.meta.files)
+
+    def recount_remaining(self) -> None:
+        for f in self.files:
+            if f.status is FileStatus.STREAMING:
+                f.remaining = sum(
+                    1 for i in self.geometry.file_pieces(f.index) if not self.written[i]
+                )
+            else:
+                f.remaining = 0
+
+    def clear_pieces(self, pieces: range | list[int]) -> int:
+        """Un-set pieces (data gone or bad); returns how many were set."""
+        cleared = 0
+        for i in pieces:
+            if self.written[i]:
+                self.written[i] = False
+                cleared += 1
+            self.unverified[i] = False
+        if cleared:
+            self.version += 1
+        return cleared
+
+    # -- task bookkeeping (abort cancels and waits for this torrent's background work) ----------
+
+    def task_started(self, scope: trio.CancelScope) -> None:
+        self.tasks += 1
+        self.cancel_scopes.add(scope)
+
+    def task_finished(self, scope: trio.CancelScope) -> None:
+        self.cancel_scopes.discard(scope)
+        self.tasks -= 1
+        if self.tasks == 0 and self._tasks_idle is not None:
+            self._tasks_idle.set()
+            self._tasks_idle = None
+
+    async def cancel_tasks(self) -> None:
+        for scope in list(self.cancel_scopes):
+            scope.cancel()
+        while self.tasks:
+            if self._tasks_idle is None:
+                self._tasks_idle = trio.Event()
+            await self._tasks_idle.wait()

@@ -1,0 +1,896 @@
+"""The torrent store: creating, resuming, scanning, flushing and deleting per-torrent state.
+
+One :class:`Store` owns every tracked :class:`~.state.TorrentState`. All bookkeeping happens on
+the Trio event loop, so the maps need no locks; disk work (directory walks, reads, ``fsync``,
+atomic writes) runs in worker threads and its results are applied back on the loop. Operations
+that change a torrent's lifecycle (init, resync, finalize, abort) take the torrent's
+:meth:`Store.lock` so two of them never interleave on the same hash; piece writes never take it.
+
+What happens to files found on disk
+    A file is *verified, never trusted*: a final-named file of the right size (left by an
+    earlier sync, a previous selection, or a hardlink we just made) starts as ``EXISTING`` and
+    its pieces are SHA-1-checked by a background scan before they count. Proven pieces are set;
+    a file whose every piece is proven becomes ``COMPLETE``; otherwise it is renamed back to
+    ``.partial`` (or, when it has other hard links, removed — writing into it would change the
+    other names too) and the missing pieces are streamed. After a fresh init or a resync the
+    ``.partial`` files are scanned the same way, so a selection change never re-sends data that
+    is already here. On a plain restart the persisted bitmap is trusted for ``.partial`` files
+    (that is what the flush invariant guarantees), except that bits of files that are gone or
+    shorter than their size are cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import attrs
+import trio
+
+from .. import metrics, paths
+from ..bitfield import Bitfield
+from ..torrent import Metainfo, MetainfoError, bdecode, parse_metainfo
+from ..wire.errors import ErrorCode, WireError
+from .hardlinks import HardlinkRegistry
+from .state import (
+    FINALIZED_NAME,
+    META_NAME,
+    PIECES_NAME,
+    SCHEMA_VERSION,
+    TMP_PREFIX,
+    TORRENT_NAME,
+    DataFile,
+    FileMeta,
+    FileStatus,
+    FinalizedFile,
+    FinalizedMarker,
+    Phase,
+    TorrentMeta,
+    TorrentState,
+    atomic_write,
+    decode_pieces,
+    dump_json,
+    encode_pieces,
+    load_marker,
+    load_meta,
+    read_optional,
+)
+
+log = logging.getLogger("qbsync.destination.store")
+
+SCAN_READ_LIMIT = 2  # concurrent verification reads (scans, read-back), apart from writers
+
+
+# --- layout: the request's file table checked against the parsed metainfo -------------------
+
+
+def pad_flags(metainfo: Metainfo) -> list[bool]:
+    """Which geometry files are BEP 47 padding files (``attr`` contains ``p`` or the path
+    starts with ``.pad``). qBittorrent hides them from its file list, the geometry keeps them;
+    they are all zeros, never written to disk, and the source sends zeros for them."""
+    flags = [False] * len(metainfo.geometry.files)
+    try:
+        info = bdecode(metainfo.raw)[b"info"]
+    except (MetainfoError, KeyError, TypeError):
+        return flags
+    entries = info.get(b"files") if isinstance(info, dict) else None
+    if not isinstance(entries, list) or len(entries) != len(flags):
+        return flags
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        attr = entry.get(b"attr", b"")
+        path = entry.get(b"path", [])
+        flags[i] = (isinstance(attr, bytes) and b"p" in attr) or (
+            isinstance(path, list) and bool(path) and path[0] == b".pad"
+        )
+    return flags
+
+
+def build_files(metainfo: Metainfo, entries: Sequence[FileMeta], sub: str) -> list[DataFile]:
+    """Lay out the torrent's files under ``sub`` using the source's names.
+
+    Geometry (sizes, offsets, order, piece hashes) is the metainfo's; only names and the
+    selection come from the request, and the request must agree with the metainfo on the number
+    of files and every size. Raises :class:`WireError` ``bad-request`` or ``unsafe-path``.
+    """
+    geometry = metainfo.geometry
+    pads = pad_flags(metainfo)
+    try:
+        sub_parts = paths.split_relative(sub, allow_empty=True)
+    except paths.UnsafePathError as exc:
+        raise WireError(ErrorCode.UNSAFE_PATH, f"save_sub_path: {exc}") from None
+    if len(entries) == len(geometry.files):
+        targets = list(range(len(geometry.files)))
+    else:
+        targets = [i for i, pad in enumerate(pads) if not pad]
+        if len(entries) != len(targets):
+            raise WireError(
+                ErrorCode.BAD_REQUEST,
+                f"file list has {len(entries)} entries, the torrent has {len(targets)} files",
+            )
+    by_geometry: dict[int, tuple[int, FileMeta]] = {}
+    for request_index, (entry, gi) in enumerate(zip(entries, targets, strict=True)):
+        tf = geometry.files[gi]
+        if entry.size != tf.size:
+            raise WireError(
+                ErrorCode.BAD_REQUEST,
+                f"file {request_index} size {entry.size} differs from the torrent's {tf.size}",
+            )
+        by_geometry[gi] = (request_index, entry)
+    files: list[DataFile] = []
+    rels: list[paths.Parts] = []
+    for tf in geometry.files:
+        if tf.index not in by_geometry:
+            files.append(
+                DataFile(
+                    index=tf.index,
+                    request_index=-1,
+                    parts=(),
+                    size=tf.size,
+                    offset=tf.offset,
+                    selected=False,
+                    pad=True,
+                    status=FileStatus.SKIPPED,
+                )
+            )
+            continue
+        request_index, entry = by_geometry[tf.index]
+        try:
+            rel = paths.split_relative(entry.path)
+        except paths.UnsafePathError as exc:
+            raise WireError(ErrorCode.UNSAFE_PATH, f"file {request_index}: {exc}") from None
+        pad = pads[tf.index]
+        if not pad:
+            rels.append(rel)
+        files.append(
+            DataFile(
+                index=tf.index,
+                request_index=request_index,
+                parts=sub_parts + rel,
+                size=tf.size,
+                offset=tf.offset,
+                selected=entry.selected and not pad,
+                pad=pad,
+                device=entry.device,
+                inode=entry.inode,
+                status=FileStatus.STREAMING if entry.selected and not pad else FileStatus.SKIPPED,
+            )
+        )
+    try:
+        paths.check_layout(sub_parts, rels)
+    except paths.UnsafePathError as exc:
+        raise WireError(ErrorCode.UNSAFE_PATH, str(exc)) from None
+    return files
+
+
+# --- blocking helpers (run in threads) --------------------------------------------------------
+
+
+@attrs.frozen
+class FileProbe:
+    final_size: int | None
+    final_nlink: int
+    partial_size: int | None
+
+
+def _probe(root: Path, f: DataFile) -> FileProbe:
+    final = paths.lstat(root, f.parts)
+    partial = paths.lstat(root, paths.partial_parts(f.parts))
+    for st in (final, partial):
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise paths.UnsafePathError(f"symlink at {f.path!r}")
+    return FileProbe(
+        final_size=final.st_size if final is not None and stat.S_ISREG(final.st_mode) else None,
+        final_nlink=final.st_nlink if final is not None else 0,
+        partial_size=(
+            partial.st_size if partial is not None and stat.S_ISREG(partial.st_mode) else None
+        ),
+    )
+
+
+def _create_empty(root: Path, parts: paths.Parts) -> None:
+    fd = paths.open_file(root, parts, os.O_WRONLY | os.O_CREAT, create_dirs=True)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_for_write(root: Path, f: DataFile) -> int:
+    """Open (creating parents and the file) ``<path>.partial`` and size it to the file's size,
+    sparse. A longer stale file is cut to size."""
+    fd = paths.open_file(
+        root, paths.partial_parts(f.parts), os.O_RDWR | os.O_CREAT, create_dirs=True
+    )
+    try:
+        if os.fstat(fd).st_size != f.size:
+            os.ftruncate(fd, f.size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@attrs.frozen
+class ReadSpan:
+    parts: paths.Parts | None  # None: a padding file, read as zeros
+    file_offset: int
+    length: int
+
+
+@attrs.frozen
+class PieceCheck:
+    index: int
+    expected: bytes
+    spans: tuple[ReadSpan, ...]
+
+
+def verify_pieces(root: Path, checks: Sequence[PieceCheck], *, drop_cache: bool = False) -> set[int]:
+    """Read and SHA-1 each piece from disk; return the indices that match. Unreadable or short
+    data counts as a mismatch. With ``drop_cache`` the page cache of each file is dropped first
+    (``POSIX_FADV_DONTNEED`` after the data is synced), so the bytes come from the disk."""
+    ok: set[int] = set()
+    fds: dict[paths.Parts, int | None] = {}
+    buf = bytearray(max((sum(s.length for s in c.spans) for c in checks), default=0))
+    try:
+        for check in checks:
+            view = memoryview(buf)
+            pos = 0
+            good = True
+            for span in check.spans:
+                chunk = view[pos : pos + span.length]
+                if span.parts is None:
+                    chunk[:] = bytes(span.length)
+                else:
+                    if span.parts not in fds:
+                        try:
+                            fd = paths.open_file(root, span.parts, os.O_RDONLY)
+                            if drop_cache:
+                                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                            fds[span.parts] = fd
+                        except OSError:
+                            fds[span.parts] = None
+                    fd_or_none = fds[span.parts]
+                    if fd_or_none is None or not _pread_exact(fd_or_none, chunk, span.file_offset):
+                        good = False
+                        break
+                pos += span.length
+            if good and hashlib.sha1(view[:pos]).digest() == check.expected:
+                ok.add(check.index)
+    finally:
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+    return ok
+
+
+def _pread_exact(fd: int, into: memoryview, offset: int) -> bool:
+    while into:
+        try:
+            n = os.preadv(fd, [into], offset)
+        except OSError:
+            return False
+        if n <= 0:
+            return False
+        into = into[n:]
+        offset += n
+    return True
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+Spawner = Callable[[TorrentState, Callable[[], Awaitable[None]]], None]
+
+
+class Store:
+    """All tracked torrents of one destination, and their state directories."""
+
+    def __init__(
+        self, data: Path, *, dry_run: bool = False, registry: HardlinkRegistry | None = None
+    ) -> None:
+        self.root = data
+        self.state_root = data / paths.STATE_DIR_NAME
+        self.dry_run = dry_run
+        self.registry = registry if registry is not None else HardlinkRegistry()
+        self.torrents: dict[str, TorrentState] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self.read_limiter = trio.CapacityLimiter(SCAN_READ_LIMIT)
+        self._nursery: trio.Nursery | None = None
+        self.on_file_complete: Callable[[TorrentState, DataFile], None] | None = None
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give the store the nursery its background work (scans, early finalizes, finalize
+        jobs) runs in — the runner's, so nothing runs unsupervised."""
+        self._nursery = nursery
+
+    def spawn(self, state: TorrentState, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``fn`` as a background task of ``state``: abort cancels it and waits for it.
+
+        Exceptions are logged with a traceback and end only that task (a failing scan of one
+        torrent must not stop the daemon); the task's own code turns expected failures into
+        results before that."""
+        if self._nursery is None:
+            raise RuntimeError("store not attached to a nursery")
+        scope = trio.CancelScope()
+        state.task_started(scope)
+
+        async def runner() -> None:
+            try:
+                with scope:
+                    await fn()
+            except Exception:
+                log.exception("event=background_task_failed hash=%s task=%s", state.info_hash, name)
+            finally:
+                state.task_finished(scope)
+
+        self._nursery.start_soon(runner, name=f"{name}:{state.info_hash[:8]}")
+
+    def lock(self, info_hash: str) -> trio.Lock:
+        lock = self._locks.get(info_hash)
+        if lock is None:
+            lock = self._locks[info_hash] = trio.Lock()
+        return lock
+
+    def meta_dir(self, info_hash: str) -> Path:
+        return self.state_root / info_hash
+
+    def read_marker(self, info_hash: str) -> FinalizedMarker | None:
+        raw = read_optional(self.meta_dir(info_hash) / FINALIZED_NAME)
+        if raw is None:
+            return None
+        marker = load_marker(raw)
+        return marker if marker is not None else FinalizedMarker(info_hash, 0.0)
+
+    def has_marker(self, info_hash: str) -> bool:
+        return (self.meta_dir(info_hash) / FINALIZED_NAME).exists()
+
+    # -- creation and recovery --------------------------------------------------------------------
+
+    async def create(
+        self, meta: TorrentMeta, metainfo: Metainfo, *, fresh: bool
+    ) -> TorrentState:
+        """Build the state of a torrent and register it.
+
+        ``fresh``: a new torrent or a resync — the state directory is (re)written and files on
+        disk are scanned. Otherwise (recovery) the persisted bitmap is loaded and trusted for
+        ``.partial`` files. In dry run nothing is written and nothing on disk is looked at.
+        Raises :class:`WireError` (``bad-request``, ``unsafe-path``, ``io``).
+        """
+        files = build_files(metainfo, meta.files, meta.save_sub_path)
+        n = metainfo.geometry.num_pieces
+        state = TorrentState(
+            info_hash=meta.info_hash,
+            meta=meta,
+            metainfo=metainfo,
+            files=files,
+            written=Bitfield(n),
+            unverified=Bitfield(n),
+            meta_dir=self.meta_dir(meta.info_hash),
+            dry_run=self.dry_run,
+        )
+        if self.dry_run:
+            state.dry_seen = Bitfield(n)
+            state.recount_remaining()
+            self.torrents[state.info_hash] = state
+            return state
+        try:
+            to_scan = await trio.to_thread.run_sync(self._prepare, state, fresh)
+        except paths.UnsafePathError as exc:
+            raise WireError(ErrorCode.UNSAFE_PATH, str(exc)) from None
+        except OSError as exc:
+            raise WireError(ErrorCode.IO, f"preparing files: {exc}") from None
+        state.recount_remaining()
+        state.flushed_version = state.version
+        self.torrents[state.info_hash] = state
+        if to_scan:
+            self.start_scan(state, to_scan)
+        return state
+
+    def start_scan(self, state: TorrentState, files: set[int]) -> None:
+        """Verify the given files' unwritten pieces in the background (phase SCANNING)."""
+        state.phase = Phase.SCANNING
+        state.scan_done = trio.Event()
+        self.spawn(state, lambda: self._scan(state, files), "scan")
+
+    def ensure_scanned(self, state: TorrentState) -> None:
+        """Restart the scan if EXISTING files are left over (an earlier scan failed)."""
+        if state.phase is Phase.ACTIVE:
+            existing = {f.index for f in state.files if f.status is FileStatus.EXISTING}
+            if existing:
+                self.start_scan(state, existing)
+
+    def _prepare(self, state: TorrentState, fresh: bool) -> set[int]:
+        """Blocking part of :meth:`create`: state directory, file probes, empty files.
+        Returns the files whose bytes on disk must be scanned."""
+        to_scan: set[int] = set()
+        root = self.root
+        selected = [f for f in state.files if f.selected]
+        paths.precheck_no_symlinks(root, [f.parts for f in selected])
+        mdir = state.meta_dir
+        if fresh:
+            if mdir.exists():
+                shutil.rmtree(mdir)
+            mdir.mkdir(parents=True, mode=0o755)
+            atomic_write(mdir, TORRENT_NAME, state.metainfo.raw)
+            atomic_write(mdir, META_NAME, dump_json(state.meta))
+        else:
+            raw = read_optional(mdir / PIECES_NAME)
+            if raw is not None:
+                state.written, state.unverified = decode_pieces(raw, state.num_pieces)
+            for leftover in mdir.glob(TMP_PREFIX + "*"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        geometry = state.geometry
+        cleared = 0
+        for f in selected:
+            if f.size == 0:
+                # B3: a selected empty file exists from the start and is never streamed.
+                if paths.regular_size(root, f.parts) != 0:
+                    _create_empty(root, f.parts)
+                f.status = FileStatus.COMPLETE
+                continue
+            probe = _probe(root, f)
+            pieces = geometry.file_pieces(f.index)
+            if probe.final_size == f.size:
+                all_set = all(state.written[i] for i in pieces)
+                if all_set and not fresh:
+                    f.status = FileStatus.COMPLETE
+                else:
+                    f.status = FileStatus.EXISTING
+                    to_scan.add(f.index)
+            elif probe.partial_size is not None:
+                f.status = FileStatus.STREAMING
+                if fresh and probe.partial_size == f.size:
+                    to_scan.add(f.index)
+                elif probe.partial_size != f.size and not fresh:
+                    cleared += state.clear_pieces(pieces)
+            else:
+                f.status = FileStatus.STREAMING
+                if not fresh:
+                    cleared += state.clear_pieces(pieces)
+                elif probe.final_size is None and self._try_link(state, f):
+                    f.status = FileStatus.EXISTING
+                    f.linked = True
+                    to_scan.add(f.index)
+        if cleared:
+            metrics.stale_bitmap_pieces_cleared.inc(cleared)
+            log.warning(
+                "event=stale_pieces_cleared hash=%s pieces=%d reason=data_file_missing_or_short",
+                state.info_hash,
+                cleared,
+            )
+        return to_scan
+
+    def _try_link(self, state: TorrentState, f: DataFile) -> bool:
+        """Hardlink ``f`` to an already verified file with the same source (device, inode)."""
+        if not (f.device or f.inode):
+            return False
+        source = self.registry.lookup(f.device, f.inode, f.size, self.root)
+        if source is None or source == f.parts:
+            return False
+        try:
+            with (
+                paths.open_parent(self.root, source, create=False) as sfd,
+                paths.open_parent(self.root, f.parts, create=True) as dfd,
+            ):
+                if os.fstat(sfd).st_dev != os.fstat(dfd).st_dev:
+                    return False
+                os.link(source[-1], f.parts[-1], src_dir_fd=sfd, dst_dir_fd=dfd,
+                        follow_symlinks=False)
+        except (OSError, paths.UnsafePathError) as exc:
+            metrics.hardlink_errors.labels("destination").inc()
+            log.info(
+                "event=hardlink_failed hash=%s file=%s source=%s error=%s",
+                state.info_hash,
+                paths_kv(f.parts),
+                paths_kv(source),
+                paths_kv(str(exc)),
+            )
+            return False
+        metrics.hardlinks_created.inc()
+        log.info(
+            "event=hardlinked hash=%s file=%s source=%s",
+            state.info_hash,
+            paths_kv(f.parts),
+            paths_kv(source),
+        )
+        return True
+
+    def _scan_candidates(self, state: TorrentState, files: set[int]) -> list[int]:
+        """Unwritten pieces touching one of ``files`` (found on disk, to be verified)."""
+        out: set[int] = set()
+        for idx in files:
+            out.update(i for i in state.geometry.file_pieces(idx) if not state.written[i])
+        return sorted(out)
+
+    def _piece_check(self, state: TorrentState, index: int, present: set[int]) -> PieceCheck | None:
+        spans: list[ReadSpan] = []
+        for span in state.geometry.spans(index):
+            f = state.files[span.file_index]
+            if f.pad:
+                spans.append(ReadSpan(None, span.file_offset, span.length))
+            elif f.index in present:
+                spans.append(ReadSpan(f.working_parts, span.file_offset, span.length))
+            else:
+                return None
+        return PieceCheck(index, state.metainfo.piece_hashes[index], tuple(spans))
+
+    async def _scan(self, state: TorrentState, files: set[int]) -> None:
+        """Verify pieces already on disk, then settle EXISTING files (see module doc)."""
+        try:
+            present = await trio.to_thread.run_sync(self._present_files, state)
+            checks = [
+                c
+                for i in self._scan_candidates(state, files)
+                if (c := self._piece_check(state, i, present)) is not None
+            ]
+            proven: set[int] = set()
+            batch = 64
+            for start in range(0, len(checks), batch):
+                async with self.read_limiter:
+                    proven |= await trio.to_thread.run_sync(
+                        verify_pieces, self.root, checks[start : start + batch]
+                    )
+            for i in proven:
+                state.written[i] = True
+                state.unverified[i] = False
+            if proven:
+                state.version += 1
+                state.touched.update(
+                    f.index for f in state.files if f.status is not FileStatus.SKIPPED
+                )
+            await self._settle_existing(state)
+            state.recount_remaining()
+            log.info(
+                "event=scan_done hash=%s checked=%d proven=%d needed=%d",
+                state.info_hash,
+                len(checks),
+                len(proven),
+                state.missing_count(),
+            )
+            await self.flush(state)
+        except (OSError, paths.UnsafePathError) as exc:
+            log.error("event=scan_failed hash=%s error=%s", state.info_hash, paths_kv(str(exc)))
+        finally:
+            if state.phase is Phase.SCANNING:
+                state.phase = Phase.ACTIVE
+            if state.scan_done is not None:
+                state.scan_done.set()
+        if state.phase is Phase.ACTIVE and self.on_file_complete is not None:
+            for f in state.files:
+                if f.status is FileStatus.STREAMING and f.remaining == 0:
+                    self.on_file_complete(state, f)
+
+    def _present_files(self, state: TorrentState) -> set[int]:
+        """Files whose working path holds a full-size regular file right now."""
+        out: set[int] = set()
+        for f in state.files:
+            if f.pad or f.size == 0:
+                continue
+            parts = f.working_parts if f.status is not FileStatus.SKIPPED else f.parts
+            try:
+                if paths.regular_size(self.root, parts) == f.size:
+                    out.add(f.index)
+            except (OSError, paths.UnsafePathError):
+                continue
+        return out
+
+    async def _settle_existing(self, state: TorrentState) -> None:
+        for f in state.files:
+            if f.status is not FileStatus.EXISTING:
+                continue
+            pieces = state.geometry.file_pieces(f.index)
+            if all(state.written[i] for i in pieces):
+                f.status = FileStatus.COMPLETE
+                continue
+            await trio.to_thread.run_sync(self._demote, state, f)
+
+    def _demote(self, state: TorrentState, f: DataFile) -> None:
+        """An EXISTING file failed verification: stream what is missing (blocking)."""
+        root = self.root
+        st = paths.lstat(root, f.parts)
+        shared = f.linked or (st is not None and st.st_nlink > 1)
+        if shared:
+            # Writing into it would also change the other names of the inode: drop our name and
+            # stream the whole file (B7: every piece touching it is cleared).
+            paths.unlink(root, f.parts)
+            state.clear_pieces(state.geometry.file_pieces(f.index))
+        else:
+            paths.unlink(root, paths.partial_parts(f.parts))
+            paths.rename(root, f.parts, paths.partial_parts(f.parts))
+        f.status = FileStatus.STREAMING
+        f.linked = False
+        log.info(
+            "event=existing_file_demoted hash=%s file=%s shared=%s",
+            state.info_hash,
+            paths_kv(f.parts),
+            str(shared).lower(),
+        )
+
+    async def recover(self) -> int:
+        """Load every unfinished torrent from ``<data>/.qbsync`` (startup). Unloadable
+        directories are skipped with a warning (the orphan reaper removes them later)."""
+        if not self.state_root.is_dir():
+            return 0
+        loaded = 0
+        for entry in sorted(self.state_root.iterdir()):
+            h = entry.name
+            if not entry.is_dir() or h.startswith(".") or not _is_hash(h):
+                continue
+            marker = self.read_marker(h)
+            if marker is not None:
+                self.registry.add_marker(marker)
+                continue
+            try:
+                state = await self._load(h)
+            except (OSError, ValueError, WireError) as exc:
+                log.warning("event=recover_skipped hash=%s error=%s", h, paths_kv(str(exc)))
+                continue
+            loaded += 1
+            log.info(
+                "event=recovered hash=%s pieces=%d written=%d needed=%d",
+                h,
+                state.num_pieces,
+                state.written.count(),
+                state.missing_count(),
+            )
+        return loaded
+
+    async def _load(self, info_hash: str) -> TorrentState:
+        mdir = self.meta_dir(info_hash)
+        meta_raw = await trio.to_thread.run_sync(read_optional, mdir / META_NAME)
+        torrent_raw = await trio.to_thread.run_sync(read_optional, mdir / TORRENT_NAME)
+        if meta_raw is None or torrent_raw is None:
+            raise ValueError("meta.json or torrent missing")
+        meta = load_meta(meta_raw)
+        try:
+            metainfo = parse_metainfo(torrent_raw)
+        except MetainfoError as exc:
+            raise ValueError(f"stored torrent: {exc}") from None
+        if meta.info_hash != info_hash or not metainfo.matches(info_hash):
+            raise ValueError("stored torrent does not match its directory")
+        state = await self.create(meta, metainfo, fresh=False)
+        state.last_activity = await trio.to_thread.run_sync(_newest_mtime, mdir)
+        return state
+
+    # -- flushing --------------------------------------------------------------------------------
+
+    async def flush(self, state: TorrentState) -> None:
+        """Make the persisted bitmap catch up with memory, keeping the invariant: fdatasync the
+        data files written since the last flush, *then* persist the bitmap snapshot taken
+        before those syncs. A file whose sync fails loses all its bits (its data may not be
+        durable and Linux may not report the failure twice)."""
+        if state.dry_run or state.phase is Phase.CLOSED:
+            return
+        async with state.flush_lock:
+            if not state.dirty and not state.touched:
+                return
+            version = state.version
+            written, unverified = state.written.copy(), state.unverified.copy()
+            touched, state.touched = state.touched, set()
+            pinned: list[DataFile] = []
+            for idx in sorted(touched):
+                f = state.files[idx]
+                async with f.open_lock:
+                    if f.fd is not None:
+                        f.users += 1
+                        pinned.append(f)
+            start = time.monotonic()
+            try:
+                failed = await trio.to_thread.run_sync(_sync_fds, [(f.index, f.fd) for f in pinned])
+            finally:
+                for f in pinned:
+                    f.release()
+            for idx in failed:
+                f = state.files[idx]
+                metrics.file_sync_errors.labels("destination").inc()
+                log.error("event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts))
+                for i in state.geometry.file_pieces(idx):
+                    written[i] = unverified[i] = False
+                state.clear_pieces(state.geometry.file_pieces(idx))
+                state.recount_remaining()
+            blob = encode_pieces(written, unverified)
+            try:
+                await trio.to_thread.run_sync(atomic_write, state.meta_dir, PIECES_NAME, blob)
+            except OSError as exc:
+                state.touched |= touched
+                metrics.state_save_errors.labels("destination").inc()
+                log.error(
+                    "event=state_save_failed hash=%s error=%s", state.info_hash, paths_kv(str(exc))
+                )
+                raise
+            metrics.state_flush_duration.observe(time.monotonic() - start)
+            if not failed:
+                state.flushed_version = version
+
+    async def flush_all(self) -> None:
+        for state in list(self.torrents.values()):
+            if state.dirty or state.touched:
+                with contextlib.suppress(OSError):
+                    await self.flush(state)
+        metrics.torrents_with_dirty_state.set(
+            sum(1 for s in self.torrents.values() if s.dirty and not s.dry_run)
+        )
+
+    # -- files --------------------------------------------------------------------------------
+
+    async def acquire(self, state: TorrentState, f: DataFile) -> int | None:
+        """The write descriptor of ``f`` (opened on first use), pinned until :meth:`DataFile.release`.
+        ``None`` when the file is being closed. Raises ``OSError``/``UnsafePathError``."""
+        if f.closing or f.finalizing:
+            return None
+        if f.fd is None:
+            async with f.open_lock:
+                if f.fd is None and not (f.closing or f.finalizing):
+                    f.fd = await trio.to_thread.run_sync(open_for_write, self.root, f)
+        if f.closing or f.finalizing or f.fd is None:
+            return None
+        f.users += 1
+        return f.fd
+
+    async def close_file(self, state: TorrentState, f: DataFile, *, sync: bool = True) -> bool:
+        """Wait for writes in flight, fdatasync and close. False when the sync failed (then
+        the file's bits are cleared, see :meth:`flush`)."""
+        f.closing = True
+        try:
+            async with f.open_lock:
+                await f.wait_idle()
+                fd, f.fd = f.fd, None
+                if fd is None:
+                    return True
+                ok = await trio.to_thread.run_sync(_sync_and_close, fd, sync)
+        finally:
+            f.closing = False
+        state.touched.discard(f.index)
+        if not ok:
+            metrics.file_sync_errors.labels("destination").inc()
+            log.error("event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts))
+            state.clear_pieces(state.geometry.file_pieces(f.index))
+            state.recount_remaining()
+        return ok
+
+    async def close_all(self, state: TorrentState, *, sync: bool = True) -> bool:
+        ok = True
+        for f in state.files:
+            if f.fd is not None or f.users:
+                ok = await self.close_file(state, f, sync=sync) and ok
+        return ok
+
+    # -- removal --------------------------------------------------------------------------------
+
+    def untrack(self, state: TorrentState) -> None:
+        """Stop tracking ``state`` without waiting (used by its own tasks)."""
+        state.phase = Phase.CLOSED
+        if self.torrents.get(state.info_hash) is state:
+            del self.torrents[state.info_hash]
+
+    async def forget(self, state: TorrentState) -> None:
+        """Stop tracking ``state``: cancel and await its background work, close its files.
+        Never call it from one of ``state``'s own tasks (it would wait for itself)."""
+        self.untrack(state)
+        await state.cancel_tasks()
+        await self.close_all(state, sync=False)
+
+    async def wipe_state_dir(self, info_hash: str) -> None:
+        """Delete ``<data>/.qbsync/<hash>`` (data files are not touched)."""
+        mdir = self.meta_dir(info_hash)
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
+
+    async def delete_data(self, files: Sequence[tuple[paths.Parts, int]], keep: int) -> int:
+        """Delete the final and ``.partial`` names of ``files`` (parts, sub depth) under the
+        data root only, then their emptied directories (never above the sub path)."""
+
+        def run() -> int:
+            removed = 0
+            for parts, _ in files:
+                for target in (parts, paths.partial_parts(parts)):
+                    try:
+                        if paths.unlink(self.root, target):
+                            removed += 1
+                    except (OSError, paths.UnsafePathError) as exc:
+                        log.warning("event=delete_failed file=%s error=%s", paths_kv(target),
+                                    paths_kv(str(exc)))
+            for parts, _ in files:
+                paths.remove_empty_dirs(self.root, parts, keep=keep)
+            return removed
+
+        return await trio.to_thread.run_sync(run)
+
+    async def write_marker(self, state: TorrentState) -> None:
+        """Replace the state directory's content by the ``.finalized`` marker."""
+        marker = FinalizedMarker(
+            info_hash=state.info_hash,
+            finalized_at=time.time(),
+            save_sub_path=state.meta.save_sub_path,
+            files=tuple(
+                FinalizedFile(f.path, f.size, f.device, f.inode)
+                for f in state.files
+                if f.selected and f.size > 0
+            ),
+        )
+
+        def run() -> None:
+            mdir = state.meta_dir
+            atomic_write(mdir, FINALIZED_NAME, dump_json(marker))
+            for entry in mdir.iterdir():
+                if entry.name != FINALIZED_NAME:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+
+        await trio.to_thread.run_sync(run)
+        self.registry.add_marker(marker)
+
+    async def save_meta(self, state: TorrentState) -> None:
+        if not state.dry_run:
+            await trio.to_thread.run_sync(
+                atomic_write, state.meta_dir, META_NAME, dump_json(state.meta)
+            )
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+def new_meta(info_hash: str, name: str, sub: str, files: Sequence[FileMeta]) -> TorrentMeta:
+    return TorrentMeta(
+        schema=SCHEMA_VERSION,
+        info_hash=info_hash,
+        name=name,
+        save_sub_path=sub,
+        files=tuple(files),
+        created=time.time(),
+    )
+
+
+def _is_hash(name: str) -> bool:
+    return len(name) in (40, 64) and all(c in "0123456789abcdef" for c in name)
+
+
+def _newest_mtime(directory: Path) -> float:
+    newest = 0.0
+    with contextlib.suppress(OSError):
+        for entry in directory.iterdir():
+            with contextlib.suppress(OSError):
+                newest = max(newest, entry.stat().st_mtime)
+        newest = max(newest, directory.stat().st_mtime)
+    return newest or time.time()
+
+
+def _sync_fds(fds: Sequence[tuple[int, int | None]]) -> list[int]:
+    failed = []
+    for idx, fd in fds:
+        if fd is None:
+            continue
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            failed.append(idx)
+    return failed
+
+
+def _sync_and_close(fd: int, sync: bool) -> bool:
+    try:
+        if sync:
+            os.fdatasync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def paths_kv(value: paths.Parts | str) -> str:
+    from ..log import kv
+
+    return kv("/".join(value) if isinstance(value, tuple) else value)

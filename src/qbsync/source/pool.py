@@ -1,0 +1,416 @@
+"""The connections to the destination: open, authenticate, reconnect, scale.
+
+Each connection lives in its own task (a *slot*) under the pool's nursery. A slot connects
+with :func:`qbsync.wire.open_connection`, serves senders until the connection ends, then
+waits a jittered exponential backoff (up to ``--reconnect-max-delay``) and connects again.
+The backoff resets once a connection has stayed up for :data:`HEALTHY_AFTER` seconds, so an
+error days later starts again at half a second (the Go reference never reset it, D2).
+
+A failed handshake is logged with its stable code: a wrong token logs ``code=auth-failed``
+at error level on every attempt (rate-limited to the backoff), transfers nothing, and keeps
+retrying, so fixing the token on the destination heals the source without a restart.
+
+Scaling (``--min-connections`` .. ``--max-connections``): every :data:`SCALE_INTERVAL` the
+pool looks at whether senders had pieces to send while every connection was out of credit
+(the destination's flow-control window, i.e. the connections were the bottleneck). If so it
+opens one more connection and keeps it only if throughput rose by at least
+:data:`MIN_GAIN`; otherwise it closes it and waits :data:`COOLDOWN` before trying again.
+Connections above the minimum are closed after :data:`IDLE_AFTER` seconds without traffic.
+On loopback and LAN one connection already saturates, so the pool stays at the minimum
+there; the extra connections pay off on long fat links, where one TCP window is the limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from .. import metrics
+from ..config import HostPort
+from ..log import kv
+from ..wire.errors import ConnectionClosed, ErrorCode, WireError
+from ..wire.messages import PieceAck
+from .ratelimit import Backoff
+
+log = logging.getLogger("qbsync.source.pool")
+
+HEALTHY_AFTER = 10.0  # a connection up this long resets the reconnect backoff
+RECONNECT_BASE = 0.5
+SCALE_INTERVAL = 5.0
+SAMPLE_INTERVAL = 0.1
+MIN_GAIN = 0.10
+COOLDOWN = 60.0
+IDLE_AFTER = 60.0
+RETIRE_GRACE = 30.0  # how long a retiring connection may finish its in-flight pieces
+
+
+class Connection(Protocol):
+    """What the pool and senders use of :class:`qbsync.wire.ClientConnection`."""
+
+    closed: bool
+    inflight_bytes: int
+    credit: int
+
+    async def request(self, msg: Any, *, timeout: float) -> Any: ...  # noqa: ASYNC109
+
+    async def send_piece(
+        self, info_hash: str, index: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> PieceAck: ...
+
+
+Connector = Callable[[], contextlib.AbstractAsyncContextManager[Connection]]
+
+
+class DestinationUnavailable(WireError):
+    """No authenticated connection to the destination within the caller's deadline."""
+
+    def __init__(self, message: str = "no connection to the destination") -> None:
+        super().__init__(ErrorCode.TIMEOUT, message)
+
+
+@attrs.define(eq=False)
+class _Slot:
+    id: int
+    conn: Connection | None = None
+    retiring: bool = False
+    connected_at: float = 0.0
+    scope: trio.CancelScope | None = None
+
+
+def describe_error(exc: BaseException) -> tuple[str, str] | None:
+    """(code, message) for an exception that ended a connection attempt.
+
+    None means "not a connection error": cancellation or a base exception that must
+    propagate. Exception groups (from the connection's internal nursery) are unwrapped.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [exc]
+        while stack:
+            e = stack.pop()
+            if isinstance(e, BaseExceptionGroup):
+                stack.extend(e.exceptions)
+            else:
+                leaves.append(e)
+        if any(not isinstance(e, Exception) for e in leaves):
+            return None
+        wire = [e for e in leaves if isinstance(e, WireError)]
+        exc = wire[0] if wire else leaves[0]
+    if isinstance(exc, WireError):
+        return exc.code.value, exc.message or str(exc)
+    if isinstance(exc, OSError):
+        return "connect-failed", exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+        return "connection-lost", str(exc) or type(exc).__name__
+    if isinstance(exc, trio.TooSlowError):
+        return ErrorCode.TIMEOUT.value, "connect timed out"
+    if isinstance(exc, Exception):
+        return ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _retiring(slot: _Slot) -> bool:
+    return slot.retiring
+
+
+def _busy(slot: _Slot) -> bool:
+    return slot.conn is not None and not slot.conn.closed and slot.conn.inflight_bytes > 0
+
+
+async def wait_closed(conn: Connection) -> None:
+    """Return when ``conn`` has closed."""
+    waiter = getattr(conn, "wait_closed", None)
+    if waiter is not None:
+        await waiter()
+        return
+    while not conn.closed:  # noqa: ASYNC110  (fallback when the connection has no event)
+        await trio.sleep(0.2)
+
+
+class ConnectionPool:
+    def __init__(
+        self,
+        connect: Connector,
+        *,
+        address: str,
+        min_connections: int = 1,
+        max_connections: int = 1,
+        reconnect_max_delay: float = 30.0,
+        queue_depth: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self._connect = connect
+        self.address = address
+        self.min_connections = max(1, min_connections)
+        self.max_connections = max(self.min_connections, max_connections)
+        self.reconnect_max_delay = reconnect_max_delay
+        self._queue_depth = queue_depth
+        self._slots: list[_Slot] = []
+        self._next_id = 0
+        self._available = trio.Event()
+        self.generation = 0  # +1 each time the pool goes from no connection to some
+        self.last_error: tuple[str, str] | None = None
+        self.bytes_acked = 0
+        self.ever_connected = False
+        self._nursery: trio.Nursery | None = None
+        metrics.connections_configured.set(self.max_connections)
+        metrics.connections_active.set(0)
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> int:
+        return sum(1 for s in self._slots if s.conn is not None and not s.conn.closed)
+
+    def connections(self) -> list[Connection]:
+        return [s.conn for s in self._slots if s.conn is not None and not s.conn.closed]
+
+    async def pick(self, within: float = float("inf")) -> Connection:
+        """The least-loaded open connection (by bytes in flight); waits up to ``within``
+        seconds for one to exist, then raises :class:`DestinationUnavailable`."""
+        with trio.move_on_after(within):
+            while True:
+                best: Connection | None = None
+                for s in self._slots:
+                    c = s.conn
+                    if c is None or c.closed or s.retiring:
+                        continue
+                    if best is None or c.inflight_bytes < best.inflight_bytes:
+                        best = c
+                if best is not None:
+                    return best
+                if self._available.is_set():
+                    self._available = trio.Event()
+                await self._available.wait()
+        raise DestinationUnavailable()
+
+    async def request(self, msg: Any, *, within: float = 30.0) -> Any:
+        """Send one control request; retried once on another connection if the first one
+        closes under it (every request of the protocol is idempotent).
+
+        Raises :class:`DestinationUnavailable` when no connection comes up in time, the
+        peer's :class:`WireError`, or :class:`ConnectionClosed`.
+        """
+        deadline = trio.current_time() + within
+        for attempt in (1, 2):
+            conn = await self.pick(max(0.0, deadline - trio.current_time()))
+            try:
+                return await conn.request(msg, timeout=max(0.1, deadline - trio.current_time()))
+            except ConnectionClosed:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def record_acked(self, nbytes: int) -> None:
+        self.bytes_acked += nbytes
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self.min_connections):
+                self._add_slot()
+            if self.max_connections > self.min_connections:
+                nursery.start_soon(self._scaler)
+            task_status.started()
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def _add_slot(self) -> _Slot:
+        assert self._nursery is not None
+        slot = _Slot(self._next_id)
+        self._next_id += 1
+        self._slots.append(slot)
+        self._nursery.start_soon(self._slot_loop, slot)
+        return slot
+
+    async def _retire(self, slot: _Slot) -> None:
+        """Stop sending new pieces on ``slot``, let its in-flight ones finish, close it."""
+        slot.retiring = True
+        with trio.move_on_after(RETIRE_GRACE):
+            while _busy(slot):  # noqa: ASYNC110  (polled: the wire has no "drained" event)
+                await trio.sleep(0.1)
+        if slot.scope is not None:
+            slot.scope.cancel()
+
+    async def _slot_loop(self, slot: _Slot) -> None:
+        backoff = Backoff(RECONNECT_BASE, self.reconnect_max_delay)
+        with trio.CancelScope() as scope:
+            slot.scope = scope
+            try:
+                while not slot.retiring:
+                    up_for = await self._connect_once(slot)
+                    if up_for >= HEALTHY_AFTER:
+                        backoff.reset()
+                    if _retiring(slot):  # (re-read: it changes while we await)
+                        break
+                    delay = backoff.next_delay()
+                    code, message = self.last_error or ("closed", "")
+                    level = (
+                        logging.ERROR if code == ErrorCode.AUTH_FAILED.value else (logging.WARNING)
+                    )
+                    log.log(
+                        level,
+                        "event=destination_connect_failed conn=%d addr=%s code=%s retry_in_s=%.1f "
+                        "attempt=%d error=%s",
+                        slot.id,
+                        self.address,
+                        code,
+                        delay,
+                        backoff.failures,
+                        kv(message),
+                    )
+                    metrics.stream_reconnects.inc()
+                    await trio.sleep(delay)
+            finally:
+                self._slots.remove(slot)
+
+    async def _connect_once(self, slot: _Slot) -> float:
+        """One connection's life. Returns how long it was up (0 if it never came up)."""
+        started = 0.0
+        try:
+            async with self._connect() as conn:
+                started = time.monotonic()
+                self._attach(slot, conn)
+                await wait_closed(conn)
+            self.last_error = ("connection-lost", "destination closed the connection")
+        except BaseException as exc:
+            described = describe_error(exc)
+            if described is None:
+                raise
+            self.last_error = described
+            if described[0] == ErrorCode.INTERNAL.value:
+                log.error(
+                    "event=destination_connection_error conn=%d code=internal",
+                    slot.id,
+                    exc_info=exc,
+                )
+        finally:
+            self._detach(slot)
+        return time.monotonic() - started if started else 0.0
+
+    def _attach(self, slot: _Slot, conn: Connection) -> None:
+        was_connected = self.connected > 0
+        slot.conn = conn
+        slot.connected_at = time.monotonic()
+        if not was_connected:
+            self.generation += 1
+        self.ever_connected = True
+        self.last_error = None
+        metrics.connections_active.set(self.connected)
+        metrics.wire_connections.labels("source").set(self.connected)
+        log.info(
+            "event=destination_connected conn=%d addr=%s connections=%d generation=%d",
+            slot.id,
+            self.address,
+            self.connected,
+            self.generation,
+        )
+        self._available.set()
+
+    def _detach(self, slot: _Slot) -> None:
+        if slot.conn is None:
+            return
+        slot.conn = None
+        metrics.connections_active.set(self.connected)
+        metrics.wire_connections.labels("source").set(self.connected)
+        log.info("event=destination_disconnected conn=%d connections=%d", slot.id, self.connected)
+
+    # -- scaling ----------------------------------------------------------------------------
+
+    async def _scaler(self) -> None:
+        cooldown_until = 0.0
+        trial: tuple[_Slot, float] | None = None  # (added slot, throughput before)
+        last_bytes = self.bytes_acked
+        last_time = time.monotonic()
+        last_traffic = last_time
+        while True:
+            starved = samples = 0
+            end = trio.current_time() + SCALE_INTERVAL
+            while trio.current_time() < end:
+                await trio.sleep(SAMPLE_INTERVAL)
+                conns = [s.conn for s in self._slots if s.conn is not None and not s.retiring]
+                samples += 1
+                if (
+                    conns
+                    and self._queue_depth() > 0
+                    and all(c.credit <= 0 or c.closed for c in conns)
+                ):
+                    starved += 1
+            now = time.monotonic()
+            throughput = (self.bytes_acked - last_bytes) / max(1e-6, now - last_time)
+            last_bytes, last_time = self.bytes_acked, now
+            metrics.transfer_throughput.set(throughput)
+            if throughput > 0:
+                last_traffic = now
+            active = [s for s in self._slots if not s.retiring]
+            if trial is not None:
+                slot, before = trial
+                trial = None
+                gain = (throughput - before) / before if before > 0 else 0.0
+                if gain < MIN_GAIN and slot in self._slots:
+                    log.info(
+                        "event=connection_scale direction=down reason=no_gain gain=%.2f "
+                        "connections=%d",
+                        gain,
+                        len(active) - 1,
+                    )
+                    metrics.connection_scale_events.labels("down").inc()
+                    self._nursery_start(self._retire, slot)
+                    cooldown_until = now + COOLDOWN
+                    continue
+                log.info("event=connection_scale_kept gain=%.2f connections=%d", gain, len(active))
+            if (
+                starved > samples // 2
+                and len(active) < self.max_connections
+                and now >= cooldown_until
+            ):
+                new = self._add_slot()
+                trial = (new, throughput)
+                metrics.connection_scale_events.labels("up").inc()
+                log.info(
+                    "event=connection_scale direction=up reason=credit_starved "
+                    "throughput_Bps=%.0f connections=%d",
+                    throughput,
+                    len(active) + 1,
+                )
+            elif now - last_traffic > IDLE_AFTER and len(active) > self.min_connections:
+                slot = active[-1]
+                metrics.connection_scale_events.labels("down").inc()
+                log.info(
+                    "event=connection_scale direction=down reason=idle connections=%d",
+                    len(active) - 1,
+                )
+                self._nursery_start(self._retire, slot)
+
+    def _nursery_start(self, fn: Callable[[_Slot], Any], slot: _Slot) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, slot)
+
+
+def make_connector(
+    addr: HostPort,
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None = None,
+    connect_timeout: float = 10.0,
+) -> Connector:
+    """A :data:`Connector` opening real wire connections."""
+    from ..wire.connection import open_connection
+
+    def connect() -> contextlib.AbstractAsyncContextManager[Connection]:
+        return open_connection(
+            addr,
+            token=token,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            connect_timeout=connect_timeout,
+        )
+
+    return connect

@@ -1,0 +1,365 @@
+"""Sender workers: take queued pieces, read them, send them, act on the acknowledgement.
+
+``--num-senders`` workers pull from the shared piece queue. A worker waits for a connection,
+makes sure the torrent is initialized on the destination, reserves the piece's bytes in the
+in-flight budget, reads the piece from disk (in a thread), waits for the rate limiter, then
+hands the piece to a *delivery* task and goes for the next piece. The delivery sends it
+(``ClientConnection.send_piece`` waits for the destination's credit, so the destination's
+flow control paces us) under a ``--piece-timeout`` cancel scope and applies the ack:
+
+==================  ===========================================================================
+ack                 action
+==================  ===========================================================================
+ok                  piece done (finalize soon if it was the torrent's last)
+hash-mismatch       re-read and resend; after :data:`MAX_PIECE_FAILURES` give up on the piece so
+                    finalize surfaces ``incomplete`` (then sync-failed) instead of looping
+not-initialized     InitTorrent again (the destination lost its state), then resend
+io, finalizing,     retry later (growing delay)
+busy, qb-error ...
+anything else       retry later, counted; give up after :data:`MAX_PIECE_FAILURES`
+timeout             resend (counted as stale); the connection is closed by the wire layer if
+                    the timeout hit mid-payload
+connection closed   resend at once on another connection, not counted
+==================  ===========================================================================
+
+Memory is bounded by the in-flight budget (pieces read but not yet acknowledged), whatever
+the queue length: the queue only holds (hash, index) pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from .. import metrics
+from ..bitfield import Bitfield
+from ..log import kv
+from ..wire.errors import RETRYABLE, ConnectionClosed, ErrorCode, WireError
+from ..wire.messages import InitResult, InitTorrent, PieceAck, SyncStatus
+from .pool import Connection, ConnectionPool
+from .ratelimit import MiB, TokenBucket
+from .reader import FileMissing, PieceReader, ReadError
+from .state import Registry, Tracked
+
+log = logging.getLogger("qbsync.source.sender")
+
+MAX_PIECE_FAILURES = 5
+INIT_TIMEOUT = 60.0
+DEFAULT_INFLIGHT_BYTES = 256 * MiB
+
+
+class NotReady(Exception):
+    """The destination cannot take this torrent's pieces now (verifying, unreachable...)."""
+
+
+class ByteBudget:
+    """Caps the piece bytes held in memory between the disk read and the ack."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.limit)  # a piece larger than the whole budget still goes, alone
+        while self.used + n > self.limit:
+            await self._lot.park()
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._lot.unpark_all()
+
+
+def parse_needed(result: InitResult, num_pieces: int) -> Bitfield | None:
+    """The pieces the destination still needs; None means "it has everything"."""
+    if result.status == SyncStatus.COMPLETE:
+        return None
+    if result.pieces_needed_count == 0:
+        return None
+    if not result.pieces_needed:
+        # READY without a bitfield: a fresh torrent, everything is needed.
+        return Bitfield.full(num_pieces)
+    return Bitfield(num_pieces, result.pieces_needed)
+
+
+async def initialize(
+    pool: ConnectionPool,
+    registry: Registry,
+    t: Tracked,
+    *,
+    resync: bool = False,
+    force: bool = False,
+) -> InitResult | None:
+    """Send a full InitTorrent for ``t`` and adopt the destination's answer.
+
+    Single-flight per torrent (``t.init_lock``): without ``force``, a caller that waited for
+    another task's init of the same connection generation returns None without a request.
+    Raises :class:`NotReady` when the destination's qBittorrent is verifying the torrent,
+    and the pool's errors otherwise.
+    """
+    async with t.init_lock:
+        generation = pool.generation
+        if not force and not resync and t.init_generation == generation:
+            return None
+        request: InitTorrent = await trio.to_thread.run_sync(t.meta.init_request, resync)
+        t.tracker.begin_resync()
+        result: InitResult = await pool.request(request, within=INIT_TIMEOUT)
+        if result.status == SyncStatus.VERIFYING:
+            raise NotReady("destination qBittorrent is verifying this torrent")
+        t.tracker.apply_needed(parse_needed(result, t.tracker.num_pieces))
+        t.init_generation = generation
+        registry.enqueue(t, t.tracker.requeue_ready())
+        log.info(
+            "event=torrent_initialized hash=%s status=%s needed=%d have=%d pieces=%d "
+            "resync=%s generation=%d",
+            t.info_hash,
+            result.status.value,
+            result.pieces_needed_count,
+            result.pieces_have_count,
+            t.tracker.num_pieces,
+            str(resync).lower(),
+            generation,
+        )
+        if t.tracker.complete:
+            registry.notify_changed()
+        return result
+
+
+class Senders:
+    def __init__(
+        self,
+        registry: Registry,
+        pool: ConnectionPool,
+        reader: PieceReader,
+        *,
+        num_senders: int = 4,
+        piece_timeout: float = 60.0,
+        rate_limit: int = 0,
+        inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+        relocate: Callable[[Tracked], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.reader = reader
+        self.num_senders = max(1, num_senders)
+        self.piece_timeout = piece_timeout
+        self.bucket = TokenBucket(rate_limit, MiB) if rate_limit > 0 else None
+        self.budget = ByteBudget(inflight_bytes)
+        self._relocate = relocate
+        self._nursery: trio.Nursery | None = None
+        self.inflight = 0
+        metrics.sender_workers_configured.set(self.num_senders)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for wid in range(self.num_senders):
+                nursery.start_soon(self._worker, wid)
+            task_status.started()
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    async def _worker(self, wid: int) -> None:
+        queue = self.registry.queue
+        while True:
+            metrics.piece_queue_depth.set(len(queue))
+            item = await queue.get()
+            t = self.registry.get(item.info_hash)
+            if t is None or not t.tracker.take(item.index):
+                continue
+            if t.tracker.sends.get(item.index, 0) > 1:
+                metrics.pieces_resent.inc()
+            try:
+                await self._prepare_and_send(t, item.index)
+            except BaseException:
+                t.tracker.release(item.index)
+                raise
+
+    async def _prepare_and_send(self, t: Tracked, index: int) -> None:
+        """Everything up to handing the piece to a delivery task. On return, the piece has
+        either been handed over or put back (released/failed) -- never lost."""
+        # 1. Make sure the destination knows the torrent (after a reconnect it may not).
+        if t.init_generation != self.pool.generation:
+            try:
+                await initialize(self.pool, self.registry, t)
+            except (WireError, NotReady) as exc:
+                code = exc.code.value if isinstance(exc, WireError) else "verifying"
+                log.warning(
+                    "event=init_failed hash=%s code=%s error=%s", t.info_hash, code, kv(str(exc))
+                )
+                self._fail_later(t, index, 5.0, count=False)
+                return
+            if t.tracker.done[index] or not t.active:
+                t.tracker.release(index)
+                return
+        # 2. Reserve memory, read from disk.
+        size = t.meta.geometry.piece_size(index)
+        reserved = await self.budget.acquire(size)
+        handed_over = False
+        try:
+            try:
+                buf, view = await self._read(t, index)
+            except ReadError as exc:
+                t.read_failures += 1
+                log.warning(
+                    "event=piece_read_failed hash=%s piece=%d code=io error=%s",
+                    t.info_hash,
+                    index,
+                    kv(str(exc)),
+                )
+                self._fail_later(t, index, min(30.0, 2.0 * t.read_failures), count=False)
+                return
+            try:
+                # 3. Rate limit (global, payload bytes), then a connection.
+                if self.bucket is not None:
+                    wait = self.bucket.reserve(size, trio.current_time())
+                    if wait > 0:
+                        await trio.sleep(wait)
+                conn = await self.pool.pick()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._deliver, t, index, conn, buf, view, reserved)
+                handed_over = True
+            finally:
+                if not handed_over:
+                    self.reader.release(buf, view)
+        finally:
+            if not handed_over:
+                self.budget.release(reserved)
+
+    async def _read(self, t: Tracked, index: int) -> tuple[bytearray, memoryview]:
+        try:
+            return await self.reader.read(t.meta, index)
+        except FileMissing:
+            # Moved (temp -> save path, category change, .!qB rename): look again, retry once.
+            if self._relocate is None or not await self._relocate(t):
+                raise
+            return await self.reader.read(t.meta, index)
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    async def _deliver(
+        self,
+        t: Tracked,
+        index: int,
+        conn: Connection,
+        buf: bytearray,
+        view: memoryview,
+        reserved: int,
+    ) -> None:
+        start = time.monotonic()
+        self.inflight += 1
+        metrics.inflight_pieces.set(self.inflight)
+        try:
+            with trio.move_on_after(self.piece_timeout) as scope:
+                ack = await conn.send_piece(
+                    t.info_hash, index, t.meta.geometry.piece_offset(index), view
+                )
+            if scope.cancelled_caught:
+                metrics.stale_pieces.inc()
+                log.warning(
+                    "event=piece_timeout hash=%s piece=%d timeout_s=%g code=timeout",
+                    t.info_hash,
+                    index,
+                    self.piece_timeout,
+                )
+                t.tracker.fail(index)
+                self.registry.requeue(t, index)
+                return
+            self._on_ack(t, index, ack, start, len(view))
+        except ConnectionClosed:
+            t.tracker.release(index)
+            self.registry.requeue(t, index)
+        except WireError as exc:
+            self._on_failure(t, index, exc.code, exc.message or str(exc))
+        finally:
+            self.inflight -= 1
+            metrics.inflight_pieces.set(self.inflight)
+            self.reader.release(buf, view)
+            self.budget.release(reserved)
+
+    def _on_ack(self, t: Tracked, index: int, ack: PieceAck, start: float, size: int) -> None:
+        now = time.monotonic()
+        metrics.pieces_sent.inc()
+        metrics.bytes_sent.inc(size)
+        metrics.piece_send_duration.observe(now - start)
+        metrics.piece_rtt.observe(now - start)
+        if ack.code != ErrorCode.OK:
+            self._on_failure(t, index, ack.code, ack.message)
+            return
+        self.pool.record_acked(size)
+        if not t.tracker.ack(index):
+            return  # untracked or resynced meanwhile
+        metrics.pieces_acked.inc()
+        first = t.tracker.first_seen.pop(index, None)
+        if first is not None:
+            metrics.piece_lag.observe(now - first)
+        if t.tracker.complete:
+            log.info("event=torrent_streamed hash=%s pieces=%d", t.info_hash, t.tracker.num_pieces)
+            self.registry.notify_changed()
+
+    def _on_failure(self, t: Tracked, index: int, code: ErrorCode, message: str) -> None:
+        metrics.pieces_failed.labels(code.value).inc()
+        if code == ErrorCode.HASH_MISMATCH:
+            metrics.piece_hash_mismatch.inc()
+        if code == ErrorCode.NOT_INITIALIZED:
+            t.init_generation = -1
+            t.tracker.fail(index, count=False)
+            self.registry.requeue(t, index)
+            log.info("event=piece_reinit hash=%s piece=%d code=%s", t.info_hash, index, code)
+            return
+        n = t.tracker.fail(index, requeue=False)
+        level = logging.INFO if code in RETRYABLE else logging.WARNING
+        log.log(
+            level,
+            "event=piece_failed hash=%s piece=%d code=%s failures=%d error=%s",
+            t.info_hash,
+            index,
+            code.value,
+            n,
+            kv(message),
+        )
+        if code not in RETRYABLE and n >= MAX_PIECE_FAILURES:
+            log.error(
+                "event=piece_given_up hash=%s piece=%d code=%s failures=%d",
+                t.info_hash,
+                index,
+                code.value,
+                n,
+            )
+            t.tracker.give_up(index)
+            if t.tracker.complete:
+                self.registry.notify_changed()
+            return
+        t.tracker.pending.add(index)
+        if code == ErrorCode.HASH_MISMATCH:
+            self.registry.requeue(t, index)  # re-read and resend at once
+        else:
+            self._requeue_later(t, index, min(30.0, 1.0 * 2 ** min(n, 5)))
+
+    # -- retry helpers ------------------------------------------------------------------------
+
+    def _fail_later(self, t: Tracked, index: int, delay: float, *, count: bool) -> None:
+        t.tracker.fail(index, count=count, requeue=True)
+        self._requeue_later(t, index, delay)
+
+    def _requeue_later(self, t: Tracked, index: int, delay: float) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._requeue_after, t, index, delay)
+
+    async def _requeue_after(self, t: Tracked, index: int, delay: float) -> None:
+        await trio.sleep(delay)
+        self.registry.requeue(t, index)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "senders": self.num_senders,
+            "inflight_pieces": self.inflight,
+            "inflight_bytes": self.budget.used,
+            "queued": len(self.registry.queue),
+        }

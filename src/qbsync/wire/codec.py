@@ -1,0 +1,343 @@
+"""Control-message codec: ONE cattrs converter plus a tiny tagged binary encoding.
+
+Why not JSON? Two control messages carry real binary payloads: ``InitTorrent.torrent_file``
+(the raw .torrent, easily several MiB for big torrents) and ``InitResult.pieces_needed`` (a
+bitfield of up to ~256 KiB). JSON would need base64 for them (+33 % on the wire, plus an
+encode/decode pass), and it cannot tell ``bytes`` from ``str`` without a schema side channel.
+msgpack/CBOR would do, but they are extra dependencies for ~100 lines of code. So:
+
+* :data:`converter` (cattrs) turns attrs messages into plain trees of ``dict``/``list``/``str``/
+  ``bytes``/``int``/``bool``/``None`` and back. It is configured *strictly*: ``"12"`` is not an
+  int, ``True`` is not an int, a ``str`` is not a sequence, an unknown enum value is an error.
+  Unknown *keys* are ignored so a newer peer can add optional fields (with defaults) without a
+  protocol version bump; anything else that changes meaning bumps ``PROTOCOL_VERSION``.
+* :func:`pack` / :func:`unpack` serialize such a tree with one tag byte per value, LEB128
+  lengths and zig-zag varint integers (``bytes`` travel raw). The format is self-delimiting,
+  linear-time to decode, never allocates more than the input size (every length is checked
+  against the bytes actually present *before* slicing), limits nesting depth, and restricts
+  integers to the signed 64-bit range, so hostile input can only ever produce a
+  :class:`~qbsync.wire.errors.WireError` (the fuzz tests hold it to that).
+
+Piece payloads never go through here: see :mod:`qbsync.wire.frames`.
+"""
+
+from __future__ import annotations
+
+import enum
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import cattrs
+
+from . import messages as m
+from .errors import ErrorCode, WireError
+
+# --- frame type codes (u8 in the frame header; stable, part of the protocol) ----------------
+
+HELLO = 1
+AUTH = 2
+AUTH_OK = 3
+ERROR = 4
+CREDIT_GRANT = 5
+PING = 6
+PONG = 7
+INIT_TORRENT = 16
+INIT_RESULT = 17
+FINALIZE = 18
+FINALIZE_RESULT = 19
+ABORT = 20
+ABORT_RESULT = 21
+START_TORRENT = 22
+START_RESULT = 23
+PIECE = 32  # binary body, see frames.py; never goes through the converter
+PIECE_ACK = 33
+
+MESSAGE_TYPES: dict[int, type[Any]] = {
+    HELLO: m.Hello,
+    AUTH: m.Auth,
+    AUTH_OK: m.AuthOk,
+    ERROR: m.Error,
+    CREDIT_GRANT: m.CreditGrant,
+    PING: m.Ping,
+    PONG: m.Pong,
+    INIT_TORRENT: m.InitTorrent,
+    INIT_RESULT: m.InitResult,
+    FINALIZE: m.Finalize,
+    FINALIZE_RESULT: m.FinalizeResult,
+    ABORT: m.Abort,
+    ABORT_RESULT: m.AbortResult,
+    START_TORRENT: m.StartTorrent,
+    START_RESULT: m.StartResult,
+    PIECE_ACK: m.PieceAck,
+}
+TYPE_CODES: dict[type[Any], int] = {cls: code for code, cls in MESSAGE_TYPES.items()}
+TYPE_CODES[m.Piece] = PIECE
+KNOWN_TYPES: frozenset[int] = frozenset(TYPE_CODES.values())
+
+
+def type_name(code: int) -> str:
+    """Human name of a frame type code, for error messages and logs."""
+    if code == PIECE:
+        return "Piece"
+    cls = MESSAGE_TYPES.get(code)
+    return cls.__name__ if cls is not None else f"type-{code}"
+
+
+# --- the converter --------------------------------------------------------------------------
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=False)
+
+    def exact(kind: type[Any]) -> Callable[[Any, Any], Any]:
+        def hook(value: Any, _: Any) -> Any:
+            if type(value) is not kind:
+                raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+            return value
+
+        return hook
+
+    for kind in (int, str, bytes, bool):
+        conv.register_structure_hook(kind, exact(kind))
+
+    def enum_hook(value: Any, cls: type[enum.Enum]) -> Any:
+        if type(value) is not str:
+            raise TypeError(f"expected {cls.__name__} string, got {type(value).__name__}")
+        return cls(value)  # ValueError for an unknown member
+
+    # Registered per class: the StrEnums are str subclasses, and a class-registered hook (the
+    # strict ``str`` one above) would otherwise win over a predicate hook.
+    for enum_cls in (ErrorCode, m.Role, m.SyncStatus):
+        conv.register_structure_hook(enum_cls, enum_hook)
+        conv.register_unstructure_hook(enum_cls, lambda e: e.value)
+
+    def is_homogeneous_tuple(t: Any) -> bool:
+        args = typing.get_args(t)
+        return typing.get_origin(t) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+    def tuple_factory(t: Any) -> Callable[[Any, Any], Any]:
+        elem = typing.get_args(t)[0]
+
+        def hook(value: Any, _: Any) -> Any:
+            if type(value) is not list:
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            return tuple(conv.structure(v, elem) for v in value)
+
+        return hook
+
+    conv.register_structure_hook_factory(is_homogeneous_tuple, tuple_factory)
+    conv.register_unstructure_hook_func(
+        is_homogeneous_tuple, lambda v: [conv.unstructure(x) for x in v]
+    )
+    return conv
+
+
+converter: cattrs.Converter = _make_converter()
+"""The one converter for every control message (see the module docstring)."""
+
+for _cls in MESSAGE_TYPES.values():
+    attrs.resolve_types(_cls)  # messages.py uses postponed annotations
+attrs.resolve_types(m.FileEntry)
+
+
+# --- the tagged binary encoding -------------------------------------------------------------
+
+_T_NONE = 0
+_T_FALSE = 1
+_T_TRUE = 2
+_T_INT = 3
+_T_STR = 4
+_T_BYTES = 5
+_T_LIST = 6
+_T_MAP = 7
+
+MAX_DEPTH = 8  # messages nest at most 3 deep (InitTorrent -> files -> FileEntry)
+_INT_MIN = -(2**63)
+_INT_MAX = 2**63 - 1
+
+
+def _put_uvarint(out: bytearray, value: int) -> None:
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def pack(value: Any) -> bytes:
+    """Serialize a tree of ``dict[str, ...]``/``list``/``tuple``/``str``/``bytes``/``int``/
+    ``bool``/``None``. Raises :class:`TypeError` or :class:`ValueError` for anything else (a
+    local bug, never the peer's fault)."""
+    out = bytearray()
+    _pack(out, value, 0)
+    return bytes(out)
+
+
+def _pack(out: bytearray, value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ValueError("message nests too deeply")
+    if value is None:
+        out.append(_T_NONE)
+    elif value is True:
+        out.append(_T_TRUE)
+    elif value is False:
+        out.append(_T_FALSE)
+    elif isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError(f"integer {value} outside the signed 64-bit range")
+        out.append(_T_INT)
+        _put_uvarint(out, (value << 1) if value >= 0 else ((-value << 1) - 1))
+    elif isinstance(value, str):
+        raw = value.encode("utf-8")
+        out.append(_T_STR)
+        _put_uvarint(out, len(raw))
+        out += raw
+    elif isinstance(value, bytes | bytearray | memoryview):
+        out.append(_T_BYTES)
+        _put_uvarint(out, len(value))
+        out += value
+    elif isinstance(value, list | tuple):
+        out.append(_T_LIST)
+        _put_uvarint(out, len(value))
+        for item in value:
+            _pack(out, item, depth + 1)
+    elif isinstance(value, dict):
+        out.append(_T_MAP)
+        _put_uvarint(out, len(value))
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"map keys must be str, not {type(key).__name__}")
+            _pack(out, key, depth + 1)
+            _pack(out, item, depth + 1)
+    else:
+        raise TypeError(f"cannot pack {type(value).__name__}")
+
+
+class _Reader:
+    """Cursor over a body. Every length is checked against what is left before slicing, so a
+    claimed length of 2**60 costs nothing."""
+
+    __slots__ = ("data", "end", "pos")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self.data = memoryview(data).cast("B")
+        self.pos = 0
+        self.end = len(self.data)
+
+    def fail(self, why: str) -> WireError:
+        return WireError(ErrorCode.PROTOCOL, f"malformed message body: {why} at byte {self.pos}")
+
+    def byte(self) -> int:
+        if self.pos >= self.end:
+            raise self.fail("truncated")
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def uvarint(self) -> int:
+        result = 0
+        for shift in range(0, 70, 7):
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                if result > 2**64 - 1:
+                    raise self.fail("varint overflow")
+                return result
+        raise self.fail("varint too long")
+
+    def take(self, n: int) -> memoryview:
+        if n > self.end - self.pos:
+            raise self.fail(f"length {n} exceeds the {self.end - self.pos} bytes left")
+        view = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return view
+
+
+def unpack(body: bytes | bytearray | memoryview) -> Any:
+    """Inverse of :func:`pack`. Raises only :class:`WireError` (code ``protocol``)."""
+    reader = _Reader(body)
+    value = _unpack(reader, 0)
+    if reader.pos != reader.end:
+        raise reader.fail(f"{reader.end - reader.pos} trailing bytes")
+    return value
+
+
+def _unpack(r: _Reader, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise r.fail("nesting too deep")
+    tag = r.byte()
+    if tag == _T_NONE:
+        return None
+    if tag == _T_FALSE:
+        return False
+    if tag == _T_TRUE:
+        return True
+    if tag == _T_INT:
+        z = r.uvarint()
+        value = (z >> 1) if not z & 1 else -((z + 1) >> 1)
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise r.fail("integer outside the signed 64-bit range")
+        return value
+    if tag == _T_STR:
+        raw = r.take(r.uvarint())
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            raise r.fail("invalid UTF-8") from None
+    if tag == _T_BYTES:
+        return bytes(r.take(r.uvarint()))
+    if tag == _T_LIST:
+        count = r.uvarint()
+        if count > r.end - r.pos:  # every item takes at least one byte
+            raise r.fail(f"list of {count} items cannot fit")
+        return [_unpack(r, depth + 1) for _ in range(count)]
+    if tag == _T_MAP:
+        count = r.uvarint()
+        if count * 2 > r.end - r.pos:
+            raise r.fail(f"map of {count} entries cannot fit")
+        result: dict[str, Any] = {}
+        for _ in range(count):
+            key = _unpack(r, depth + 1)
+            if type(key) is not str:
+                raise r.fail("map key is not a string")
+            if key in result:
+                raise r.fail(f"duplicate key {key!r}")
+            result[key] = _unpack(r, depth + 1)
+        return result
+    raise r.fail(f"unknown value tag {tag}")
+
+
+# --- messages <-> bodies --------------------------------------------------------------------
+
+
+def encode_message(msg: m.ControlMessage) -> tuple[int, bytes]:
+    """``(frame type code, body)`` for a control message."""
+    code = TYPE_CODES.get(type(msg))
+    if code is None or code == PIECE:
+        raise TypeError(f"{type(msg).__name__} is not a control message")
+    return code, pack(converter.unstructure(msg))
+
+
+def decode_message(code: int, body: bytes | bytearray | memoryview) -> m.ControlMessage:
+    """Parse a control body. Raises only :class:`WireError`: ``unknown-type`` for a type code
+    this version does not know, ``protocol`` for anything malformed."""
+    cls = MESSAGE_TYPES.get(code)
+    if cls is None:
+        raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {code}")
+    tree = unpack(body)
+    if type(tree) is not dict:
+        raise WireError(ErrorCode.PROTOCOL, f"{cls.__name__} body is not a map")
+    try:
+        msg: m.ControlMessage = converter.structure(tree, cls)
+    except Exception as exc:  # cattrs raises (grouped) TypeError/ValueError/KeyError
+        raise WireError(ErrorCode.PROTOCOL, f"invalid {cls.__name__}: {_describe(exc)}") from None
+    return msg
+
+
+def _describe(exc: BaseException) -> str:
+    """One short line for a (possibly grouped) cattrs validation error."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,642 @@
+"""Sans-IO protocol endpoint: handshake, authentication, request ids and credits.
+
+:class:`Endpoint` is the whole protocol state machine of one side of one connection, with no
+I/O and no clock (h11's ``Connection`` is the model): the Trio shell in ``connection.py`` feeds
+it bytes, asks it for events, and writes whatever :meth:`Endpoint.data_to_send` returns plus the
+frames the ``send_*`` methods return. Everything that decides *whether* a frame is legal lives
+here, so the hypothesis state-machine tests can drive two endpoints through every interleaving
+without sockets.
+
+Handshake (both sides send their first flight at once)::
+
+    source (client)                            destination (server)
+    MAGIC + Hello(source, versions, Nc)  --->
+                                         <---  MAGIC + Hello(destination, versions, Ns)
+    Auth(MAC_source)                     --->  (only when both sides have a token)
+                                         <---  Auth(MAC_destination) + AuthOk(version, limits)
+
+* Version: the highest version both ranges contain, else ``unsupported-version``.
+* ``MAC_x = HMAC-SHA256(token, "qbsync-auth-v1" | x's role | version | Nc | Ns |
+  SHA-256(both Hello bodies))``. Each side proves knowledge of the token over a nonce the
+  *other* side just chose, so a recorded proof is useless later (replay), and the sender's role
+  is inside the MAC, so a destination's proof can never pass as a source's (reflection). The
+  Hello transcript is covered too, so a tampered version range or auth flag breaks the proof.
+  The token itself never crosses the wire. The source proves first: a destination reveals
+  nothing token-derived to a peer that has not proven itself, which denies scanners an
+  offline-guessing oracle (use a long random token all the same).
+* Tokens are all-or-nothing: if exactly one side has one, *both* sides fail with
+  ``auth-failed`` and a message naming the side that lacks it (a source with a token must never
+  silently talk to an unauthenticated destination, which might be an impostor).
+* Until ``AuthOk`` only Hello/Auth/AuthOk/Error frames of at most :data:`HANDSHAKE_MAX_FRAME`
+  bytes are accepted; anything else is refused at its header.
+* The token authenticates the *handshake*; it does not MAC every frame. On an untrusted network
+  an on-path attacker could still hijack an authenticated TCP stream, which is what the optional
+  TLS layer is for.
+
+After the handshake the source sends requests (InitTorrent, Finalize, Abort, StartTorrent) and
+pieces with strictly increasing, non-zero request ids; the destination answers each exactly once
+(its result type, a ``PieceAck``, or an ``Error`` with the same id). Connection-level frames
+(CreditGrant, Ping, Pong, and a fatal ``Error``) carry id 0.
+
+Credit (flow control): the destination announces a window ``W`` (``AuthOk.initial_credit``).
+The source may send a piece of ``n`` bytes only when ``n <= available credit``; every piece
+consumes its size; the destination returns credit with ``CreditGrant`` once it no longer holds
+the bytes. Exception, so that a piece larger than the window can never deadlock: a piece may
+also be sent when *all* credit is available (nothing in flight). Both sides run the same
+arithmetic, so the destination detects a violation exactly (``credit-exceeded``). In-flight
+piece bytes are thus bounded by ``max(W, largest piece)`` per connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+import struct
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+
+from . import codec
+from . import messages as m
+from .errors import ConnectionClosed, ErrorCode, LocalProtocolError, WireError
+from .frames import (
+    END_OF_STREAM,
+    MAGIC,
+    NEED_DATA,
+    PIECE_HEADER_SIZE,
+    ControlFrame,
+    FrameDecoder,
+    PieceStart,
+    encode_control,
+    encode_piece_header,
+)
+
+HANDSHAKE_MAX_FRAME: Final = 4096
+MAX_CONTROL_FRAME: Final = 64 * 1024 * 1024  # a huge .torrent in InitTorrent still fits
+DEFAULT_MAX_PIECE: Final = 256 * 1024 * 1024  # largest piece size libtorrent creates
+DEFAULT_WINDOW: Final = 64 * 1024 * 1024
+MAX_CREDIT: Final = 2**62
+NONCE_SIZE: Final = 32
+MAC_SIZE: Final = 32
+MAX_ERROR_MESSAGE: Final = 1000
+
+_AUTH_LABEL = b"qbsync-auth-v1\0"
+
+REQUEST_TYPES: Final = (m.InitTorrent, m.Finalize, m.Abort, m.StartTorrent)
+Request = m.InitTorrent | m.Finalize | m.Abort | m.StartTorrent
+Response = m.InitResult | m.FinalizeResult | m.AbortResult | m.StartResult | m.PieceAck | m.Error
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# --- events (in addition to frames.PieceStart, NEED_DATA and END_OF_STREAM) -------------------
+
+
+@attrs.frozen
+class HandshakeComplete:
+    version: int
+    max_frame: int  # largest piece frame body the destination accepts
+    window: int  # the destination's credit window
+    peer_software: str
+
+
+@attrs.frozen
+class RequestReceived:
+    """Destination side: a request to answer with :meth:`Endpoint.send_response`."""
+
+    request_id: int
+    message: Request
+
+
+@attrs.frozen
+class ResponseReceived:
+    """Source side: the answer to an earlier request or piece (an ``Error`` means it failed)."""
+
+    request_id: int
+    message: Response
+
+
+@attrs.frozen
+class CreditReceived:
+    nbytes: int
+    available: int
+
+
+@attrs.frozen
+class PongReceived:
+    payload: int
+
+
+@attrs.frozen
+class PeerClosed:
+    """The peer sent a connection-level ``Error`` and is closing."""
+
+    code: ErrorCode
+    message: str
+
+
+ProtocolEvent = (
+    HandshakeComplete
+    | RequestReceived
+    | ResponseReceived
+    | CreditReceived
+    | PongReceived
+    | PeerClosed
+    | PieceStart
+    | object  # NEED_DATA / END_OF_STREAM sentinels
+)
+
+
+@attrs.frozen
+class _Outstanding:
+    kind: type  # the request type
+    info_hash: str = ""
+    index: int = 0
+    length: int = 0
+
+
+def auth_mac(
+    token: bytes,
+    sender: m.Role,
+    version: int,
+    client_nonce: bytes,
+    server_nonce: bytes,
+    client_hello: bytes,
+    server_hello: bytes,
+) -> bytes:
+    """The handshake proof ``sender`` sends (see the module docstring)."""
+    transcript = hashlib.sha256(
+        struct.pack(">I", len(client_hello)) + client_hello + server_hello
+    ).digest()
+    msg = (
+        _AUTH_LABEL
+        + sender.value.encode()
+        + b"\0"
+        + struct.pack(">H", version)
+        + client_nonce
+        + server_nonce
+        + transcript
+    )
+    return hmac.new(token, msg, hashlib.sha256).digest()
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_MESSAGE else text[: MAX_ERROR_MESSAGE - 3] + "..."
+
+
+class Endpoint:
+    """One side of a connection. ``role`` SOURCE is the client, DESTINATION the server.
+
+    Args:
+        token: the shared secret, or ``None``/``""`` for none (see the module docstring).
+        nonce: this side's 32-byte handshake nonce (random by default; tests pin it).
+        max_piece: destination only: the largest piece payload accepted.
+        window: destination only: the credit window announced to the source.
+    """
+
+    def __init__(
+        self,
+        role: m.Role,
+        *,
+        token: str | None,
+        nonce: bytes | None = None,
+        max_piece: int = DEFAULT_MAX_PIECE,
+        window: int = DEFAULT_WINDOW,
+        min_version: int = m.MIN_PROTOCOL_VERSION,
+        max_version: int = m.PROTOCOL_VERSION,
+    ) -> None:
+        if nonce is None:
+            nonce = secrets.token_bytes(NONCE_SIZE)
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError("nonce must be 32 bytes")
+        if not 0 < window <= MAX_CREDIT or not 0 < max_piece <= 2**32 - 1 - PIECE_HEADER_SIZE:
+            raise ValueError("window and max_piece must be positive")
+        self.role = role
+        self.is_client = role == m.Role.SOURCE
+        self._token = token.encode("utf-8") if token else None
+        self._nonce = nonce
+        self._min_version = min_version
+        self._max_version = max_version
+        self.state = State.HANDSHAKE
+        self.version = 0
+        self.peer_software = ""
+        self._phase = "hello"
+        self._out = bytearray()
+        self._outstanding: dict[int, _Outstanding] = {}
+        self._last_request_id = 0
+        # credit: both sides track the same numbers (see module docstring)
+        self.window = window if not self.is_client else 0
+        self.available = self.window
+        self.max_frame = max_piece + PIECE_HEADER_SIZE if not self.is_client else 0
+        self.inflight_bytes = 0  # source: piece bytes sent and not yet answered
+        hello = m.Hello(
+            role=role,
+            min_version=min_version,
+            max_version=max_version,
+            nonce=nonce,
+            auth_required=self._token is not None,
+        )
+        self._my_hello = codec.encode_message(hello)[1]
+        self._peer_hello = b""
+        self._peer_nonce = b""
+        self._decoder = FrameDecoder(self._handshake_limits(codec.HELLO))
+        self._out += MAGIC + encode_control(hello)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _handshake_limits(*types: int) -> dict[int, int]:
+        return dict.fromkeys((*types, codec.ERROR), HANDSHAKE_MAX_FRAME)
+
+    def _open_limits(self) -> Mapping[int, int]:
+        common = (codec.ERROR, codec.PING, codec.PONG)
+        if self.is_client:
+            types = (
+                *common,
+                codec.CREDIT_GRANT,
+                codec.INIT_RESULT,
+                codec.FINALIZE_RESULT,
+                codec.ABORT_RESULT,
+                codec.START_RESULT,
+                codec.PIECE_ACK,
+            )
+            return dict.fromkeys(types, MAX_CONTROL_FRAME)
+        requests = (*common, codec.INIT_TORRENT, codec.FINALIZE, codec.ABORT, codec.START_TORRENT)
+        limits = dict.fromkeys(requests, MAX_CONTROL_FRAME)
+        limits[codec.PIECE] = self.max_frame
+        return limits
+
+    def _macs(self) -> tuple[bytes, bytes]:
+        """(this side's proof, the proof expected from the peer)."""
+        assert self._token is not None
+        if self.is_client:
+            cn, sn, ch, sh = self._nonce, self._peer_nonce, self._my_hello, self._peer_hello
+        else:
+            cn, sn, ch, sh = self._peer_nonce, self._nonce, self._peer_hello, self._my_hello
+        mine = m.Role.SOURCE if self.is_client else m.Role.DESTINATION
+        theirs = m.Role.DESTINATION if self.is_client else m.Role.SOURCE
+        return (
+            auth_mac(self._token, mine, self.version, cn, sn, ch, sh),
+            auth_mac(self._token, theirs, self.version, cn, sn, ch, sh),
+        )
+
+    @property
+    def peer_name(self) -> str:
+        return "destination" if self.is_client else "source"
+
+    # -- input -----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes from the peer; ``b""`` means end of stream."""
+        if self.state == State.CLOSED and data:
+            return  # we already gave up on this connection; ignore trailing bytes
+        self._decoder.receive_data(data)
+
+    @property
+    def decoder(self) -> FrameDecoder:
+        """The frame decoder, for piece bodies (``readinto_body``/``body_received``)."""
+        return self._decoder
+
+    def data_to_send(self) -> bytes:
+        """Bytes this endpoint wants written (handshake flights, pongs, a fatal error)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> ProtocolEvent:
+        """The next event. On a protocol violation by the peer raises :class:`WireError` after
+        queueing an ``Error`` frame for the peer (send :meth:`data_to_send`, then close)."""
+        if self.state == State.CLOSED and self._phase == "closed":
+            return END_OF_STREAM
+        try:
+            while True:
+                event = self._decoder.next_event()
+                if event is NEED_DATA:
+                    return NEED_DATA
+                if event is END_OF_STREAM:
+                    self._close()
+                    return END_OF_STREAM
+                if isinstance(event, PieceStart):
+                    return self._on_piece_start(event)
+                assert isinstance(event, ControlFrame)
+                result = self._on_control(event)
+                if result is not None:
+                    return result
+        except LocalProtocolError:
+            raise
+        except ConnectionClosed:
+            self._close()
+            raise
+        except WireError as exc:
+            self._fail(exc)
+            raise
+
+    def close(self) -> None:
+        """Mark the endpoint closed (the shell closed the stream); nothing more is sent."""
+        self._close()
+
+    def _close(self) -> None:
+        self.state = State.CLOSED
+        self._phase = "closed"
+
+    def _fail(self, exc: WireError) -> None:
+        """Queue the Error frame telling the peer why we close."""
+        if self.state != State.CLOSED:
+            self._out += encode_control(m.Error(exc.code, _truncate(exc.message)))
+        self._close()
+
+    def _on_control(self, frame: ControlFrame) -> ProtocolEvent | None:
+        msg = frame.message
+        rid = frame.request_id
+        if isinstance(msg, m.Error):
+            if rid == 0:
+                self._close()
+                return PeerClosed(msg.code, msg.message)
+            if not self.is_client or self.state != State.OPEN:
+                raise WireError(ErrorCode.PROTOCOL, "Error frame with a request id")
+            return self._on_response(rid, msg)
+        if self.state == State.HANDSHAKE:
+            if rid != 0:
+                raise WireError(ErrorCode.PROTOCOL, "handshake frame with a request id")
+            return self._on_handshake(msg, frame.raw)
+        if isinstance(msg, m.Ping | m.Pong | m.CreditGrant):
+            if rid != 0:
+                raise WireError(ErrorCode.PROTOCOL, f"{type(msg).__name__} with a request id")
+            if isinstance(msg, m.Ping):
+                self._out += encode_control(m.Pong(msg.payload))
+                return None
+            if isinstance(msg, m.Pong):
+                return PongReceived(msg.payload)
+            return self._on_credit(msg)
+        if isinstance(msg, REQUEST_TYPES):
+            self._check_new_request_id(rid)
+            self._outstanding[rid] = _Outstanding(type(msg))
+            return RequestReceived(rid, msg)
+        assert self.is_client
+        return self._on_response(rid, msg)  # type: ignore[arg-type]
+
+    # -- handshake -------------------------------------------------------------------------
+
+    def _on_handshake(self, msg: m.ControlMessage, raw: bytes) -> ProtocolEvent | None:
+        if isinstance(msg, m.Hello) and self._phase == "hello":
+            return self._on_hello(msg, raw)
+        if isinstance(msg, m.Auth) and self._phase == "auth":
+            if len(msg.mac) != MAC_SIZE:
+                raise WireError(ErrorCode.PROTOCOL, "malformed Auth")
+            mine, expected = self._macs()
+            if not hmac.compare_digest(msg.mac, expected):
+                me = "source" if self.is_client else "destination"
+                raise WireError(
+                    ErrorCode.AUTH_FAILED,
+                    f"auth token mismatch: the {self.peer_name}'s proof does not match this "
+                    f"{me}'s token",
+                )
+            if self.is_client:
+                self._phase = "authok"
+                self._decoder.set_limits(self._handshake_limits(codec.AUTH_OK))
+                return None
+            self._out += encode_control(m.Auth(mine))
+            return self._accept()
+        if isinstance(msg, m.AuthOk) and self._phase == "authok":
+            assert self.is_client
+            if msg.version != self.version:
+                raise WireError(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"destination chose version {msg.version}, expected {self.version}",
+                )
+            if not PIECE_HEADER_SIZE < msg.max_frame <= 2**32 - 1:
+                raise WireError(ErrorCode.PROTOCOL, f"invalid max_frame {msg.max_frame}")
+            if not 0 < msg.initial_credit <= MAX_CREDIT:
+                raise WireError(ErrorCode.PROTOCOL, f"invalid credit {msg.initial_credit}")
+            self.window = self.available = msg.initial_credit
+            self.max_frame = msg.max_frame
+            return self._open()
+        raise WireError(
+            ErrorCode.PROTOCOL,
+            f"unexpected {type(msg).__name__} during the handshake (phase {self._phase})",
+        )
+
+    def _on_hello(self, hello: m.Hello, raw: bytes) -> ProtocolEvent | None:
+        expected_role = m.Role.DESTINATION if self.is_client else m.Role.SOURCE
+        if hello.role != expected_role:
+            raise WireError(
+                ErrorCode.PROTOCOL,
+                f"peer says it is a {hello.role.value}, expected a {expected_role.value}",
+            )
+        if len(hello.nonce) != NONCE_SIZE:
+            raise WireError(ErrorCode.PROTOCOL, "Hello nonce must be 32 bytes")
+        if not 1 <= hello.min_version <= hello.max_version:
+            raise WireError(
+                ErrorCode.PROTOCOL,
+                f"invalid version range {hello.min_version}..{hello.max_version}",
+            )
+        version = min(self._max_version, hello.max_version)
+        if version < max(self._min_version, hello.min_version):
+            raise WireError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"the {self.peer_name} speaks protocol versions {hello.min_version}.."
+                f"{hello.max_version}, this side {self._min_version}..{self._max_version}: "
+                "upgrade the older side",
+            )
+        self.version = version
+        self.peer_software = hello.software[:100]
+        self._peer_hello = raw
+        self._peer_nonce = hello.nonce
+        me = "source" if self.is_client else "destination"
+        if self._token is not None and not hello.auth_required:
+            raise WireError(
+                ErrorCode.AUTH_FAILED,
+                f"this {me} has an auth token but the {self.peer_name} has none configured: "
+                "set the same --auth-token on both sides",
+            )
+        if self._token is None and hello.auth_required:
+            raise WireError(
+                ErrorCode.AUTH_FAILED,
+                f"the {self.peer_name} requires an auth token but this {me} has none "
+                "configured: set the same --auth-token on both sides",
+            )
+        if self._token is not None:
+            self._phase = "auth"
+            self._decoder.set_limits(self._handshake_limits(codec.AUTH))
+            if self.is_client:
+                self._out += encode_control(m.Auth(self._macs()[0]))
+            return None
+        if self.is_client:
+            self._phase = "authok"
+            self._decoder.set_limits(self._handshake_limits(codec.AUTH_OK))
+            return None
+        return self._accept()
+
+    def _accept(self) -> ProtocolEvent:
+        """Destination: authentication done, announce the limits."""
+        self._out += encode_control(
+            m.AuthOk(version=self.version, max_frame=self.max_frame, initial_credit=self.window)
+        )
+        return self._open()
+
+    def _open(self) -> HandshakeComplete:
+        self.state = State.OPEN
+        self._phase = "open"
+        self._decoder.set_limits(self._open_limits())
+        return HandshakeComplete(self.version, self.max_frame, self.window, self.peer_software)
+
+    # -- requests and responses --------------------------------------------------------------
+
+    def _check_new_request_id(self, rid: int) -> None:
+        if rid <= self._last_request_id:
+            raise WireError(
+                ErrorCode.PROTOCOL,
+                f"request id {rid} not above the previous {self._last_request_id}",
+            )
+        self._last_request_id = rid
+
+    def _on_piece_start(self, start: PieceStart) -> PieceStart:
+        self._check_new_request_id(start.request_id)
+        if start.length == 0:
+            raise WireError(ErrorCode.PROTOCOL, "empty piece")
+        if start.length > self.available and self.available != self.window:
+            raise WireError(
+                ErrorCode.CREDIT_EXCEEDED,
+                f"piece of {start.length} bytes with only {self.available} bytes of credit",
+            )
+        self.available -= start.length
+        self._outstanding[start.request_id] = _Outstanding(
+            m.Piece, start.info_hash, start.index, start.length
+        )
+        return start
+
+    def _on_response(self, rid: int, msg: Response) -> ResponseReceived:
+        pending = self._outstanding.get(rid)
+        if pending is None:
+            raise WireError(ErrorCode.PROTOCOL, f"response to unknown request id {rid}")
+        expected = m.RESPONSE_TYPE[pending.kind]
+        if not isinstance(msg, (expected, m.Error)):
+            raise WireError(
+                ErrorCode.PROTOCOL,
+                f"{type(msg).__name__} answers a {pending.kind.__name__} (id {rid})",
+            )
+        if isinstance(msg, m.PieceAck) and (
+            msg.info_hash != pending.info_hash or msg.index != pending.index
+        ):
+            raise WireError(ErrorCode.PROTOCOL, f"PieceAck for the wrong piece (id {rid})")
+        del self._outstanding[rid]
+        self.inflight_bytes -= pending.length
+        return ResponseReceived(rid, msg)
+
+    def _on_credit(self, grant: m.CreditGrant) -> CreditReceived:
+        if not self.is_client:
+            raise WireError(ErrorCode.PROTOCOL, "CreditGrant from a source")
+        if grant.nbytes <= 0 or self.available + grant.nbytes > self.window:
+            raise WireError(
+                ErrorCode.PROTOCOL,
+                f"CreditGrant of {grant.nbytes} bytes would exceed the window {self.window}",
+            )
+        self.available += grant.nbytes
+        return CreditReceived(grant.nbytes, self.available)
+
+    # -- output: source --------------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self.state != State.OPEN:
+            raise LocalProtocolError(ErrorCode.PROTOCOL, f"connection is {self.state.value}")
+
+    def _new_request_id(self) -> int:
+        self._last_request_id += 1
+        return self._last_request_id
+
+    def send_request(self, msg: Request) -> tuple[int, bytes]:
+        """Source: ``(request id, frame)`` for a request."""
+        self._require_open()
+        if not self.is_client or not isinstance(msg, REQUEST_TYPES):
+            raise LocalProtocolError(ErrorCode.PROTOCOL, f"cannot send {type(msg).__name__}")
+        rid = self._new_request_id()
+        self._outstanding[rid] = _Outstanding(type(msg))
+        return rid, encode_control(msg, rid)
+
+    def piece_fits(self, length: int) -> bool:
+        """Source: whether a piece of ``length`` bytes may be sent now (credit rule)."""
+        return length <= self.available or self.available == self.window
+
+    def send_piece(self, info_hash: str, index: int, offset: int, length: int) -> tuple[int, bytes]:
+        """Source: consume credit and return ``(request id, header)``; the caller writes the
+        ``length`` payload bytes right after the header."""
+        self._require_open()
+        if not self.is_client:
+            raise LocalProtocolError(ErrorCode.PROTOCOL, "only a source sends pieces")
+        if not 0 < length <= self.max_frame - PIECE_HEADER_SIZE:
+            raise LocalProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"piece of {length} bytes: the destination accepts 1.."
+                f"{self.max_frame - PIECE_HEADER_SIZE}",
+            )
+        if not self.piece_fits(length):
+            raise LocalProtocolError(
+                ErrorCode.CREDIT_EXCEEDED,
+                f"piece of {length} bytes with {self.available} bytes of credit",
+            )
+        rid = self._last_request_id + 1
+        header = encode_piece_header(rid, info_hash, index, offset, length)
+        self._last_request_id = rid
+        self.available -= length
+        self.inflight_bytes += length
+        self._outstanding[rid] = _Outstanding(m.Piece, info_hash, index, length)
+        return rid, header
+
+    # -- output: destination ---------------------------------------------------------------
+
+    def send_response(self, request_id: int, msg: Response) -> bytes:
+        """Destination: the one answer to request ``request_id``."""
+        self._require_open()
+        pending = self._outstanding.get(request_id)
+        if self.is_client or pending is None:
+            raise LocalProtocolError(ErrorCode.PROTOCOL, f"no request {request_id} to answer")
+        expected = m.RESPONSE_TYPE[pending.kind]
+        if not isinstance(msg, (expected, m.Error)):
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL,
+                f"{type(msg).__name__} cannot answer a {pending.kind.__name__}",
+            )
+        if isinstance(msg, m.PieceAck) and (
+            msg.info_hash != pending.info_hash or msg.index != pending.index
+        ):
+            raise LocalProtocolError(ErrorCode.PROTOCOL, "PieceAck for the wrong piece")
+        if isinstance(msg, m.Error):
+            msg = m.Error(msg.code, _truncate(msg.message))
+        del self._outstanding[request_id]
+        return encode_control(msg, request_id)
+
+    def grant_credit(self, nbytes: int) -> bytes:
+        """Destination: give ``nbytes`` of piece credit back to the source."""
+        self._require_open()
+        if self.is_client or nbytes <= 0 or self.available + nbytes > self.window:
+            raise LocalProtocolError(
+                ErrorCode.PROTOCOL, f"cannot grant {nbytes} bytes (available {self.available})"
+            )
+        self.available += nbytes
+        return encode_control(m.CreditGrant(nbytes))
+
+    @property
+    def outstanding(self) -> int:
+        """Requests and pieces received (destination) or sent (source) and not yet answered."""
+        return len(self._outstanding)
+
+    # -- output: both ----------------------------------------------------------------------
+
+    def send_ping(self, payload: int = 0) -> bytes:
+        self._require_open()
+        return encode_control(m.Ping(payload))
+
+    def send_error(self, code: ErrorCode, message: str = "") -> bytes:
+        """A connection-level Error frame; the endpoint is closed afterwards. Returns ``b""``
+        if already closed (nothing more may be sent)."""
+        if self.state == State.CLOSED:
+            return b""
+        self._close()
+        return encode_control(m.Error(code, _truncate(message)))
