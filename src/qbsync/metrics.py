@@ -155,6 +155,16 @@ verification_recoveries = _c(
 )
 orphan_cleanups = _c("orphan_cleanups_total", "Orphaned torrent states reclaimed")
 rejected_requests = _c("rejected_requests_total", "Requests refused by validation", ("code",))
+stale_inode_evictions = _c(
+    "stale_inode_evictions_total", "Hardlink sources dropped because the file changed or vanished"
+)
+boundary_pieces_unverified = _c(
+    "boundary_pieces_unverified_total",
+    "Pieces touching a deselected file written without a SHA-1 match (bytes unknown here)",
+)
+pieces_found_on_disk = _c(
+    "pieces_found_on_disk_total", "Pieces proven from data already on disk instead of streamed"
+)
 write_buffer_bytes = _g("write_buffer_bytes", "Piece bytes held in memory awaiting write")
 write_buffer_limit_bytes = _g("write_buffer_limit_bytes", "--max-stream-buffer in bytes")
 write_workers_busy = _g("write_workers_busy", "Writer workers currently hashing or writing")

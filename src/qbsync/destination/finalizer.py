@@ -36,11 +36,10 @@ and logs what it would have done in qBittorrent; nothing is renamed, added or ta
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import posixpath
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +100,7 @@ class Finalizer:
         if state.phase not in (Phase.ACTIVE, Phase.SCANNING):
             return
         f.finalizing = True
+        f.finalize_done = trio.Event()
         self.store.spawn(state, lambda: self._finalize_file(state, f), "early-finalize")
 
     async def _finalize_file(self, state: TorrentState, f: DataFile) -> None:
@@ -127,6 +127,9 @@ class Finalizer:
             )
         finally:
             f.finalizing = False
+            if f.finalize_done is not None:
+                f.finalize_done.set()
+                f.finalize_done = None
 
     # -- torrent finalize --------------------------------------------------------------------
 
@@ -135,11 +138,7 @@ class Finalizer:
         pieces covered only by skipped files do not count) and no file awaits its scan."""
         if state.dry_run:
             seen = state.dry_seen
-            missing = sum(
-                1
-                for i in state.needed().set_indices()
-                if seen is None or not seen[i]
-            )
+            missing = sum(1 for i in state.needed().set_indices() if seen is None or not seen[i])
         else:
             missing = state.missing_count()
         existing = sum(1 for f in state.files if f.status is FileStatus.EXISTING)
@@ -161,9 +160,8 @@ class Finalizer:
     async def _run(self, state: TorrentState, job: FinalizeJob) -> None:
         start = time.monotonic()
         try:
-            with trio.CancelScope(shield=False):
-                async with self.slot:
-                    job.result = await self._finalize(state, job.request)
+            async with self.slot:
+                job.result = await self._finalize(state, job.request)
         except WireError as exc:
             job.error = exc
         except (OSError, paths.UnsafePathError) as exc:
@@ -197,8 +195,8 @@ class Finalizer:
             return self._dry_run(state, request)
         # Early finalizes in progress complete first (they own those files' handles).
         for f in state.files:
-            while f.finalizing:
-                await trio.sleep(0.01)
+            if f.finalize_done is not None:
+                await f.finalize_done.wait()
         for f in state.files:
             if f.status is FileStatus.STREAMING:
                 await self.store.close_file(state, f)
@@ -276,16 +274,14 @@ class Finalizer:
             spans = []
             for span in state.geometry.spans(i):
                 f = state.files[span.file_index]
-                spans.append(
-                    ReadSpan(None if f.pad else f.parts, span.file_offset, span.length)
-                )
+                spans.append(ReadSpan(None if f.pad else f.parts, span.file_offset, span.length))
             out.append(PieceCheck(i, state.metainfo.piece_hashes[i], tuple(spans)))
         return out
 
     def must_pass(self, state: TorrentState) -> list[int]:
         """Pieces qBittorrent (or our read-back) must pass: touching a selected file and no
         deselected one."""
-        out = set()
+        out: set[int] = set()
         for f in state.files:
             if f.selected and f.size > 0:
                 out.update(state.geometry.file_pieces(f.index))
@@ -298,7 +294,7 @@ class Finalizer:
             batch = self._checks(state, pieces[start : start + VERIFY_BATCH])
             async with self.store.read_limiter:
                 ok |= await trio.to_thread.run_sync(
-                    lambda b=batch: verify_pieces(self.store.root, b, drop_cache=True)
+                    functools.partial(verify_pieces, self.store.root, batch, drop_cache=True)
                 )
         failed = [i for i in pieces if i not in ok]
         log.info(
@@ -411,14 +407,17 @@ class Finalizer:
                     lambda c: c.torrents_create_category(name=category),
                 )
         except QBError as exc:
-            log.warning("event=qb_category_failed category=%s error=%s", paths_kv(category),
-                        paths_kv(str(exc)))
+            log.warning(
+                "event=qb_category_failed category=%s error=%s",
+                paths_kv(category),
+                paths_kv(str(exc)),
+            )
 
     async def _wait_listed(self, h: str) -> None:
         qb = self.qb
         assert qb is not None
         with trio.move_on_after(LISTED_TIMEOUT):
-            while await qb.torrent(h) is None:
+            while await qb.torrent(h) is None:  # noqa: ASYNC110  # polling qBittorrent
                 await trio.sleep(0.1)
             return
         raise WireError(ErrorCode.QB_ERROR, "torrent not listed after add")
@@ -441,20 +440,22 @@ class Finalizer:
                 old = str(entry["name"])
                 await qb.call(
                     "torrents_rename_file",
-                    lambda c, o=old, n=rel: c.torrents_rename_file(
-                        torrent_hash=h, old_path=o, new_path=n
-                    ),
+                    functools.partial(_rename_file, torrent_hash=h, old_path=old, new_path=rel),
                 )
-                log.info("event=qb_file_renamed hash=%s old=%s new=%s", h, paths_kv(old),
-                         paths_kv(rel))
+                log.info(
+                    "event=qb_file_renamed hash=%s old=%s new=%s", h, paths_kv(old), paths_kv(rel)
+                )
 
     async def _apply_priorities(self, state: TorrentState) -> None:
         """Priority 0 for deselected files, read back until qBittorrent really has it."""
         qb = self.qb
         assert qb is not None
         h = state.info_hash
-        deselected = sorted(f.request_index for f in state.files if f.request_index >= 0 and
-                            not f.selected and not f.pad)
+        deselected = sorted(
+            f.request_index
+            for f in state.files
+            if f.request_index >= 0 and not f.selected and not f.pad
+        )
         if not deselected:
             return
         delay, deadline = PRIORITY_BACKOFF[0], trio.current_time() + PRIORITY_BUDGET
@@ -472,8 +473,12 @@ class Finalizer:
                 files = await qb.files(h)
                 prio = {int(e["index"]): int(e.get("priority", 1)) for e in files}
                 if all(prio.get(i, 1) == 0 for i in deselected):
-                    log.info("event=qb_priorities_set hash=%s deselected=%d attempts=%d", h,
-                             len(deselected), attempts)
+                    log.info(
+                        "event=qb_priorities_set hash=%s deselected=%d attempts=%d",
+                        h,
+                        len(deselected),
+                        attempts,
+                    )
                     return
                 last = "read back shows them unchanged"
             except QBError as exc:
@@ -520,7 +525,7 @@ class Finalizer:
                 if last_state in CHECKING_STATES:
                     last_checking = now
                     continue
-                if now - t0 < refresh and last_checking == t0:
+                if now - t0 < 2 * refresh and last_checking == t0:
                     continue  # the snapshot may predate the recheck
                 states = await qb.piece_states(h)
                 failed = [i for i in must_pass if i >= len(states) or states[i] != 2]
@@ -577,9 +582,5 @@ class Finalizer:
         return None
 
 
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
-
-
-Spawn = Callable[[Callable[[], Awaitable[None]]], None]
-Json = dict[str, Any]
+def _rename_file(client: Any, *, torrent_hash: str, old_path: str, new_path: str) -> None:
+    client.torrents_rename_file(torrent_hash=torrent_hash, old_path=old_path, new_path=new_path)

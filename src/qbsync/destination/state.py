@@ -236,6 +236,7 @@ class DataFile:
     closing: bool = False
     remaining: int = 0  # pieces touching this file still unwritten (STREAMING only)
     finalizing: bool = False  # an early (per-file) finalize runs
+    finalize_done: trio.Event | None = None  # set when that early finalize ends
     open_lock: trio.Lock = attrs.field(factory=trio.Lock)
     _idle: trio.Event | None = None
 
@@ -246,6 +247,11 @@ class DataFile:
     @property
     def working_parts(self) -> Parts:
         return partial_parts(self.parts) if self.status is FileStatus.STREAMING else self.parts
+
+    def unavailable(self) -> bool:
+        """Closing or being finalized: no new writer may pin it. (A method, not a property, so
+        type checkers do not carry a narrowed value across awaits.)"""
+        return self.closing or self.finalizing
 
     def release(self) -> None:
         self.users -= 1
@@ -299,6 +305,10 @@ class TorrentState:
 
     def touch(self) -> None:
         self.last_activity = time.time()
+
+    def is_in(self, *phases: Phase) -> bool:
+        """Phase test as a call, so type checkers re-read ``phase`` after every await."""
+        return self.phase in phases
 
     # -- piece classification ------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ What happens to files found on disk
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -234,7 +233,9 @@ class PieceCheck:
     spans: tuple[ReadSpan, ...]
 
 
-def verify_pieces(root: Path, checks: Sequence[PieceCheck], *, drop_cache: bool = False) -> set[int]:
+def verify_pieces(
+    root: Path, checks: Sequence[PieceCheck], *, drop_cache: bool = False
+) -> set[int]:
     """Read and SHA-1 each piece from disk; return the indices that match. Unreadable or short
     data counts as a mismatch. With ``drop_cache`` the page cache of each file is dropped first
     (``POSIX_FADV_DONTNEED`` after the data is synced), so the bytes come from the disk."""
@@ -267,9 +268,9 @@ def verify_pieces(root: Path, checks: Sequence[PieceCheck], *, drop_cache: bool 
             if good and hashlib.sha1(view[:pos]).digest() == check.expected:
                 ok.add(check.index)
     finally:
-        for fd in fds.values():
-            if fd is not None:
-                os.close(fd)
+        for open_fd in fds.values():
+            if open_fd is not None:
+                os.close(open_fd)
     return ok
 
 
@@ -358,9 +359,7 @@ class Store:
 
     # -- creation and recovery --------------------------------------------------------------------
 
-    async def create(
-        self, meta: TorrentMeta, metainfo: Metainfo, *, fresh: bool
-    ) -> TorrentState:
+    async def create(self, meta: TorrentMeta, metainfo: Metainfo, *, fresh: bool) -> TorrentState:
         """Build the state of a torrent and register it.
 
         ``fresh``: a new torrent or a resync — the state directory is (re)written and files on
@@ -487,8 +486,9 @@ class Store:
             ):
                 if os.fstat(sfd).st_dev != os.fstat(dfd).st_dev:
                     return False
-                os.link(source[-1], f.parts[-1], src_dir_fd=sfd, dst_dir_fd=dfd,
-                        follow_symlinks=False)
+                os.link(
+                    source[-1], f.parts[-1], src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False
+                )
         except (OSError, paths.UnsafePathError) as exc:
             metrics.hardlink_errors.labels("destination").inc()
             log.info(
@@ -547,6 +547,7 @@ class Store:
                 state.written[i] = True
                 state.unverified[i] = False
             if proven:
+                metrics.pieces_found_on_disk.inc(len(proven))
                 state.version += 1
                 state.touched.update(
                     f.index for f in state.files if f.status is not FileStatus.SKIPPED
@@ -662,7 +663,7 @@ class Store:
         if meta.info_hash != info_hash or not metainfo.matches(info_hash):
             raise ValueError("stored torrent does not match its directory")
         state = await self.create(meta, metainfo, fresh=False)
-        state.last_activity = await trio.to_thread.run_sync(_newest_mtime, mdir)
+        state.last_activity = await trio.to_thread.run_sync(newest_mtime, mdir)
         return state
 
     # -- flushing --------------------------------------------------------------------------------
@@ -696,7 +697,9 @@ class Store:
             for idx in failed:
                 f = state.files[idx]
                 metrics.file_sync_errors.labels("destination").inc()
-                log.error("event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts))
+                log.error(
+                    "event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts)
+                )
                 for i in state.geometry.file_pieces(idx):
                     written[i] = unverified[i] = False
                 state.clear_pieces(state.geometry.file_pieces(idx))
@@ -727,18 +730,20 @@ class Store:
     # -- files --------------------------------------------------------------------------------
 
     async def acquire(self, state: TorrentState, f: DataFile) -> int | None:
-        """The write descriptor of ``f`` (opened on first use), pinned until :meth:`DataFile.release`.
-        ``None`` when the file is being closed. Raises ``OSError``/``UnsafePathError``."""
-        if f.closing or f.finalizing:
+        """The write descriptor of ``f`` (opened on first use), pinned until
+        :meth:`DataFile.release`. ``None`` when the file is being closed or finalized.
+        Raises ``OSError`` / ``UnsafePathError``."""
+        if f.unavailable():
             return None
         if f.fd is None:
             async with f.open_lock:
-                if f.fd is None and not (f.closing or f.finalizing):
+                if f.fd is None and not f.unavailable():
                     f.fd = await trio.to_thread.run_sync(open_for_write, self.root, f)
-        if f.closing or f.finalizing or f.fd is None:
+        fd = f.fd
+        if f.unavailable() or fd is None:
             return None
         f.users += 1
-        return f.fd
+        return fd
 
     async def close_file(self, state: TorrentState, f: DataFile, *, sync: bool = True) -> bool:
         """Wait for writes in flight, fdatasync and close. False when the sync failed (then
@@ -788,9 +793,9 @@ class Store:
         mdir = self.meta_dir(info_hash)
         await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
 
-    async def delete_data(self, files: Sequence[tuple[paths.Parts, int]], keep: int) -> int:
-        """Delete the final and ``.partial`` names of ``files`` (parts, sub depth) under the
-        data root only, then their emptied directories (never above the sub path)."""
+    async def delete_data(self, files: Sequence[tuple[paths.Parts, int]]) -> int:
+        """Delete the final and ``.partial`` names of ``files`` (parts, sub-path depth) under
+        the data root only, then their emptied directories (never the sub path itself)."""
 
         def run() -> int:
             removed = 0
@@ -800,9 +805,12 @@ class Store:
                         if paths.unlink(self.root, target):
                             removed += 1
                     except (OSError, paths.UnsafePathError) as exc:
-                        log.warning("event=delete_failed file=%s error=%s", paths_kv(target),
-                                    paths_kv(str(exc)))
-            for parts, _ in files:
+                        log.warning(
+                            "event=delete_failed file=%s error=%s",
+                            paths_kv(target),
+                            paths_kv(str(exc)),
+                        )
+            for parts, keep in files:
                 paths.remove_empty_dirs(self.root, parts, keep=keep)
             return removed
 
@@ -857,7 +865,7 @@ def _is_hash(name: str) -> bool:
     return len(name) in (40, 64) and all(c in "0123456789abcdef" for c in name)
 
 
-def _newest_mtime(directory: Path) -> float:
+def newest_mtime(directory: Path) -> float:
     newest = 0.0
     with contextlib.suppress(OSError):
         for entry in directory.iterdir():

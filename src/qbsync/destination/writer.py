@@ -38,6 +38,7 @@ import attrs
 import trio
 
 from .. import metrics, paths
+from ..torrent import Span
 from ..wire.errors import ErrorCode
 from .state import DataFile, FileStatus, Phase, TorrentState
 from .store import Store, paths_kv
@@ -152,10 +153,25 @@ class Writer:
             for f in pinned:
                 f.release()
 
+        return self._settle(state, index, start, matched, wanted, len(data))
+
+    def _settle(
+        self,
+        state: TorrentState,
+        index: int,
+        start: float,
+        matched: bool | None,
+        wanted: list[Span],
+        size: int,
+    ) -> Outcome:
         if matched is None:
             metrics.piece_hash_failures.inc()
-            log.info("event=piece_hash_mismatch hash=%s piece=%d code=%s", state.info_hash, index,
-                     ErrorCode.HASH_MISMATCH.value)
+            log.info(
+                "event=piece_hash_mismatch hash=%s piece=%d code=%s",
+                state.info_hash,
+                index,
+                ErrorCode.HASH_MISMATCH.value,
+            )
             return Outcome(ErrorCode.HASH_MISMATCH, f"SHA-1 of piece {index} does not match")
         if state.phase is Phase.CLOSED:
             return Outcome(ErrorCode.NOT_INITIALIZED, "torrent was aborted")
@@ -166,10 +182,12 @@ class Writer:
         self._record(state, index, matched, [state.files[s.file_index] for s in wanted])
         metrics.piece_write_duration.observe(time.monotonic() - start)
         metrics.pieces_received.inc()
-        metrics.bytes_received.inc(len(data))
+        metrics.bytes_received.inc(size)
         return OK
 
-    def _record(self, state: TorrentState, index: int, matched: bool, files: list[DataFile]) -> None:
+    def _record(
+        self, state: TorrentState, index: int, matched: bool, files: list[DataFile]
+    ) -> None:
         state.written[index] = True
         if not matched:
             state.unverified[index] = True

@@ -54,9 +54,14 @@ RETIRE_GRACE = 30.0  # how long a retiring connection may finish its in-flight p
 class Connection(Protocol):
     """What the pool and senders use of :class:`qbsync.wire.ClientConnection`."""
 
-    closed: bool
-    inflight_bytes: int
-    credit: int
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def inflight_bytes(self) -> int: ...
+
+    @property
+    def credit(self) -> int: ...
 
     async def request(self, msg: Any, *, timeout: float) -> Any: ...  # noqa: ASYNC109
 

@@ -107,7 +107,9 @@ async def initialize(
         generation = pool.generation
         if not force and not resync and t.init_generation == generation:
             return None
-        request: InitTorrent = await trio.to_thread.run_sync(t.meta.init_request, resync)
+        request: InitTorrent = await trio.to_thread.run_sync(
+            lambda: t.meta.init_request(resync=resync)
+        )
         t.tracker.begin_resync()
         result: InitResult = await pool.request(request, within=INIT_TIMEOUT)
         if result.status == SyncStatus.VERIFYING:

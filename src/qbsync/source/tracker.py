@@ -99,13 +99,13 @@ class PieceTracker:
         acked_meanwhile = self._resync_acks or set()
         self._resync_acks = None
         for i in range(self.num_pieces):
-            if i in self.mask:
-                continue
+            if i in self.mask or i in self.inflight:
+                continue  # an in-flight piece is settled by its own ack
             if needed is None or not needed[i]:
                 if not self.done[i]:
                     self.done[i] = True
                     self.pending.discard(i)
-            elif self.done[i] and i not in acked_meanwhile and i not in self.inflight:
+            elif self.done[i] and i not in acked_meanwhile:
                 self.done[i] = False
                 self.forced.discard(i)
 

@@ -274,11 +274,8 @@ def _unpack(r: _Reader, depth: int) -> Any:
     if tag == _T_TRUE:
         return True
     if tag == _T_INT:
-        z = r.uvarint()
-        value = (z >> 1) if not z & 1 else -((z + 1) >> 1)
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise r.fail("integer outside the signed 64-bit range")
-        return value
+        z = r.uvarint()  # <= 2**64 - 1, so the zig-zag value is always a signed 64-bit int
+        return (z >> 1) if not z & 1 else -((z + 1) >> 1)
     if tag == _T_STR:
         raw = r.take(r.uvarint())
         try:

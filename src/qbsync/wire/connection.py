@@ -56,6 +56,7 @@ from .protocol import (
     Endpoint,
     HandshakeComplete,
     PeerClosed,
+    PingReceived,
     PongReceived,
     Request,
     RequestReceived,
@@ -376,6 +377,27 @@ class _Connection:
         if data:
             await self._send_control(lambda: data)
 
+    async def _pong(self, payload: int) -> None:
+        """Answer a ping, unless a write is in progress (its bytes prove liveness just as
+        well). The receive loops must never wait for the send lock: a piece write blocked on
+        a full TCP window would then stop us from reading the acks that unblock it."""
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        try:
+            if self.closed:
+                return
+            data = self._ep.send_pong(payload)
+            with trio.CancelScope(shield=True), trio.move_on_after(CONTROL_SEND_TIMEOUT):
+                try:
+                    await self._tr.send_all(data)
+                    self._last_send = trio.current_time()
+                except _TRANSPORT_ERRORS:
+                    pass  # the receive side will see the broken stream
+        finally:
+            self._send_lock.release()
+
     async def _fail(self, code: ErrorCode, message: str) -> None:
         """Tell the peer why (best effort), then close."""
         await self._send_best_effort(self._ep.send_error(code, message))
@@ -521,6 +543,15 @@ class _ServerConnection(_Connection):
                     io.start_soon(self._keepalive)
                     await self._receive_loop(handlers)
                     io.cancel_scope.cancel()
+            except BaseException as exc:
+                if _is_cancellation(exc):  # serve() is being cancelled: say so, briefly
+                    await self._send_best_effort(
+                        self._ep.send_error(
+                            ErrorCode.SHUTTING_DOWN, "destination is shutting down"
+                        ),
+                        limit=0.5,
+                    )
+                raise
             finally:
                 self._abort(ConnectionClosed("connection closed", ErrorCode.OK))
                 # Let handlers finish their current piece/request, within the grace period.
@@ -533,7 +564,6 @@ class _ServerConnection(_Connection):
         try:
             while True:
                 event = ep.next_event()
-                await self._flush()
                 if event is NEED_DATA:
                     await self._read_more()
                 elif isinstance(event, PieceStart):
@@ -541,6 +571,8 @@ class _ServerConnection(_Connection):
                 elif isinstance(event, RequestReceived):
                     await self._request_slots.acquire()
                     handlers.start_soon(self._run_request, event.request_id, event.message)
+                elif isinstance(event, PingReceived):
+                    await self._pong(event.payload)
                 elif isinstance(event, PongReceived):
                     pass
                 elif isinstance(event, PeerClosed):
@@ -801,16 +833,7 @@ async def _serve_one(
             reason.code.value if reason else "ok",
             kv(reason.message if reason else ""),
         )
-    except BaseException as exc:
-        if _is_cancellation(exc):
-            if conn is not None and opened:
-                await conn._send_best_effort(
-                    conn._ep.send_error(ErrorCode.SHUTTING_DOWN, "destination is shutting down"),
-                    limit=0.5,
-                )
-            raise
-        if not isinstance(exc, Exception):
-            raise
+    except Exception:
         # A bug in this module: never let one connection take the server down.
         log.exception("event=wire_connection_failed %s code=internal", label)
     finally:
@@ -1016,7 +1039,6 @@ class ClientConnection(_Connection):
         try:
             while True:
                 event = ep.next_event()
-                await self._flush()
                 if event is NEED_DATA:
                     await self._read_more()
                 elif isinstance(event, ResponseReceived):
@@ -1026,6 +1048,8 @@ class ClientConnection(_Connection):
                         waiter.event.set()
                 elif isinstance(event, CreditReceived):
                     self._notify_credit()
+                elif isinstance(event, PingReceived):
+                    await self._pong(event.payload)
                 elif isinstance(event, PongReceived):
                     pass
                 elif isinstance(event, PeerClosed):

@@ -148,6 +148,8 @@ def encode_piece_header(
     """Frame header plus piece header (64 bytes). The caller writes ``length`` payload bytes
     right after it, as a separate write: the payload is never concatenated or copied."""
     raw = info_hash_bytes(info_hash)
+    if not 0 <= request_id <= MAX_REQUEST_ID:
+        raise LocalProtocolError(ErrorCode.PROTOCOL, f"request id {request_id} out of range")
     if not 0 <= index < 2**32 or not 0 <= offset < 2**64:
         raise LocalProtocolError(ErrorCode.BAD_REQUEST, "piece index or offset out of range")
     if not 0 <= length <= MAX_FRAME_LENGTH - PIECE_HEADER_SIZE:
@@ -216,6 +218,11 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes received but not yet consumed."""
         return len(self._buf) - self._pos
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer's end of stream has been fed (``receive_data(b"")``)."""
+        return self._eof
 
     @property
     def in_piece_body(self) -> bool:

@@ -130,6 +130,14 @@ class CreditReceived:
 
 
 @attrs.frozen
+class PingReceived:
+    """Answer with :meth:`Endpoint.send_pong` (the shell may skip it while another write is in
+    progress: any bytes prove liveness)."""
+
+    payload: int
+
+
+@attrs.frozen
 class PongReceived:
     payload: int
 
@@ -147,6 +155,7 @@ ProtocolEvent = (
     | RequestReceived
     | ResponseReceived
     | CreditReceived
+    | PingReceived
     | PongReceived
     | PeerClosed
     | PieceStart
@@ -305,7 +314,9 @@ class Endpoint:
         return self._decoder
 
     def data_to_send(self) -> bytes:
-        """Bytes this endpoint wants written (handshake flights, pongs, a fatal error)."""
+        """Bytes this endpoint wants written on its own: the handshake flights and, after a
+        violation by the peer, the fatal ``Error`` frame. Nothing else, so that after the
+        handshake the shell's receive loop never has to wait for the send side."""
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -370,8 +381,7 @@ class Endpoint:
             if rid != 0:
                 raise WireError(ErrorCode.PROTOCOL, f"{type(msg).__name__} with a request id")
             if isinstance(msg, m.Ping):
-                self._out += encode_control(m.Pong(msg.payload))
-                return None
+                return PingReceived(msg.payload)
             if isinstance(msg, m.Pong):
                 return PongReceived(msg.payload)
             return self._on_credit(msg)
@@ -632,6 +642,10 @@ class Endpoint:
     def send_ping(self, payload: int = 0) -> bytes:
         self._require_open()
         return encode_control(m.Ping(payload))
+
+    def send_pong(self, payload: int = 0) -> bytes:
+        self._require_open()
+        return encode_control(m.Pong(payload))
 
     def send_error(self, code: ErrorCode, message: str = "") -> bytes:
         """A connection-level Error frame; the endpoint is closed afterwards. Returns ``b""``

@@ -1,0 +1,213 @@
+"""``qbsync destination``: the process. One Trio nursery tree owns everything:
+
+```
+run(config) -> trio.run(main)
+  main nursery
+    serve_http            /healthz /livez /readyz /metrics /status (if --health-addr)
+    wire listener         wire.serve(...) in its own cancel scope (stopped first at shutdown)
+      one task per connection, handler tasks per request/piece (wire's nurseries)
+    flusher               every FLUSH_INTERVAL: fdatasync touched files, persist bitmaps
+    orphan reaper         hourly: reclaim unfinished torrents idle for 24 h
+    background work       scans, early file finalizes, finalize jobs (Store.spawn)
+    signal watcher        SIGINT/SIGTERM -> graceful shutdown
+```
+
+Startup order: state directory, health server, recovery of unfinished torrents (so the first
+InitTorrent after a restart sees real progress), the wire listener, then readiness.
+
+Graceful shutdown (SIGINT/SIGTERM): not ready; the listener and connections are cancelled
+(piece writes already in a worker thread finish first — their buffers stay valid); background
+work is cancelled (an interrupted finalize simply runs again when the source polls); every
+torrent is flushed (fdatasync, then bitmap) and its files closed. Exit status 0. A crash
+(``kill -9``) loses at most ``FLUSH_INTERVAL`` seconds of progress and never marks an unwritten
+piece as written (see :mod:`.store`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+from pathlib import Path
+
+import trio
+
+from .. import __version__, metrics
+from ..config import DestinationConfig, redacted
+from ..httpserver import Health, serve_http
+from ..qb import QB
+from ..wire import DEFAULT_MAX_PIECE, ByteBudget, serve, server_ssl_context
+from .finalizer import Finalizer, FinalizerSettings
+from .hardlinks import HardlinkRegistry
+from .server import DestinationServer
+from .store import Store
+from .writer import Writer
+
+log = logging.getLogger("qbsync.destination.runner")
+
+FLUSH_INTERVAL = 10.0  # seconds of progress a crash may cost at most
+ORPHAN_INTERVAL = 3600.0
+SHUTDOWN_FLUSH_TIMEOUT = 60.0
+
+
+def run(config: DestinationConfig) -> int:
+    """Run the destination until SIGINT/SIGTERM; the process exit status."""
+    try:
+        return trio.run(main, config)
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+
+
+class Daemon:
+    """The wired-up parts, separate from the process plumbing so tests can build one."""
+
+    def __init__(self, config: DestinationConfig) -> None:
+        self.config = config
+        self.qb = (
+            QB(config.qb_url, config.qb_username, config.qb_password, mode="destination")
+            if config.qb_url
+            else None
+        )
+        self.registry = HardlinkRegistry()
+        self.store = Store(config.data, dry_run=config.dry_run, registry=self.registry)
+        self.finalizer = Finalizer(
+            self.store,
+            self.qb,
+            FinalizerSettings(
+                qb_save_path=config.qb_save_path,
+                poll_interval=config.poll_interval,
+                poll_timeout=config.poll_timeout,
+                synced_tag=config.synced_tag,
+            ),
+        )
+        self.writer = Writer(
+            self.store, workers=config.stream_workers, on_file_complete=self.finalizer.file_complete
+        )
+        self.store.on_file_complete = self.finalizer.file_complete
+        self.server = DestinationServer(
+            self.store, self.writer, self.finalizer, qb=self.qb, max_piece=DEFAULT_MAX_PIECE
+        )
+        self.budget = ByteBudget(config.max_stream_buffer_bytes)
+        self.health = Health()
+        self.health.set_status_provider(self.status)
+        self.listener_ports: list[int] = []
+        if self.qb is not None:
+            self.health.add_ready_check("qbittorrent", self.qb.ping)
+        self.health.add_ready_check("listener", self._listener_up)
+
+    async def _listener_up(self) -> None:
+        if not self.listener_ports:
+            raise RuntimeError("wire listener not bound")
+
+    def status(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.server.status())
+        out["buffer_bytes"] = self.budget.used
+        out["buffer_limit_bytes"] = self.budget.limit
+        out["listen_ports"] = self.listener_ports
+        return out
+
+    async def flusher(self) -> None:
+        """Persist progress every FLUSH_INTERVAL; a failed flush is retried on the next tick."""
+        while True:
+            await trio.sleep(FLUSH_INTERVAL)
+            await self.store.flush_all()
+            metrics.active_torrents.labels("destination").set(len(self.store.torrents))
+            self.health.heartbeat("flusher", stale_after=max(120.0, 6 * FLUSH_INTERVAL))
+
+    async def reaper(self) -> None:
+        while True:
+            await trio.sleep(ORPHAN_INTERVAL)
+            reclaimed = await self.server.reap_orphans()
+            if reclaimed:
+                log.info("event=orphans_reclaimed count=%d", reclaimed)
+
+    async def serve_wire(
+        self, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[list[int]]
+    ) -> None:
+        config = self.config
+        ssl_context = (
+            server_ssl_context(config.tls_cert, config.tls_key)
+            if config.tls_cert is not None and config.tls_key is not None
+            else None
+        )
+        with cancel:
+            await serve(
+                config.listen,
+                self.server,
+                token=config.auth_token or None,
+                ssl_context=ssl_context,
+                budget=self.budget,
+                max_piece=DEFAULT_MAX_PIECE,
+                task_status=task_status,
+            )
+
+    async def shutdown(self) -> None:
+        """Cancel background work, flush every torrent and close its files (shielded)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT):
+            for state in list(self.store.torrents.values()):
+                await state.cancel_tasks()
+            await self.store.flush_all()
+            for state in list(self.store.torrents.values()):
+                await self.store.close_all(state)
+            log.info("event=state_flushed torrents=%d", len(self.store.torrents))
+
+
+async def main(config: DestinationConfig) -> int:
+    metrics.build_info.labels(__version__, "destination").set(1)
+    log.info(
+        "event=destination_starting version=%s config=%s",
+        __version__,
+        json.dumps(redacted(config), sort_keys=True, separators=(",", ":")),
+    )
+    if not config.auth_token:
+        log.warning(
+            "event=auth_disabled reason=no_token hint=%s",
+            '"set --auth-token or --auth-token-file: anyone who can reach the listener can '
+            'write under --data"',
+        )
+    if config.dry_run:
+        log.warning("event=dry_run note=%s", '"nothing is written and qBittorrent is not changed"')
+    try:
+        await trio.to_thread.run_sync(
+            functools.partial(Path(config.data).mkdir, parents=True, exist_ok=True)
+        )
+    except OSError as exc:
+        log.error("event=startup_failed error=%s", json.dumps(f"cannot create --data: {exc}"))
+        return 1
+    daemon = Daemon(config)
+    code = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            daemon.store.attach(nursery)
+            if config.health_addr is not None:
+                await nursery.start(serve_http, config.health_addr, daemon.health)
+            recovered = await daemon.store.recover()
+            wire_scope = trio.CancelScope()
+            daemon.listener_ports = await nursery.start(daemon.serve_wire, wire_scope)
+            nursery.start_soon(daemon.flusher)
+            nursery.start_soon(daemon.reaper)
+            daemon.health.mark_ready()
+            log.info(
+                "event=destination_ready listen=%s ports=%s recovered=%d qbittorrent=%s dry_run=%s",
+                config.listen,
+                ",".join(map(str, daemon.listener_ports)),
+                recovered,
+                "configured" if daemon.qb is not None else "none",
+                str(config.dry_run).lower(),
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("event=shutdown_requested signal=%s", signal.Signals(signum).name)
+                    break
+            daemon.health.mark_not_ready()
+            wire_scope.cancel()
+            nursery.cancel_scope.cancel()
+    except* OSError as group:
+        # Binding the listener or the health port, or creating state, failed at startup.
+        log.error("event=startup_failed error=%s", json.dumps(str(group.exceptions[0])))
+        code = 1
+    finally:
+        await daemon.shutdown()
+    log.info("event=destination_stopped code=%d", code)
+    return code

@@ -1,0 +1,463 @@
+"""The destination's wire handler: validates every request, then dispatches to the store,
+writer and finalizer.
+
+Nothing from the network is trusted: the info-hash must be 40 or 64 hex digits; a piece's
+index must be in range and its offset and length must equal the torrent's geometry; an
+InitTorrent's ``.torrent`` must parse, hash to the announced info-hash and carry SHA-1 piece
+hashes, and the file table the source sends must agree with it (count, every size, total,
+piece length); every name must be a plain relative path that stays under ``--data``. A refusal
+is a :class:`WireError` with a stable code (``bad-request``, ``unsafe-path``...) — the
+connection and every other torrent keep working — and is counted in
+``qbsync_rejected_requests_total{code}``.
+
+Lifecycle operations on one torrent (init, finalize, abort) are serialized by the store's
+per-torrent lock; piece writes never wait for it.
+
+Dry run (``--dry-run``), the contract:
+
+* **InitTorrent** validates everything and answers READY with *all* pieces of the selected
+  files needed (nothing on disk is looked at or created; a ``.finalized`` marker or a complete
+  torrent in qBittorrent still answers COMPLETE, since reading changes nothing);
+* **pieces** are SHA-1-checked and acked (``hash-mismatch`` when wrong) but never written;
+* **Finalize** answers COMPLETE once every needed piece arrived intact during this run and
+  logs what it would have done (rename, add stopped to qBittorrent, recheck, tag); otherwise
+  ``incomplete``;
+* **Abort** forgets the in-memory state and logs what it would delete; **StartTorrent** logs
+  and answers ``started=False`` (so a source never hands seeding to a dry-run destination).
+
+Nothing is ever written under ``--data`` and no qBittorrent call that changes anything is
+made.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from .. import metrics, paths
+from ..qb import QB, QBError
+from ..torrent import Metainfo, MetainfoError, parse_metainfo
+from ..wire.errors import ErrorCode, WireError
+from ..wire.messages import (
+    Abort,
+    AbortResult,
+    Finalize,
+    FinalizeResult,
+    InitResult,
+    InitTorrent,
+    Piece,
+    PieceAck,
+    StartResult,
+    StartTorrent,
+    SyncStatus,
+    valid_info_hash,
+)
+from .finalizer import FinalizeJob, Finalizer
+from .state import META_NAME, FileMeta, Phase, TorrentState, load_meta, read_optional
+from .store import Store, new_meta, newest_mtime, paths_kv
+from .writer import Writer
+
+log = logging.getLogger("qbsync.destination.server")
+
+MIN_PIECE_LENGTH = 1024
+MAX_PIECE_LENGTH = 64 * 1024 * 1024
+MAX_FILES = 1_000_000
+INIT_INLINE_WAIT = 5.0  # Init waits this long for a scan before answering VERIFYING
+FINALIZE_INLINE_WAIT = 5.0  # Finalize waits this long for the job before answering VERIFYING
+ORPHAN_AGE = 24 * 3600.0
+
+Request = InitTorrent | Finalize | Abort | StartTorrent
+Response = InitResult | FinalizeResult | AbortResult | StartResult
+
+_COUNTED = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNSAFE_PATH})
+
+
+def _reject(code: ErrorCode, message: str) -> WireError:
+    metrics.rejected_requests.labels(code.value).inc()
+    return WireError(code, message)
+
+
+def normalize_hash(value: str) -> str:
+    h = value.lower() if isinstance(value, str) else ""
+    if not valid_info_hash(h):
+        raise _reject(ErrorCode.BAD_REQUEST, "info_hash must be 40 or 64 hex digits")
+    return h
+
+
+def validate_init(req: InitTorrent, info_hash: str, *, max_piece: int) -> Metainfo:
+    """Check an InitTorrent that carries files against its ``.torrent`` (authoritative)."""
+    if not req.torrent_file:
+        raise _reject(ErrorCode.BAD_REQUEST, "torrent_file is required to initialize")
+    try:
+        metainfo = parse_metainfo(bytes(req.torrent_file))
+    except (MetainfoError, RecursionError) as exc:
+        raise _reject(ErrorCode.BAD_REQUEST, f"torrent_file: {exc}") from None
+    if not metainfo.matches(info_hash):
+        raise _reject(
+            ErrorCode.BAD_REQUEST,
+            f"torrent_file has info-hash {metainfo.info_hash}, not {info_hash}",
+        )
+    if not metainfo.has_v1:
+        raise _reject(
+            ErrorCode.BAD_REQUEST, "v2-only torrents (no SHA-1 piece hashes) are unsupported"
+        )
+    g = metainfo.geometry
+    upper = min(MAX_PIECE_LENGTH, max_piece)
+    if not MIN_PIECE_LENGTH <= g.piece_length <= upper:
+        raise _reject(
+            ErrorCode.BAD_REQUEST,
+            f"piece length {g.piece_length} outside {MIN_PIECE_LENGTH}..{upper}",
+        )
+    if len(req.files) > MAX_FILES or len(g.files) > MAX_FILES:
+        raise _reject(ErrorCode.BAD_REQUEST, "too many files")
+    if g.total_size <= 0:
+        raise _reject(ErrorCode.BAD_REQUEST, "torrent is empty")
+    for name, given, actual in (
+        ("piece_length", req.piece_length, g.piece_length),
+        ("total_size", req.total_size, g.total_size),
+        ("num_pieces", req.num_pieces, g.num_pieces),
+    ):
+        if given and given != actual:
+            raise _reject(
+                ErrorCode.BAD_REQUEST, f"{name} {given} differs from the torrent's {actual}"
+            )
+    if any(f.size < 0 for f in req.files):
+        raise _reject(ErrorCode.BAD_REQUEST, "negative file size")
+    total = sum(f.size for f in req.files)
+    if req.total_size and total != req.total_size and len(req.files) == len(g.files):
+        raise _reject(ErrorCode.BAD_REQUEST, f"file sizes sum to {total}, not {req.total_size}")
+    return metainfo
+
+
+class DestinationServer:
+    """Implements the wire :class:`~qbsync.wire.ServerHandler` protocol."""
+
+    def __init__(
+        self,
+        store: Store,
+        writer: Writer,
+        finalizer: Finalizer,
+        *,
+        qb: QB | None,
+        max_piece: int = MAX_PIECE_LENGTH,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.finalizer = finalizer
+        self.qb = qb
+        self.dry_run = store.dry_run
+        self.max_piece = max_piece
+        self.dry_finalized: set[str] = set()
+
+    # -- ServerHandler ---------------------------------------------------------------------
+
+    async def handle_request(self, peer: Any, request: Request) -> Response:
+        try:
+            if isinstance(request, InitTorrent):
+                return await self.init(request)
+            if isinstance(request, Finalize):
+                return await self.finalize(request)
+            if isinstance(request, Abort):
+                return await self.abort(request)
+            if isinstance(request, StartTorrent):
+                return await self.start(request)
+        except WireError as exc:
+            log.info(
+                "event=request_refused type=%s peer=%s code=%s error=%s",
+                type(request).__name__,
+                getattr(peer, "address", "?"),
+                exc.code.value,
+                paths_kv(exc.message),
+            )
+            raise
+        raise _reject(ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
+
+    async def handle_piece(self, peer: Any, piece: Piece) -> PieceAck:
+        raw_hash = piece.info_hash
+        try:
+            h = normalize_hash(raw_hash)
+        except WireError as exc:
+            return PieceAck(raw_hash, piece.index, exc.code, exc.message)
+        state = self.store.torrents.get(h)
+        if state is None or state.phase is Phase.CLOSED:
+            return PieceAck(raw_hash, piece.index, ErrorCode.NOT_INITIALIZED, "send InitTorrent")
+        g = state.geometry
+        reason = ""
+        if not 0 <= piece.index < g.num_pieces:
+            reason = f"piece index {piece.index} outside 0..{g.num_pieces - 1}"
+        elif piece.offset != g.piece_offset(piece.index):
+            reason = f"offset {piece.offset} is not {g.piece_offset(piece.index)}"
+        elif len(piece.data) != g.piece_size(piece.index):
+            reason = (
+                f"piece {piece.index} has {len(piece.data)} bytes, not {g.piece_size(piece.index)}"
+            )
+        if reason:
+            metrics.rejected_requests.labels(ErrorCode.BAD_REQUEST.value).inc()
+            log.info("event=piece_refused hash=%s code=bad-request error=%s", h, paths_kv(reason))
+            return PieceAck(raw_hash, piece.index, ErrorCode.BAD_REQUEST, reason)
+        outcome = await self.writer.write(state, piece.index, memoryview(piece.data))
+        return PieceAck(raw_hash, piece.index, outcome.code, outcome.message)
+
+    # -- InitTorrent -------------------------------------------------------------------------
+
+    async def init(self, req: InitTorrent) -> InitResult:
+        h = normalize_hash(req.info_hash)
+        async with self.store.lock(h):
+            state = self.store.torrents.get(h)
+            if req.resync and req.files:
+                await self._wipe(h, state, reason="resync")
+                state = None
+            if state is None and (h in self.dry_finalized or self.store.has_marker(h)):
+                return InitResult(SyncStatus.COMPLETE)
+            qb_status = await self.finalizer.qb_status(h)
+            if qb_status is not None and (state is None or state.phase is not Phase.FINALIZING):
+                return InitResult(qb_status)
+            if state is not None and req.files and not req.probe:
+                wanted = tuple((f.path, f.size, f.selected) for f in req.files)
+                if wanted != state.selection_key():
+                    log.info("event=selection_changed hash=%s action=resync", h)
+                    await self._wipe(h, state, reason="selection-changed")
+                    state = None
+            if state is None:
+                if req.probe or not req.files:
+                    return InitResult(SyncStatus.READY, b"", -1, 0)
+                metainfo = validate_init(req, h, max_piece=self.max_piece)
+                files = [FileMeta(f.path, f.size, f.selected, f.device, f.inode) for f in req.files]
+                meta = new_meta(h, req.name or metainfo.name, req.save_sub_path, files)
+                try:
+                    state = await self.store.create(meta, metainfo, fresh=True)
+                except WireError as exc:
+                    if exc.code in _COUNTED:
+                        metrics.rejected_requests.labels(exc.code.value).inc()
+                    raise
+                log.info(
+                    "event=torrent_initialized hash=%s name=%s pieces=%d files=%d selected=%d "
+                    "dry_run=%s",
+                    h,
+                    paths_kv(meta.name),
+                    state.num_pieces,
+                    len(meta.files),
+                    sum(1 for f in meta.files if f.selected),
+                    str(self.dry_run).lower(),
+                )
+            return await self._ready(state)
+
+    async def _ready(self, state: TorrentState) -> InitResult:
+        state.touch()
+        job: FinalizeJob | None = state.finalize
+        if job is not None:
+            if not job.done.is_set():
+                return InitResult(SyncStatus.VERIFYING)
+            self._reset_after_failure(state, job)
+        self.store.ensure_scanned(state)
+        if state.phase is Phase.SCANNING and state.scan_done is not None:
+            with trio.move_on_after(INIT_INLINE_WAIT):
+                await state.scan_done.wait()
+            if state.phase is Phase.SCANNING:
+                return InitResult(SyncStatus.VERIFYING)
+        needed = state.needed()
+        count = needed.count()
+        return InitResult(SyncStatus.READY, needed.to_bytes(), count, state.num_pieces - count)
+
+    def _reset_after_failure(self, state: TorrentState, job: FinalizeJob) -> None:
+        if state.finalize is job:
+            state.finalize = None
+        if state.phase is Phase.FINALIZING:
+            state.phase = Phase.ACTIVE
+
+    async def _wipe(self, h: str, state: TorrentState | None, *, reason: str) -> None:
+        """Forget everything about ``h`` except its data files (resync)."""
+        if state is not None:
+            await self.store.forget(state)
+        self.dry_finalized.discard(h)
+        if self.dry_run:
+            log.info("event=dry_run_would_wipe hash=%s reason=%s", h, reason)
+            return
+        if self.qb is not None:
+            try:
+                if await self.qb.torrent(h) is not None:
+                    await self.qb.delete(h, delete_files=False)
+                    log.info("event=qb_deleted_for_resync hash=%s files_kept=true", h)
+            except QBError as exc:
+                raise WireError(
+                    ErrorCode.QB_ERROR, f"resync: removing the stale qBittorrent entry: {exc}"
+                ) from None
+        await self.store.wipe_state_dir(h)
+        log.info("event=state_wiped hash=%s reason=%s", h, reason)
+
+    # -- Finalize ------------------------------------------------------------------------------
+
+    async def finalize(self, req: Finalize) -> FinalizeResult:
+        h = normalize_hash(req.info_hash)
+        async with self.store.lock(h):
+            state = self.store.torrents.get(h)
+            if state is None:
+                if h in self.dry_finalized or self.store.has_marker(h):
+                    return FinalizeResult(SyncStatus.COMPLETE, "already finalized")
+                raise WireError(ErrorCode.NOT_FOUND, "torrent not initialized on the destination")
+            state.touch()
+            job: FinalizeJob | None = state.finalize
+            if job is None:
+                if state.phase is Phase.SCANNING:
+                    return FinalizeResult(SyncStatus.VERIFYING, "verifying files already on disk")
+                self.finalizer.check_complete(state)
+                job = self.finalizer.start(state, req)
+        with trio.move_on_after(FINALIZE_INLINE_WAIT):
+            await job.done.wait()
+        if not job.done.is_set():
+            return FinalizeResult(SyncStatus.VERIFYING, "finalization running")
+        async with self.store.lock(h):
+            if job.error is not None:
+                self._reset_after_failure(state, job)
+                raise job.error
+            assert job.result is not None
+            if state.dry_run:
+                self.dry_finalized.add(h)
+            return job.result
+
+    # -- Abort ---------------------------------------------------------------------------------
+
+    async def abort(self, req: Abort) -> AbortResult:
+        h = normalize_hash(req.info_hash)
+        async with self.store.lock(h):
+            deleted = await self._abort_locked(h, delete_files=req.delete_files, reason="abort")
+            return AbortResult(existed=deleted is not None)
+
+    async def _abort_locked(self, h: str, *, delete_files: bool, reason: str) -> int | None:
+        """Forget ``h``; delete its state directory and (optionally) its data files. Returns
+        the number of files removed, or None when nothing was known about ``h``."""
+        self.dry_finalized.discard(h)
+        state = self.store.torrents.get(h)
+        files: list[tuple[paths.Parts, int]] = []
+        if state is not None:
+            await self.store.forget(state)
+            depth = len(paths.split_relative(state.meta.save_sub_path, allow_empty=True))
+            files = [(f.parts, depth) for f in state.files if f.selected and f.parts]
+        else:
+            if self.store.has_marker(h):
+                # Finalized torrents belong to the destination qBittorrent now.
+                log.info("event=abort_ignored hash=%s reason=finalized", h)
+                return None
+            raw = await trio.to_thread.run_sync(read_optional, self.store.meta_dir(h) / META_NAME)
+            if raw is None and not self.store.meta_dir(h).exists():
+                return None
+            if raw is not None:
+                files = _files_from_meta(raw)
+        if self.dry_run:
+            log.info(
+                "event=dry_run_would_delete hash=%s files=%d delete_files=%s",
+                h,
+                len(files),
+                str(delete_files).lower(),
+            )
+            return 0
+        removed = await self.store.delete_data(files) if delete_files else 0
+        await self.store.wipe_state_dir(h)
+        log.info("event=torrent_aborted hash=%s reason=%s files_deleted=%d", h, reason, removed)
+        return removed
+
+    # -- StartTorrent --------------------------------------------------------------------------
+
+    async def start(self, req: StartTorrent) -> StartResult:
+        h = normalize_hash(req.info_hash)
+        if self.qb is None:
+            raise WireError(ErrorCode.QB_ERROR, "destination qBittorrent not configured")
+        try:
+            info = await self.qb.torrent(h)
+        except QBError as exc:
+            raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
+        if info is None:
+            raise WireError(ErrorCode.NOT_FOUND, "torrent not in the destination qBittorrent")
+        if self.dry_run:
+            log.info("event=dry_run_would_start hash=%s tag=%s", h, paths_kv(req.tag))
+            return StartResult(started=False)
+        try:
+            await self.qb.start(h)
+        except QBError as exc:
+            raise WireError(ErrorCode.QB_ERROR, f"start failed: {exc}") from None
+        if req.tag:
+            try:
+                await self.qb.add_tags(h, [req.tag])
+            except QBError as exc:
+                metrics.tag_application_errors.labels("destination").inc()
+                log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
+        log.info("event=torrent_started hash=%s tag=%s", h, paths_kv(req.tag))
+        return StartResult(started=True)
+
+    # -- orphans --------------------------------------------------------------------------------
+
+    async def reap_orphans(self, max_age: float = ORPHAN_AGE) -> int:
+        """Reclaim unfinished torrents with no activity for ``max_age`` seconds — tracked ones
+        too (B5) — unless the destination qBittorrent has them or cannot be asked (fail
+        closed). Their data files and state directory are deleted."""
+        root = self.store.state_root
+        if self.dry_run or not root.is_dir():
+            return 0
+        names = await trio.to_thread.run_sync(lambda: sorted(p.name for p in root.iterdir()))
+        now = time.time()
+        reclaimed = 0
+        for h in names:
+            if not (len(h) in (40, 64) and valid_info_hash(h)) or self.store.has_marker(h):
+                continue
+            async with self.store.lock(h):
+                state = self.store.torrents.get(h)
+                if state is not None:
+                    if state.phase in (Phase.FINALIZING, Phase.SCANNING):
+                        continue
+                    last = state.last_activity
+                else:
+                    last = await trio.to_thread.run_sync(newest_mtime, root / h)
+                if now - last < max_age:
+                    continue
+                if self.qb is not None:
+                    try:
+                        if await self.qb.torrent(h) is not None:
+                            continue
+                    except QBError:
+                        continue
+                await self._abort_locked(h, delete_files=True, reason="orphan")
+                metrics.orphan_cleanups.inc()
+                reclaimed += 1
+        return reclaimed
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        torrents = []
+        for state in list(self.store.torrents.values()):
+            needed = state.needed().count()
+            torrents.append(
+                {
+                    "hash": state.info_hash,
+                    "name": state.meta.name,
+                    "phase": state.phase.value,
+                    "pieces": state.num_pieces,
+                    "needed": needed,
+                    "written": state.written.count(),
+                    "unverified_boundary": state.unverified.count(),
+                    "dirty": state.dirty,
+                    "idle_seconds": round(time.time() - state.last_activity, 1),
+                }
+            )
+        return {"role": "destination", "dry_run": self.dry_run, "torrents": torrents}
+
+
+def _files_from_meta(raw: bytes) -> list[tuple[paths.Parts, int]]:
+    """Data files listed in a ``meta.json`` (only well-formed, selected entries)."""
+    try:
+        meta = load_meta(raw)
+        sub = paths.split_relative(meta.save_sub_path, allow_empty=True)
+    except (ValueError, paths.UnsafePathError):
+        return []
+    out = []
+    for f in meta.files:
+        if not f.selected:
+            continue
+        try:
+            out.append((sub + paths.split_relative(f.path), len(sub)))
+        except paths.UnsafePathError:
+            continue
+    return out

@@ -1,0 +1,234 @@
+"""``qbsync source``: wire the parts together and run them in one Trio nursery tree.
+
+::
+
+    runner nursery
+    ├── signal watcher      SIGINT/SIGTERM -> cancel the tree (graceful stop)
+    ├── http server         /healthz /livez /readyz /metrics /status
+    ├── connection pool     one task per destination connection (+ scaler)
+    ├── monitor             sync/maindata every 0.5 s, piece states of changed torrents
+    ├── orchestrator        discovery, exclusions, finalize, tags (every --sleep, or sooner)
+    └── senders             --num-senders workers + one delivery task per piece in flight
+
+A failing child cancels its siblings and the process exits non-zero; nothing runs
+unsupervised. qBittorrent being down at startup is not fatal: the runner waits for it (the
+health server already answers, ``/readyz`` says why it is not ready).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import __version__, metrics
+from ..config import SourceConfig, redacted
+from ..httpserver import Health, serve_http
+from ..log import kv
+from ..qb import QB, QBError
+from .cache import CompletionCache
+from .monitor import Monitor
+from .orchestrator import Orchestrator
+from .paths import PathMapper
+from .pool import ConnectionPool, make_connector
+from .ratelimit import Backoff
+from .reader import PieceReader
+from .sender import Senders
+from .state import Registry
+
+log = logging.getLogger("qbsync.source.runner")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+def run(config: SourceConfig) -> int:
+    """Run the source daemon until SIGINT/SIGTERM; return the process exit code."""
+    try:
+        return trio.run(_main, config)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130
+
+
+async def _main(config: SourceConfig) -> int:
+    log.info(
+        "event=starting role=source version=%s pid=%d config=%s",
+        __version__,
+        os.getpid(),
+        kv(json.dumps(redacted(config), sort_keys=True)),
+    )
+    metrics.build_info.labels(__version__, "source").set(1)
+    token = config.auth_token or None
+    if token is None:
+        log.warning(
+            "event=auth_disabled role=source reason=%s",
+            kv("no --auth-token/--auth-token-file: the destination must also run without one"),
+        )
+    ssl_context = None
+    if config.tls_ca is not None:
+        from ..wire import client_ssl_context
+
+        ssl_context = client_ssl_context(config.tls_ca)
+    if config.dry_run:
+        log.warning("event=dry_run_enabled reason=%s", kv("nothing is sent, tagged or deleted"))
+    _check_state_dir(config.state_dir, config.dry_run)
+
+    health = Health()
+    qb = QB(config.qb_url, config.qb_username, config.qb_password, mode="source")
+    registry = Registry()
+    reader = PieceReader()
+    pool = ConnectionPool(
+        make_connector(config.destination_addr, token=token, ssl_context=ssl_context),
+        address=str(config.destination_addr),
+        min_connections=config.min_connections,
+        max_connections=config.max_connections,
+        reconnect_max_delay=config.reconnect_max_delay,
+        queue_depth=lambda: len(registry.queue),
+    )
+    cache = CompletionCache(config.state_dir, read_only=config.dry_run)
+
+    async def destination_ready() -> None:
+        if pool.connected == 0:
+            code, message = pool.last_error or ("connecting", "no connection yet")
+            raise RuntimeError(f"no authenticated destination connection ({code}: {message})")
+
+    health.add_ready_check("qbittorrent", qb.ping)
+    health.add_ready_check("destination", destination_ready)
+    status: dict[str, Any] = {}
+    health.set_status_provider(lambda: _status(status, pool, registry))
+
+    stopped_by_signal = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                nonlocal stopped_by_signal
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        stopped_by_signal = True
+                        log.info("event=stopping signal=%s", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_signals)
+            if config.health_addr is not None:
+                ports = await nursery.start(serve_http, config.health_addr, health)
+                log.info("event=health_listening addr=%s ports=%s", config.health_addr, ports)
+            await nursery.start(pool.run)
+            prefs = await _wait_for_qb(qb, health)
+            mapper = PathMapper.from_preferences(config.data, prefs)
+            log.info(
+                "event=qbittorrent_connected url=%s save_path=%s temp_path=%s data=%s",
+                kv(config.qb_url),
+                kv(mapper.qb_default),
+                kv(mapper.qb_temp),
+                kv(str(config.data)),
+            )
+            monitor = Monitor(qb, registry, health=health)
+            orchestrator = Orchestrator(
+                config,
+                qb=qb,
+                pool=pool,
+                registry=registry,
+                monitor=monitor,
+                reader=reader,
+                cache=cache,
+                mapper=mapper,
+                health=health,
+            )
+            status["orchestrator"] = orchestrator
+            status["monitor"] = monitor
+            await nursery.start(orchestrator.run)
+            await nursery.start(monitor.run)
+            if not config.dry_run:
+                senders = Senders(
+                    registry,
+                    pool,
+                    reader,
+                    num_senders=config.num_senders,
+                    piece_timeout=config.piece_timeout,
+                    rate_limit=config.rate_limit,
+                    relocate=orchestrator.relocate,
+                )
+                status["senders"] = senders
+                await nursery.start(senders.run)
+            health.mark_ready()
+            log.info("event=started role=source dry_run=%s", str(config.dry_run).lower())
+    except Exception:
+        log.exception("event=fatal role=source code=internal")
+        return EXIT_FAILURE
+    finally:
+        reader.close()
+    log.info("event=stopped role=source signal=%s", str(stopped_by_signal).lower())
+    return EXIT_OK
+
+
+async def _wait_for_qb(qb: QB, health: Health) -> dict[str, Any]:
+    """qBittorrent's preferences, retrying (with backoff) until it answers."""
+    backoff = Backoff(1.0, 30.0)
+    while True:
+        health.heartbeat("startup")
+        try:
+            prefs = await qb.preferences()
+        except QBError as exc:
+            delay = backoff.next_delay()
+            log.warning(
+                "event=qbittorrent_unreachable code=qb-error retry_in_s=%.1f error=%s",
+                delay,
+                kv(str(exc)),
+            )
+            await trio.sleep(delay)
+            continue
+        health.forget_heartbeat("startup")
+        return prefs
+
+
+def _check_state_dir(path: Path, dry_run: bool) -> None:
+    if dry_run:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o750)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        log.error(
+            "event=state_dir_not_writable path=%s code=io error=%s",
+            kv(str(path)),
+            kv(exc.strerror or str(exc)),
+        )
+
+
+def _status(parts: dict[str, Any], pool: ConnectionPool, registry: Registry) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "role": "source",
+        "version": __version__,
+        "time": time.time(),
+        "destination": {
+            "address": pool.address,
+            "connections": pool.connected,
+            "generation": pool.generation,
+            "last_error": list(pool.last_error) if pool.last_error else None,
+        },
+        "queued_pieces": len(registry.queue),
+    }
+    orchestrator: Orchestrator | None = parts.get("orchestrator")
+    if orchestrator is not None:
+        out.update(orchestrator.status())
+    monitor: Monitor | None = parts.get("monitor")
+    if monitor is not None:
+        out["qbittorrent"] = {
+            "reachable": monitor.healthy,
+            "torrents": len(monitor.torrents),
+            "piece_state_polls": monitor.polls,
+        }
+    senders: Senders | None = parts.get("senders")
+    if senders is not None:
+        out["senders"] = senders.status()
+    return out

@@ -1,0 +1,175 @@
+"""Shared set-up for the source integration tests.
+
+A rig is three real qbittorrent-nox instances -- a seeder, the *source* (downloading from the
+seeder at a throttled rate) and the *destination* -- plus a real ``qbsync destination``
+process. Tests start the real ``qbsync source`` process with the flags they need.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
+from tests.qbharness import KiB, MiB, QBInstance, QbsyncProcess, SeededTorrent, free_port
+
+# ~6.3 MiB in 64 KiB pieces (~100 pieces), downloaded at 512 KiB/s: ~12 s.
+FILES: dict[str, int] = {
+    "a.bin": 2 * MiB + 12345,
+    "b.bin": 3 * MiB - 777,
+    "sub/c.bin": 1 * MiB - 7000,
+}
+PIECE = 64 * KiB
+RATE = 512 * KiB
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """Sum of the samples of ``name`` (matching ``labels``) on a daemon's /metrics."""
+    total = 0.0
+    for line in scrape(port).splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if labels and any(got.get(k) != v for k, v in labels.items()):
+            continue
+        total += float(m.group(3))
+    return total
+
+
+def http_status(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def tags_of(inst: QBInstance, info_hash: str) -> set[str]:
+    info = inst.info(info_hash)
+    if not info:
+        return set()
+    return {t.strip() for t in str(info.get("tags") or "").split(",") if t.strip()}
+
+
+@attrs.define
+class Rig:
+    tmp: Path
+    qb_factory: QbFactory
+    qbsync_factory: QbsyncFactory
+    seeded: SeededTorrent
+    src_qb: QBInstance
+    dst_qb: QBInstance
+    dest: QbsyncProcess | None = None
+    dest_port: int = 0
+    dest_health: int = 0
+    token: str = attrs.field(factory=lambda: secrets.token_hex(16))
+    state_dir: Path = attrs.field(init=False)
+    sources: list[QbsyncProcess] = attrs.field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.state_dir = self.tmp / "source-state"
+
+    @property
+    def info_hash(self) -> str:
+        return self.seeded.info_hash
+
+    @property
+    def dst_data(self) -> Path:
+        return self.dst_qb.save_path
+
+    def start_destination(self, *extra: str) -> QbsyncProcess:
+        if not self.dest_port:
+            self.dest_port, self.dest_health = free_port(), free_port()
+        self.dest = self.qbsync_factory(
+            "destination",
+            [
+                "--data",
+                str(self.dst_data),
+                "--listen",
+                f"127.0.0.1:{self.dest_port}",
+                *self.dst_qb.qbsync_args(),
+                "--health-addr",
+                f"127.0.0.1:{self.dest_health}",
+                "--auth-token",
+                self.token,
+                "--poll-interval",
+                "0.5",
+                *extra,
+            ],
+        )
+        self.dest.wait_for_log("event=destination_ready", timeout=30)
+        return self.dest
+
+    def start_source(
+        self, *extra: str, token: str | None = None, health_port: int | None = None
+    ) -> tuple[QbsyncProcess, int]:
+        port = health_port or free_port()
+        proc = self.qbsync_factory(
+            "source",
+            [
+                "--data",
+                str(self.src_qb.save_path),
+                *self.src_qb.qbsync_args(),
+                "--destination-addr",
+                f"127.0.0.1:{self.dest_port}",
+                "--state-dir",
+                str(self.state_dir),
+                "--sleep",
+                "1",
+                "--health-addr",
+                f"127.0.0.1:{port}",
+                "--auth-token",
+                token if token is not None else self.token,
+                "--min-connections",
+                "1",
+                "--max-connections",
+                "2",
+                "--piece-timeout",
+                "20",
+                "--reconnect-max-delay",
+                "2",
+                *extra,
+            ],
+        )
+        self.sources.append(proc)
+        proc.wait_for_log("event=started", timeout=30)
+        return proc, port
+
+    def add_to_source(self, *, download_limit: int | None = RATE, **kw: Any) -> None:
+        self.seeded.add_to(self.src_qb, download_limit=download_limit, **kw)
+
+    def dest_file(self, rel: str, sub: str = "") -> Path:
+        base = self.dst_data / sub if sub else self.dst_data
+        return base / self.seeded.name / rel
+
+
+def make_rig(
+    tmp: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+    *,
+    files: Mapping[str, int] | None = None,
+    src_kwargs: Mapping[str, Any] | None = None,
+    start_destination: bool = True,
+) -> Rig:
+    seeded = seeded_torrent(dict(files or FILES), piece_size=PIECE)
+    src_qb = qb_factory("source", **dict(src_kwargs or {}))
+    dst_qb = qb_factory("destination")
+    rig = Rig(tmp, qb_factory, qbsync_factory, seeded, src_qb, dst_qb)
+    if start_destination:
+        rig.start_destination()
+    return rig

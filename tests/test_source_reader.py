@@ -1,0 +1,168 @@
+"""Layout (meta) and piece reads from disk: boundaries, .!qB, deselected spans, handles."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from qbsync.source.meta import MetaError, build_meta
+from qbsync.source.paths import PathMapper
+from qbsync.source.reader import FileMissing, HandleCache, PieceReader
+from qbsync.torrent import bencode
+from tests.qbharness import make_payload, make_torrent, torrent_files
+
+PIECE = 16 * 1024
+FILES = {"a.bin": 3 * PIECE + 100, "b.bin": 2 * PIECE - 300, "sub/c.bin": PIECE + 7}
+
+
+@pytest.fixture
+def layout(tmp_path: Path):
+    """A multi-file torrent saved at tmp/save/payload, as qBittorrent would list it."""
+    save = tmp_path / "save"
+    payload = make_payload(save / "payload", FILES, seed=3)
+    torrent, ih = make_torrent(payload, PIECE)
+    _, files, hashes = torrent_files(torrent)
+    qb_files = [
+        {"index": i, "name": name, "size": size, "priority": 1}
+        for i, (name, size) in enumerate(files)
+    ]
+    info = {"hash": ih, "name": "payload", "save_path": str(save), "content_path": str(payload)}
+    mapper = PathMapper(save, str(save))
+    return torrent, ih, qb_files, info, mapper, hashes, save
+
+
+def _meta(layout, priorities=None):
+    torrent, ih, qb_files, info, mapper, _, _ = layout
+    if priorities is not None:
+        qb_files = [dict(f, priority=p) for f, p in zip(qb_files, priorities, strict=True)]
+    return build_meta(ih, info, qb_files, torrent, mapper)
+
+
+def test_meta_geometry_location_and_fingerprint(layout):
+    meta = _meta(layout)
+    assert meta.num_pieces == 6
+    assert meta.local_dir == layout[6] and meta.save_sub_path == ""
+    assert meta.fingerprint == "0,1,2" and not meta.partial and not meta.mask
+    init = meta.init_request()
+    assert [f.path for f in init.files] == ["payload/a.bin", "payload/b.bin", "payload/sub/c.bin"]
+    assert all(f.inode for f in init.files)  # stat'ed for hardlink detection
+    assert init.num_pieces == 6 and init.piece_length == PIECE and init.save_sub_path == ""
+
+
+def test_meta_mask_only_covers_pieces_without_selected_bytes(layout):
+    # b.bin spans pieces 3..4 (3 is shared with a.bin, 4 with c.bin): nothing is masked.
+    assert _meta(layout, [1, 0, 1]).mask == frozenset()
+    # a.bin deselected: pieces 0..2 lie only in a.bin; piece 3 is a boundary piece.
+    meta = _meta(layout, [0, 1, 1])
+    assert meta.mask == frozenset({0, 1, 2})
+    assert meta.fingerprint == "1,2" and meta.partial
+    assert meta.selected_size == FILES["b.bin"] + FILES["sub/c.bin"]
+
+
+def test_meta_rejects_wrong_hash_and_file_mismatch(layout):
+    torrent, ih, qb_files, info, mapper, _, _ = layout
+    with pytest.raises(MetaError):
+        build_meta("0" * 40, info, qb_files, torrent, mapper)
+    with pytest.raises(MetaError):
+        build_meta(ih, info, qb_files[:2], torrent, mapper)
+    with pytest.raises(MetaError):
+        build_meta(ih, info, qb_files, b"not a torrent", mapper)
+
+
+def test_meta_padding_files_are_zero_slots(tmp_path):
+    info_dict = {
+        "name": "p",
+        "piece length": PIECE,
+        "files": [
+            {"length": 100, "path": ["a"]},
+            {"length": PIECE - 100, "path": [".pad", "x"], "attr": "p"},
+            {"length": 10, "path": ["b"]},
+        ],
+        "pieces": b"\0" * 40,
+    }
+    raw = bencode({"info": info_dict})
+    ih = hashlib.sha1(bencode(info_dict)).hexdigest()
+    qb_files = [
+        {"index": 0, "name": "p/a", "size": 100, "priority": 1},
+        {"index": 1, "name": "p/b", "size": 10, "priority": 1},
+    ]
+    meta = build_meta(ih, {"content_path": str(tmp_path / "p")}, qb_files, raw, PathMapper(tmp_path, str(tmp_path)))
+    assert [s.name for s in meta.slots] == ["p/a", None, "p/b"]
+    assert [f.path for f in meta.init_request().files] == ["p/a", "p/b"]
+
+
+async def test_reads_every_piece_across_boundaries(layout):
+    meta = _meta(layout)
+    reader = PieceReader(max_handles=2)
+    try:
+        for i in range(meta.num_pieces):
+            buf, view = await reader.read(meta, i)
+            assert hashlib.sha1(view).digest() == layout[5][i], i
+            reader.release(buf, view)
+        assert len(reader.handles) <= 2  # the LRU bound holds
+    finally:
+        reader.close()
+
+
+async def test_deselected_spans_are_zero_filled(layout):
+    meta = _meta(layout, [1, 0, 1])
+    save = layout[6]
+    os.unlink(save / "payload" / "b.bin")  # qBittorrent never writes a deselected file
+    reader = PieceReader()
+    try:
+        buf, view = await reader.read(meta, 3)  # a.bin tail + b.bin head
+        a_tail = FILES["a.bin"] - 3 * PIECE
+        expected = (save / "payload/a.bin").read_bytes()[3 * PIECE :] + bytes(PIECE - a_tail)
+        assert bytes(view) == expected
+        reader.release(buf, view)
+    finally:
+        reader.close()
+
+
+async def test_incomplete_extension_and_missing_files(layout):
+    meta = _meta(layout)
+    save = layout[6]
+    c = save / "payload" / "sub" / "c.bin"
+    c.rename(c.with_name("c.bin.!qB"))
+    reader = PieceReader()
+    try:
+        buf, view = await reader.read(meta, meta.num_pieces - 1)
+        assert hashlib.sha1(view).digest() == layout[5][-1]
+        reader.release(buf, view)
+        reader.forget(meta.info_hash)
+        assert len(reader.handles) == 0
+        os.unlink(c.with_name("c.bin.!qB"))
+        with pytest.raises(FileMissing):
+            await reader.read(meta, meta.num_pieces - 1)
+        # Moved elsewhere: relocating (content_path changed) makes the read work again.
+        moved = save / "cat"
+        moved.mkdir()
+        (save / "payload").rename(moved / "payload")
+        (moved / "payload" / "sub" / "c.bin").write_bytes(b"x" * FILES["sub/c.bin"])
+        assert meta.locate(layout[4], {"content_path": str(moved / "payload"), "save_path": ""})
+        assert meta.save_sub_path == "cat"
+        buf, view = await reader.read(meta, 0)
+        reader.release(buf, view)
+    finally:
+        reader.close()
+
+
+def test_handle_cache_lru_defers_close_while_in_use(tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"x")
+        paths.append(p)
+    cache = HandleCache(max_handles=2)
+    h0 = cache.acquire("h", paths[0])
+    cache.release(cache.acquire("h", paths[1]))
+    cache.release(cache.acquire("h", paths[2]))  # evicts f0, which is still in use
+    assert len(cache) == 2
+    assert os.pread(h0.fd, 1, 0) == b"x"  # not closed under the reader
+    cache.release(h0)
+    with pytest.raises(OSError):
+        os.fstat(h0.fd)  # closed on its last release
+    cache.close_all()
