@@ -68,7 +68,11 @@ def test_mapper_default_and_categories():
 def test_mapper_temp_inside_and_beside_save_path():
     inside = PathMapper.from_preferences(
         Path("/data"),
-        {"save_path": "/downloads/", "temp_path_enabled": True, "temp_path": "/downloads/incomplete"},
+        {
+            "save_path": "/downloads/",
+            "temp_path_enabled": True,
+            "temp_path": "/downloads/incomplete",
+        },
     )
     assert inside.to_local("/downloads/incomplete") == Path("/data/incomplete")
     assert inside.to_local("/downloads/incomplete/tv") == Path("/data/incomplete/tv")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from qbsync.source.meta import MetaError, build_meta
+from qbsync.source.meta import MetaError, TorrentMeta, build_meta
 from qbsync.source.paths import PathMapper
 from qbsync.source.reader import FileMissing, HandleCache, PieceReader
 from qbsync.torrent import bencode
@@ -34,7 +35,7 @@ def layout(tmp_path: Path):
     return torrent, ih, qb_files, info, mapper, hashes, save
 
 
-def _meta(layout, priorities=None):
+def _meta(layout: tuple[Any, ...], priorities: list[int] | None = None) -> TorrentMeta:
     torrent, ih, qb_files, info, mapper, _, _ = layout
     if priorities is not None:
         qb_files = [dict(f, priority=p) for f, p in zip(qb_files, priorities, strict=True)]
@@ -89,7 +90,13 @@ def test_meta_padding_files_are_zero_slots(tmp_path):
         {"index": 0, "name": "p/a", "size": 100, "priority": 1},
         {"index": 1, "name": "p/b", "size": 10, "priority": 1},
     ]
-    meta = build_meta(ih, {"content_path": str(tmp_path / "p")}, qb_files, raw, PathMapper(tmp_path, str(tmp_path)))
+    meta = build_meta(
+        ih,
+        {"content_path": str(tmp_path / "p")},
+        qb_files,
+        raw,
+        PathMapper(tmp_path, str(tmp_path)),
+    )
     assert [s.name for s in meta.slots] == ["p/a", None, "p/b"]
     assert [f.path for f in meta.init_request().files] == ["p/a", "p/b"]
 
@@ -166,3 +173,19 @@ def test_handle_cache_lru_defers_close_while_in_use(tmp_path):
     with pytest.raises(OSError):
         os.fstat(h0.fd)  # closed on its last release
     cache.close_all()
+
+
+def test_temp_path_reads_there_but_targets_the_final_location(layout, tmp_path):
+    torrent, ih, qb_files, _, _, _, save = layout
+    mapper = PathMapper(save, str(save), str(save / "incomplete"))
+    info = {
+        "content_path": str(save / "incomplete" / "payload"),
+        "save_path": str(save / "movies"),
+        "download_path": str(save / "incomplete"),
+    }
+    meta = build_meta(ih, info, qb_files, torrent, mapper)
+    assert meta.local_dir == save / "incomplete"  # read where the files are now
+    assert meta.save_sub_path == "movies"  # but place them where they will end up
+    moved = {"content_path": str(save / "movies" / "payload"), "save_path": str(save / "movies")}
+    assert meta.locate(mapper, moved)
+    assert meta.local_dir == save / "movies" and meta.save_sub_path == "movies"

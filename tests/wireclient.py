@@ -125,16 +125,19 @@ class LocalTorrent:
         names: Sequence[str] | None = None,
         torrent: bytes | None = None,
         info_hash: str | None = None,
+        ids: Sequence[tuple[int, int]] | None = None,
     ) -> InitTorrent:
+        """The InitTorrent a source would send; ``ids`` are the files' source (device, inode)."""
         sel = list(selected) if selected is not None else [True] * len(self.files)
         paths = list(names) if names is not None else [rel for rel, _ in self.files]
+        devino = list(ids) if ids is not None else [(0, 0)] * len(self.files)
         return InitTorrent(
             info_hash=info_hash or self.info_hash,
             name=self.files[0][0].split("/")[0],
             torrent_file=self.torrent if torrent is None else torrent,
             files=tuple(
-                FileEntry(path=p, size=size, selected=s)
-                for p, (_, size), s in zip(paths, self.files, sel, strict=True)
+                FileEntry(path=p, size=size, selected=s, device=dev, inode=ino)
+                for p, (_, size), s, (dev, ino) in zip(paths, self.files, sel, devino, strict=True)
             ),
             piece_length=self.piece_length,
             total_size=self.total_size,

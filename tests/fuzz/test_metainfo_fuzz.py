@@ -9,8 +9,10 @@ from qbsync.torrent import Geometry, MetainfoError, bdecode, bencode, parse_meta
 
 bvalues = st.recursive(
     st.integers(min_value=-(2**70), max_value=2**70) | st.binary(max_size=40),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.binary(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.binary(max_size=8), children, max_size=5)
+    ),
     max_leaves=20,
 )
 
@@ -49,7 +51,7 @@ def test_spans_tile_every_piece(piece_length: int, sizes: list[int]) -> None:
             assert span.piece_offset == pos
             f = g.files[span.file_index]
             assert f.offset + span.file_offset == g.piece_offset(i) + pos
-            assert 0 < span.length and span.file_offset + span.length <= f.size
+            assert span.length > 0 and span.file_offset + span.length <= f.size
             pos += span.length
         assert pos == g.piece_size(i)
         covered += pos

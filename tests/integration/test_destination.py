@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from qbsync.wire import ErrorCode, SyncStatus, WireError
-from tests.qbharness import KiB, make_payload
+from tests.qbharness import KiB, make_payload, wait_until
 from tests.wireclient import LocalTorrent, needed_indices, start_destination
 
 pytestmark = pytest.mark.integration
@@ -77,9 +77,7 @@ async def test_multifile_out_of_order_ends_verified_tagged_identical(
     async with dest.client() as client:
         started = await client.start(t, tag="source-removed")
         assert started.started
-    await trio.to_thread.run_sync(
-        lambda: qb.wait_seeding(t.info_hash, timeout=30)
-    )
+    await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=30))
     info = qb.info(t.info_hash)
     assert "source-removed" in info.tags
 
@@ -100,9 +98,7 @@ async def test_partial_selection_selected_files_verified_priorities_persist(
     async with dest.client() as client:
         ready = await client.init_ready(t, selected=selected)
         needed = needed_indices(ready, t.num_pieces)
-        d_only = [
-            i for i in range(t.num_pieces) if set(t.piece_files(i)) <= set(deselected)
-        ]
+        d_only = [i for i in range(t.num_pieces) if set(t.piece_files(i)) <= set(deselected)]
         assert d_only == [] or not set(d_only) & set(needed)
         acks = await client.send(t, needed, order="shuffle", deselected=deselected)
         assert {a.code for a in acks.values()} == {ErrorCode.OK}
@@ -143,11 +139,7 @@ async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
         # a.bin is complete and renamed by now; damage one byte of its piece 2.
         target = data / "payload" / "a.bin"
         await trio.to_thread.run_sync(lambda: _wait_file(target))
-        with open(target, "r+b") as fh:
-            fh.seek(2 * 64 * KiB + 5)
-            byte = fh.read(1)
-            fh.seek(2 * 64 * KiB + 5)
-            fh.write(bytes([byte[0] ^ 0xFF]))
+        await trio.to_thread.run_sync(_flip_byte, target, 2 * 64 * KiB + 5)
         with pytest.raises(WireError) as err:
             await client.finalize(t)
         assert err.value.code == ErrorCode.INCOMPLETE
@@ -159,7 +151,62 @@ async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
     assert qb.info(t.info_hash).progress == 1
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
 def _wait_file(path: Path) -> None:
     from tests.qbharness import wait_until
 
     wait_until(path.exists, 10, 0.05, f"{path} renamed from .partial")
+
+
+async def test_readiness_follows_qbittorrent_but_liveness_does_not(
+    tmp_path: Path, qb_factory, qbsync_factory
+) -> None:
+    qb = qb_factory("dst")
+    dest = start_destination(qbsync_factory, tmp_path / "data", qb_args=qb.qbsync_args())
+    assert dest.http("/readyz")[0] == 200
+    assert dest.http("/livez")[0] == 200
+    qb.stop()
+
+    def not_ready() -> bool:
+        return dest.http("/readyz")[0] == 503
+
+    await trio.to_thread.run_sync(lambda: wait_until(not_ready, 20, 0.2, "readyz 503"))
+    assert dest.http("/livez")[0] == 200
+    assert dest.http("/healthz")[0] == 200
+    status, body = dest.http("/status")
+    assert status == 200 and b'"role": "destination"' in body
+    qb.start()
+    await trio.to_thread.run_sync(
+        lambda: wait_until(lambda: dest.http("/readyz")[0] == 200, 30, 0.2, "readyz 200")
+    )
+
+
+async def test_source_names_differing_from_the_torrent_are_renamed_in_qbittorrent(
+    tmp_path: Path, qb_factory, qbsync_factory
+) -> None:
+    """A source that added the torrent without its root folder ("NoSubfolder") or renamed a
+    file sends qBittorrent's names; the destination lays the files out that way and renames
+    them in its qBittorrent so the recheck finds them."""
+    qb = qb_factory("dst")
+    payload = make_payload(tmp_path / "src" / "payload", {"a.bin": 300_000, "s/b.bin": 200_000})
+    t = LocalTorrent.create(payload, 64 * KiB)
+    names = [rel.split("/", 1)[1] for rel, _ in t.files]  # no root folder
+    names[1] = "s/renamed.bin"
+    data = tmp_path / "data"
+    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
+    async with dest.client() as client:
+        ready = await client.init_ready(t, names=names, sub="tv")
+        await client.send(t, needed_indices(ready, t.num_pieces))
+        assert (await client.finalize(t)).status == SyncStatus.COMPLETE
+    for (rel, _), name in zip(t.files, names, strict=True):
+        assert filecmp.cmp(t.base / rel, data / "tv" / name, shallow=False)
+    files = qb.api.torrents_files(torrent_hash=t.info_hash)
+    assert sorted(f.name for f in files) == sorted(names)
+    assert qb.info(t.info_hash).progress == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
-from tests.integration.source_rig import FILES, metric, http_status, make_rig, tags_of
+from tests.integration.source_rig import FILES, Rig, http_status, make_rig, metric, tags_of
 from tests.qbharness import wait_until
 
 pytestmark = pytest.mark.integration
@@ -57,6 +57,160 @@ def test_streams_while_downloading_then_verified_tagged_identical(
     code, status = http_status(health, "/readyz")
     assert code == 200, status
     # The source keeps seeding after a sync.
-    assert rig.src_qb.info(ih)["state"] in ("stalledUP", "uploading")
+    src_info = rig.src_qb.info(ih)
+    assert src_info is not None and src_info["state"] in ("stalledUP", "uploading")
     log = source.log_text()
     assert "event=torrent_synced" in log and "code=internal" not in log
+
+
+def _wait_acked(port: int, at_least: int, timeout: float = 60) -> float:
+    return wait_until(
+        lambda: (v := metric(port, "qbsync_pieces_acked_total")) >= at_least and v,
+        timeout,
+        0.1,
+        f"{at_least} pieces acknowledged",
+    )
+
+
+def _progress(rig: Rig, ih: str) -> float:
+    info = rig.src_qb.info(ih)
+    return float(info["progress"]) if info else 0.0
+
+
+def _dest_state_dirs(rig) -> list[Path]:
+    root = rig.dst_data / ".qbsync"
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def _partials(rig) -> list[Path]:
+    return sorted(rig.dst_data.rglob("*.partial"))
+
+
+def test_exclude_tag_mid_sync_aborts_on_destination(
+    tmp_path: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+) -> None:
+    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+    source, health = rig.start_source("--exclude-sync-tag", "no-sync")
+    ih = rig.info_hash
+    rig.add_to_source()
+    _wait_acked(health, 10)
+    assert _partials(rig), "the destination should hold partial data mid-sync"
+    rig.src_qb.api.torrents_add_tags(tags="no-sync", torrent_hashes=ih)
+    source.wait_for_log("event=torrent_excluded", timeout=15)
+    wait_until(lambda: "event=torrent_aborted" in source.log_text(), 15, 0.1, "abort sent")
+    wait_until(lambda: not _partials(rig) and not _dest_state_dirs(rig), 15, 0.2, "dest cleaned")
+    sent = metric(health, "qbsync_pieces_acked_total")
+    # The source keeps downloading, but nothing more is sent and nothing is finalized.
+    wait_until(lambda: _progress(rig, ih) >= 1, 60, 0.5, "download done")
+    time.sleep(2.5)
+    assert metric(health, "qbsync_pieces_acked_total") == sent
+    assert metric(health, "qbsync_exclude_sync_abort_total") == 1
+    assert "synced" not in tags_of(rig.src_qb, ih)
+    assert rig.dst_qb.info(ih) is None
+    assert not _partials(rig) and not _dest_state_dirs(rig)
+
+
+def test_removed_on_source_mid_sync_aborts_on_destination(
+    tmp_path: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+) -> None:
+    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+    source, health = rig.start_source()
+    ih = rig.info_hash
+    rig.add_to_source()
+    _wait_acked(health, 10)
+    assert _partials(rig)
+    rig.src_qb.api.torrents_delete(delete_files=True, torrent_hashes=ih)
+    source.wait_for_log("event=torrent_removed", timeout=15)
+    wait_until(lambda: "event=torrent_aborted" in source.log_text(), 15, 0.1, "abort sent")
+    wait_until(lambda: not _partials(rig) and not _dest_state_dirs(rig), 15, 0.2, "dest cleaned")
+    assert rig.dst_qb.info(ih) is None
+    code, status = http_status(health, "/status")
+    assert code == 200 and status["tracked"] == [], status
+    log = source.log_text()
+    assert "code=internal" not in log and "Traceback" not in log
+
+
+def test_kill9_then_restart_resumes_without_resending_acked_pieces(
+    tmp_path: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+) -> None:
+    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+    first, health = rig.start_source()
+    ih = rig.info_hash
+    n = rig.seeded.num_pieces
+    rig.add_to_source()
+    acked_before = _wait_acked(health, n // 3)
+    first.kill()  # SIGKILL: no clean shutdown, nothing flushed on the source side
+    time.sleep(2)  # the source qBittorrent keeps downloading meanwhile
+
+    second, health2 = rig.start_source()
+    wait_until(lambda: "synced" in tags_of(rig.src_qb, ih), 90, 0.2, "synced after restart")
+    log = second.log_text()
+    needed = [
+        int(part.split("=", 1)[1])
+        for line in log.splitlines()
+        if "event=torrent_initialized" in line
+        for part in line.split()
+        if part.startswith("needed=")
+    ]
+    assert needed, log
+    # The destination still had every piece acknowledged before the kill ...
+    assert needed[0] <= n - acked_before, (needed, acked_before, n)
+    # ... and the restarted source sent exactly the missing ones, each once.
+    assert metric(health2, "qbsync_pieces_acked_total") == needed[0]
+    assert metric(health2, "qbsync_pieces_resent_total") == 0
+    received = metric(rig.dest_health, "qbsync_pieces_received_total")
+    assert received <= n + (n - acked_before - needed[0]), (received, n)
+    for rel in FILES:
+        assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
+
+
+def test_wrong_token_transfers_nothing_and_says_why(
+    tmp_path: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+) -> None:
+    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+    source, health = rig.start_source(token="not-the-right-token")
+    rig.add_to_source(download_limit=None)
+    wait_until(lambda: source.log_text().count("code=auth-failed") >= 3, 30, 0.2, "retries logged")
+    assert "event=destination_connect_failed" in source.log_text()
+    assert metric(rig.dest_health, "qbsync_pieces_received_total") == 0
+    assert not _dest_state_dirs(rig) and not _partials(rig)
+    code, body = http_status(health, "/readyz")
+    assert code == 503 and "auth-failed" in str(body), body
+    assert http_status(health, "/livez")[0] == 200  # alive, just not ready
+    assert source.returncode is None  # keeps retrying, no crash loop
+    assert "synced" not in tags_of(rig.src_qb, rig.info_hash)
+
+
+def test_dry_run_changes_nothing_anywhere(
+    tmp_path: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+) -> None:
+    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+    source, health = rig.start_source("--dry-run")
+    ih = rig.info_hash
+    rig.add_to_source(download_limit=None)
+    wait_until(lambda: _progress(rig, ih) >= 1, 60, 0.2, "downloaded")
+    source.wait_for_log("event=dry_run action=sync", timeout=15)
+    time.sleep(3)  # a few more cycles
+    assert metric(rig.dest_health, "qbsync_pieces_received_total") == 0
+    assert metric(health, "qbsync_pieces_sent_total") == 0
+    assert not _dest_state_dirs(rig) and not _partials(rig)
+    assert not list(rig.dst_data.rglob("*.bin"))
+    assert rig.dst_qb.info(ih) is None
+    assert tags_of(rig.src_qb, ih) == set()
+    assert not (rig.state_dir / "completed_on_dest.json").exists()
+    assert http_status(health, "/readyz")[0] == 200

@@ -405,7 +405,8 @@ class DestinationServer:
             async with self.store.lock(h):
                 state = self.store.torrents.get(h)
                 if state is not None:
-                    if state.phase in (Phase.FINALIZING, Phase.SCANNING):
+                    job: FinalizeJob | None = state.finalize
+                    if state.phase is Phase.SCANNING or (job is not None and not job.done.is_set()):
                         continue
                     last = state.last_activity
                 else:

@@ -395,6 +395,11 @@ class Store:
         self.torrents[state.info_hash] = state
         if to_scan:
             self.start_scan(state, to_scan)
+        elif self.on_file_complete is not None:
+            # A crash between a file's last piece and its rename: finish that now.
+            for f in state.files:
+                if f.status is FileStatus.STREAMING and f.remaining == 0:
+                    self.on_file_complete(state, f)
         return state
 
     def start_scan(self, state: TorrentState, files: set[int]) -> None:
@@ -552,7 +557,8 @@ class Store:
                 state.touched.update(
                     f.index for f in state.files if f.status is not FileStatus.SKIPPED
                 )
-            await self._settle_existing(state)
+            failed = {c.index for c in checks} - proven
+            await self._settle_existing(state, failed)
             state.recount_remaining()
             log.info(
                 "event=scan_done hash=%s checked=%d proven=%d needed=%d",
@@ -588,12 +594,16 @@ class Store:
                 continue
         return out
 
-    async def _settle_existing(self, state: TorrentState) -> None:
+    async def _settle_existing(self, state: TorrentState, failed: set[int]) -> None:
+        """EXISTING -> COMPLETE unless one of its pieces was checked and failed. Pieces that
+        could not be checked (they share bytes with a file not on disk yet) do not count
+        against it: they are streamed for that other file anyway, and the final verification
+        (qBittorrent's recheck or our read-back) covers them — a mismatch there demotes the
+        file then."""
         for f in state.files:
             if f.status is not FileStatus.EXISTING:
                 continue
-            pieces = state.geometry.file_pieces(f.index)
-            if all(state.written[i] for i in pieces):
+            if not failed.intersection(state.geometry.file_pieces(f.index)):
                 f.status = FileStatus.COMPLETE
                 continue
             await trio.to_thread.run_sync(self._demote, state, f)
@@ -731,16 +741,17 @@ class Store:
 
     async def acquire(self, state: TorrentState, f: DataFile) -> int | None:
         """The write descriptor of ``f`` (opened on first use), pinned until
-        :meth:`DataFile.release`. ``None`` when the file is being closed or finalized.
-        Raises ``OSError`` / ``UnsafePathError``."""
-        if f.unavailable():
+        :meth:`DataFile.release`. ``None`` when the file is being closed or finalized, or the
+        torrent is finalizing or gone — a late writer must never re-create a ``.partial`` that
+        finalize just renamed or abort just deleted. Raises ``OSError`` / ``UnsafePathError``."""
+        if f.unavailable() or not state.is_in(Phase.ACTIVE):
             return None
         if f.fd is None:
             async with f.open_lock:
-                if f.fd is None and not f.unavailable():
+                if f.fd is None and not f.unavailable() and state.is_in(Phase.ACTIVE):
                     f.fd = await trio.to_thread.run_sync(open_for_write, self.root, f)
         fd = f.fd
-        if f.unavailable() or fd is None:
+        if f.unavailable() or fd is None or not state.is_in(Phase.ACTIVE):
             return None
         f.users += 1
         return fd

@@ -20,6 +20,10 @@ finalizer lets qBittorrent's recheck judge the selected files (it also cannot pa
 piece without the deselected bytes, which is why the finalizer excuses exactly these pieces
 and nothing else).
 
+The write descriptors are opened (creating the sparse ``.partial``) before the hash is known,
+so that hashing and writing are one worker-thread call; a refused piece leaves at most an
+empty sparse file of a torrent that was validated at init.
+
 Error handling: a failed write (``ENOSPC``, ``EACCES``, ``EIO``...) is acked ``io``; the bit
 stays unset, the torrent stays consistent, and the source simply retries later — writing
 resumes on its own once space returns.

@@ -18,7 +18,7 @@ import attrs
 
 from ..torrent import Geometry, MetainfoError, bdecode, parse_metainfo
 from ..wire.messages import FileEntry, InitTorrent
-from .paths import PathMapper, content_parent
+from .paths import PathMapper, clean, content_parent, is_within
 
 INCOMPLETE_EXT = ".!qB"
 
@@ -63,17 +63,23 @@ class TorrentMeta:
     def locate(self, mapper: PathMapper, info: dict[str, Any]) -> bool:
         """Recompute where the files are from a torrent's ``content_path``/``save_path``.
 
-        Returns True when the local directory changed.
+        Two answers: where to *read* now (the actual location, from ``content_path``), and
+        where the files belong on the destination (``save_sub_path``). They differ while
+        qBittorrent downloads into its temp path: the files will move to ``save_path`` on
+        completion, so the destination is told the final place from the start. (The Go
+        reference sent the temp directory and relied on a relocation at finalize, which
+        misplaced the files whenever finalize came before qBittorrent's move.)
+
+        Returns True when the local read directory changed.
         """
         names = [s.name for s in self.slots if s.name is not None]
-        parent = content_parent(
-            str(info.get("content_path") or ""), str(info.get("save_path") or ""), names
-        )
+        save_path = str(info.get("save_path") or "")
+        parent = content_parent(str(info.get("content_path") or ""), save_path, names)
         local = mapper.to_local(parent)
         changed = local != self.local_dir
         self.qb_parent = parent
         self.local_dir = local
-        self.save_sub_path = mapper.save_sub_path(parent)
+        self.save_sub_path = mapper.save_sub_path(final_parent(mapper, info, parent))
         return changed
 
     def file_entries(self) -> tuple[FileEntry, ...]:
@@ -102,6 +108,17 @@ class TorrentMeta:
             save_sub_path=self.save_sub_path,
             resync=resync,
         )
+
+
+def final_parent(mapper: PathMapper, info: dict[str, Any], parent: str) -> str:
+    """Where the content's parent will be once qBittorrent is done with the temp path."""
+    temp_dirs = [clean(str(info.get("download_path") or "")), mapper.qb_temp]
+    save_path = clean(str(info.get("save_path") or ""))
+    in_temp = any(d and is_within(parent, d) for d in temp_dirs)
+    save_in_temp = bool(mapper.qb_temp) and is_within(save_path, mapper.qb_temp)
+    if in_temp and save_path and not save_in_temp:
+        return save_path
+    return parent
 
 
 def _stat_ids(path: Path) -> tuple[int, int]:

@@ -18,7 +18,6 @@ backstop.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -130,7 +129,7 @@ class Monitor:
             with trio.fail_after(60):
                 await self.poll_once()
         except (QBError, trio.TooSlowError) as exc:
-            now = time.monotonic()
+            now = trio.current_time()
             self.healthy = False
             if self._failing_since is None:
                 self._failing_since = now
@@ -146,7 +145,8 @@ class Monitor:
             return False
         if self._failing_since is not None:
             log.info(
-                "event=monitor_poll_recovered after_s=%.1f", time.monotonic() - self._failing_since
+                "event=monitor_poll_recovered after_s=%.1f",
+                trio.current_time() - self._failing_since,
             )
             self._failing_since = None
         self.healthy = True
@@ -162,7 +162,7 @@ class Monitor:
             log.debug("event=maindata_full torrents=%d rid=%d", len(self.torrents), self._rid)
         self.ready.set()
         self.on_update(update)
-        now = time.monotonic()
+        now = trio.current_time()
         for t in self.registry.all():
             fields = update.changed.get(t.info_hash)
             if fields and fields & PIECE_FIELDS:
@@ -192,7 +192,7 @@ class Monitor:
                         t.info_hash,
                         _one_line(exc),
                     )
-                    t.schedule_polls(time.monotonic(), (2.0,))
+                    t.schedule_polls(trio.current_time(), (2.0,))
                 return
         if not _active(t):  # untracked while we awaited
             return
@@ -204,7 +204,7 @@ class Monitor:
                 t.tracker.num_pieces,
             )
             return
-        new = t.tracker.mark_ready(states, time.monotonic())
+        new = t.tracker.mark_ready(states, trio.current_time())
         self.registry.enqueue(t, new)
         if new:
             log.debug("event=pieces_ready hash=%s count=%d", t.info_hash, len(new))
@@ -214,7 +214,7 @@ class Monitor:
             self.registry.notify_changed()
 
     def request_poll(self, t: Tracked) -> None:
-        t.schedule_polls(time.monotonic(), (0.0,))
+        t.schedule_polls(trio.current_time(), (0.0,))
 
 
 def _active(t: Tracked) -> bool:

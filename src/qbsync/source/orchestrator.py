@@ -171,7 +171,7 @@ class Orchestrator:
         self._orphans: set[str] = set()  # tracked, fully streamed, removed from the source
         self._last_info: dict[str, dict[str, Any]] = {}
         self._last_timer_cycle = 0.0
-        self._last_maintenance = time.monotonic()
+        self._last_maintenance = trio.current_time()
         monitor.on_update = self.on_update
         monitor.on_removed = self.on_removed
 
@@ -189,7 +189,7 @@ class Orchestrator:
         if update.removed:
             self._removed |= update.removed
             wake = True
-        now = time.monotonic()
+        now = trio.current_time()
         for h, fields in update.changed.items():
             if h in update.added:
                 wake = True
@@ -238,7 +238,7 @@ class Orchestrator:
     def _next_deadline(self) -> float:
         """Trio time of the next timer cycle: ``--sleep`` from now, or sooner for a finalize
         poll that is due earlier."""
-        now_m = time.monotonic()
+        now_m = trio.current_time()
         delay = self.config.sleep
         for t in self.registry.all():
             if t.tracker.complete and t.next_finalize_at:
@@ -257,7 +257,7 @@ class Orchestrator:
 
     async def cycle(self) -> None:
         self.stats.cycles += 1
-        now = time.monotonic()
+        now = trio.current_time()
         timer = now - self._last_timer_cycle >= self.config.sleep
         if timer:
             self._last_timer_cycle = now
@@ -441,7 +441,7 @@ class Orchestrator:
     # -- 4. discovery -----------------------------------------------------------------------
 
     async def _discover(self) -> None:
-        now = time.monotonic()
+        now = trio.current_time()
         candidates = [
             info
             for h, info in self.monitor.torrents.items()
@@ -557,7 +557,7 @@ class Orchestrator:
     # -- 5. finalize ------------------------------------------------------------------------
 
     async def _finalize_ready(self) -> None:
-        now = time.monotonic()
+        now = trio.current_time()
         for t in sorted(self.registry.all(), key=lambda t: t.seq):
             if not t.active or not t.tracker.complete or now < t.next_finalize_at:
                 continue
@@ -578,7 +578,7 @@ class Orchestrator:
     async def _finalize(self, t: Tracked) -> bool:
         """One finalize attempt. Returns False when the destination is unreachable."""
         h = t.info_hash
-        now = time.monotonic()
+        now = trio.current_time()
         info = self.monitor.torrents.get(h) or self._last_info.get(h)
         if info is None:
             return True
@@ -638,7 +638,7 @@ class Orchestrator:
         if t.finalize_failures >= MAX_FINALIZE_FAILURES:
             await self._sync_failed(t, exc.code.value)
             return
-        t.next_finalize_at = time.monotonic() + min(
+        t.next_finalize_at = trio.current_time() + min(
             self.config.sleep, 2.0 * 2 ** (t.finalize_failures - 1)
         )
         if exc.code in (ErrorCode.INCOMPLETE, ErrorCode.VERIFY_FAILED):
@@ -678,7 +678,7 @@ class Orchestrator:
             t.meta.selected_size,
             selection,
             latency,
-            time.monotonic() - t.finalize_started,
+            trio.current_time() - t.finalize_started,
             kv(result.message or result.status.value),
         )
         if orphan:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -162,6 +161,7 @@ class ConnectionPool:
         self.generation = 0  # +1 each time the pool goes from no connection to some
         self.last_error: tuple[str, str] | None = None
         self.bytes_acked = 0
+        self._piece_hint = 1  # size of a recent piece: "out of credit" means less than this
         self.ever_connected = False
         self._nursery: trio.Nursery | None = None
         metrics.connections_configured.set(self.max_connections)
@@ -214,14 +214,14 @@ class ConnectionPool:
 
     def record_acked(self, nbytes: int) -> None:
         self.bytes_acked += nbytes
+        self._piece_hint = nbytes
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for _ in range(self.min_connections):
                 self._add_slot()
-            if self.max_connections > self.min_connections:
-                nursery.start_soon(self._scaler)
+            nursery.start_soon(self._scaler)  # also keeps the throughput gauge current
             task_status.started()
 
     # -- slots ------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class ConnectionPool:
         started = 0.0
         try:
             async with self._connect() as conn:
-                started = time.monotonic()
+                started = trio.current_time()
                 self._attach(slot, conn)
                 await wait_closed(conn)
             self.last_error = ("connection-lost", "destination closed the connection")
@@ -297,12 +297,12 @@ class ConnectionPool:
                 )
         finally:
             self._detach(slot)
-        return time.monotonic() - started if started else 0.0
+        return trio.current_time() - started if started else 0.0
 
     def _attach(self, slot: _Slot, conn: Connection) -> None:
         was_connected = self.connected > 0
         slot.conn = conn
-        slot.connected_at = time.monotonic()
+        slot.connected_at = trio.current_time()
         if not was_connected:
             self.generation += 1
         self.ever_connected = True
@@ -332,7 +332,7 @@ class ConnectionPool:
         cooldown_until = 0.0
         trial: tuple[_Slot, float] | None = None  # (added slot, throughput before)
         last_bytes = self.bytes_acked
-        last_time = time.monotonic()
+        last_time = trio.current_time()
         last_traffic = last_time
         while True:
             starved = samples = 0
@@ -344,10 +344,10 @@ class ConnectionPool:
                 if (
                     conns
                     and self._queue_depth() > 0
-                    and all(c.credit <= 0 or c.closed for c in conns)
+                    and all(c.credit < self._piece_hint or c.closed for c in conns)
                 ):
                     starved += 1
-            now = time.monotonic()
+            now = trio.current_time()
             throughput = (self.bytes_acked - last_bytes) / max(1e-6, now - last_time)
             last_bytes, last_time = self.bytes_acked, now
             metrics.transfer_throughput.set(throughput)
@@ -370,6 +370,8 @@ class ConnectionPool:
                     cooldown_until = now + COOLDOWN
                     continue
                 log.info("event=connection_scale_kept gain=%.2f connections=%d", gain, len(active))
+            if self.max_connections <= self.min_connections:
+                continue
             if (
                 starved > samples // 2
                 and len(active) < self.max_connections

@@ -29,7 +29,6 @@ the queue length: the queue only holds (hash, index) pairs.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -145,6 +144,7 @@ class Senders:
         rate_limit: int = 0,
         inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
         relocate: Callable[[Tracked], Awaitable[bool]] | None = None,
+        retry_base: float = 1.0,
     ) -> None:
         self.registry = registry
         self.pool = pool
@@ -154,6 +154,7 @@ class Senders:
         self.bucket = TokenBucket(rate_limit, MiB) if rate_limit > 0 else None
         self.budget = ByteBudget(inflight_bytes)
         self._relocate = relocate
+        self.retry_base = retry_base  # first retry delay after a retryable failure
         self._nursery: trio.Nursery | None = None
         self.inflight = 0
         metrics.sender_workers_configured.set(self.num_senders)
@@ -173,8 +174,25 @@ class Senders:
             metrics.piece_queue_depth.set(len(queue))
             item = await queue.get()
             t = self.registry.get(item.info_hash)
-            if t is None or not t.tracker.take(item.index):
+            if t is None or item.index not in t.tracker.pending:
                 continue
+            # Make sure the destination knows the torrent (after a reconnect it may not)
+            # *before* taking the piece: the answer may say it already has it.
+            if t.init_generation != self.pool.generation:
+                try:
+                    await initialize(self.pool, self.registry, t)
+                except (WireError, NotReady) as exc:
+                    code = exc.code.value if isinstance(exc, WireError) else "verifying"
+                    log.warning(
+                        "event=init_failed hash=%s code=%s error=%s",
+                        t.info_hash,
+                        code,
+                        kv(str(exc)),
+                    )
+                    self._requeue_later(t, item.index, 5 * self.retry_base)
+                    continue
+            if not t.active or not t.tracker.take(item.index):
+                continue  # done after all, or untracked meanwhile
             if t.tracker.sends.get(item.index, 0) > 1:
                 metrics.pieces_resent.inc()
             try:
@@ -186,21 +204,7 @@ class Senders:
     async def _prepare_and_send(self, t: Tracked, index: int) -> None:
         """Everything up to handing the piece to a delivery task. On return, the piece has
         either been handed over or put back (released/failed) -- never lost."""
-        # 1. Make sure the destination knows the torrent (after a reconnect it may not).
-        if t.init_generation != self.pool.generation:
-            try:
-                await initialize(self.pool, self.registry, t)
-            except (WireError, NotReady) as exc:
-                code = exc.code.value if isinstance(exc, WireError) else "verifying"
-                log.warning(
-                    "event=init_failed hash=%s code=%s error=%s", t.info_hash, code, kv(str(exc))
-                )
-                self._fail_later(t, index, 5.0, count=False)
-                return
-            if t.tracker.done[index] or not t.active:
-                t.tracker.release(index)
-                return
-        # 2. Reserve memory, read from disk.
+        # Reserve memory, read from disk.
         size = t.meta.geometry.piece_size(index)
         reserved = await self.budget.acquire(size)
         handed_over = False
@@ -215,10 +219,11 @@ class Senders:
                     index,
                     kv(str(exc)),
                 )
-                self._fail_later(t, index, min(30.0, 2.0 * t.read_failures), count=False)
+                delay = min(30.0, 2 * self.retry_base * t.read_failures)
+                self._fail_later(t, index, delay, count=False)
                 return
             try:
-                # 3. Rate limit (global, payload bytes), then a connection.
+                # Rate limit (global, payload bytes), then a connection.
                 if self.bucket is not None:
                     wait = self.bucket.reserve(size, trio.current_time())
                     if wait > 0:
@@ -254,7 +259,7 @@ class Senders:
         view: memoryview,
         reserved: int,
     ) -> None:
-        start = time.monotonic()
+        start = trio.current_time()
         self.inflight += 1
         metrics.inflight_pieces.set(self.inflight)
         try:
@@ -286,7 +291,7 @@ class Senders:
             self.budget.release(reserved)
 
     def _on_ack(self, t: Tracked, index: int, ack: PieceAck, start: float, size: int) -> None:
-        now = time.monotonic()
+        now = trio.current_time()
         metrics.pieces_sent.inc()
         metrics.bytes_sent.inc(size)
         metrics.piece_send_duration.observe(now - start)
@@ -342,7 +347,7 @@ class Senders:
         if code == ErrorCode.HASH_MISMATCH:
             self.registry.requeue(t, index)  # re-read and resend at once
         else:
-            self._requeue_later(t, index, min(30.0, 1.0 * 2 ** min(n, 5)))
+            self._requeue_later(t, index, min(30.0, self.retry_base * 2 ** min(n - 1, 5)))
 
     # -- retry helpers ------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ pieces of an inactive entry are dropped.
 from __future__ import annotations
 
 import itertools
-import time
 
 import attrs
 import trio
@@ -86,7 +85,7 @@ class Registry:
         if old is not None:
             old.active = False
         t = Tracked(meta.info_hash, meta, tracker, since=since, seq=next(self._seq))
-        t.schedule_polls(time.monotonic())
+        t.schedule_polls(trio.current_time())
         self._by_hash[meta.info_hash] = t
         return t
 

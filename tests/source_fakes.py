@@ -1,0 +1,87 @@
+"""Fakes for unit tests of the source's async parts (pool, senders, monitor)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+
+from qbsync.wire.errors import ConnectionClosed
+from qbsync.wire.messages import PieceAck
+
+
+class FakeConn:
+    """Stands in for ClientConnection: answers requests and pieces with test callbacks."""
+
+    def __init__(
+        self,
+        on_request: Callable[[Any], Any] | None = None,
+        on_piece: Callable[[str, int, bytes], Any] | None = None,
+    ) -> None:
+        self.closed = False
+        self.inflight_bytes = 0
+        self.credit = 1 << 30
+        self.requests: list[Any] = []
+        self.pieces: list[tuple[str, int, bytes]] = []
+        self.on_request = on_request or (lambda msg: None)
+        self.on_piece = on_piece or (lambda h, i, data: PieceAck(h, i))
+        self._closed = trio.Event()
+
+    def close(self) -> None:
+        self.closed = True
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def request(self, msg: Any, *, timeout: float) -> Any:  # noqa: ASYNC109
+        if self.closed:
+            raise ConnectionClosed()
+        self.requests.append(msg)
+        result = self.on_request(msg)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def send_piece(self, info_hash: str, index: int, offset: int, data: Any) -> PieceAck:
+        if self.closed:
+            raise ConnectionClosed()
+        payload = bytes(data)
+        self.pieces.append((info_hash, index, payload))
+        self.inflight_bytes += len(payload)
+        try:
+            result = self.on_piece(info_hash, index, payload)
+            if isinstance(result, float):  # "hang for this long"
+                await trio.sleep(result)
+                return PieceAck(info_hash, index)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        finally:
+            self.inflight_bytes -= len(payload)
+
+
+class FakeConnector:
+    """A Connector whose attempts follow a script: a FakeConn to yield, or an exception."""
+
+    def __init__(self, script: Callable[[int], FakeConn | BaseException]) -> None:
+        self.script = script
+        self.attempts: list[float] = []
+        self.conns: list[FakeConn] = []
+
+    def __call__(self) -> contextlib.AbstractAsyncContextManager[FakeConn]:
+        return self._open()
+
+    @contextlib.asynccontextmanager
+    async def _open(self) -> AsyncIterator[FakeConn]:
+        self.attempts.append(trio.current_time())
+        outcome = self.script(len(self.attempts))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        self.conns.append(outcome)
+        try:
+            yield outcome
+        finally:
+            outcome.close()

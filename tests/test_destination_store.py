@@ -1,0 +1,358 @@
+"""Destination store: persistence format, layout validation, create/recover, flush, scan,
+hardlinks. Runs the real store on a temporary directory (no wire, no qBittorrent)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from qbsync.bitfield import Bitfield
+from qbsync.destination import state as st
+from qbsync.destination.hardlinks import HardlinkRegistry
+from qbsync.destination.state import FileMeta, FileStatus, Phase
+from qbsync.destination.store import Store, build_files, new_meta, pad_flags
+from qbsync.torrent import bencode, parse_metainfo
+from qbsync.wire import ErrorCode, WireError
+from tests.qbharness import KiB, make_payload
+from tests.wireclient import LocalTorrent
+
+FILES = {"a.bin": 100_000, "b.bin": 50_000, "c/d.bin": 70_000}
+
+
+def make_torrent(tmp_path: Path, files: dict[str, int] = FILES, seed: int = 0) -> LocalTorrent:
+    return LocalTorrent.create(make_payload(tmp_path / "src" / "payload", files, seed), 16 * KiB)
+
+
+def meta_for(
+    t: LocalTorrent, *, selected: list[bool] | None = None, sub: str = ""
+) -> st.TorrentMeta:
+    sel = selected or [True] * len(t.files)
+    files = [FileMeta(rel, size, s) for (rel, size), s in zip(t.files, sel, strict=True)]
+    return new_meta(t.info_hash, "payload", sub, files)
+
+
+async def write_all(
+    store: Store, state: st.TorrentState, t: LocalTorrent, pieces: list[int]
+) -> None:
+    """Write pieces straight into the .partial files and set their bits (test shortcut)."""
+    for i in pieces:
+        data = t.piece(i)
+        for span in state.geometry.spans(i):
+            f = state.files[span.file_index]
+            if f.status is not FileStatus.STREAMING:
+                continue
+            fd = await store.acquire(state, f)
+            assert fd is not None
+            try:
+                os.pwrite(
+                    fd, data[span.piece_offset : span.piece_offset + span.length], span.file_offset
+                )
+            finally:
+                f.release()
+            state.touched.add(f.index)
+        state.written[i] = True
+        state.version += 1
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+# --- persistence format ---------------------------------------------------------------------------
+
+
+def test_pieces_roundtrip_and_corruption_gives_empty() -> None:
+    w = Bitfield.from_indices(21, [0, 5, 20])
+    u = Bitfield.from_indices(21, [5])
+    raw = st.encode_pieces(w, u)
+    assert st.decode_pieces(raw, 21) == (w, u)
+    empty = (Bitfield(21), Bitfield(21))
+    assert st.decode_pieces(raw, 22) == (Bitfield(22), Bitfield(22))  # another size
+    assert st.decode_pieces(raw[:-1], 21) == empty  # truncated
+    assert st.decode_pieces(b"", 21) == empty
+    flipped = bytearray(raw)
+    flipped[15] ^= 0x40
+    assert st.decode_pieces(bytes(flipped), 21) == empty  # CRC catches a flipped bit
+    assert st.decode_pieces(os.urandom(len(raw)), 21) == empty
+
+
+def test_meta_roundtrip_and_newer_schema_refused() -> None:
+    meta = new_meta("ab" * 20, "n", "sub", [FileMeta("n/a", 1, True, 3, 4)])
+    assert st.load_meta(st.dump_json(meta)) == meta
+    newer = st.dump_json(st.TorrentMeta(st.SCHEMA_VERSION + 1, "ab" * 20, "n", "", ()))
+    with pytest.raises(ValueError):
+        st.load_meta(newer)
+    with pytest.raises(ValueError):
+        st.load_meta(b"{not json")
+    with pytest.raises(ValueError):
+        st.load_meta(b'{"schema": 1}')
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    st.atomic_write(tmp_path, "x", b"one")
+    st.atomic_write(tmp_path, "x", b"two")
+    assert (tmp_path / "x").read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+
+
+# --- layout ------------------------------------------------------------------------------------
+
+
+def test_build_files_checks_request_against_metainfo(tmp_path: Path) -> None:
+    t = make_torrent(tmp_path)
+    mi = parse_metainfo(t.torrent)
+    good = [FileMeta(rel, size) for rel, size in t.files]
+    files = build_files(mi, good, "movies")
+    assert [f.parts for f in files] == [("movies", *rel.split("/")) for rel, _ in t.files]
+    with pytest.raises(WireError) as err:
+        build_files(mi, good[:-1], "")
+    assert err.value.code == ErrorCode.BAD_REQUEST
+    bad_size = [*good[:-1], FileMeta(good[-1].path, good[-1].size + 1)]
+    with pytest.raises(WireError) as err:
+        build_files(mi, bad_size, "")
+    assert err.value.code == ErrorCode.BAD_REQUEST
+    with pytest.raises(WireError) as err:
+        build_files(mi, [*good[:-1], FileMeta("../x", good[-1].size)], "")
+    assert err.value.code == ErrorCode.UNSAFE_PATH
+    with pytest.raises(WireError) as err:
+        build_files(mi, good, "../up")
+    assert err.value.code == ErrorCode.UNSAFE_PATH
+    with pytest.raises(WireError) as err:
+        build_files(mi, [FileMeta("same", s) for _, s in t.files], "")
+    assert err.value.code == ErrorCode.UNSAFE_PATH
+
+
+def test_padding_files_are_mapped_and_skipped() -> None:
+    """A BEP 47 torrent: qBittorrent lists 2 files, the geometry has 3 (one padding file)."""
+    piece = 16 * KiB
+    a, b = b"A" * 10_000, b"B" * 5_000
+    pad = piece - len(a)
+    content = a + bytes(pad) + b
+    hashes = b"".join(
+        __import__("hashlib").sha1(content[i : i + piece]).digest()
+        for i in range(0, len(content), piece)
+    )
+    info = {
+        b"name": b"t",
+        b"piece length": piece,
+        b"pieces": hashes,
+        b"files": [
+            {b"length": len(a), b"path": [b"a"]},
+            {b"length": pad, b"path": [b".pad", str(pad).encode()], b"attr": b"p"},
+            {b"length": len(b), b"path": [b"b"]},
+        ],
+    }
+    mi = parse_metainfo(bencode({b"info": info}))
+    assert pad_flags(mi) == [False, True, False]
+    files = build_files(mi, [FileMeta("t/a", len(a)), FileMeta("t/b", len(b))], "")
+    assert [f.pad for f in files] == [False, True, False]
+    assert [f.request_index for f in files] == [0, -1, 1]
+    assert files[1].status is FileStatus.SKIPPED
+
+
+# --- create / flush / recover -------------------------------------------------------------------
+
+
+async def test_create_flush_recover_roundtrip(tmp_path: Path, nursery: trio.Nursery) -> None:
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    store = Store(data)
+    store.attach(nursery)
+    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    mdir = data / ".qbsync" / t.info_hash
+    assert (mdir / st.META_NAME).is_file() and (mdir / st.TORRENT_NAME).read_bytes() == t.torrent
+    assert state.needed().count() == t.num_pieces
+    await write_all(store, state, t, [0, 1, 2, 9])
+    assert state.version != state.flushed_version
+    await store.flush(state)
+    assert state.version == state.flushed_version
+    assert not state.touched
+    written, _ = st.decode_pieces((mdir / st.PIECES_NAME).read_bytes(), t.num_pieces)
+    assert set(written.set_indices()) == {0, 1, 2, 9}
+    await store.close_all(state)
+
+    store2 = Store(data)
+    store2.attach(nursery)
+    assert await store2.recover() == 1
+    again = store2.torrents[t.info_hash]
+    assert set(again.written.set_indices()) == {0, 1, 2, 9}
+    assert set(again.needed().set_indices()) == set(range(t.num_pieces)) - {0, 1, 2, 9}
+    assert again.last_activity <= time.time()
+
+
+async def test_recover_clears_bits_of_missing_or_short_files(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    store = Store(data)
+    store.attach(nursery)
+    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    everything = list(range(t.num_pieces))
+    await write_all(store, state, t, everything)
+    await store.flush(state)
+    await store.close_all(state)
+    # b.bin.partial vanishes, c/d.bin.partial is cut short.
+    (data / "payload" / "b.bin.partial").unlink()
+    os.truncate(data / "payload" / "c" / "d.bin.partial", 10)
+
+    store2 = Store(data)
+    store2.attach(nursery)
+    await store2.recover()
+    again = store2.torrents[t.info_hash]
+    needed = set(again.needed().set_indices())
+    geo = again.geometry
+    expect = set(geo.file_pieces(1)) | set(geo.file_pieces(2))
+    assert needed == expect
+    assert set(geo.file_pieces(0)) - expect <= set(again.written.set_indices())
+
+
+async def test_unloadable_state_dirs_are_skipped(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data = tmp_path / "data"
+    (data / ".qbsync" / ("ab" * 20)).mkdir(parents=True)
+    (data / ".qbsync" / ("ab" * 20) / st.META_NAME).write_text("garbage")
+    (data / ".qbsync" / "not-a-hash").mkdir()
+    store = Store(data)
+    store.attach(nursery)
+    assert await store.recover() == 0
+
+
+async def test_zero_length_selected_file_created_at_init(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = make_torrent(tmp_path, {"a.bin": 40_000, "empty.bin": 0})
+    store = Store(tmp_path / "data")
+    store.attach(nursery)
+    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    empty = next(f for f in state.files if f.size == 0)
+    assert empty.status is FileStatus.COMPLETE
+    assert (tmp_path / "data" / "payload" / "empty.bin").stat().st_size == 0
+    assert state.geometry.file_pieces(empty.index) == range(0)
+
+
+async def test_dry_run_store_touches_nothing(tmp_path: Path, nursery: trio.Nursery) -> None:
+    t = make_torrent(tmp_path)
+    store = Store(tmp_path / "data", dry_run=True)
+    store.attach(nursery)
+    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    await store.flush(state)
+    assert not (tmp_path / "data").exists()
+    assert state.dry_seen is not None
+
+
+# --- scan of data already on disk -------------------------------------------------------------
+
+
+async def _scanned(store: Store, t: LocalTorrent, **kw: object) -> st.TorrentState:
+    state = await store.create(meta_for(t, **kw), parse_metainfo(t.torrent), fresh=True)  # type: ignore[arg-type]
+    if state.scan_done is not None:
+        await state.scan_done.wait()
+    assert state.phase is Phase.ACTIVE
+    return state
+
+
+async def test_existing_good_files_are_proven_by_scan(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    make_payload(data / "payload", FILES, 0)
+    store = Store(data)
+    store.attach(nursery)
+    state = await _scanned(store, t)
+    assert state.needed().count() == 0
+    assert all(f.status is FileStatus.COMPLETE for f in state.files)
+    assert state.written.all()
+
+
+async def test_existing_damaged_file_is_demoted_keeping_good_pieces(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    make_payload(data / "payload", FILES, 0)
+    _overwrite(data / "payload" / "a.bin", 20_000, b"\0\1\2")
+    store = Store(data)
+    store.attach(nursery)
+    state = await _scanned(store, t)
+    assert set(state.needed().set_indices()) == {20_000 // (16 * KiB)}
+    a = state.files[0]
+    assert a.status is FileStatus.STREAMING
+    assert (data / "payload" / "a.bin.partial").exists()
+    assert not (data / "payload" / "a.bin").exists()
+
+
+async def test_damaged_file_with_other_links_is_unlinked_not_written(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    make_payload(data / "payload", FILES, 0)
+    _overwrite(data / "payload" / "b.bin", 0, b"xx")
+    os.link(data / "payload" / "b.bin", tmp_path / "other-name")
+    store = Store(data)
+    store.attach(nursery)
+    state = await _scanned(store, t)
+    assert set(state.needed().set_indices()) == set(state.geometry.file_pieces(1))
+    assert not (data / "payload" / "b.bin").exists()
+    assert (tmp_path / "other-name").read_bytes()[:2] == b"xx"  # the other name untouched
+
+
+async def test_hardlink_from_registered_file_then_verified(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    make_payload(data / "old" / "payload", {"b.bin": FILES["b.bin"]}, 0)
+    registry = HardlinkRegistry()
+    registry.add(7, 99, ("old", "payload", "b.bin"), FILES["b.bin"])
+    registry.add(7, 100, ("old", "payload", "gone.bin"), 5)
+    store = Store(data, registry=registry)
+    store.attach(nursery)
+    files = [
+        FileMeta(rel, size, True, 7, 99 if rel.endswith("b.bin") else 0) for rel, size in t.files
+    ]
+    state = await store.create(
+        new_meta(t.info_hash, "payload", "", files), parse_metainfo(t.torrent), fresh=True
+    )
+    if state.scan_done is not None:
+        await state.scan_done.wait()
+    b = state.files[1]
+    assert b.status is FileStatus.COMPLETE
+    assert (
+        os.stat(data / "payload" / "b.bin").st_ino
+        == os.stat(data / "old" / "payload" / "b.bin").st_ino
+    )
+    # Pieces entirely inside b.bin are not needed; shared boundary pieces still are.
+    inner = [
+        i
+        for i in state.geometry.file_pieces(1)
+        if [s.file_index for s in state.geometry.spans(i)] == [1]
+    ]
+    assert inner and not set(inner) & set(state.needed().set_indices())
+    assert registry.lookup(7, 100, 5, data) is None
+    assert len(registry) == 1  # the vanished entry was evicted
+
+
+async def test_resume_after_selection_change_scans_partials(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    store = Store(data)
+    store.attach(nursery)
+    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    half = list(range(0, t.num_pieces, 2))
+    await write_all(store, state, t, half)
+    await store.flush(state)
+    await store.forget(state)
+    await store.wipe_state_dir(t.info_hash)
+    # Fresh init (as after a resync): the .partial files are scanned, proven pieces kept.
+    state2 = await _scanned(store, t)
+    assert set(state2.written.set_indices()) == set(half)
