@@ -263,3 +263,21 @@ async def test_status_page(tmp_path: Path, nursery: trio.Nursery) -> None:
     status = d.server.status()
     assert status["torrents"][0]["hash"] == t.info_hash
     assert status["torrents"][0]["phase"] == Phase.ACTIVE.value
+
+
+async def test_complete_in_qbittorrent_without_marker_records_the_marker(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crash between qBittorrent's verify and the marker: the next Init sees the torrent
+    complete in qBittorrent, writes the marker and drops the stale state."""
+    t = torrent(tmp_path)
+    d = build(tmp_path, nursery)
+    await complete(d, t)
+
+    async def complete_in_qb(info_hash: str) -> SyncStatus:
+        return SyncStatus.COMPLETE
+
+    monkeypatch.setattr(d.finalizer, "qb_status", complete_in_qb)
+    assert (await d.server.init(t.init_msg())).status == SyncStatus.COMPLETE
+    assert t.info_hash not in d.store.torrents
+    assert (d.root / ".qbsync" / t.info_hash / FINALIZED_NAME).is_file()

@@ -214,3 +214,11 @@ def test_dry_run_changes_nothing_anywhere(
     assert tags_of(rig.src_qb, ih) == set()
     assert not (rig.state_dir / "completed_on_dest.json").exists()
     assert http_status(health, "/readyz")[0] == 200
+    # Liveness never depends on qBittorrent; readiness does.
+    rig.src_qb.stop()
+    wait_until(lambda: http_status(health, "/readyz")[0] == 503, 20, 0.2, "not ready")
+    code, body = http_status(health, "/readyz")
+    assert "qbittorrent" in str(body), body
+    time.sleep(2)
+    assert http_status(health, "/livez")[0] == 200
+    assert source.returncode is None

@@ -214,6 +214,12 @@ class DestinationServer:
                 return InitResult(SyncStatus.COMPLETE)
             qb_status = await self.finalizer.qb_status(h)
             if qb_status is not None and (state is None or state.phase is not Phase.FINALIZING):
+                if qb_status is SyncStatus.COMPLETE and state is not None and not self.dry_run:
+                    # Verified in qBittorrent but the marker was never written (a crash in
+                    # between): record it now instead of keeping a dead state around.
+                    await self.store.forget(state)
+                    await self.store.write_marker(state)
+                    log.info("event=marker_recovered hash=%s", h)
                 return InitResult(qb_status)
             if state is not None and req.files and not req.probe:
                 wanted = tuple((f.path, f.size, f.selected) for f in req.files)
