@@ -72,7 +72,11 @@ def test_transient_errors_never_count_as_failures():
 
 
 def test_fingerprint():
-    files = [{"index": 2, "priority": 1}, {"index": 0, "priority": 6}, {"index": 1, "priority": 0}]
+    files: list[dict[str, object]] = [
+        {"index": 2, "priority": 1},
+        {"index": 0, "priority": 6},
+        {"index": 1, "priority": 0},
+    ]
     assert fingerprint(files) == "0,2"
 
 
@@ -127,6 +131,7 @@ class FakeMonitor:
         self.on_update: Any = None
         self.on_removed: Any = None
         self.polls: list[str] = []
+        self.server_state: dict[str, Any] = {}
 
     def request_poll(self, t: Any) -> None:
         self.polls.append(t.info_hash)
@@ -188,7 +193,7 @@ async def test_discovery_probes_sorts_by_destination_share_and_records_complete(
     async def fake_track(h: str, info: dict[str, Any], **kw: Any) -> None:
         tracked.append(h)
 
-    orch._track = fake_track  # type: ignore[method-assign]
+    orch._track = fake_track
     await orch.cycle()
     assert tracked == [H[1], H[0]]  # most data on the destination first
     assert sorted(m.info_hash for m in pool.requests) == sorted([H[0], H[1], H[3], H[5]])
@@ -228,7 +233,7 @@ async def test_finalize_verifying_polls_then_synced_and_tagged(tmp_path):
     orch, qb, pool, _, registry = make(tmp_path, torrents, {"Finalize": lambda m: next(answers)})
     orch.cache.load()
     _complete_torrent(registry, H[0])
-    orch._discover = _noop  # type: ignore[method-assign]
+    orch._discover = _noop
     with trio.fail_after(10):
         while H[0] in registry:
             await orch.cycle()
@@ -253,7 +258,7 @@ async def test_finalize_failures_cap_at_three_then_sync_failed(tmp_path):
     orch.cache.load()
     t = _complete_torrent(registry, H[0])
     t.meta.init_request = lambda resync=False: InitTorrent(H[0])
-    orch._discover = _noop  # type: ignore[method-assign]
+    orch._discover = _noop
     with trio.fail_after(30):
         while H[0] in registry:
             t.next_finalize_at = 0
@@ -265,10 +270,10 @@ async def test_finalize_failures_cap_at_three_then_sync_failed(tmp_path):
 
 async def test_destination_outage_during_finalize_is_not_a_failure(tmp_path):
     torrents = {H[0]: torrent(H[0], state="stalledUP", progress=1)}
-    orch, qb, pool, _, registry = make(tmp_path, torrents, {"Finalize": ConnectionClosed()})
+    orch, qb, _, _, registry = make(tmp_path, torrents, {"Finalize": ConnectionClosed()})
     orch.cache.load()
     t = _complete_torrent(registry, H[0])
-    orch._discover = _noop  # type: ignore[method-assign]
+    orch._discover = _noop
     for _ in range(5):
         t.next_finalize_at = 0
         await orch.cycle()
@@ -286,7 +291,7 @@ async def test_exclusion_and_removal_abort_mid_sync_but_keep_synced_entries(tmp_
     for h in (H[0], H[1]):
         t = _complete_torrent(registry, h)
         t.tracker = PieceTracker(2)  # mid-sync
-    orch._discover = _noop  # type: ignore[method-assign]
+    orch._discover = _noop
     monitor.torrents[H[0]]["tags"] = "no-sync"
     del monitor.torrents[H[1]]
     orch.on_update(
@@ -319,3 +324,24 @@ async def test_dry_run_never_mutates(tmp_path):
 
 async def _noop() -> None:
     return None
+
+
+async def test_abort_deferred_while_unreachable_then_sent(tmp_path):
+    torrents = {H[0]: torrent(H[0], tags="no-sync")}
+    orch, _, pool, _, registry = make(
+        tmp_path, torrents, {"Abort": lambda m: type("R", (), {"existed": True})()}
+    )
+    orch.cache.load()
+    t = _complete_torrent(registry, H[0])
+    t.tracker = PieceTracker(2)  # mid-sync
+    orch._discover = _noop
+    pool.connected = 0  # destination down when the exclusion tag shows up
+    await orch.cycle()
+    assert len(registry) == 0 and not pool.requests  # untracked now, abort deferred
+    await orch.cycle()
+    assert not pool.requests
+    pool.connected = 1
+    await orch.cycle()
+    assert [type(m).__name__ for m in pool.requests] == ["Abort"]
+    await orch.cycle()
+    assert len(pool.requests) == 1  # sent once

@@ -140,7 +140,7 @@ async def test_scales_up_while_connections_are_the_bottleneck(autojump_clock, ca
         await trio.sleep(0.5)
         for c in connector.conns:
             c.credit = 0  # every connection waits for the destination's credit
-        while pool.connected < 3:  # noqa: ASYNC110
+        while pool.connected < 3:
             for c in connector.conns:
                 c.credit = 0
             await trio.sleep(0.1)

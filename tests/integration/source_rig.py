@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
+import subprocess
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 
 from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
 from tests.qbharness import KiB, MiB, QBInstance, QbsyncProcess, SeededTorrent, free_port
@@ -28,6 +31,26 @@ FILES: dict[str, int] = {
 }
 PIECE = 64 * KiB
 RATE = 512 * KiB
+
+
+def make_self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A throwaway self-signed EC certificate for 127.0.0.1 (needs the openssl CLI)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 def scrape(port: int) -> str:
@@ -47,6 +70,20 @@ def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> flo
             continue
         total += float(m.group(3))
     return total
+
+
+def histogram_quantile(port: int, name: str, q: float) -> float:
+    """Upper bound of the bucket holding quantile ``q`` of a histogram (for reporting)."""
+    buckets: list[tuple[float, float]] = []
+    for line in scrape(port).splitlines():
+        m = re.match(rf'^{name}_bucket\{{le="([^"]+)"\}} (\S+)$', line)
+        if m:
+            buckets.append((float(m.group(1)), float(m.group(2))))
+    total = buckets[-1][1] if buckets else 0.0
+    for le, count in buckets:
+        if total and count >= q * total:
+            return le
+    return float("nan")
 
 
 def http_status(port: int, path: str) -> tuple[int, Any]:
@@ -114,7 +151,11 @@ class Rig:
         return self.dest
 
     def start_source(
-        self, *extra: str, token: str | None = None, health_port: int | None = None
+        self,
+        *extra: str,
+        token: str | None = None,
+        health_port: int | None = None,
+        wait_started: bool = True,
     ) -> tuple[QbsyncProcess, int]:
         port = health_port or free_port()
         proc = self.qbsync_factory(
@@ -131,8 +172,11 @@ class Rig:
                 "1",
                 "--health-addr",
                 f"127.0.0.1:{port}",
-                "--auth-token",
-                token if token is not None else self.token,
+                *(
+                    ["--auth-token", token if token is not None else self.token]
+                    if token != ""
+                    else []
+                ),
                 "--min-connections",
                 "1",
                 "--max-connections",
@@ -145,7 +189,8 @@ class Rig:
             ],
         )
         self.sources.append(proc)
-        proc.wait_for_log("event=started", timeout=30)
+        if wait_started:
+            proc.wait_for_log("event=started", timeout=30)
         return proc, port
 
     def add_to_source(self, *, download_limit: int | None = RATE, **kw: Any) -> None:

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
-from tests.integration.source_rig import FILES, Rig, http_status, make_rig, metric, tags_of
+from tests.integration.source_rig import (
+    FILES,
+    Rig,
+    histogram_quantile,
+    http_status,
+    make_rig,
+    metric,
+    tags_of,
+)
 from tests.qbharness import wait_until
 
 pytestmark = pytest.mark.integration
@@ -56,6 +64,9 @@ def test_streams_while_downloading_then_verified_tagged_identical(
     assert metric(health, "qbsync_sync_outcomes_total", {"result": "synced"}) == 1
     code, status = http_status(health, "/readyz")
     assert code == 200, status
+    lag_p50 = histogram_quantile(health, "qbsync_piece_lag_seconds", 0.5)
+    lag_p95 = histogram_quantile(health, "qbsync_piece_lag_seconds", 0.95)
+    print(f"piece lag (first seen complete -> acked): p50<={lag_p50}s p95<={lag_p95}s")
     # The source keeps seeding after a sync.
     src_info = rig.src_qb.info(ih)
     assert src_info is not None and src_info["state"] in ("stalledUP", "uploading")
@@ -168,6 +179,10 @@ def test_kill9_then_restart_resumes_without_resending_acked_pieces(
     assert metric(health2, "qbsync_pieces_acked_total") == needed[0]
     assert metric(health2, "qbsync_pieces_resent_total") == 0
     received = metric(rig.dest_health, "qbsync_pieces_received_total")
+    print(
+        f"kill -9: pieces={n} acked_before_kill={acked_before:.0f} needed_after_restart="
+        f"{needed[0]} received_by_destination={received:.0f} (duplicates {received - n:.0f})"
+    )
     assert received <= n + (n - acked_before - needed[0]), (received, n)
     for rel in FILES:
         assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
@@ -217,8 +232,51 @@ def test_dry_run_changes_nothing_anywhere(
     # Liveness never depends on qBittorrent; readiness does.
     rig.src_qb.stop()
     wait_until(lambda: http_status(health, "/readyz")[0] == 503, 20, 0.2, "not ready")
-    code, body = http_status(health, "/readyz")
+    body = http_status(health, "/readyz")[1]
     assert "qbittorrent" in str(body), body
     time.sleep(2)
     assert http_status(health, "/livez")[0] == 200
     assert source.returncode is None
+
+
+def test_destination_restart_mid_stream_reconnects_and_completes(
+    tmp_path: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+) -> None:
+    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+    source, health = rig.start_source()
+    ih = rig.info_hash
+    rig.add_to_source()
+    _wait_acked(health, 20)
+    assert rig.dest is not None
+    assert rig.dest.stop() == 0  # graceful: the destination flushes its state
+    wait_until(lambda: "event=destination_disconnected" in source.log_text(), 10, 0.1, "noticed")
+    time.sleep(1.5)  # the source keeps downloading and queueing meanwhile
+    rig.start_destination()  # same port, same --data: it recovers its state
+    wait_until(lambda: "synced" in tags_of(rig.src_qb, ih), 90, 0.2, "synced after restart")
+    log = source.log_text()
+    assert "generation=2" in log  # reconnected, and re-initialized the torrent
+    for rel in FILES:
+        assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
+    assert "code=internal" not in log
+
+
+def test_starts_before_qbittorrent_and_recovers(
+    tmp_path: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+) -> None:
+    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+    rig.src_qb.stop()
+    source, health = rig.start_source(wait_started=False)
+    wait_until(lambda: "event=qbittorrent_unreachable" in source.log_text(), 20, 0.2, "waiting")
+    assert http_status(health, "/livez")[0] == 200  # alive: qBittorrent is not our liveness
+    assert http_status(health, "/readyz")[0] == 503
+    rig.src_qb.start()  # same ports as before
+    source.wait_for_log("event=started", timeout=60)
+    wait_until(lambda: http_status(health, "/readyz")[0] == 200, 20, 0.2, "ready")
+    rig.add_to_source(download_limit=None)
+    wait_until(lambda: "synced" in tags_of(rig.src_qb, rig.info_hash), 60, 0.2, "synced")

@@ -26,7 +26,8 @@ A cycle (each step logs and survives its own errors):
    a failure; ``incomplete`` re-initializes (the destination lost or rejected pieces); other
    errors count, and the third consecutive one tags the torrent ``--sync-failed-tag``.
    Destination outages (no connection, timeouts, retryable codes) never count.
-6. **Maintenance** every 50 cycles' worth of time: hand over synced torrents removed from the
+6. **Disk-pressure cleanup** (every ``--sleep``): see :mod:`.cleanup`.
+7. **Maintenance** every 50 cycles' worth of time: hand over synced torrents removed from the
    source while we were not watching, and re-check tracked torrents' selection.
 
 Dry run (``--dry-run``) changes nothing on either side: no InitTorrent that creates state, no
@@ -59,6 +60,7 @@ from ..wire.messages import (
     SyncStatus,
 )
 from .cache import CompletionCache, fingerprint
+from .cleanup import Cleanup
 from .meta import MetaError, build_meta
 from .monitor import MaindataUpdate, Monitor
 from .paths import PathMapper
@@ -169,9 +171,22 @@ class Orchestrator:
         self._probe_retry_at: dict[str, float] = {}
         self._dry_logged: set[tuple[str, str]] = set()
         self._orphans: set[str] = set()  # tracked, fully streamed, removed from the source
+        self._pending_aborts: set[str] = set()  # aborts that failed while unreachable
         self._last_info: dict[str, dict[str, Any]] = {}
         self._last_timer_cycle = 0.0
         self._last_maintenance = trio.current_time()
+        self.cleanup = Cleanup(
+            qb=qb,
+            request=pool.request,
+            cache=cache,
+            mapper=mapper,
+            min_space_gib=config.min_space,
+            min_seeding_time=config.min_seeding_time,
+            synced_tag=config.synced_tag,
+            source_removed_tag=config.source_removed_tag,
+            exclude_cleanup_tag=config.exclude_cleanup_tag,
+            dry_run=config.dry_run,
+        )
         monitor.on_update = self.on_update
         monitor.on_removed = self.on_removed
 
@@ -278,6 +293,15 @@ class Orchestrator:
                     kv(str(exc)),
                 )
         if timer:
+            try:
+                free = self.monitor.server_state.get("free_space_on_disk")
+                await self.cleanup.run_pass(
+                    list(self.monitor.torrents.values()),
+                    free_bytes=int(free) if free is not None else None,
+                    draining=False,
+                )
+            except (QBError, WireError, OSError) as exc:
+                log.error("event=cleanup_failed code=%s error=%s", _code(exc), kv(str(exc)))
             # Backstop: a tracked torrent that is not complete gets one piece-state poll per
             # --sleep even without a progress change (cheap: only active syncs).
             for t in self.registry.all():
@@ -290,6 +314,9 @@ class Orchestrator:
             except (QBError, WireError, MetaError, OSError) as exc:
                 log.error("event=maintenance_failed code=%s error=%s", _code(exc), kv(str(exc)))
         metrics.active_torrents.labels("source").set(len(self.registry))
+        metrics.active_finalization_backoffs.set(
+            sum(1 for t in self.registry.all() if t.finalize_failures)
+        )
         for t in self.registry.all():
             info = self.monitor.torrents.get(t.info_hash)
             if info is not None:
@@ -298,6 +325,10 @@ class Orchestrator:
     # -- 1. removals ------------------------------------------------------------------------
 
     async def _handle_removals(self) -> None:
+        if self._pending_aborts and self.pool.connected:
+            for h in sorted(self._pending_aborts):
+                if h not in self.registry:
+                    await self._abort(h, reason="retry")
         removed, self._removed = self._removed, set()
         for h in sorted(removed):
             if h in self.monitor.torrents:
@@ -326,6 +357,9 @@ class Orchestrator:
         if self.dry_run:
             self._dry("start_destination", h, reason="removed_from_source")
             return
+        if not self.pool.connected:
+            log.warning("event=handoff_deferred hash=%s code=timeout retry=maintenance", h)
+            return
         try:
             await self.pool.request(
                 StartTorrent(h, tag=self.config.source_removed_tag), within=CONTROL_TIMEOUT
@@ -345,17 +379,26 @@ class Orchestrator:
         if self.dry_run:
             self._dry("abort", h, reason=reason)
             return
+        if not self.pool.connected:
+            self._pending_aborts.add(h)
+            log.warning("event=abort_deferred hash=%s reason=%s code=timeout", h, reason)
+            return
         try:
             result = await self.pool.request(Abort(h, delete_files=True), within=CONTROL_TIMEOUT)
         except WireError as exc:
+            retry = is_transient(exc)
+            if retry:
+                self._pending_aborts.add(h)
             log.warning(
-                "event=abort_failed hash=%s reason=%s code=%s error=%s",
+                "event=abort_failed hash=%s reason=%s code=%s retry=%s error=%s",
                 h,
                 reason,
                 exc.code.value,
+                str(retry).lower(),
                 kv(str(exc)),
             )
             return
+        self._pending_aborts.discard(h)
         self.stats.aborted += 1
         log.info(
             "event=torrent_aborted hash=%s reason=%s existed=%s",
@@ -451,6 +494,8 @@ class Orchestrator:
         ]
         if not candidates:
             return
+        if not self.pool.connected:
+            return  # nothing to ask until the destination is back (no 30 s wait per cycle)
         ready: list[tuple[int, str]] = []
         for info in candidates:
             h = str(info["hash"])
@@ -527,7 +572,9 @@ class Orchestrator:
         completion = float(info.get("completion_on") or 0)
         since = completion if completion > 0 else time.time()
         self.reader.forget(h)
+        self._pending_aborts.discard(h)  # tracked again (tag removed, re-added): keep its data
         t = self.registry.add(meta, tracker, since)
+        t.resync_pending = resync
         metrics.active_torrents.labels("source").set(len(self.registry))
         log.info(
             "event=torrent_tracked hash=%s name=%s pieces=%d piece_length=%d selected_bytes=%d "
@@ -557,6 +604,8 @@ class Orchestrator:
     # -- 5. finalize ------------------------------------------------------------------------
 
     async def _finalize_ready(self) -> None:
+        if not self.pool.connected:
+            return  # a destination outage is not a finalize failure; try when it is back
         now = trio.current_time()
         for t in sorted(self.registry.all(), key=lambda t: t.seq):
             if not t.active or not t.tracker.complete or now < t.next_finalize_at:
@@ -720,6 +769,9 @@ class Orchestrator:
     # -- 6. maintenance ---------------------------------------------------------------------
 
     async def _maintenance(self) -> None:
+        listed = self.monitor.torrents
+        self._probe_retry_at = {h: v for h, v in self._probe_retry_at.items() if h in listed}
+        self._dry_logged = {k for k in self._dry_logged if k[1] in listed}
         # Synced torrents that left the source while nobody watched (restart, missed event).
         for h in list(self.cache):
             if h not in self.monitor.torrents:

@@ -128,14 +128,18 @@ def _busy(slot: _Slot) -> bool:
     return slot.conn is not None and not slot.conn.closed and slot.conn.inflight_bytes > 0
 
 
-async def wait_closed(conn: Connection) -> None:
-    """Return when ``conn`` has closed."""
+async def wait_closed(conn: Connection) -> tuple[str, str]:
+    """Return (code, message) once ``conn`` has closed."""
     waiter = getattr(conn, "wait_closed", None)
+    reason: object = None
     if waiter is not None:
-        await waiter()
-        return
-    while not conn.closed:  # noqa: ASYNC110  (fallback when the connection has no event)
-        await trio.sleep(0.2)
+        reason = await waiter()
+    else:
+        while not conn.closed:  # noqa: ASYNC110  (fallback when the connection has no event)
+            await trio.sleep(0.2)
+    if isinstance(reason, WireError) and reason.code != ErrorCode.OK:
+        return reason.code.value, reason.message or str(reason)
+    return "connection-lost", str(getattr(reason, "message", "") or "connection closed")
 
 
 class ConnectionPool:
@@ -255,14 +259,17 @@ class ConnectionPool:
                     if _retiring(slot):  # (re-read: it changes while we await)
                         break
                     delay = backoff.next_delay()
-                    code, message = self.last_error or ("closed", "")
+                    code, message = self.last_error or ("connection-lost", "")
+                    event = (
+                        "destination_connection_lost" if up_for else "destination_connect_failed"
+                    )
                     level = (
                         logging.ERROR if code == ErrorCode.AUTH_FAILED.value else (logging.WARNING)
                     )
                     log.log(
                         level,
-                        "event=destination_connect_failed conn=%d addr=%s code=%s retry_in_s=%.1f "
-                        "attempt=%d error=%s",
+                        "event=%s conn=%d addr=%s code=%s retry_in_s=%.1f attempt=%d error=%s",
+                        event,
                         slot.id,
                         self.address,
                         code,
@@ -282,8 +289,7 @@ class ConnectionPool:
             async with self._connect() as conn:
                 started = trio.current_time()
                 self._attach(slot, conn)
-                await wait_closed(conn)
-            self.last_error = ("connection-lost", "destination closed the connection")
+                self.last_error = await wait_closed(conn)
         except BaseException as exc:
             described = describe_error(exc)
             if described is None:

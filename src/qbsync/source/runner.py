@@ -27,9 +27,10 @@ from typing import Any
 
 import trio
 
-from .. import __version__, metrics
+from .. import __version__, metrics, systemd
 from ..config import SourceConfig, redacted
 from ..httpserver import Health, serve_http
+from ..k8s import drain_decision
 from ..log import kv
 from ..qb import QB, QBError
 from .cache import CompletionCache
@@ -103,70 +104,131 @@ async def _main(config: SourceConfig) -> int:
     status: dict[str, Any] = {}
     health.set_status_provider(lambda: _status(status, pool, registry))
 
-    stopped_by_signal = False
+    signals_seen = 0
+    exit_code = EXIT_OK
+    main_scope = trio.CancelScope()
+    orchestrator: Orchestrator | None = None
     try:
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as outer:
 
             async def watch_signals() -> None:
-                nonlocal stopped_by_signal
+                # First signal: stop the loops (then drain). Second: stop everything now.
+                nonlocal signals_seen
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
-                        stopped_by_signal = True
-                        log.info("event=stopping signal=%s", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        return
+                        signals_seen += 1
+                        name = signal.Signals(signum).name
+                        if signals_seen == 1:
+                            log.info("event=stopping signal=%s", name)
+                            systemd.notify("STOPPING=1\nSTATUS=stopping")
+                            health.mark_not_ready()
+                            main_scope.cancel()
+                        else:
+                            log.warning("event=stopping_now signal=%s", name)
+                            outer.cancel_scope.cancel()
+                            return
 
-            nursery.start_soon(watch_signals)
+            outer.start_soon(watch_signals)
+            interval = systemd.watchdog_interval()
+            if interval is not None:
+
+                async def live() -> bool:
+                    return (await health.check_live()).ok
+
+                outer.start_soon(systemd.watchdog, live, interval)
             if config.health_addr is not None:
-                ports = await nursery.start(serve_http, config.health_addr, health)
+                ports = await outer.start(serve_http, config.health_addr, health)
                 log.info("event=health_listening addr=%s ports=%s", config.health_addr, ports)
-            await nursery.start(pool.run)
-            prefs = await _wait_for_qb(qb, health)
-            mapper = PathMapper.from_preferences(config.data, prefs)
-            log.info(
-                "event=qbittorrent_connected url=%s save_path=%s temp_path=%s data=%s",
-                kv(config.qb_url),
-                kv(mapper.qb_default),
-                kv(mapper.qb_temp),
-                kv(str(config.data)),
-            )
-            monitor = Monitor(qb, registry, health=health)
-            orchestrator = Orchestrator(
-                config,
-                qb=qb,
-                pool=pool,
-                registry=registry,
-                monitor=monitor,
-                reader=reader,
-                cache=cache,
-                mapper=mapper,
-                health=health,
-            )
-            status["orchestrator"] = orchestrator
-            status["monitor"] = monitor
-            await nursery.start(orchestrator.run)
-            await nursery.start(monitor.run)
-            if not config.dry_run:
-                senders = Senders(
-                    registry,
-                    pool,
-                    reader,
-                    num_senders=config.num_senders,
-                    piece_timeout=config.piece_timeout,
-                    rate_limit=config.rate_limit,
-                    relocate=orchestrator.relocate,
-                )
-                status["senders"] = senders
-                await nursery.start(senders.run)
-            health.mark_ready()
-            log.info("event=started role=source dry_run=%s", str(config.dry_run).lower())
+            await outer.start(pool.run)
+            with main_scope:
+                async with trio.open_nursery() as nursery:
+                    prefs = await _wait_for_qb(qb, health)
+                    mapper = PathMapper.from_preferences(config.data, prefs)
+                    log.info(
+                        "event=qbittorrent_connected url=%s save_path=%s temp_path=%s data=%s",
+                        kv(config.qb_url),
+                        kv(mapper.qb_default),
+                        kv(mapper.qb_temp),
+                        kv(str(config.data)),
+                    )
+                    monitor = Monitor(qb, registry, health=health)
+                    orchestrator = Orchestrator(
+                        config,
+                        qb=qb,
+                        pool=pool,
+                        registry=registry,
+                        monitor=monitor,
+                        reader=reader,
+                        cache=cache,
+                        mapper=mapper,
+                        health=health,
+                    )
+                    status["orchestrator"] = orchestrator
+                    status["monitor"] = monitor
+                    await nursery.start(orchestrator.run)
+                    await nursery.start(monitor.run)
+                    if not config.dry_run:
+                        senders = Senders(
+                            registry,
+                            pool,
+                            reader,
+                            num_senders=config.num_senders,
+                            piece_timeout=config.piece_timeout,
+                            rate_limit=config.rate_limit,
+                            relocate=orchestrator.relocate,
+                        )
+                        status["senders"] = senders
+                        await nursery.start(senders.run)
+                    health.mark_ready()
+                    systemd.notify("READY=1\nSTATUS=streaming")
+                    log.info("event=started role=source dry_run=%s", str(config.dry_run).lower())
+            # The loops have stopped (a signal). In-flight pieces are simply dropped: the
+            # destination's "pieces needed" says what is missing after a restart.
+            for name in ("monitor", "orchestrator"):
+                health.forget_heartbeat(name)
+            if signals_seen and orchestrator is not None:
+                await _drain(config, qb, orchestrator)
+            outer.cancel_scope.cancel()
     except Exception:
         log.exception("event=fatal role=source code=internal")
-        return EXIT_FAILURE
+        exit_code = EXIT_FAILURE
     finally:
         reader.close()
-    log.info("event=stopped role=source signal=%s", str(stopped_by_signal).lower())
-    return EXIT_OK
+    log.info("event=stopped role=source signals=%d code=%d", signals_seen, exit_code)
+    return exit_code
+
+
+async def _drain(config: SourceConfig, qb: QB, orchestrator: Orchestrator) -> None:
+    """The SIGTERM drain: hand every synced torrent to the destination, if the gate allows.
+
+    The whole drain -- annotation lookup included -- runs under ``--drain-timeout``. It reads
+    a fresh torrent list (not the last cycle's, D8).
+    """
+    with trio.move_on_after(config.drain_timeout) as scope:
+        decision = await drain_decision(config.drain_annotation)
+        if not decision.drain:
+            log.warning("event=drain_skipped reason=%s", kv(decision.reason))
+            return
+        log.info(
+            "event=drain_start reason=%s timeout_s=%g", kv(decision.reason), config.drain_timeout
+        )
+        metrics.draining.set(1)
+        try:
+            torrents = await qb.torrents()
+            result = await orchestrator.cleanup.run_pass(torrents, free_bytes=None, draining=True)
+        except QBError as exc:
+            log.error("event=drain_failed code=qb-error error=%s", kv(str(exc)))
+            return
+        finally:
+            metrics.draining.set(0)
+        log.info(
+            "event=drain_done handed_off=%d failed_groups=%d",
+            result.handed_off if result else 0,
+            result.groups_failed if result else 0,
+        )
+    if scope.cancelled_caught:
+        metrics.draining.set(0)
+        log.error("event=drain_timeout timeout_s=%g", config.drain_timeout)
 
 
 async def _wait_for_qb(qb: QB, health: Health) -> dict[str, Any]:

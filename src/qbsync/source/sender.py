@@ -104,6 +104,7 @@ async def initialize(
     """
     async with t.init_lock:
         generation = pool.generation
+        resync = resync or t.resync_pending  # a selection change not yet told survives retries
         if not force and not resync and t.init_generation == generation:
             return None
         request: InitTorrent = await trio.to_thread.run_sync(
@@ -115,6 +116,7 @@ async def initialize(
             raise NotReady("destination qBittorrent is verifying this torrent")
         t.tracker.apply_needed(parse_needed(result, t.tracker.num_pieces))
         t.init_generation = generation
+        t.resync_pending = False
         registry.enqueue(t, t.tracker.requeue_ready())
         log.info(
             "event=torrent_initialized hash=%s status=%s needed=%d have=%d pieces=%d "

@@ -32,6 +32,7 @@ class Tracked:
     seq: int  # tracking order: earlier = the destination had more of it
     active: bool = True
     init_generation: int = -1  # pool generation of the last full InitTorrent; -1 = none
+    resync_pending: bool = False  # the next InitTorrent must carry resync=True
     init_lock: trio.Lock = attrs.field(factory=trio.Lock)
     first_poll_done: bool = False
     poll_times: list[float] = attrs.field(factory=list)  # monotonic times a poll is due

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -80,6 +81,7 @@ BULK_NOTSENT_LOWAT = 4 * 1024 * 1024
 READ_CHUNK = 256 * 1024  # largest read into the scratch buffer
 MIN_READ = 16 * 1024  # smallest read (header-sized reads would cost a syscall per frame)
 TLS_READ_CHUNK = 64 * 1024  # SSLStream allocates max_bytes per read; records are 16 KiB
+BULK_YIELD_BYTES = 8 * 1024 * 1024  # a piece body read yields to other tasks at least this often
 
 _conn_ids = itertools.count(1)
 
@@ -160,8 +162,9 @@ class ByteBudget:
         charge = self.charge_for(nbytes)
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self._waiters and self.used + charge <= self.limit:
+            # Fast path without a scheduler round trip: the caller's next step is I/O (a
+            # checkpoint), and this runs once per piece.
             self._take(charge)
-            await trio.lowlevel.cancel_shielded_checkpoint()
             return charge
         entry: list[Any] = [charge, trio.Event()]
         self._waiters.append(entry)
@@ -264,6 +267,8 @@ class _Transport:
         self.stream = stream
         self.sock_stream = _socket_stream(stream)
         self._raw = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # The readv/writev fast paths need a POSIX socket fd (Linux, BSD, macOS).
+        self._vectored = self._raw is not None and hasattr(os, "readv")
 
     async def recv_into(self, view: memoryview) -> int:
         if self._raw is not None:
@@ -273,25 +278,81 @@ class _Transport:
         view[:n] = data
         return n
 
+    async def recv_body(self, view: memoryview, progress: Callable[[int], None]) -> None:
+        """Fill ``view`` completely from the stream (a piece body), reporting each chunk.
+
+        On plain TCP this reads with ``readv`` on the non-blocking socket and only goes through
+        the scheduler when the socket is empty (or every :data:`BULK_YIELD_BYTES`, so a huge
+        piece cannot starve other tasks): Trio's ``recv_into`` yields after *every* successful
+        call, which on a multi-MiB piece costs more than the copies themselves.
+        """
+        got = 0
+        if self._raw is None or not self._vectored:
+            while got < len(view):
+                n = await self.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionClosed("peer closed the connection in the middle of a piece")
+                got += n
+                progress(n)
+            return
+        unyielded = 0
+        while got < len(view):
+            fd = self._raw.fileno()  # re-read after every await: -1 once closed
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was closed")
+            try:
+                n = os.readv(fd, [view[got:]])
+            except BlockingIOError:
+                unyielded = 0
+                await trio.lowlevel.wait_readable(self._raw)
+                continue
+            if n == 0:
+                raise ConnectionClosed("peer closed the connection in the middle of a piece")
+            got += n
+            progress(n)
+            unyielded += n
+            if unyielded >= BULK_YIELD_BYTES and got < len(view):
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
 
     async def send_header_and_payload(self, header: bytes, payload: memoryview) -> None:
-        """Write ``header`` then ``payload`` without concatenating them: one ``sendmsg``
-        (scatter/gather) per write on plain TCP, so the 64-byte header does not cost a syscall
-        and a TCP segment of its own; two writes otherwise (TLS copies anyway)."""
-        if self._raw is None or not hasattr(self._raw, "sendmsg"):
+        """Write ``header`` then ``payload`` without concatenating them.
+
+        On plain TCP: ``writev`` (scatter/gather) on the non-blocking socket, so the 64-byte
+        header costs neither a syscall nor a TCP segment of its own, and the scheduler is only
+        entered when the socket buffer is full (or every :data:`BULK_YIELD_BYTES`); see
+        :meth:`recv_body`. Over TLS, two ``send_all`` calls (TLS copies anyway).
+        """
+        if self._raw is None or not self._vectored:
             await self.stream.send_all(header)
             await self.stream.send_all(payload)
             return
         head = memoryview(header)
         body = payload
+        unyielded = 0
         while len(head) or len(body):
-            parts = [head, body] if len(head) else [body]
-            sent = await self._raw.sendmsg(parts)
+            fd = self._raw.fileno()  # re-read after every await: -1 once closed
+            if fd < 0:
+                raise trio.ClosedResourceError("socket was closed")
+            try:
+                sent = os.writev(fd, [head, body] if len(head) else [body])
+            except BlockingIOError:
+                unyielded = 0
+                await trio.lowlevel.wait_writable(self._raw)
+                continue
             taken = min(sent, len(head))
             head = head[taken:]
             body = body[sent - taken :]
+            unyielded += sent
+            if unyielded >= BULK_YIELD_BYTES and (len(head) or len(body)):
+                unyielded = 0
+                await trio.lowlevel.checkpoint()
+        # A schedule point, but not a cancellation point: the frame is complete, and a cancel
+        # arriving now must not be mistaken for one that interrupted the write.
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def close_now(self) -> None:
         """Synchronously close the socket: wakes every task blocked on it."""
@@ -398,13 +459,16 @@ class _Connection:
         """Write small frames built by ``build()`` (called under the send lock, so request ids
         reach the wire in allocation order). The write itself is shielded from cancellation,
         with its own deadline: it is never left half-done."""
-        async with self._send_lock:
+        await _acquire(self._send_lock)
+        try:
             if self.closed:
                 raise self._closed_error()
             data = build()
             if not data:
                 return
-            with trio.CancelScope(shield=True), trio.move_on_after(CONTROL_SEND_TIMEOUT) as cs:
+            # One scope: shielded from the caller's cancellation, with its own deadline.
+            deadline = trio.current_time() + CONTROL_SEND_TIMEOUT
+            with trio.CancelScope(shield=True, deadline=deadline) as cs:
                 try:
                     await self._tr.send_all(data)
                 except _TRANSPORT_ERRORS as exc:
@@ -418,6 +482,8 @@ class _Connection:
                 )
                 raise self._closed_error()
             self._last_send = trio.current_time()
+        finally:
+            self._send_lock.release()
 
     async def _send_best_effort(self, data: bytes, limit: float = 1.0) -> None:
         """Try to deliver a final frame (an Error) before closing; never raises."""
@@ -531,6 +597,16 @@ class _Connection:
                     await self._send_control(self._ep.send_ping)
                 except (ConnectionClosed, LocalProtocolError):
                     return
+
+
+async def _acquire(lock: trio.Lock) -> None:
+    """Take ``lock`` without a trip through the scheduler when it is free (the common case on
+    the per-piece path, where every avoided task switch is measurable); wait fairly otherwise.
+    Callers reach a real checkpoint right after (the write itself)."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
 
 
 def _describe(exc: BaseException) -> str:
@@ -662,8 +738,15 @@ class _ServerConnection(_Connection):
             await self._send_best_effort(ep.data_to_send())
             self._abort(ConnectionClosed(f"protocol error: {exc.message}", exc.code))
 
+    def _body_progress(self, n: int) -> None:
+        self._ep.decoder.body_received(n)
+        self._last_recv = trio.current_time()
+
     async def _receive_piece(self, start: PieceStart, handlers: trio.Nursery) -> None:
-        await self._piece_slots.acquire()
+        try:
+            self._piece_slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._piece_slots.acquire()
         charge = 0
         try:
             self._recv_paused = True
@@ -676,12 +759,13 @@ class _ServerConnection(_Connection):
             view = memoryview(buf)
             decoder = self._ep.decoder
             got = decoder.readinto_body(view)
-            while got < start.length:
-                n = await self._recv_into(view[got:])
-                if n == 0:
-                    raise ConnectionClosed("source closed the connection in the middle of a piece")
-                decoder.body_received(n)
-                got += n
+            if got < start.length:
+                try:
+                    await self._tr.recv_body(view[got:], self._body_progress)
+                except _TRANSPORT_ERRORS as exc:
+                    if self.closed:
+                        raise self._closed_error() from None
+                    raise ConnectionClosed(f"receive failed: {_describe(exc)}") from None
         except BaseException:
             if charge:
                 self._budget.release(charge)
@@ -1048,12 +1132,14 @@ class ClientConnection(_Connection):
             raise WireError(ErrorCode.BAD_REQUEST, f"invalid info-hash {info_hash!r}")
         waiter = _Waiter()
         rid = 0
-        async with self._credit_lock:
+        await _acquire(self._credit_lock)
+        try:
             while not self._ep.piece_fits(length):
                 if self.closed:
                     raise self._closed_error()
                 await self._credit_event.wait()
-            async with self._send_lock:
+            await _acquire(self._send_lock)
+            try:
                 if self.closed:
                     raise self._closed_error()
                 rid, header = self._ep.send_piece(info_hash, index, offset, length)
@@ -1068,6 +1154,10 @@ class ClientConnection(_Connection):
                     self._abort(ConnectionClosed("piece send interrupted"))
                     raise
                 self._last_send = trio.current_time()
+            finally:
+                self._send_lock.release()
+        finally:
+            self._credit_lock.release()
         try:
             await waiter.event.wait()
         finally:

@@ -1,0 +1,153 @@
+"""Disk-pressure cleanup / drain decisions and the handoff order (stop -> start -> delete)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from qbsync.k8s import drain_decision
+from qbsync.source.cache import CompletionCache
+from qbsync.source.cleanup import Candidate, Cleanup, GiB, group_candidates
+from qbsync.source.paths import PathMapper
+from qbsync.wire.errors import ConnectionClosed
+from qbsync.wire.messages import StartResult, StartTorrent
+
+
+def cand(h: str, *, size: int = 1, seeding: int = 10_000, pop: int = 0, ids=()) -> Candidate:
+    return Candidate(h, h, size, seeding, pop, set(ids))
+
+
+def test_groups_by_device_and_inode_and_orders_them():
+    a = cand("a", size=5, pop=3, ids=[(1, 10)])
+    b = cand("b", size=7, pop=0, ids=[(1, 11), (1, 10)])  # hardlinked with a
+    c = cand("c", size=9, pop=0, ids=[(2, 10)])  # same inode, other device: not linked
+    d = cand("d", size=1, pop=0, seeding=50_000)
+    groups = group_candidates([a, b, c, d])
+    assert [[m.info_hash for m in g.members] for g in groups] == [["d"], ["c"], ["a", "b"]]
+    assert groups[2].popularity == 3 and groups[2].max_size == 7
+
+
+class FakeQB:
+    def __init__(self, fail_stop: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.calls: list[tuple[str, str]] = []
+        self.fail_stop = fail_stop
+
+    async def stop(self, h: str) -> None:
+        from qbsync.qb import QBError
+
+        self.calls.append(("stop", h))
+        if h in self.fail_stop:
+            raise QBError("torrents_stop", "boom", transient=False)
+
+    async def start(self, h: str) -> None:
+        self.calls.append(("start", h))
+
+    async def delete(self, h: str, *, delete_files: bool) -> None:
+        assert delete_files
+        self.calls.append(("delete", h))
+
+    async def add_tags(self, h: str, tags: list[str]) -> None:
+        self.calls.append(("tag:" + ",".join(tags), h))
+
+    async def files(self, h: str) -> list[dict[str, Any]]:
+        return []
+
+
+def make(tmp_path: Path, qb: FakeQB, *, start_fails: bool = False, dry_run: bool = False, **kw):
+    started: list[str] = []
+
+    async def request(msg: Any, *, within: float) -> Any:
+        assert isinstance(msg, StartTorrent) and msg.tag == "source-removed"
+        qb.calls.append(("dest-start", msg.info_hash))
+        if start_fails:
+            raise ConnectionClosed("gone")
+        started.append(msg.info_hash)
+        return StartResult(True)
+
+    cache = CompletionCache(tmp_path / "state", read_only=True)
+    cleanup = Cleanup(
+        qb=cast(Any, qb),
+        request=request,
+        cache=cache,
+        mapper=PathMapper(tmp_path, str(tmp_path)),
+        min_space_gib=kw.get("min_space", 10),
+        min_seeding_time=kw.get("min_seeding", 3600),
+        synced_tag="synced",
+        source_removed_tag="source-removed",
+        exclude_cleanup_tag="keep",
+        dry_run=dry_run,
+    )
+    return cleanup, cache, started
+
+
+def t(h: str, **kw: Any) -> dict[str, Any]:
+    return {"hash": h, "name": h, "tags": "synced", "size": GiB, "seeding_time": 7200} | kw
+
+
+async def test_cleanup_hands_off_until_enough_space(tmp_path):
+    qb = FakeQB()
+    cleanup, cache, started = make(tmp_path, qb, min_space=10)
+    for h in "abcd":
+        await cache.put(h, "0")
+    torrents = [
+        t("a", size=4 * GiB, num_complete=5),  # popular: last
+        t("b", size=4 * GiB),
+        t("c", size=4 * GiB, tags="synced, keep"),  # exclude-cleanup
+        t("d", size=4 * GiB, seeding_time=10),  # seeded too briefly
+        t("e", size=4 * GiB),  # not synced by us
+    ]
+    result = await cleanup.run_pass(torrents, free_bytes=3 * GiB, draining=False)
+    assert result is not None
+    # b is handed off first (least popular); 3 + 4 = 7 GiB < 10, so a goes too.
+    assert started == ["b", "a"]
+    assert qb.calls[:3] == [("stop", "b"), ("dest-start", "b"), ("delete", "b")]
+    assert result.groups_skipped == 1 and result.handed_off == 2
+    # Enough space already: nothing happens.
+    assert await cleanup.run_pass(torrents, free_bytes=20 * GiB, draining=False) is None
+
+
+async def test_start_failure_resumes_source_and_missing_synced_tag_is_added(tmp_path):
+    qb = FakeQB()
+    cleanup, cache, _ = make(tmp_path, qb, start_fails=True, min_seeding=0)
+    await cache.put("a", "0")
+    await cache.put("b", "0")
+    result = await cleanup.run_pass([t("a"), t("b", tags="")], free_bytes=0, draining=False)
+    assert result is not None and result.groups_failed == 1 and result.handed_off == 0
+    assert qb.calls == [
+        ("tag:synced", "b"),  # tagged now, handed off in a later pass
+        ("stop", "a"),
+        ("dest-start", "a"),
+        ("start", "a"),  # the destination could not start it: the source seeds again
+    ]
+    assert ("delete", "a") not in qb.calls
+
+
+async def test_drain_ignores_space_seeding_and_exclude_cleanup_but_not_synced(tmp_path):
+    qb = FakeQB(fail_stop={"z"})
+    cleanup, cache, started = make(tmp_path, qb)
+    for h in "abz":
+        await cache.put(h, "0")
+    torrents = [t("a", seeding_time=0, tags="synced, keep"), t("b"), t("c"), t("z")]
+    result = await cleanup.run_pass(torrents, free_bytes=None, draining=True)
+    assert result is not None
+    assert sorted(started) == ["a", "b"]  # c is not in the cache; z failed to stop
+    assert result.groups_failed == 1
+
+
+async def test_dry_run_changes_nothing(tmp_path):
+    qb = FakeQB()
+    cleanup, cache, started = make(tmp_path, qb, dry_run=True, min_seeding=0)
+    await cache.put("a", "0")
+    await cache.put("b", "0")
+    result = await cleanup.run_pass([t("a"), t("b", tags="")], free_bytes=0, draining=False)
+    assert result is not None and result.handed_off == 1
+    assert qb.calls == [] and started == []
+
+
+async def test_drain_gate_fails_closed():
+    assert (await drain_decision("")).drain  # empty annotation: unconditional
+    missing = await drain_decision("qbsync/drain", env={})
+    assert not missing.drain and "POD_NAME" in missing.reason
+    # Not in a cluster: the in-cluster config lookup fails, so no drain.
+    outside = await drain_decision("qbsync/drain", env={"POD_NAME": "p", "POD_NAMESPACE": "n"})
+    assert not outside.drain and "lookup failed" in outside.reason
