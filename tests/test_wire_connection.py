@@ -797,3 +797,33 @@ async def test_tls_client_rejects_an_unknown_certificate(
             async with connect(port, ssl_context=client_ssl_context(cert)) as conn:
                 await conn.request(InitTorrent(H1), timeout=5)
             assert len(h.requests) == 1
+
+
+async def test_tls_client_against_a_plaintext_server_fails_cleanly(
+    tls_files: tuple[Path, Path],
+) -> None:
+    cert, _ = tls_files
+    with trio.fail_after(20):
+        async with running_server() as (port, handler, _):
+            with pytest.raises(WireError) as err:
+                async with connect(port, ssl_context=client_ssl_context(cert)):
+                    pytest.fail("TLS handshake with a plaintext server")
+            assert err.value.code == ErrorCode.AUTH_FAILED
+            assert "TLS" in err.value.message
+            async with connect(port) as conn:  # unaffected
+                await conn.request(InitTorrent(H1), timeout=5)
+            assert len(handler.requests) == 1
+
+
+async def test_connection_gauges_return_to_baseline() -> None:
+    gauge = metrics.wire_connections
+    before = (gauge.labels("source")._value.get(), gauge.labels("destination")._value.get())
+    with trio.fail_after(20):
+        async with running_server() as (port, _, _):
+            async with connect(port) as c1, connect(port) as c2:
+                await c1.request(InitTorrent(H1), timeout=5)
+                await c2.request(InitTorrent(H1), timeout=5)
+                assert gauge.labels("source")._value.get() == before[0] + 2
+                assert gauge.labels("destination")._value.get() == before[1] + 2
+            await wait_for(lambda: gauge.labels("destination")._value.get() == before[1])
+    assert gauge.labels("source")._value.get() == before[0]

@@ -231,8 +231,11 @@ class ServerHandler(Protocol):
         """Check and store one piece; return its ack (with a code on failure).
 
         ``piece.data`` is a memoryview of the whole piece, charged to the budget, valid only
-        until this returns (do not keep references). Called concurrently for several pieces of
-        one connection. Exceptions are answered like :meth:`handle_request`'s.
+        until this returns: the buffer is recycled for a later piece, so keep no reference and
+        never hand it to a thread that may outlive this call (``trio.to_thread.run_sync``
+        without ``abandon_on_cancel`` is fine: it returns only once the thread is done).
+        Called concurrently for several pieces of one connection. Exceptions are answered like
+        :meth:`handle_request`'s.
         """
         ...
 
