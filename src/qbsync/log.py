@@ -53,6 +53,7 @@ def setup(level: str, role: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    # Third-party libraries stay quiet unless we debug.
-    for noisy in ("urllib3", "qbittorrentapi", "kubernetes", "hpack", "hypercorn"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if level != "debug" else logging.INFO)
+    # Third-party libraries stay quiet: their failures reach us as exceptions, which our own
+    # code logs once with a stable code (urllib3 would otherwise warn on every retry).
+    for noisy in ("urllib3", "qbittorrentapi", "kubernetes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if level != "debug" else logging.DEBUG)

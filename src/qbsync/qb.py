@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,22 @@ class CircuitOpen(QBError):
         super().__init__(operation, "circuit breaker open", transient=True)
 
 
+_ERRNO_RE = re.compile(r"\[Errno -?\d+\] [^'\"()]+")
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason: requests nests the useful part ("[Errno 111] Connection refused")
+    several exceptions deep inside a long repr, so pick it out when it is there."""
+    text = str(exc)
+    found = _ERRNO_RE.search(text)
+    if isinstance(exc, qbittorrentapi.APIConnectionError) and found:
+        return f"cannot connect: {found.group(0).strip()}"
+    if isinstance(exc, qbittorrentapi.HTTPError):
+        status = getattr(exc, "http_status_code", None)
+        return f"HTTP {status}: {text[:200]}" if status else text[:200]
+    return f"{type(exc).__name__}: {text[:300]}".strip()
+
+
 def _classify(exc: BaseException) -> tuple[bool, bool]:
     """(transient, benign_not_found) for an exception raised by qbittorrent-api."""
     if isinstance(exc, qbittorrentapi.NotFound404Error):
@@ -117,19 +134,24 @@ class QB:
 
     # -- plumbing -----------------------------------------------------------------------------
 
+    def _new_client(self) -> qbittorrentapi.Client:
+        return qbittorrentapi.Client(
+            host=self.url,
+            username=self._username or None,
+            password=self._password or None,
+            REQUESTS_ARGS={"timeout": REQUEST_TIMEOUT},
+            VERIFY_WEBUI_CERTIFICATE=True,
+            # Use the scheme the user gave; otherwise a refused http:// connection makes
+            # qbittorrent-api probe https:// too, doubling every failure.
+            FORCE_SCHEME_FROM_HOST=True,
+            RAISE_NOTIMPLEMENTEDERROR_FOR_UNIMPLEMENTED_API_ENDPOINTS=False,
+            DISABLE_LOGGING_DEBUG_OUTPUT=True,
+        )
+
     def _client(self) -> qbittorrentapi.Client:
         client: qbittorrentapi.Client | None = getattr(self._local, "client", None)
         if client is None:
-            client = qbittorrentapi.Client(
-                host=self.url,
-                username=self._username or None,
-                password=self._password or None,
-                REQUESTS_ARGS={"timeout": REQUEST_TIMEOUT},
-                VERIFY_WEBUI_CERTIFICATE=True,
-                RAISE_NOTIMPLEMENTEDERROR_FOR_UNIMPLEMENTED_API_ENDPOINTS=False,
-                DISABLE_LOGGING_DEBUG_OUTPUT=True,
-            )
-            self._local.client = client
+            client = self._local.client = self._new_client()
         return client
 
     def _breaker_allows(self) -> bool:
@@ -189,9 +211,7 @@ class QB:
                         delay = min(RETRY_MAX, RETRY_BASE * 2 ** (attempt - 1))
                         await trio.sleep(delay * random.uniform(0.9, 1.1))
                         continue
-                    raise QBError(
-                        operation, f"{type(exc).__name__}: {exc}".strip(), transient=transient
-                    ) from exc
+                    raise QBError(operation, _describe(exc), transient=transient) from exc
                 self._record(True)
                 metrics.qb_api_calls.labels(self.mode, operation, "ok").inc()
                 return result
@@ -303,15 +323,7 @@ class QB:
         def run(_: qbittorrentapi.Client) -> dict[str, Any]:
             with self._sync_lock:
                 if self._sync_client is None:
-                    self._sync_client = qbittorrentapi.Client(
-                        host=self.url,
-                        username=self._username or None,
-                        password=self._password or None,
-                        REQUESTS_ARGS={"timeout": REQUEST_TIMEOUT},
-                        VERIFY_WEBUI_CERTIFICATE=True,
-                        RAISE_NOTIMPLEMENTEDERROR_FOR_UNIMPLEMENTED_API_ENDPOINTS=False,
-                        DISABLE_LOGGING_DEBUG_OUTPUT=True,
-                    )
+                    self._sync_client = self._new_client()
                 raw: Any = self._sync_client.sync_maindata(rid=rid)
             out: dict[str, Any] = dict(raw)
             torrents = {str(h): dict(t) for h, t in (raw.get("torrents") or {}).items()}
