@@ -95,7 +95,7 @@ async def receiver(spec: dict[str, Any]) -> None:
     """Serve until stdin closes, then report peak RSS."""
     from qbsync.config import HostPort
     from qbsync.wire import ByteBudget, serve, server_ssl_context
-    from qbsync.wire.connection import tune_socket
+    from qbsync.wire.transport import tune_socket
 
     budget = ByteBudget(512 * MiB)
     async with trio.open_nursery() as nursery:
@@ -163,7 +163,7 @@ async def receiver(spec: dict[str, Any]) -> None:
 
 
 async def send_raw(spec: dict[str, Any]) -> float:
-    from qbsync.wire.connection import tune_socket
+    from qbsync.wire.transport import tune_socket
 
     piece, conns = spec["piece"], spec["conns"]
     per_conn = spec["total"] // conns

@@ -1,15 +1,35 @@
-"""Fakes for unit tests of the source's async parts (pool, senders, monitor)."""
+"""Fakes for unit tests of the source's async parts (pool, senders, monitor), and a real
+on-disk torrent layout to read pieces from."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import trio
 
+from qbsync.source.meta import TorrentMeta, build_meta
+from qbsync.source.paths import PathMapper
 from qbsync.wire.errors import ConnectionClosed
 from qbsync.wire.messages import PieceAck
+from tests.qbharness import make_payload, make_torrent, torrent_files
+
+
+def saved_torrent(
+    save: Path, name: str, files: Mapping[str, int], piece: int, seed: int = 0
+) -> tuple[TorrentMeta, list[bytes]]:
+    """Real files under ``save/name`` and their layout as qBittorrent would list it (every
+    file selected): (meta, SHA-1 piece hashes)."""
+    payload = make_payload(save / name, files, seed=seed)
+    data, ih = make_torrent(payload, piece)
+    _, listed, hashes = torrent_files(data)
+    qb_files = [
+        {"index": i, "name": n, "size": s, "priority": 1} for i, (n, s) in enumerate(listed)
+    ]
+    info = {"hash": ih, "name": name, "save_path": str(save), "content_path": str(payload)}
+    return build_meta(ih, info, qb_files, data, PathMapper(save, str(save))), hashes
 
 
 class FakeConn:

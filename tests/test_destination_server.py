@@ -229,7 +229,7 @@ async def test_orphans_reclaimed_only_when_idle(tmp_path: Path, nursery: trio.Nu
     d = build(tmp_path, nursery)
     await d.init(t)
     assert await d.piece(t, 0) == ErrorCode.OK
-    await d.init(other)
+    await d.init(other, sub="other")
     assert await d.piece(other, 0) == ErrorCode.OK
     assert await d.server.reap_orphans(max_age=3600) == 0
     d.state(t).last_activity = time.time() - 7200
@@ -238,6 +238,7 @@ async def test_orphans_reclaimed_only_when_idle(tmp_path: Path, nursery: trio.Nu
     assert not (d.root / ".qbsync" / t.info_hash).exists()
     assert not (d.root / "payload" / "a.bin.partial").exists()
     assert other.info_hash in d.store.torrents
+    assert (d.root / "other" / "payload" / "a.bin.partial").exists()
     # An untracked leftover directory with old files is reclaimed too.
     leftover = d.root / ".qbsync" / ("cd" * 20)
     leftover.mkdir()
@@ -281,3 +282,29 @@ async def test_complete_in_qbittorrent_without_marker_records_the_marker(
     assert (await d.server.init(t.init_msg())).status == SyncStatus.COMPLETE
     assert t.info_hash not in d.store.torrents
     assert (d.root / ".qbsync" / t.info_hash / FINALIZED_NAME).is_file()
+
+
+async def test_two_tracked_torrents_never_share_a_file_path(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Two different torrents laid out at the same names (e.g. two source save paths outside
+    qBittorrent's default both map to sub path "") would write into each other's files: the
+    second is refused until the first is gone, and nothing of it is created."""
+    t = torrent(tmp_path)
+    other = torrent(tmp_path / "other", seed=3)  # same names, other content
+    d = build(tmp_path, nursery)
+    await d.init(t)
+    assert await d.piece(t, 0) == ErrorCode.OK
+    before = rejected(ErrorCode.UNSAFE_PATH)
+    with pytest.raises(WireError) as err:
+        await d.server.init(other.init_msg())
+    assert err.value.code == ErrorCode.UNSAFE_PATH
+    assert t.info_hash in err.value.message
+    assert rejected(ErrorCode.UNSAFE_PATH) == before + 1
+    assert other.info_hash not in d.store.torrents
+    assert not (d.root / ".qbsync" / other.info_hash).exists()
+    # Elsewhere it is fine; and once the first torrent is gone the names are free again.
+    assert (await d.init(other, sub="elsewhere")).status == SyncStatus.READY
+    assert (await d.server.abort(Abort(other.info_hash, delete_files=True))).existed
+    assert (await d.server.abort(Abort(t.info_hash, delete_files=True))).existed
+    assert (await d.init(other)).status == SyncStatus.READY

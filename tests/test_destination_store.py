@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+from qbsync import paths
 from qbsync.bitfield import Bitfield
 from qbsync.destination import state as st
 from qbsync.destination.hardlinks import HardlinkRegistry
@@ -33,6 +35,18 @@ def meta_for(
     sel = selected or [True] * len(t.files)
     files = [FileMeta(rel, size, s) for (rel, size), s in zip(t.files, sel, strict=True)]
     return new_meta(t.info_hash, "payload", sub, files)
+
+
+async def fresh_state(
+    tmp_path: Path, nursery: trio.Nursery
+) -> tuple[LocalTorrent, Path, Store, st.TorrentState]:
+    """A store on ``tmp_path/data`` with a freshly initialized, fully selected torrent."""
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    store = Store(data)
+    store.attach(nursery)
+    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    return t, data, store, state
 
 
 async def write_all(
@@ -160,11 +174,7 @@ def test_padding_files_are_mapped_and_skipped() -> None:
 
 
 async def test_create_flush_recover_roundtrip(tmp_path: Path, nursery: trio.Nursery) -> None:
-    t = make_torrent(tmp_path)
-    data = tmp_path / "data"
-    store = Store(data)
-    store.attach(nursery)
-    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    t, data, store, state = await fresh_state(tmp_path, nursery)
     mdir = data / ".qbsync" / t.info_hash
     assert (mdir / st.META_NAME).is_file() and (mdir / st.TORRENT_NAME).read_bytes() == t.torrent
     assert state.needed().count() == t.num_pieces
@@ -189,11 +199,7 @@ async def test_create_flush_recover_roundtrip(tmp_path: Path, nursery: trio.Nurs
 async def test_recover_clears_bits_of_missing_or_short_files(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    t = make_torrent(tmp_path)
-    data = tmp_path / "data"
-    store = Store(data)
-    store.attach(nursery)
-    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    t, data, store, state = await fresh_state(tmp_path, nursery)
     everything = list(range(t.num_pieces))
     await write_all(store, state, t, everything)
     await store.flush(state)
@@ -343,11 +349,7 @@ async def test_hardlink_from_registered_file_then_verified(
 async def test_resume_after_selection_change_scans_partials(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    t = make_torrent(tmp_path)
-    data = tmp_path / "data"
-    store = Store(data)
-    store.attach(nursery)
-    state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+    t, _, store, state = await fresh_state(tmp_path, nursery)
     half = list(range(0, t.num_pieces, 2))
     await write_all(store, state, t, half)
     await store.flush(state)
@@ -356,3 +358,101 @@ async def test_resume_after_selection_change_scans_partials(
     # Fresh init (as after a resync): the .partial files are scanned, proven pieces kept.
     state2 = await _scanned(store, t)
     assert set(state2.written.set_indices()) == set(half)
+
+
+async def test_found_data_counts_only_once_it_is_durable(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bit persisted means its bytes are durable — for bytes found on disk too: a file left
+    by an abort or a resync may still sit unsynced in the page cache, so the scan syncs what it
+    proves. Data that cannot be synced proves nothing."""
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    make_payload(data / "payload", FILES, 0)
+
+    def fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    store = Store(data)
+    store.attach(nursery)
+    state = await _scanned(store, t)
+    assert state.written.count() == 0
+    assert state.needed().count() == t.num_pieces
+    raw = st.read_optional(data / ".qbsync" / t.info_hash / st.PIECES_NAME) or b""
+    assert st.decode_pieces(raw, t.num_pieces)[0].count() == 0
+
+
+def test_registry_lookup_tolerates_a_concurrent_eviction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups run in worker threads (init of two torrents at once): an entry evicted by
+    another lookup meanwhile must not turn into a KeyError (an ``internal`` error on Init)."""
+    registry = HardlinkRegistry()
+    registry.add(1, 2, ("gone.bin",), 10)
+    real = paths.regular_size
+
+    def racing(root: Path, parts: tuple[str, ...]) -> int | None:
+        registry._by_id.clear()  # the other thread evicted it first
+        return real(root, parts)
+
+    monkeypatch.setattr(paths, "regular_size", racing)
+    assert registry.lookup(1, 2, 10, tmp_path) is None
+    assert len(registry) == 0
+
+
+async def test_bits_cleared_during_a_flush_are_not_persisted(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A flush persists the bitmap it snapshotted before syncing; a piece un-set meanwhile (its
+    file's sync failed while being closed, or its data proved bad) must not be persisted."""
+    t, data, store, state = await fresh_state(tmp_path, nursery)
+    a = state.files[0]
+    a_pieces = list(state.geometry.file_pieces(a.index))
+    await write_all(store, state, t, list(range(t.num_pieces)))
+    done = trio.Event()
+
+    async def flush() -> None:
+        await store.flush(state)
+        done.set()
+
+    async with a.open_lock:  # as close_file holds it while syncing a.bin
+        nursery.start_soon(flush)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        state.clear_pieces(a_pieces)  # what close_file does when the sync failed
+    await done.wait()
+    raw = (data / ".qbsync" / t.info_hash / st.PIECES_NAME).read_bytes()
+    persisted = set(st.decode_pieces(raw, t.num_pieces)[0].set_indices())
+    assert persisted == set(range(t.num_pieces)) - set(a_pieces)
+    await store.close_all(state)
+
+
+async def test_flush_persists_only_bits_whose_data_was_synced(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush invariant: data files are fdatasync'ed *before* the bitmap naming their pieces
+    is persisted, and a file whose sync fails loses its bits (memory and disk)."""
+    t, data, store, state = await fresh_state(tmp_path, nursery)
+    pieces_file = data / ".qbsync" / t.info_hash / st.PIECES_NAME
+    b = state.files[1]
+    real = os.fdatasync
+    b_fd: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        assert not pieces_file.exists()  # data first, bitmap after
+        if fd in b_fd:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    await write_all(store, state, t, list(range(t.num_pieces)))
+    assert b.fd is not None
+    b_fd.append(b.fd)
+    await store.flush(state)
+    persisted = set(st.decode_pieces(pieces_file.read_bytes(), t.num_pieces)[0].set_indices())
+    b_pieces = set(state.geometry.file_pieces(b.index))
+    assert persisted == set(range(t.num_pieces)) - b_pieces
+    assert not b_pieces & set(state.written.set_indices())
+    monkeypatch.undo()
+    await store.close_all(state)

@@ -72,6 +72,14 @@ def torrent(tmp_path: Path, files: dict[str, int] = FILES, seed: int = 0) -> Loc
     return LocalTorrent.create(make_payload(tmp_path / "src" / "payload", files, seed), 16 * KiB)
 
 
+async def initialized(tmp_path: Path, nursery: trio.Nursery) -> tuple[LocalTorrent, Dest]:
+    """A destination with :func:`torrent` initialized (everything selected)."""
+    t = torrent(tmp_path)
+    d = build(tmp_path, nursery)
+    await d.init(t)
+    return t, d
+
+
 async def wait_for(pred: Callable[[], object], limit: float = 5.0) -> None:
     """Poll a condition that background tasks make true (early finalize renames)."""
     with trio.fail_after(limit):
@@ -99,9 +107,7 @@ async def test_pieces_across_file_boundaries_land_byte_exact(
 async def test_hash_mismatch_writes_nothing_and_counts_nothing(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    t = torrent(tmp_path)
-    d = build(tmp_path, nursery)
-    await d.init(t)
+    t, d = await initialized(tmp_path, nursery)
     bad = bytearray(t.piece(0))
     bad[-1] ^= 0xFF
     assert await d.piece(t, 0, bytes(bad)) == ErrorCode.HASH_MISMATCH
@@ -116,9 +122,7 @@ async def test_hash_mismatch_writes_nothing_and_counts_nothing(
 async def test_resend_of_written_piece_is_ok_and_not_rewritten(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    t = torrent(tmp_path)
-    d = build(tmp_path, nursery)
-    await d.init(t)
+    t, d = await initialized(tmp_path, nursery)
     assert await d.piece(t, 1) == ErrorCode.OK
     version = d.state(t).version
     # A resend (even with wrong bytes) of a written piece is acked without a write.
@@ -127,9 +131,7 @@ async def test_resend_of_written_piece_is_ok_and_not_rewritten(
 
 
 async def test_concurrent_duplicates_of_one_piece(tmp_path: Path, nursery: trio.Nursery) -> None:
-    t = torrent(tmp_path)
-    d = build(tmp_path, nursery)
-    await d.init(t)
+    t, d = await initialized(tmp_path, nursery)
     codes: list[ErrorCode] = []
 
     async def send() -> None:
@@ -172,9 +174,7 @@ async def test_boundary_piece_with_deselected_file(tmp_path: Path, nursery: trio
 async def test_disk_error_is_an_io_ack_and_recoverable(
     tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    t = torrent(tmp_path)
-    d = build(tmp_path, nursery)
-    await d.init(t)
+    t, d = await initialized(tmp_path, nursery)
     real = os.pwrite
     full = True
 
@@ -225,9 +225,7 @@ async def test_late_writer_never_recreates_files_after_abort(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     """A piece that passed its checks before an abort must not re-create the deleted file."""
-    t = torrent(tmp_path)
-    d = build(tmp_path, nursery)
-    await d.init(t)
+    t, d = await initialized(tmp_path, nursery)
     state = d.state(t)
     assert await d.piece(t, 0) == ErrorCode.OK
     from qbsync.wire import Abort

@@ -77,6 +77,8 @@ def test_component_byte_limit_counts_utf8_bytes() -> None:
         [("d",), ("d", "x")],  # a file that is also a directory
         [("d", "x"), ("d",)],
         [("a",), ("a.partial",)],  # x and x.partial collide
+        [("a",), ("a.partial", "x")],  # x.partial would be another file's directory
+        [("a.partial", "x"), ("a",)],
         [(".qbsync", "h", "meta.json")],  # reaches into the state dir
     ],
 )

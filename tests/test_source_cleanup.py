@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
+import trio
+
+from qbsync import metrics
+from qbsync.config import SourceConfig, resolve
 from qbsync.k8s import drain_decision
 from qbsync.source.cache import CompletionCache
 from qbsync.source.cleanup import Candidate, Cleanup, GiB, group_candidates
 from qbsync.source.paths import PathMapper
+from qbsync.source.runner import _drain
 from qbsync.wire.errors import ConnectionClosed
 from qbsync.wire.messages import StartResult, StartTorrent
 
@@ -151,3 +159,60 @@ async def test_drain_gate_fails_closed():
     # Not in a cluster: the in-cluster config lookup fails, so no drain.
     outside = await drain_decision("qbsync/drain", env={"POD_NAME": "p", "POD_NAMESPACE": "n"})
     assert not outside.drain and "lookup failed" in outside.reason
+
+
+def _source_config(tmp_path: Path, **flags: str) -> SourceConfig:
+    config = resolve(
+        "source",
+        {
+            "data": str(tmp_path),
+            "qb_url": "http://127.0.0.1:1",
+            "destination_addr": "127.0.0.1:2",
+            "state_dir": str(tmp_path / "state"),
+            **flags,
+        },
+        env={},
+    )
+    assert isinstance(config, SourceConfig)
+    return config
+
+
+async def test_drain_runs_under_its_deadline_and_resets_the_gauge(tmp_path, autojump_clock, caplog):
+    """A drain that cannot finish (a hung handoff) ends at --drain-timeout, logged, and the
+    ``draining`` gauge goes back to 0."""
+    caplog.set_level(logging.INFO, logger="qbsync.source.runner")
+    started = trio.Event()
+
+    class HungCleanup:
+        async def run_pass(self, torrents: Any, *, free_bytes: Any, draining: bool) -> None:
+            assert draining and free_bytes is None
+            assert list(torrents) == [t("a")]  # a fresh list, not the last cycle's (D8)
+            started.set()
+            await trio.sleep_forever()
+
+    class ListingQB:
+        async def torrents(self) -> list[dict[str, Any]]:
+            return [t("a")]
+
+    orchestrator = SimpleNamespace(cleanup=HungCleanup())
+    config = _source_config(tmp_path, drain_annotation="", drain_timeout="7")
+    begin = trio.current_time()
+    with trio.fail_after(60):  # without its own deadline the drain would hang here
+        await _drain(config, cast(Any, ListingQB()), cast(Any, orchestrator))
+    assert started.is_set()
+    assert trio.current_time() - begin == pytest.approx(7.0)
+    assert metrics.draining._value.get() == 0
+    assert any("event=drain_timeout" in r.message for r in caplog.records)
+
+
+async def test_drain_skipped_when_the_gate_is_closed(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="qbsync.source.runner")
+    monkeypatch.delenv("POD_NAME", raising=False)
+
+    class NoCleanup:
+        async def run_pass(self, *args: Any, **kw: Any) -> None:
+            raise AssertionError("the drain must not run when the gate is closed")
+
+    config = _source_config(tmp_path)  # default --drain-annotation qbsync/drain
+    await _drain(config, cast(Any, None), cast(Any, SimpleNamespace(cleanup=NoCleanup())))
+    assert any("event=drain_skipped" in r.message for r in caplog.records)

@@ -25,6 +25,7 @@ from qbsync.wire.messages import (
     FinalizeResult,
     InitResult,
     InitTorrent,
+    StartResult,
     SyncStatus,
 )
 
@@ -345,3 +346,22 @@ async def test_abort_deferred_while_unreachable_then_sent(tmp_path):
     assert [type(m).__name__ for m in pool.requests] == ["Abort"]
     await orch.cycle()
     assert len(pool.requests) == 1  # sent once
+
+
+async def test_synced_torrent_removed_from_source_is_started_on_destination(tmp_path):
+    """source.md §11.7: the destination takes over seeding; a failed StartTorrent keeps the
+    completion-cache entry so the handoff is retried (at maintenance), a success drops it."""
+    answers: list[Any] = [WireError(ErrorCode.QB_ERROR, "qBittorrent down"), StartResult(True)]
+    orch, _, pool, _, _ = make(tmp_path, {}, {"StartTorrent": lambda m: answers.pop(0)})
+    orch.cache.load()
+    await orch.cache.put(H[0], "0")
+    orch.on_removed(H[0])
+    await orch.cycle()
+    assert [(type(m).__name__, m.tag) for m in pool.requests] == [
+        ("StartTorrent", "source-removed")
+    ]
+    assert H[0] in orch.cache  # kept: retried later
+    await orch._maintenance()  # the maintenance pass hands over what is cached but gone
+    assert len(pool.requests) == 2 and H[0] not in orch.cache
+    stored = json.loads((tmp_path / "state" / "completed_on_dest.json").read_text())
+    assert H[0] not in stored

@@ -6,22 +6,23 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import trio
+import trio.testing
 
 from qbsync.bitfield import Bitfield
-from qbsync.source.meta import TorrentMeta, build_meta
-from qbsync.source.paths import PathMapper
+from qbsync.source.meta import TorrentMeta
 from qbsync.source.pool import ConnectionPool
 from qbsync.source.reader import PieceReader
-from qbsync.source.sender import MAX_PIECE_FAILURES, Senders
+from qbsync.source.sender import MAX_PIECE_FAILURES, Senders, initialize
 from qbsync.source.state import Registry, Tracked
 from qbsync.source.tracker import PieceTracker
 from qbsync.wire.errors import ErrorCode
 from qbsync.wire.messages import InitResult, InitTorrent, PieceAck, SyncStatus
-from tests.qbharness import make_payload, make_torrent, torrent_files
-from tests.source_fakes import FakeConn, FakeConnector
+from tests.qbharness import MiB
+from tests.source_fakes import FakeConn, FakeConnector, saved_torrent
 
 PIECE = 16 * 1024
 FILES = {"a.bin": 3 * PIECE + 100, "b.bin": 2 * PIECE - 300}
@@ -29,14 +30,7 @@ FILES = {"a.bin": 3 * PIECE + 100, "b.bin": 2 * PIECE - 300}
 
 @pytest.fixture
 def torrent(tmp_path: Path):
-    save = tmp_path / "save"
-    payload = make_payload(save / "payload", FILES, seed=5)
-    data, ih = make_torrent(payload, PIECE)
-    _, files, hashes = torrent_files(data)
-    qb_files = [{"index": i, "name": n, "size": s, "priority": 1} for i, (n, s) in enumerate(files)]
-    info = {"hash": ih, "name": "payload", "save_path": str(save), "content_path": str(payload)}
-    meta = build_meta(ih, info, qb_files, data, PathMapper(save, str(save)))
-    return meta, hashes
+    return saved_torrent(tmp_path / "save", "payload", FILES, PIECE, seed=5)
 
 
 def ready_init(meta: TorrentMeta) -> Callable[[object], InitResult]:
@@ -48,7 +42,7 @@ def ready_init(meta: TorrentMeta) -> Callable[[object], InitResult]:
     return on_request
 
 
-async def run(meta, conn: FakeConn, *, piece_timeout=5.0, relocate=None, until=None):
+async def run(meta, conn: FakeConn, *, piece_timeout=5.0, relocate=None, until=None, **kw):
     registry = Registry()
     t: Tracked = registry.add(meta, PieceTracker(meta.num_pieces, meta.mask), since=0)
     pool = ConnectionPool(FakeConnector(lambda n: conn), address="d:1")
@@ -60,6 +54,7 @@ async def run(meta, conn: FakeConn, *, piece_timeout=5.0, relocate=None, until=N
         piece_timeout=piece_timeout,
         relocate=relocate,
         retry_base=0.01,
+        **kw,
     )
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -161,3 +156,51 @@ async def test_missing_file_relocates_and_retries(torrent, tmp_path):
     assert relocations
     for _, i, data in conn.pieces:
         assert hashlib.sha1(data).digest() == hashes[i]
+
+
+@pytest.fixture
+def lazy_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only after 10 ms of (real) idleness, so disk reads in worker
+    threads finish before it moves on to the next sleep's deadline."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+async def test_rate_limit_paces_the_payload(tmp_path, lazy_clock):
+    meta, _ = saved_torrent(tmp_path / "save", "big", {"x.bin": 3 * MiB}, 64 * 1024, seed=9)
+    rate = 256 * 1024
+    conn = FakeConn(on_request=ready_init(meta))
+    start = trio.current_time()
+    await run(meta, conn, piece_timeout=1000.0, rate_limit=rate)
+    elapsed = trio.current_time() - start  # virtual seconds
+    assert sum(len(d) for _, _, d in conn.pieces) == 3 * MiB
+    # A 1 MiB burst, then --rate-limit bytes per second: (3 - 1) MiB at 256 KiB/s >= 8 s.
+    assert elapsed >= (3 * MiB - MiB) / rate
+
+
+async def test_no_init_after_the_torrent_was_untracked(torrent):
+    """A sender waiting to initialize a torrent that gets untracked (exclusion, removal) meanwhile
+    must not send its InitTorrent: it would follow the AbortTorrent and recreate the state."""
+    meta, _ = torrent
+    registry = Registry()
+    t = registry.add(meta, PieceTracker(meta.num_pieces, meta.mask), since=0)
+    release = trio.Event()
+    sent: list[object] = []
+
+    class BlockingPool:
+        generation = 1
+
+        async def request(self, msg: object, *, within: float) -> InitResult:
+            sent.append(msg)
+            await release.wait()
+            return ready_init(meta)(msg)
+
+    pool = cast(Any, BlockingPool())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(initialize, pool, registry, t)  # in flight, holds the init lock
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(initialize, pool, registry, t)  # a second sender, waiting for it
+        await trio.testing.wait_all_tasks_blocked()
+        registry.remove(t.info_hash)  # the orchestrator untracks it (and aborts)
+        sent.append("abort")
+        release.set()
+    assert sent[-1] == "abort", sent

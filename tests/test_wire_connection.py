@@ -12,6 +12,7 @@ import logging
 import shutil
 import ssl
 import subprocess
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,6 +51,7 @@ from qbsync.wire import (
 from qbsync.wire import messages as m
 from qbsync.wire.frames import (
     HEADER,
+    HEADER_SIZE,
     MAGIC,
     NEED_DATA,
     ControlFrame,
@@ -587,6 +589,32 @@ async def test_credit_violation_is_refused_before_the_body() -> None:
             assert budget.used == 0
 
 
+async def test_unauthenticated_connections_hold_no_bulk_buffers() -> None:
+    """Before authentication a peer can make us buffer only handshake-sized data (frames.py):
+    a pile of half-open handshakes must not pin a bulk read buffer each."""
+    n = 16
+    streams: list[trio.SocketStream] = []
+    with trio.fail_after(20):
+        async with running_server(handshake_timeout=60) as (port, _, _):
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for _ in range(n):
+                    stream = await trio.open_tcp_stream(LOCAL, port)
+                    streams.append(stream)
+                    await stream.send_all(MAGIC)
+                    # The server's first flight proves its per-connection state exists.
+                    got = b""
+                    while len(got) < len(MAGIC) + HEADER_SIZE:
+                        got += await stream.receive_some(65536)
+                held = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+                for stream in streams:
+                    await stream.aclose()
+    assert held < n * 64 * 1024, f"{held / n / 1024:.0f} KiB per unauthenticated connection"
+
+
 async def test_oversized_length_prefix_costs_nothing() -> None:
     with trio.fail_after(20):
         async with running_server() as (port, _, budget):
@@ -687,6 +715,39 @@ async def test_silent_peer_after_auth_hits_the_idle_timeout() -> None:
             replies = decode_all(await read_until_eof(stream), expect_magic=False)
             assert isinstance(replies[-1], m.Error)
             assert replies[-1].code == ErrorCode.TIMEOUT
+
+
+async def test_a_slow_destination_handler_does_not_idle_out_a_live_source() -> None:
+    """While every request slot is busy the destination deliberately stops reading; the
+    source's pings then sit unread, which is *our* slowness, not the source's silence."""
+    gate = trio.Event()
+    handler = Handler()
+
+    async def slow(request: Request) -> Response:
+        await gate.wait()
+        return InitResult(SyncStatus.READY, b"\xff", 8, 0)
+
+    handler.request_hook = slow
+    with trio.fail_after(20):
+        async with (
+            running_server(
+                handler, ping_interval=0.05, idle_timeout=0.3, max_concurrent_requests=1
+            ) as (port, _, _),
+            connect(port, ping_interval=0.05) as conn,
+        ):
+            results: list[Response] = []
+
+            async def ask() -> None:
+                results.append(await conn.request(InitTorrent(H1), timeout=10))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                nursery.start_soon(ask)  # waits for the one slot: reading stops
+                await wait_for(lambda: len(handler.requests) == 1)
+                await trio.sleep(1.0)  # > 3 idle timeouts with the source pinging away
+                gate.set()
+            assert len(results) == 2
+            assert not conn.closed
 
 
 async def test_server_shutdown_tells_clients() -> None:

@@ -298,6 +298,8 @@ def start_destination(
     ``--data data`` and wait until it logs ``event=destination_ready``."""
     port = port or free_port()
     health_port = free_port()
+    while health_port == port:  # two free_port() calls can hand out the same port
+        health_port = free_port()
     args = [
         "--data",
         str(data),

@@ -12,8 +12,8 @@ that decides whether a name may be written, in two layers:
    bytes, components over 255 bytes, paths over 4096 bytes, names that do not encode as
    UTF-8. Components are checked, never substrings, so ``foo... bar`` and ``.hidden`` are fine.
    :func:`check_layout` then refuses collisions inside one torrent (duplicates, a file that is
-   also another file's directory, ``x`` next to ``x.partial``) and names that would reach into
-   the daemon's own ``.qbsync`` state directory.
+   also another file's directory, ``x`` next to ``x.partial`` or ``x.partial/...``) and names
+   that would reach into the daemon's own ``.qbsync`` state directory.
 
 2. **Filesystem containment** (I/O, used by the destination when it touches a file):
    :func:`open_parent` walks the directories below the root one component at a time with
@@ -133,8 +133,8 @@ def check_layout(sub: Parts, files: Sequence[Parts]) -> None:
     for parts in full:
         if parts in dirs:
             raise UnsafePathError(f"file {'/'.join(parts)!r} is also a directory of another file")
-        partial = (*parts[:-1], parts[-1] + PARTIAL_SUFFIX)
-        if partial in seen:
+        partial = partial_parts(parts)
+        if partial in seen or partial in dirs:
             raise UnsafePathError(
                 f"file {'/'.join(partial)!r} collides with the .partial name of another file"
             )

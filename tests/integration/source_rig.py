@@ -3,6 +3,10 @@
 A rig is three real qbittorrent-nox instances -- a seeder, the *source* (downloading from the
 seeder at a throttled rate) and the *destination* -- plus a real ``qbsync destination``
 process. Tests start the real ``qbsync source`` process with the flags they need.
+
+Tests take the ``rig`` fixture (or ``rig_factory`` for a non-default set-up); a test module
+makes them available by importing ``rig_fixture`` and ``rig_factory_fixture`` from here
+(pytest finds fixtures among a module's names).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import secrets
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,15 @@ import attrs
 import pytest
 
 from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
-from tests.qbharness import KiB, MiB, QBInstance, QbsyncProcess, SeededTorrent, free_port
+from tests.qbharness import (
+    KiB,
+    MiB,
+    QBInstance,
+    QbsyncProcess,
+    SeededTorrent,
+    free_port,
+    wait_until,
+)
 
 # ~6.3 MiB in 64 KiB pieces (~100 pieces), downloaded at 512 KiB/s: ~12 s.
 FILES: dict[str, int] = {
@@ -200,6 +212,35 @@ class Rig:
         base = self.dst_data / sub if sub else self.dst_data
         return base / self.seeded.name / rel
 
+    def source_progress(self) -> float:
+        info = self.src_qb.info(self.info_hash)
+        return float(info["progress"]) if info else 0.0
+
+    def dest_state_dirs(self) -> list[Path]:
+        """The destination's per-torrent state directories (``<data>/.qbsync/<hash>``)."""
+        root = self.dst_data / ".qbsync"
+        return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+    def dest_partials(self) -> list[Path]:
+        return sorted(self.dst_data.rglob("*.partial"))
+
+    def dest_clean(self) -> bool:
+        """No partial data and no torrent state left on the destination."""
+        return not self.dest_partials() and not self.dest_state_dirs()
+
+    def wait_synced(self, timeout: float = 90, dest_timeout: float = 30) -> None:
+        """Until the torrent carries ``synced`` on the source, then on the destination."""
+        ih = self.info_hash
+        wait_until(lambda: "synced" in tags_of(self.src_qb, ih), timeout, 0.2, "source synced")
+        wait_until(
+            lambda: "synced" in tags_of(self.dst_qb, ih), dest_timeout, 0.2, "destination synced"
+        )
+
+    def assert_identical(self, files: Mapping[str, int] = FILES) -> None:
+        """Every file on the destination holds exactly the seeded bytes."""
+        for rel in files:
+            assert self.dest_file(rel).read_bytes() == self.seeded.expected_bytes(rel), rel
+
 
 def make_rig(
     tmp: Path,
@@ -218,3 +259,27 @@ def make_rig(
     if start_destination:
         rig.start_destination()
     return rig
+
+
+RigFactory = Callable[..., Rig]
+
+
+@pytest.fixture(name="rig_factory")
+def rig_factory_fixture(
+    tmp_path: Path,
+    qb_factory: QbFactory,
+    seeded_torrent: SeededFactory,
+    qbsync_factory: QbsyncFactory,
+) -> RigFactory:
+    """``rig_factory(**make_rig_options) -> Rig`` (e.g. ``start_destination=False``)."""
+
+    def factory(**kw: Any) -> Rig:
+        return make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory, **kw)
+
+    return factory
+
+
+@pytest.fixture(name="rig")
+def rig_fixture(rig_factory: RigFactory) -> Rig:
+    """The default rig, its destination daemon already running."""
+    return rig_factory()

@@ -391,6 +391,19 @@ async def test_dry_run_changes_nothing(tmp_path, qb_factory, qbsync_factory) -> 
     assert "event=dry_run_finalize" in dest.proc.log_text()
 
 
+async def test_dry_run_does_not_create_the_data_directory(tmp_path, qbsync_factory) -> None:
+    t = _payload(tmp_path)
+    data = tmp_path / "new" / "data"
+    dest = start_destination(qbsync_factory, data, extra=["--dry-run"])
+    async with dest.client() as client:
+        ready = await client.init_ready(t)
+        acks = await client.send(t, needed_indices(ready, t.num_pieces))
+        assert all(a.ok for a in acks.values())
+        assert (await client.finalize(t)).status == SyncStatus.COMPLETE
+    assert dest.proc.stop() == 0
+    assert not (tmp_path / "new").exists()
+
+
 async def test_resync_after_selection_change_reuses_data_on_disk(tmp_path, qbsync_factory) -> None:
     """Files already here are verified (not trusted) and not streamed again; newly selected
     files are."""

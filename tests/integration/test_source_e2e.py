@@ -7,18 +7,16 @@ real qbsync daemons as processes.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
-from tests.integration.source_rig import (
-    FILES,
+from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
     Rig,
     histogram_quantile,
     http_status,
-    make_rig,
     metric,
+    rig_factory_fixture,
+    rig_fixture,
     tags_of,
 )
 from tests.qbharness import wait_until
@@ -26,13 +24,7 @@ from tests.qbharness import wait_until
 pytestmark = pytest.mark.integration
 
 
-def test_streams_while_downloading_then_verified_tagged_identical(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_streams_while_downloading_then_verified_tagged_identical(rig: Rig) -> None:
     source, health = rig.start_source()
     ih = rig.info_hash
     n = rig.seeded.num_pieces
@@ -52,12 +44,10 @@ def test_streams_while_downloading_then_verified_tagged_identical(
     assert best_share >= 0.5, f"only {best_share:.0%} on the destination before the source finished"
 
     # The torrent ends verified on the destination, tagged synced on both sides.
-    wait_until(lambda: "synced" in tags_of(rig.src_qb, ih), 60, 0.2, "source tagged synced")
-    wait_until(lambda: "synced" in tags_of(rig.dst_qb, ih), 60, 0.2, "destination tagged synced")
+    rig.wait_synced(60, dest_timeout=60)
     dst = rig.dst_qb.info(ih)
     assert dst is not None and float(dst["progress"]) == 1
-    for rel in FILES:
-        assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
+    rig.assert_identical()
     # Each piece was sent exactly once, and finalize followed the last ack quickly.
     assert metric(health, "qbsync_pieces_acked_total") == n
     assert metric(health, "qbsync_pieces_resent_total") == 0
@@ -83,63 +73,37 @@ def _wait_acked(port: int, at_least: int, timeout: float = 60) -> float:
     )
 
 
-def _progress(rig: Rig, ih: str) -> float:
-    info = rig.src_qb.info(ih)
-    return float(info["progress"]) if info else 0.0
-
-
-def _dest_state_dirs(rig) -> list[Path]:
-    root = rig.dst_data / ".qbsync"
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
-
-
-def _partials(rig) -> list[Path]:
-    return sorted(rig.dst_data.rglob("*.partial"))
-
-
-def test_exclude_tag_mid_sync_aborts_on_destination(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_exclude_tag_mid_sync_aborts_on_destination(rig: Rig) -> None:
     source, health = rig.start_source("--exclude-sync-tag", "no-sync")
     ih = rig.info_hash
     rig.add_to_source()
     _wait_acked(health, 10)
-    assert _partials(rig), "the destination should hold partial data mid-sync"
+    assert rig.dest_partials(), "the destination should hold partial data mid-sync"
     rig.src_qb.api.torrents_add_tags(tags="no-sync", torrent_hashes=ih)
     source.wait_for_log("event=torrent_excluded", timeout=15)
     wait_until(lambda: "event=torrent_aborted" in source.log_text(), 15, 0.1, "abort sent")
-    wait_until(lambda: not _partials(rig) and not _dest_state_dirs(rig), 15, 0.2, "dest cleaned")
+    wait_until(rig.dest_clean, 15, 0.2, "destination cleaned up")
     sent = metric(health, "qbsync_pieces_acked_total")
     # The source keeps downloading, but nothing more is sent and nothing is finalized.
-    wait_until(lambda: _progress(rig, ih) >= 1, 60, 0.5, "download done")
+    wait_until(lambda: rig.source_progress() >= 1, 60, 0.5, "download done")
     time.sleep(2.5)
     assert metric(health, "qbsync_pieces_acked_total") == sent
     assert metric(health, "qbsync_exclude_sync_abort_total") == 1
     assert "synced" not in tags_of(rig.src_qb, ih)
     assert rig.dst_qb.info(ih) is None
-    assert not _partials(rig) and not _dest_state_dirs(rig)
+    assert rig.dest_clean()
 
 
-def test_removed_on_source_mid_sync_aborts_on_destination(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_removed_on_source_mid_sync_aborts_on_destination(rig: Rig) -> None:
     source, health = rig.start_source()
     ih = rig.info_hash
     rig.add_to_source()
     _wait_acked(health, 10)
-    assert _partials(rig)
+    assert rig.dest_partials()
     rig.src_qb.api.torrents_delete(delete_files=True, torrent_hashes=ih)
     source.wait_for_log("event=torrent_removed", timeout=15)
     wait_until(lambda: "event=torrent_aborted" in source.log_text(), 15, 0.1, "abort sent")
-    wait_until(lambda: not _partials(rig) and not _dest_state_dirs(rig), 15, 0.2, "dest cleaned")
+    wait_until(rig.dest_clean, 15, 0.2, "destination cleaned up")
     assert rig.dst_qb.info(ih) is None
     code, status = http_status(health, "/status")
     assert code == 200 and status["tracked"] == [], status
@@ -147,13 +111,7 @@ def test_removed_on_source_mid_sync_aborts_on_destination(
     assert "code=internal" not in log and "Traceback" not in log
 
 
-def test_kill9_then_restart_resumes_without_resending_acked_pieces(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_kill9_then_restart_resumes_without_resending_acked_pieces(rig: Rig) -> None:
     first, health = rig.start_source()
     ih = rig.info_hash
     n = rig.seeded.num_pieces
@@ -184,23 +142,16 @@ def test_kill9_then_restart_resumes_without_resending_acked_pieces(
         f"{needed[0]} received_by_destination={received:.0f} (duplicates {received - n:.0f})"
     )
     assert received <= n + (n - acked_before - needed[0]), (received, n)
-    for rel in FILES:
-        assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
+    rig.assert_identical()
 
 
-def test_wrong_token_transfers_nothing_and_says_why(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_wrong_token_transfers_nothing_and_says_why(rig: Rig) -> None:
     source, health = rig.start_source(token="not-the-right-token")
     rig.add_to_source(download_limit=None)
     wait_until(lambda: source.log_text().count("code=auth-failed") >= 3, 30, 0.2, "retries logged")
     assert "event=destination_connect_failed" in source.log_text()
     assert metric(rig.dest_health, "qbsync_pieces_received_total") == 0
-    assert not _dest_state_dirs(rig) and not _partials(rig)
+    assert rig.dest_clean()
     code, body = http_status(health, "/readyz")
     assert code == 503 and "auth-failed" in str(body), body
     assert http_status(health, "/livez")[0] == 200  # alive, just not ready
@@ -208,22 +159,16 @@ def test_wrong_token_transfers_nothing_and_says_why(
     assert "synced" not in tags_of(rig.src_qb, rig.info_hash)
 
 
-def test_dry_run_changes_nothing_anywhere(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_dry_run_changes_nothing_anywhere(rig: Rig) -> None:
     source, health = rig.start_source("--dry-run")
     ih = rig.info_hash
     rig.add_to_source(download_limit=None)
-    wait_until(lambda: _progress(rig, ih) >= 1, 60, 0.2, "downloaded")
+    wait_until(lambda: rig.source_progress() >= 1, 60, 0.2, "downloaded")
     source.wait_for_log("event=dry_run action=sync", timeout=15)
     time.sleep(3)  # a few more cycles
     assert metric(rig.dest_health, "qbsync_pieces_received_total") == 0
     assert metric(health, "qbsync_pieces_sent_total") == 0
-    assert not _dest_state_dirs(rig) and not _partials(rig)
+    assert rig.dest_clean()
     assert not list(rig.dst_data.rglob("*.bin"))
     assert rig.dst_qb.info(ih) is None
     assert tags_of(rig.src_qb, ih) == set()
@@ -239,13 +184,7 @@ def test_dry_run_changes_nothing_anywhere(
     assert source.returncode is None
 
 
-def test_destination_restart_mid_stream_reconnects_and_completes(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_destination_restart_mid_stream_reconnects_and_completes(rig: Rig) -> None:
     source, health = rig.start_source()
     ih = rig.info_hash
     rig.add_to_source()
@@ -258,18 +197,11 @@ def test_destination_restart_mid_stream_reconnects_and_completes(
     wait_until(lambda: "synced" in tags_of(rig.src_qb, ih), 90, 0.2, "synced after restart")
     log = source.log_text()
     assert "generation=2" in log  # reconnected, and re-initialized the torrent
-    for rel in FILES:
-        assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
+    rig.assert_identical()
     assert "code=internal" not in log
 
 
-def test_starts_before_qbittorrent_and_recovers(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_starts_before_qbittorrent_and_recovers(rig: Rig) -> None:
     rig.src_qb.stop()
     source, health = rig.start_source(wait_started=False)
     wait_until(lambda: "event=qbittorrent_unreachable" in source.log_text(), 20, 0.2, "waiting")

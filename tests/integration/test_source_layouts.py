@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
-from tests.integration.source_rig import FILES, Rig, make_rig, metric, tags_of
+from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+    FILES,
+    Rig,
+    RigFactory,
+    metric,
+    rig_factory_fixture,
+    rig_fixture,
+    tags_of,
+)
 from tests.qbharness import wait_until
 
 pytestmark = pytest.mark.integration
@@ -33,24 +40,12 @@ def _set_priority(rig: Rig, index: int, priority: int) -> None:
     wait_until(applied, 15, 0.2, f"file {index} priority {priority}")
 
 
-def _wait_synced(rig: Rig, timeout: float = 90) -> None:
-    ih = rig.info_hash
-    wait_until(lambda: "synced" in tags_of(rig.src_qb, ih), timeout, 0.2, "source tagged synced")
-    wait_until(lambda: "synced" in tags_of(rig.dst_qb, ih), 30, 0.2, "destination tagged synced")
-
-
-def test_partial_selection_syncs_only_selected_files(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_partial_selection_syncs_only_selected_files(rig: Rig) -> None:
     _, health = rig.start_source()
     rig.add_to_source(paused=True)
     _set_priority(rig, B_INDEX, 0)
     rig.src_qb.api.torrents_resume(torrent_hashes=rig.info_hash)
-    _wait_synced(rig)
+    rig.wait_synced()
     assert rig.dest_file("a.bin").read_bytes() == rig.seeded.expected_bytes("a.bin")
     assert rig.dest_file("sub/c.bin").read_bytes() == rig.seeded.expected_bytes("sub/c.bin")
     assert not rig.dest_file("b.bin").exists()
@@ -67,13 +62,7 @@ def test_partial_selection_syncs_only_selected_files(
     assert metric(health, "qbsync_pieces_acked_total") == rig.seeded.num_pieces - only_b
 
 
-def test_selection_change_mid_sync_resyncs_and_ends_complete(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory)
+def test_selection_change_mid_sync_resyncs_and_ends_complete(rig: Rig) -> None:
     source, health = rig.start_source()
     rig.add_to_source(paused=True)
     _set_priority(rig, B_INDEX, 0)
@@ -82,25 +71,17 @@ def test_selection_change_mid_sync_resyncs_and_ends_complete(
     assert "synced" not in tags_of(rig.src_qb, rig.info_hash)
     _set_priority(rig, B_INDEX, 1)  # the user selects b.bin while the sync runs
     source.wait_for_log("event=selection_changed", timeout=15)
-    _wait_synced(rig)
-    for rel in FILES:
-        assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
+    rig.wait_synced()
+    rig.assert_identical()
     assert metric(health, "qbsync_file_selection_resyncs_total") == 1
     assert "resync=true" in source.log_text()
 
 
 def test_temp_path_incomplete_extension_and_move_on_completion(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
+    tmp_path: Path, rig_factory: RigFactory
 ) -> None:
     src_root = tmp_path / "src-downloads"
-    rig = make_rig(
-        tmp_path,
-        qb_factory,
-        seeded_torrent,
-        qbsync_factory,
+    rig = rig_factory(
         src_kwargs={
             "save_path": src_root,
             "temp_path": src_root / "incomplete",
@@ -116,9 +97,8 @@ def test_temp_path_incomplete_extension_and_move_on_completion(
     # qBittorrent moves the files to the save path on completion; streaming is still going.
     wait_until(lambda: (src_root / "payload" / "a.bin").exists(), 60, 0.1, "moved")
     assert metric(health, "qbsync_pieces_acked_total") < rig.seeded.num_pieces
-    _wait_synced(rig)
+    rig.wait_synced()
     assert not list(src_root.rglob("*.!qB"))
-    for rel in FILES:
-        assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
+    rig.assert_identical()
     assert metric(health, "qbsync_pieces_resent_total") == 0
     assert "code=internal" not in source.log_text()

@@ -6,22 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
-from tests.integration.source_rig import FILES, make_rig, make_self_signed, metric, tags_of
+from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+    RigFactory,
+    make_self_signed,
+    metric,
+    rig_factory_fixture,
+    rig_fixture,
+    tags_of,
+)
 from tests.qbharness import wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def test_tls_with_token_file_and_a_wrong_ca_first(
-    tmp_path: Path,
-    qb_factory: QbFactory,
-    seeded_torrent: SeededFactory,
-    qbsync_factory: QbsyncFactory,
-) -> None:
+def test_tls_with_token_file_and_a_wrong_ca_first(tmp_path: Path, rig_factory: RigFactory) -> None:
     cert, key = make_self_signed(tmp_path / "tls", "destination")
     other_ca, _ = make_self_signed(tmp_path / "tls-other", "other")
-    rig = make_rig(tmp_path, qb_factory, seeded_torrent, qbsync_factory, start_destination=False)
+    rig = rig_factory(start_destination=False)
     rig.start_destination("--tls-cert", str(cert), "--tls-key", str(key))
     token_file = tmp_path / "token"
     token_file.write_text(rig.token + "\n")
@@ -40,7 +41,6 @@ def test_tls_with_token_file_and_a_wrong_ca_first(
         "--tls-ca", str(cert), "--auth-token-file", str(token_file), token=""
     )
     wait_until(lambda: "synced" in tags_of(rig.src_qb, rig.info_hash), 90, 0.2, "synced")
-    for rel in FILES:
-        assert rig.dest_file(rel).read_bytes() == rig.seeded.expected_bytes(rel), rel
+    rig.assert_identical()
     assert metric(health, "qbsync_pieces_resent_total") == 0
     assert rig.token not in source.log_text()  # the secret never reaches a log line

@@ -59,8 +59,8 @@ class HardlinkRegistry:
         except (OSError, paths.UnsafePathError):
             present = None
         if known != size or present != size:
-            if present != known:
-                del self._by_id[(device, inode)]
+            # pop, not del: lookups run in worker threads, another may have evicted it already.
+            if present != known and self._by_id.pop((device, inode), None) is not None:
                 metrics.stale_inode_evictions.inc()
                 log.info("event=hardlink_source_evicted path=%s", "/".join(parts))
             return None

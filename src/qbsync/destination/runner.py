@@ -169,9 +169,10 @@ async def main(config: DestinationConfig) -> int:
     if config.dry_run:
         log.warning("event=dry_run note=%s", '"nothing is written and qBittorrent is not changed"')
     try:
-        await trio.to_thread.run_sync(
-            functools.partial(Path(config.data).mkdir, parents=True, exist_ok=True)
-        )
+        if not config.dry_run:  # a dry run does not even create --data
+            await trio.to_thread.run_sync(
+                functools.partial(Path(config.data).mkdir, parents=True, exist_ok=True)
+            )
     except OSError as exc:
         log.error("event=startup_failed error=%s", json.dumps(f"cannot create --data: {exc}"))
         return 1

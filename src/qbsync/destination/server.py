@@ -5,10 +5,10 @@ Nothing from the network is trusted: the info-hash must be 40 or 64 hex digits; 
 index must be in range and its offset and length must equal the torrent's geometry; an
 InitTorrent's ``.torrent`` must parse, hash to the announced info-hash and carry SHA-1 piece
 hashes, and the file table the source sends must agree with it (count, every size, total,
-piece length); every name must be a plain relative path that stays under ``--data``. A refusal
-is a :class:`WireError` with a stable code (``bad-request``, ``unsafe-path``...) — the
-connection and every other torrent keep working — and is counted in
-``qbsync_rejected_requests_total{code}``.
+piece length); every name must be a plain relative path that stays under ``--data`` and that
+no other tracked torrent is writing. A refusal is a :class:`WireError` with a stable code
+(``bad-request``, ``unsafe-path``...) — the connection and every other torrent keep working —
+and is counted in ``qbsync_rejected_requests_total{code}``.
 
 Lifecycle operations on one torrent (init, finalize, abort) are serialized by the store's
 per-torrent lock; piece writes never wait for it.

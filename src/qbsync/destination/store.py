@@ -17,6 +17,10 @@ What happens to files found on disk
     is already here. On a plain restart the persisted bitmap is trusted for ``.partial`` files
     (that is what the flush invariant guarantees), except that bits of files that are gone or
     shorter than their size are cleared.
+
+Names are owned: a tracked torrent owns the final and ``.partial`` names of its selected files,
+and another torrent laid out at one of them is refused (``unsafe-path``) until the owner is
+finalized or aborted — two torrents at the same names would overwrite each other's pieces.
 """
 
 from __future__ import annotations
@@ -236,9 +240,10 @@ class PieceCheck:
 def verify_pieces(
     root: Path, checks: Sequence[PieceCheck], *, drop_cache: bool = False
 ) -> set[int]:
-    """Read and SHA-1 each piece from disk; return the indices that match. Unreadable or short
-    data counts as a mismatch. With ``drop_cache`` the page cache of each file is dropped first
-    (``POSIX_FADV_DONTNEED`` after the data is synced), so the bytes come from the disk."""
+    """Read and SHA-1 each piece from disk; return the indices that match. Each file is
+    ``fdatasync``'ed before it is read (see :func:`_open_synced`); unreadable, unsyncable or
+    short data counts as a mismatch. With ``drop_cache`` the page cache of each file is dropped
+    first, so the bytes come from the disk."""
     ok: set[int] = set()
     fds: dict[paths.Parts, int | None] = {}
     buf = bytearray(max((sum(s.length for s in c.spans) for c in checks), default=0))
@@ -253,13 +258,7 @@ def verify_pieces(
                     chunk[:] = bytes(span.length)
                 else:
                     if span.parts not in fds:
-                        try:
-                            fd = paths.open_file(root, span.parts, os.O_RDONLY)
-                            if drop_cache:
-                                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                            fds[span.parts] = fd
-                        except OSError:
-                            fds[span.parts] = None
+                        fds[span.parts] = _open_synced(root, span.parts, drop_cache)
                     fd_or_none = fds[span.parts]
                     if fd_or_none is None or not _pread_exact(fd_or_none, chunk, span.file_offset):
                         good = False
@@ -272,6 +271,25 @@ def verify_pieces(
             if open_fd is not None:
                 os.close(open_fd)
     return ok
+
+
+def _open_synced(root: Path, parts: paths.Parts, drop_cache: bool) -> int | None:
+    """Open a file for a verification read, after making its bytes durable: a piece proven
+    here gets its bit persisted, and the bytes may still be only in the page cache (a file left
+    by an abort, a resync or a killed process). ``fdatasync`` also makes ``DONTNEED`` effective
+    (dirty pages are not dropped). None when it cannot be opened or synced."""
+    try:
+        fd = paths.open_file(root, parts, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        os.fdatasync(fd)
+        if drop_cache:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _pread_exact(fd: int, into: memoryview, offset: int) -> bool:
@@ -304,6 +322,10 @@ class Store:
         self.dry_run = dry_run
         self.registry = registry if registry is not None else HardlinkRegistry()
         self.torrents: dict[str, TorrentState] = {}
+        # Which tracked torrent writes which name (final and .partial): two torrents laid out
+        # at the same names would overwrite each other's pieces (spec §14.18).
+        self._owner: dict[paths.Parts, str] = {}
+        self._owned: dict[str, list[paths.Parts]] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.read_limiter = trio.CapacityLimiter(SCAN_READ_LIMIT)
         self._nursery: trio.Nursery | None = None
@@ -368,6 +390,16 @@ class Store:
         Raises :class:`WireError` (``bad-request``, ``unsafe-path``, ``io``).
         """
         files = build_files(metainfo, meta.files, meta.save_sub_path)
+        self._claim_paths(meta.info_hash, files)
+        try:
+            return await self._create(meta, metainfo, files, fresh=fresh)
+        except BaseException:
+            self._release_paths(meta.info_hash)
+            raise
+
+    async def _create(
+        self, meta: TorrentMeta, metainfo: Metainfo, files: list[DataFile], *, fresh: bool
+    ) -> TorrentState:
         n = metainfo.geometry.num_pieces
         state = TorrentState(
             info_hash=meta.info_hash,
@@ -401,6 +433,32 @@ class Store:
                 if f.status is FileStatus.STREAMING and f.remaining == 0:
                     self.on_file_complete(state, f)
         return state
+
+    def _claim_paths(self, info_hash: str, files: Sequence[DataFile]) -> None:
+        """Reserve the names ``files`` write (before anything is created), or raise
+        ``unsafe-path`` naming the tracked torrent that already writes one of them."""
+        names = [
+            name
+            for f in files
+            if f.selected and f.parts
+            for name in (f.parts, paths.partial_parts(f.parts))
+        ]
+        for name in names:
+            owner = self._owner.get(name)
+            if owner is not None and owner != info_hash:
+                raise WireError(
+                    ErrorCode.UNSAFE_PATH,
+                    f"file {'/'.join(name)!r} is already being synced by torrent {owner}",
+                )
+        self._release_paths(info_hash)
+        for name in names:
+            self._owner[name] = info_hash
+        self._owned[info_hash] = names
+
+    def _release_paths(self, info_hash: str) -> None:
+        for name in self._owned.pop(info_hash, ()):
+            if self._owner.get(name) == info_hash:
+                del self._owner[name]
 
     def start_scan(self, state: TorrentState, files: set[int]) -> None:
         """Verify the given files' unwritten pieces in the background (phase SCANNING)."""
@@ -710,10 +768,14 @@ class Store:
                 log.error(
                     "event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts)
                 )
-                for i in state.geometry.file_pieces(idx):
-                    written[i] = unverified[i] = False
                 state.clear_pieces(state.geometry.file_pieces(idx))
                 state.recount_remaining()
+            # Bits un-set while the syncs ran (a close whose sync failed, bad data) must not
+            # be persisted from the older snapshot.
+            written, unverified = (
+                _intersect(written, state.written),
+                _intersect(unverified, state.written),
+            )
             blob = encode_pieces(written, unverified)
             try:
                 await trio.to_thread.run_sync(atomic_write, state.meta_dir, PIECES_NAME, blob)
@@ -791,6 +853,7 @@ class Store:
         state.phase = Phase.CLOSED
         if self.torrents.get(state.info_hash) is state:
             del self.torrents[state.info_hash]
+            self._release_paths(state.info_hash)
 
     async def forget(self, state: TorrentState) -> None:
         """Stop tracking ``state``: cancel and await its background work, close its files.
@@ -884,6 +947,11 @@ def newest_mtime(directory: Path) -> float:
                 newest = max(newest, entry.stat().st_mtime)
         newest = max(newest, directory.stat().st_mtime)
     return newest or time.time()
+
+
+def _intersect(a: Bitfield, b: Bitfield) -> Bitfield:
+    both = int.from_bytes(a.to_bytes(), "big") & int.from_bytes(b.to_bytes(), "big")
+    return Bitfield(a.size, both.to_bytes(len(a.to_bytes()), "big"))
 
 
 def _sync_fds(fds: Sequence[tuple[int, int | None]]) -> list[int]:

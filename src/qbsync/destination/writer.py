@@ -177,12 +177,9 @@ class Writer:
                 ErrorCode.HASH_MISMATCH.value,
             )
             return Outcome(ErrorCode.HASH_MISMATCH, f"SHA-1 of piece {index} does not match")
-        if state.phase is Phase.CLOSED:
-            return Outcome(ErrorCode.NOT_INITIALIZED, "torrent was aborted")
-        if state.written[index]:
-            return OK
-        if state.phase is Phase.FINALIZING:
-            return Outcome(ErrorCode.FINALIZING, "torrent is being finalized")
+        late = self._overtaken(state, index)
+        if late is not None:
+            return late
         self._record(state, index, matched, [state.files[s.file_index] for s in wanted])
         metrics.piece_write_duration.observe(time.monotonic() - start)
         metrics.pieces_received.inc()
@@ -208,14 +205,20 @@ class Writer:
             if f.remaining <= 0 and f.status is FileStatus.STREAMING and not f.finalizing:
                 self._on_file_complete(state, f)
 
-    def _settled(self, state: TorrentState, index: int) -> Outcome:
+    def _overtaken(self, state: TorrentState, index: int) -> Outcome | None:
+        """After an await: the answer when the torrent was aborted, another copy of the piece
+        got written, or finalization began meanwhile; None when the piece is still wanted."""
         if state.phase is Phase.CLOSED:
             return Outcome(ErrorCode.NOT_INITIALIZED, "torrent was aborted")
         if state.written[index]:
             return OK
         if state.phase is Phase.FINALIZING:
             return Outcome(ErrorCode.FINALIZING, "torrent is being finalized")
-        return Outcome(ErrorCode.BUSY, "file is being closed; retry")
+        return None
+
+    def _settled(self, state: TorrentState, index: int) -> Outcome:
+        late = self._overtaken(state, index)
+        return late if late is not None else Outcome(ErrorCode.BUSY, "file is being closed; retry")
 
     def _io_failure(
         self,

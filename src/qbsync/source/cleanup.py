@@ -33,7 +33,7 @@ import trio
 
 from .. import metrics
 from ..log import kv
-from ..qb import QB, QBError
+from ..qb import QB, QBError, split_tags
 from ..wire.errors import WireError
 from ..wire.messages import StartTorrent
 from .cache import CompletionCache
@@ -106,6 +106,21 @@ def _file_ids(local_dir: Path, names: Iterable[str]) -> set[tuple[int, int]]:
         if st.st_ino:
             out.add((st.st_dev, st.st_ino))
     return out
+
+
+async def add_tag(qb: QB, info_hash: str, tag: str) -> None:
+    """Add ``tag`` to a source torrent. A failure is counted and logged, not raised: a missing
+    ``--synced-tag`` is added again by the next cleanup pass (see :class:`Cleanup`)."""
+    try:
+        await qb.add_tags(info_hash, [tag])
+    except QBError as exc:
+        metrics.tag_application_errors.labels("source").inc()
+        log.warning(
+            "event=tag_failed hash=%s tag=%s code=qb-error error=%s",
+            info_hash,
+            kv(tag),
+            kv(str(exc)),
+        )
 
 
 @attrs.define
@@ -219,18 +234,14 @@ class Cleanup:
             h = str(info.get("hash") or "")
             if h not in self.cache:
                 continue
-            tags = {t.strip() for t in str(info.get("tags") or "").split(",") if t.strip()}
+            tags = split_tags(str(info.get("tags") or ""))
             if not draining and self.exclude_cleanup_tag and self.exclude_cleanup_tag in tags:
                 continue
             if self.synced_tag and self.synced_tag not in tags:
                 # Completion known but never tagged (e.g. found complete after a re-download
                 # or a failed tag write): tag now, hand off in a later pass.
                 if not self.dry_run:
-                    try:
-                        await self.qb.add_tags(h, [self.synced_tag])
-                    except QBError as exc:
-                        metrics.tag_application_errors.labels("source").inc()
-                        log.warning("event=tag_failed hash=%s error=%s", h, kv(str(exc)))
+                    await add_tag(self.qb, h, self.synced_tag)
                 continue
             c = Candidate(
                 info_hash=h,
@@ -265,23 +276,17 @@ class Cleanup:
             await self.qb.stop(h)
         except QBError as exc:
             metrics.torrent_stop_errors.labels("source").inc()
-            log.warning("event=handoff_failed hash=%s step=stop error=%s", h, kv(str(exc)))
-            return False
-        try:
-            await self.request(StartTorrent(h, tag=self.source_removed_tag), within=HANDOFF_TIMEOUT)
-        except WireError as exc:
             log.warning(
-                "event=handoff_failed hash=%s step=start code=%s error=%s action=resume_source",
-                h,
-                exc.code.value,
-                kv(str(exc)),
+                "event=handoff_failed hash=%s step=stop code=qb-error error=%s", h, kv(str(exc))
             )
+            return False
+        if not await self.start_on_destination(h, then="resume_source"):
             try:
                 await self.qb.start(h)
             except QBError as exc2:
                 metrics.torrent_resume_errors.labels("source").inc()
                 log.error(
-                    "event=resume_failed hash=%s error=%s note=%s",
+                    "event=resume_failed hash=%s code=qb-error error=%s note=%s",
                     h,
                     kv(str(exc2)),
                     kv("torrent is stopped on both sides"),
@@ -291,7 +296,9 @@ class Cleanup:
             await self.qb.delete(h, delete_files=True)
         except QBError as exc:
             # The destination seeds already; a later pass retries the delete.
-            log.warning("event=handoff_delete_failed hash=%s error=%s", h, kv(str(exc)))
+            log.warning(
+                "event=handoff_delete_failed hash=%s code=qb-error error=%s", h, kv(str(exc))
+            )
         metrics.cleanup_torrents_handed_off.inc()
         log.info(
             "event=handed_off hash=%s name=%s bytes=%d tag=%s",
@@ -300,4 +307,21 @@ class Cleanup:
             c.size,
             kv(self.source_removed_tag),
         )
+        return True
+
+    async def start_on_destination(self, h: str, *, then: str) -> bool:
+        """``StartTorrent`` with ``--source-removed-tag``: the destination seeds ``h`` from now
+        on. False (logged, with what the caller does ``then``) when the destination could not
+        start it; every handoff path shares this step and its log line."""
+        try:
+            await self.request(StartTorrent(h, tag=self.source_removed_tag), within=HANDOFF_TIMEOUT)
+        except WireError as exc:
+            log.warning(
+                "event=handoff_failed hash=%s step=start code=%s then=%s error=%s",
+                h,
+                exc.code.value,
+                then,
+                kv(str(exc)),
+            )
+            return False
         return True

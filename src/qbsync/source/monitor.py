@@ -57,27 +57,20 @@ def merge_maindata(torrents: dict[str, dict[str, Any]], md: dict[str, Any]) -> M
     changed: dict[str, frozenset[str]] = {}
     if full:
         removed |= set(torrents) - set(delta)
-        for h in removed:
-            torrents.pop(h, None)
-        for h, fields in delta.items():
-            old = torrents.get(h)
-            if old is None:
-                added.add(h)
-                changed[h] = frozenset(fields)
-            else:
-                changed[h] = frozenset(k for k, v in fields.items() if old.get(k) != v)
-            torrents[h] = dict(fields)
-    else:
-        for h in removed:
-            torrents.pop(h, None)
-        for h, fields in delta.items():
-            cur = torrents.get(h)
-            if cur is None:
-                added.add(h)
-                torrents[h] = dict(fields)
-            else:
-                cur.update(fields)
+    for h in removed:
+        torrents.pop(h, None)
+    for h, fields in delta.items():
+        old = torrents.get(h)
+        if old is None:
+            added.add(h)
             changed[h] = frozenset(fields)
+            torrents[h] = dict(fields)
+        elif full:  # a whole picture: only real differences count
+            changed[h] = frozenset(k for k, v in fields.items() if old.get(k) != v)
+            torrents[h] = dict(fields)
+        else:  # a delta lists only what changed
+            changed[h] = frozenset(fields)
+            old.update(fields)
     for h, t in torrents.items():
         t.setdefault("hash", h)
     return MaindataUpdate(full, changed, frozenset(added), frozenset(removed))
@@ -110,9 +103,6 @@ class Monitor:
         self._limiter = trio.CapacityLimiter(max_parallel)
         self._failing_since: float | None = None
         self._last_error_log = 0.0
-
-    def snapshot(self, info_hash: str) -> dict[str, Any] | None:
-        return self.torrents.get(info_hash)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

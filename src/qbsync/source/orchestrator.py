@@ -56,11 +56,10 @@ from ..wire.messages import (
     FinalizeResult,
     InitResult,
     InitTorrent,
-    StartTorrent,
     SyncStatus,
 )
 from .cache import CompletionCache, fingerprint
-from .cleanup import Cleanup
+from .cleanup import Cleanup, add_tag
 from .meta import MetaError, build_meta
 from .monitor import MaindataUpdate, Monitor
 from .paths import PathMapper
@@ -305,7 +304,7 @@ class Orchestrator:
             # Backstop: a tracked torrent that is not complete gets one piece-state poll per
             # --sleep even without a progress change (cheap: only active syncs).
             for t in self.registry.all():
-                if not t.tracker.complete and h_is_listed(self.monitor, t.info_hash):
+                if not t.tracker.complete and t.info_hash in self.monitor.torrents:
                     self.monitor.request_poll(t)
         if now - self._last_maintenance >= MAINTENANCE_EVERY * self.config.sleep:
             self._last_maintenance = now
@@ -360,20 +359,9 @@ class Orchestrator:
         if not self.pool.connected:
             log.warning("event=handoff_deferred hash=%s code=timeout retry=maintenance", h)
             return
-        try:
-            await self.pool.request(
-                StartTorrent(h, tag=self.config.source_removed_tag), within=CONTROL_TIMEOUT
-            )
-        except WireError as exc:
-            log.warning(
-                "event=handoff_failed hash=%s code=%s error=%s retry=maintenance",
-                h,
-                exc.code.value,
-                kv(str(exc)),
-            )
-            return
-        await self.cache.remove(h)
-        log.info("event=handoff_removed hash=%s tag=%s", h, kv(self.config.source_removed_tag))
+        if await self.cleanup.start_on_destination(h, then="retry_at_maintenance"):
+            await self.cache.remove(h)
+            log.info("event=handoff_removed hash=%s tag=%s", h, kv(self.config.source_removed_tag))
 
     async def _abort(self, h: str, *, reason: str) -> None:
         if self.dry_run:
@@ -731,20 +719,13 @@ class Orchestrator:
             kv(result.message or result.status.value),
         )
         if orphan:
-            await self._handoff_removed_orphan(h)
+            # Removed from the source: the destination takes over. If it cannot start it, it
+            # keeps the verified torrent stopped (not cached: nothing here retries).
+            if await self.cleanup.start_on_destination(h, then="left_stopped_on_destination"):
+                log.info("event=handoff_removed hash=%s", h)
             return
         await self.cache.put(h, t.meta.fingerprint)
         await self._tag(h, self.config.synced_tag)
-
-    async def _handoff_removed_orphan(self, h: str) -> None:
-        try:
-            await self.pool.request(
-                StartTorrent(h, tag=self.config.source_removed_tag), within=CONTROL_TIMEOUT
-            )
-            log.info("event=handoff_removed hash=%s", h)
-        except WireError as exc:
-            # Not cached either: the destination keeps it, stopped; a user can start it.
-            log.warning("event=handoff_failed hash=%s code=%s", h, exc.code.value)
 
     async def _sync_failed(self, t: Tracked, code: str) -> None:
         h = t.info_hash
@@ -797,13 +778,7 @@ class Orchestrator:
         if self.dry_run:
             self._dry("tag", h, tag=kv(tag))
             return
-        try:
-            await self.qb.add_tags(h, [tag])
-        except QBError as exc:
-            metrics.tag_application_errors.labels("source").inc()
-            log.warning(
-                "event=tag_failed hash=%s tag=%s code=qb-error error=%s", h, kv(tag), kv(str(exc))
-            )
+        await add_tag(self.qb, h, tag)
 
     def _dry(self, action: str, h: str, **fields: str) -> None:
         key = (action, h)
@@ -863,10 +838,6 @@ class Orchestrator:
 
 def _complete(t: Tracked) -> bool:
     return t.tracker.complete
-
-
-def h_is_listed(monitor: Monitor, h: str) -> bool:
-    return h in monitor.torrents
 
 
 def _code(exc: BaseException) -> str:

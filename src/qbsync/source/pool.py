@@ -84,7 +84,6 @@ class _Slot:
     id: int
     conn: Connection | None = None
     retiring: bool = False
-    connected_at: float = 0.0
     scope: trio.CancelScope | None = None
 
 
@@ -166,7 +165,6 @@ class ConnectionPool:
         self.last_error: tuple[str, str] | None = None
         self.bytes_acked = 0
         self._piece_hint = 1  # size of a recent piece: "out of credit" means less than this
-        self.ever_connected = False
         self._nursery: trio.Nursery | None = None
         metrics.connections_configured.set(self.max_connections)
         metrics.connections_active.set(0)
@@ -308,10 +306,8 @@ class ConnectionPool:
     def _attach(self, slot: _Slot, conn: Connection) -> None:
         was_connected = self.connected > 0
         slot.conn = conn
-        slot.connected_at = trio.current_time()
         if not was_connected:
             self.generation += 1
-        self.ever_connected = True
         self.last_error = None
         metrics.connections_active.set(self.connected)
         metrics.wire_connections.labels("source").set(self.connected)

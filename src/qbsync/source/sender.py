@@ -98,7 +98,8 @@ async def initialize(
     """Send a full InitTorrent for ``t`` and adopt the destination's answer.
 
     Single-flight per torrent (``t.init_lock``): without ``force``, a caller that waited for
-    another task's init of the same connection generation returns None without a request.
+    another task's init of the same connection generation returns None without a request, and
+    so does any caller once ``t`` is no longer tracked.
     Raises :class:`NotReady` when the destination's qBittorrent is verifying the torrent,
     and the pool's errors otherwise.
     """
@@ -110,6 +111,11 @@ async def initialize(
         request: InitTorrent = await trio.to_thread.run_sync(
             lambda: t.meta.init_request(resync=resync)
         )
+        if not t.active:
+            # Untracked while this task waited (exclusion, removal): its AbortTorrent may be
+            # on the wire already, and an InitTorrent after it would recreate the state the
+            # abort just deleted.
+            return None
         t.tracker.begin_resync()
         result: InitResult = await pool.request(request, within=INIT_TIMEOUT)
         if result.status == SyncStatus.VERIFYING:

@@ -2,18 +2,14 @@
 
 Layers (inner to outer): :mod:`.codec` (control messages <-> bytes, one cattrs converter),
 :mod:`.frames` (sans-IO framing and the incremental decoder), :mod:`.protocol` (sans-IO
-handshake, authentication, request ids and credit), :mod:`.connection` (the Trio shell:
-:func:`serve` for the destination, :func:`open_connection` for the source), :mod:`.tls`.
+handshake, authentication, request ids and credit), then the Trio shell: :mod:`.transport`
+(TCP/TLS bytes), :mod:`.shell` (what both ends share), :mod:`.server` (:func:`serve`, the
+destination), :mod:`.client` (:func:`open_connection`, the source), :mod:`.budget`
+(:class:`ByteBudget`), and :mod:`.tls` (contexts).
 """
 
-from .connection import (
-    ByteBudget,
-    ClientConnection,
-    Peer,
-    ServerHandler,
-    open_connection,
-    serve,
-)
+from .budget import ByteBudget
+from .client import ClientConnection, open_connection
 from .errors import RETRYABLE, ConnectionClosed, ErrorCode, LocalProtocolError, WireError
 from .messages import (
     MIN_PROTOCOL_VERSION,
@@ -33,6 +29,7 @@ from .messages import (
     valid_info_hash,
 )
 from .protocol import DEFAULT_MAX_PIECE, DEFAULT_WINDOW, MAX_CONTROL_FRAME, Request, Response
+from .server import Peer, ServerHandler, serve
 from .tls import client_ssl_context, server_ssl_context
 
 __all__ = [

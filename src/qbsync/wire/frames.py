@@ -37,7 +37,7 @@ Decoder design (why it looks like this)
   header and reports :class:`PieceStart`. The I/O shell then allocates (or reuses) one buffer of
   exactly the piece size, takes whatever body bytes were already buffered with
   :meth:`FrameDecoder.readinto_body` (at most one read chunk), and lets the kernel write the
-  rest straight into that buffer with ``recv_into``, reporting it with
+  rest straight into that buffer (``readv`` on plain TCP), reporting it with
   :meth:`FrameDecoder.body_received`. A multi-MiB piece is therefore copied once, by the
   kernel, and never re-sliced.
 * **O(bytes) buffering.** Consumed bytes are dropped by moving a read offset; the buffer is

@@ -165,10 +165,24 @@ ProtocolEvent = (
 
 @attrs.frozen
 class _Outstanding:
+    """A request or piece awaiting its one answer (kept by both sides)."""
+
     kind: type  # the request type
     info_hash: str = ""
     index: int = 0
     length: int = 0
+
+    def refuses(self, msg: Response) -> str | None:
+        """Why ``msg`` cannot be the answer to this request (``None`` if it can). The same
+        rule polices the peer's answers and our own."""
+        if not isinstance(msg, (m.RESPONSE_TYPE[self.kind], m.Error)):
+            return f"{type(msg).__name__} answers a {self.kind.__name__}"
+        if isinstance(msg, m.PieceAck) and (msg.info_hash, msg.index) != (
+            self.info_hash,
+            self.index,
+        ):
+            return "PieceAck for the wrong piece"
+        return None
 
 
 def auth_mac(
@@ -526,16 +540,8 @@ class Endpoint:
         pending = self._outstanding.get(rid)
         if pending is None:
             raise WireError(ErrorCode.PROTOCOL, f"response to unknown request id {rid}")
-        expected = m.RESPONSE_TYPE[pending.kind]
-        if not isinstance(msg, (expected, m.Error)):
-            raise WireError(
-                ErrorCode.PROTOCOL,
-                f"{type(msg).__name__} answers a {pending.kind.__name__} (id {rid})",
-            )
-        if isinstance(msg, m.PieceAck) and (
-            msg.info_hash != pending.info_hash or msg.index != pending.index
-        ):
-            raise WireError(ErrorCode.PROTOCOL, f"PieceAck for the wrong piece (id {rid})")
+        if (why := pending.refuses(msg)) is not None:
+            raise WireError(ErrorCode.PROTOCOL, f"{why} (id {rid})")
         del self._outstanding[rid]
         self.inflight_bytes -= pending.length
         return ResponseReceived(rid, msg)
@@ -607,16 +613,8 @@ class Endpoint:
         pending = self._outstanding.get(request_id)
         if self.is_client or pending is None:
             raise LocalProtocolError(ErrorCode.PROTOCOL, f"no request {request_id} to answer")
-        expected = m.RESPONSE_TYPE[pending.kind]
-        if not isinstance(msg, (expected, m.Error)):
-            raise LocalProtocolError(
-                ErrorCode.PROTOCOL,
-                f"{type(msg).__name__} cannot answer a {pending.kind.__name__}",
-            )
-        if isinstance(msg, m.PieceAck) and (
-            msg.info_hash != pending.info_hash or msg.index != pending.index
-        ):
-            raise LocalProtocolError(ErrorCode.PROTOCOL, "PieceAck for the wrong piece")
+        if (why := pending.refuses(msg)) is not None:
+            raise LocalProtocolError(ErrorCode.PROTOCOL, why)
         if isinstance(msg, m.Error):
             msg = m.Error(msg.code, _truncate(msg.message))
         del self._outstanding[request_id]

@@ -1,0 +1,338 @@
+"""The source side of the wire: :func:`open_connection` and :class:`ClientConnection`.
+
+One connection multiplexes any number of concurrent requests and pieces, matched to their
+answers by request id. Pieces wait for credit (the destination's backpressure) and are
+written as a 64-byte header plus the caller's buffer, never concatenated; cancelling a piece
+in the middle of its write closes the connection (the stream cannot be resynchronized).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import overload
+
+import trio
+
+from .. import metrics
+from ..config import HostPort
+from . import messages as m
+from .errors import ConnectionClosed, ErrorCode, WireError
+from .frames import PIECE_HEADER_SIZE
+from .protocol import (
+    CreditReceived,
+    Endpoint,
+    ProtocolEvent,
+    Request,
+    Response,
+    ResponseReceived,
+)
+from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, acquire, log
+from .transport import TRANSPORT_ERRORS, describe, tune_socket
+
+
+class _Waiter:
+    """Where the receive loop leaves the answer (or the failure) for one request or piece."""
+
+    __slots__ = ("error", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: Response | None = None
+        self.error: WireError | None = None
+
+
+def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Trio wraps even a single exception from a nursery body in a group; give callers of our
+    context managers the plain exception when there is only one that matters."""
+    leaves = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(leaves) == 1:
+        leaf = leaves[0]
+        if isinstance(leaf, BaseExceptionGroup):
+            return _unwrap_group(leaf)
+        return leaf
+    if not leaves:
+        return group.exceptions[0]
+    return group
+
+
+class ClientConnection(BaseConnection):
+    """An authenticated connection to a destination (see :func:`open_connection`).
+
+    Any number of tasks may call :meth:`request` and :meth:`send_piece` concurrently; they are
+    multiplexed over the one stream and matched to their answers by request id.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        stream: trio.abc.Stream,
+        *,
+        label: str,
+        ping_interval: float,
+        idle_timeout: float,
+    ) -> None:
+        super().__init__(
+            endpoint, stream, label=label, ping_interval=ping_interval, idle_timeout=idle_timeout
+        )
+        self._waiters: dict[int, _Waiter] = {}
+        self._credit_lock = trio.Lock()  # FIFO among piece senders
+        self._credit_event = trio.Event()
+        self.version = 0
+
+    # -- public state ----------------------------------------------------------------------
+
+    @property
+    def credit(self) -> int:
+        """Piece bytes the destination currently allows (may be negative right after a piece
+        larger than the window)."""
+        return self._ep.available
+
+    @property
+    def window(self) -> int:
+        """The destination's credit window."""
+        return self._ep.window
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Piece bytes sent and not yet acknowledged."""
+        return self._ep.inflight_bytes
+
+    @property
+    def max_piece_size(self) -> int:
+        """The largest piece the destination accepts."""
+        return self._ep.max_frame - PIECE_HEADER_SIZE
+
+    async def aclose(self) -> None:
+        """Close now (pending calls raise :class:`ConnectionClosed`)."""
+        self._abort(ConnectionClosed("connection closed by this side", ErrorCode.OK))
+        await trio.lowlevel.checkpoint()
+
+    # -- requests --------------------------------------------------------------------------
+
+    @overload
+    async def request(self, msg: m.InitTorrent, *, timeout: float) -> m.InitResult: ...  # noqa: ASYNC109
+    @overload
+    async def request(self, msg: m.Finalize, *, timeout: float) -> m.FinalizeResult: ...  # noqa: ASYNC109
+    @overload
+    async def request(self, msg: m.Abort, *, timeout: float) -> m.AbortResult: ...  # noqa: ASYNC109
+    @overload
+    async def request(self, msg: m.StartTorrent, *, timeout: float) -> m.StartResult: ...  # noqa: ASYNC109
+
+    async def request(self, msg: Request, *, timeout: float) -> Response:  # noqa: ASYNC109
+        """Send a request and wait for its result.
+
+        Raises :class:`WireError` with the destination's code if it answered with an
+        ``Error``, ``WireError(timeout)`` if no answer came within ``timeout`` seconds, and
+        :class:`ConnectionClosed` if the connection is or becomes closed. Safe to cancel: a
+        late answer is discarded.
+        """
+        waiter = _Waiter()
+        rid = 0
+
+        def build() -> bytes:
+            nonlocal rid
+            rid, frame = self._ep.send_request(msg)
+            self._waiters[rid] = waiter
+            return frame
+
+        try:
+            with trio.move_on_after(timeout) as cs:
+                await self._send_control(build)
+                await waiter.event.wait()
+            if cs.cancelled_caught:
+                raise WireError(
+                    ErrorCode.TIMEOUT,
+                    f"no answer to {type(msg).__name__} within {timeout:g}s",
+                )
+        finally:
+            if rid:
+                self._waiters.pop(rid, None)
+        return self._result(waiter)
+
+    def _result(self, waiter: _Waiter) -> Response:
+        if waiter.error is not None:
+            raise waiter.error
+        result = waiter.result
+        assert result is not None
+        if isinstance(result, m.Error):
+            raise WireError(result.code, result.message)
+        return result
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    async def send_piece(
+        self, info_hash: str, index: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> m.PieceAck:
+        """Send one piece and wait for its ack.
+
+        Waits for credit first (backpressure), then writes the 64-byte header and ``data``
+        itself (no copy, no concatenation). Returns the :class:`PieceAck` (check ``.ok`` and
+        ``.code``); raises :class:`WireError` if the destination answered with an ``Error``,
+        :class:`ConnectionClosed` if the connection closes. Safe to cancel while waiting for
+        credit or for the ack; cancelled in the middle of writing, the connection is closed.
+        """
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        length = view.nbytes
+        if self.closed:
+            raise self._closed_error()
+        if not 0 < length <= self.max_piece_size:
+            raise WireError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"piece of {length} bytes: the destination accepts 1..{self.max_piece_size}",
+            )
+        if not m.valid_info_hash(info_hash):
+            raise WireError(ErrorCode.BAD_REQUEST, f"invalid info-hash {info_hash!r}")
+        waiter = _Waiter()
+        rid = 0
+        await acquire(self._credit_lock)
+        try:
+            while not self._ep.piece_fits(length):
+                if self.closed:
+                    raise self._closed_error()
+                await self._credit_event.wait()
+            await acquire(self._send_lock)
+            try:
+                if self.closed:
+                    raise self._closed_error()
+                rid, header = self._ep.send_piece(info_hash, index, offset, length)
+                self._waiters[rid] = waiter
+                try:
+                    await self._tr.send_header_and_payload(header, view)
+                except BaseException as exc:
+                    self._waiters.pop(rid, None)
+                    if isinstance(exc, TRANSPORT_ERRORS):
+                        self._abort(ConnectionClosed(f"send failed: {describe(exc)}"))
+                        raise self._closed_error() from None
+                    self._abort(ConnectionClosed("piece send interrupted"))
+                    raise
+                self._last_send = trio.current_time()
+            finally:
+                self._send_lock.release()
+        finally:
+            self._credit_lock.release()
+        try:
+            await waiter.event.wait()
+        finally:
+            self._waiters.pop(rid, None)
+        result = self._result(waiter)
+        assert isinstance(result, m.PieceAck)
+        return result
+
+    # -- background tasks ------------------------------------------------------------------
+
+    async def _background(self) -> None:
+        """Receive loop and keepalive, in their own cancel scope (so closing the connection
+        stops them without cancelling the caller's ``async with`` block)."""
+        assert self._io_scope is not None
+        with self._io_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_loop)
+                nursery.start_soon(self._keepalive)
+
+    def _notify_credit(self) -> None:
+        self._credit_event.set()
+        self._credit_event = trio.Event()
+
+    def _on_closed(self, reason: ConnectionClosed) -> None:
+        for waiter in self._waiters.values():
+            waiter.error = ConnectionClosed(reason.message, reason.code)
+            waiter.event.set()
+        self._waiters.clear()
+        self._notify_credit()
+
+    async def _on_event(self, event: ProtocolEvent) -> None:
+        if isinstance(event, ResponseReceived):
+            waiter = self._waiters.pop(event.request_id, None)
+            if waiter is not None:  # else: the caller gave up (cancel/timeout)
+                waiter.result = event.message
+                waiter.event.set()
+        elif isinstance(event, CreditReceived):
+            self._notify_credit()
+        else:  # pragma: no cover - nothing else is emitted on the source
+            await super()._on_event(event)
+
+
+@asynccontextmanager
+async def open_connection(
+    addr: HostPort,
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    connect_timeout: float = 10.0,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+) -> AsyncIterator[ClientConnection]:
+    """Connect to a destination, run TLS (if ``ssl_context``) and the handshake, and yield the
+    connection; it is closed when the block exits.
+
+    ``connect_timeout`` bounds TCP connect + TLS + handshake together. Raises ``OSError`` if
+    the TCP connection fails, and :class:`WireError` for everything else (``auth-failed`` for
+    a token mismatch or a failed TLS verification, ``unsupported-version``, ``timeout``, ...).
+
+    The receive loop and keepalive run in a nursery owned by this context manager. They never
+    raise into the block: when the connection dies, pending and later calls raise
+    :class:`ConnectionClosed` (see :attr:`ClientConnection.closed` and
+    :meth:`ClientConnection.wait_closed`).
+    """
+    if not addr.host:
+        raise ValueError("open_connection needs a host")
+    label = f"peer={addr}"
+    stream: trio.abc.Stream | None = None
+    conn: ClientConnection | None = None
+    try:
+        with trio.move_on_after(connect_timeout) as cs:
+            tcp = await trio.open_tcp_stream(addr.host, addr.port)
+            stream = tcp
+            tune_socket(tcp)
+            if ssl_context is not None:
+                tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or addr.host)
+                stream = tls
+                try:
+                    await tls.do_handshake()
+                except TRANSPORT_ERRORS as exc:
+                    raise WireError(
+                        ErrorCode.AUTH_FAILED, f"TLS handshake with {addr} failed: {describe(exc)}"
+                    ) from None
+            endpoint = Endpoint(m.Role.SOURCE, token=token)
+            conn = ClientConnection(
+                endpoint,
+                stream,
+                label=label,
+                ping_interval=ping_interval,
+                idle_timeout=idle_timeout,
+            )
+            remaining = max(cs.deadline - trio.current_time(), 0.0)
+            done = await conn._handshake(remaining + 1.0)  # the outer deadline governs
+            conn.version = done.version
+        if cs.cancelled_caught:
+            raise WireError(
+                ErrorCode.TIMEOUT,
+                f"connecting to {addr} timed out after {connect_timeout:g}s",
+            )
+    except BaseException as exc:
+        if isinstance(exc, WireError):
+            metrics.wire_handshake_failures.labels(exc.code.value).inc()
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        raise
+    assert conn is not None and stream is not None
+    metrics.wire_connections.labels("source").inc()
+    log.debug("event=wire_connection_open %s version=%d", label, conn.version)
+    try:
+        async with trio.open_nursery() as nursery:
+            conn._io_scope = trio.CancelScope()
+            nursery.start_soon(conn._background)
+            try:
+                yield conn
+            finally:
+                conn._abort(ConnectionClosed("connection closed by this side", ErrorCode.OK))
+    except BaseExceptionGroup as group:
+        raise _unwrap_group(group) from None
+    finally:
+        metrics.wire_connections.labels("source").dec()
+        await trio.aclose_forcefully(stream)

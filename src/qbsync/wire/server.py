@@ -1,0 +1,424 @@
+"""The destination side of the wire: :func:`serve` and the per-connection server.
+
+:func:`serve` accepts sources and runs one task per connection: TLS (optional), the qbsync
+handshake under a deadline, then requests and pieces handed to the :class:`ServerHandler`.
+Request and piece handlers run in a nursery that outlives the connection's I/O by at most
+``close_grace``, so a handler in the middle of a write is not torn apart by a disconnect.
+
+Memory is bounded by configuration, not by the peers:
+
+* a piece's size is charged to the shared :class:`~qbsync.wire.budget.ByteBudget` *before* its
+  body is read (while waiting, the connection simply stops reading, and TCP pushes back on the
+  sender); the charge is released when ``handle_piece`` returns, and the piece's credit is
+  granted back after its ack;
+* the body is received straight into one buffer of exactly the piece's size (``readv`` on
+  plain TCP): no intermediate chunks, no re-slicing;
+* control frames are limited to ``MAX_CONTROL_FRAME``, the number of concurrently handled
+  requests per connection is capped (reading stops at the cap), and pieces per connection are
+  bounded by the credit window.
+
+A failing connection is answered with an ``Error`` frame carrying a stable code, logged with
+``code=...``, and closed; it never stops :func:`serve`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import ssl
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Protocol
+
+import attrs
+import trio
+
+from .. import metrics
+from ..config import HostPort
+from ..log import kv
+from . import messages as m
+from .budget import ByteBudget
+from .errors import ConnectionClosed, ErrorCode, WireError
+from .frames import PieceStart
+from .protocol import (
+    DEFAULT_MAX_PIECE,
+    DEFAULT_WINDOW,
+    Endpoint,
+    ProtocolEvent,
+    Request,
+    RequestReceived,
+    Response,
+)
+from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, log
+from .transport import TRANSPORT_ERRORS, describe, peer_address, tune_socket
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_CLOSE_GRACE = 10.0
+DEFAULT_MAX_CONCURRENT_REQUESTS = 32
+DEFAULT_MAX_CONCURRENT_PIECES = 256
+
+_conn_ids = itertools.count(1)
+
+
+@attrs.frozen
+class Peer:
+    """The source on the other end of a destination connection."""
+
+    address: str  # "ip:port"
+    conn_id: int
+
+
+class ServerHandler(Protocol):
+    """What the destination plugs into :func:`serve`.
+
+    Both methods run in tasks of the connection's handler nursery. If the connection closes
+    while a handler runs, the handler is allowed ``close_grace`` seconds to finish (its answer
+    is then dropped) before it is cancelled; when :func:`serve` itself is cancelled, handlers
+    are cancelled at once.
+    """
+
+    async def handle_request(self, peer: Peer, request: Request) -> Response:
+        """Answer a request with its result type (``InitTorrent`` -> ``InitResult``, ...).
+
+        Raise :class:`WireError` to answer with ``Error(code, message)``; any other exception
+        answers ``Error(internal)`` and is logged with its traceback. The connection stays up.
+        """
+        ...
+
+    async def handle_piece(self, peer: Peer, piece: m.Piece) -> m.PieceAck:
+        """Check and store one piece; return its ack (with a code on failure).
+
+        ``piece.data`` is a memoryview of the whole piece, charged to the budget, valid only
+        until this returns: the buffer is recycled for a later piece, so keep no reference and
+        never hand it to a thread that may outlive this call (``trio.to_thread.run_sync``
+        without ``abandon_on_cancel`` is fine: it returns only once the thread is done).
+        Called concurrently for several pieces of one connection. Exceptions are answered like
+        :meth:`handle_request`'s.
+        """
+        ...
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation(e) for e in exc.exceptions)
+    return False
+
+
+# --- one connection -------------------------------------------------------------------------
+
+
+class _ServerConnection(BaseConnection):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        stream: trio.abc.Stream,
+        *,
+        peer: Peer,
+        handler: ServerHandler,
+        budget: ByteBudget,
+        ping_interval: float,
+        idle_timeout: float,
+        max_concurrent_requests: int,
+        max_concurrent_pieces: int,
+    ) -> None:
+        super().__init__(
+            endpoint,
+            stream,
+            label=f"peer={peer.address} conn={peer.conn_id}",
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+        )
+        self.peer = peer
+        self._handler = handler
+        self._budget = budget
+        self._request_slots = trio.Semaphore(max_concurrent_requests)
+        self._piece_slots = trio.Semaphore(max_concurrent_pieces)
+        self._handlers: trio.Nursery | None = None
+
+    async def run(self, close_grace: float) -> None:
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers
+            try:
+                async with trio.open_nursery() as io:
+                    self._io_scope = io.cancel_scope
+                    io.start_soon(self._keepalive)
+                    await self._receive_loop()
+                    io.cancel_scope.cancel()
+            except BaseException as exc:
+                if _is_cancellation(exc):  # serve() is being cancelled: say so, briefly
+                    await self._send_best_effort(
+                        self._ep.send_error(
+                            ErrorCode.SHUTTING_DOWN, "destination is shutting down"
+                        ),
+                        limit=0.5,
+                    )
+                raise
+            finally:
+                self._abort(ConnectionClosed("connection closed", ErrorCode.OK))
+                # Let handlers finish their current piece/request, within the grace period.
+                handlers.cancel_scope.deadline = min(
+                    handlers.cancel_scope.deadline, trio.current_time() + close_grace
+                )
+
+    async def _on_event(self, event: ProtocolEvent) -> None:
+        assert self._handlers is not None
+        if isinstance(event, PieceStart):
+            await self._receive_piece(event, self._handlers)
+        elif isinstance(event, RequestReceived):
+            with self._not_reading():
+                await self._request_slots.acquire()
+            self._handlers.start_soon(self._run_request, event.request_id, event.message)
+        else:  # pragma: no cover - nothing else is emitted on the destination
+            await super()._on_event(event)
+
+    def _body_progress(self, n: int) -> None:
+        self._ep.decoder.body_received(n)
+        self._last_recv = trio.current_time()
+
+    async def _receive_piece(self, start: PieceStart, handlers: trio.Nursery) -> None:
+        try:
+            self._piece_slots.acquire_nowait()
+        except trio.WouldBlock:
+            with self._not_reading():
+                await self._piece_slots.acquire()
+        charge = 0
+        try:
+            with self._not_reading():
+                charge = await self._budget.acquire(start.length)
+            # One buffer of exactly the piece's size; the kernel writes into it directly.
+            buf = self._budget.take_buffer(start.length)
+            view = memoryview(buf)
+            decoder = self._ep.decoder
+            got = decoder.readinto_body(view)
+            if got < start.length:
+                try:
+                    await self._tr.recv_body(view[got:], self._body_progress)
+                except TRANSPORT_ERRORS as exc:
+                    if self.closed:
+                        raise self._closed_error() from None
+                    raise ConnectionClosed(f"receive failed: {describe(exc)}") from None
+        except BaseException:
+            if charge:
+                self._budget.release(charge)
+            self._piece_slots.release()
+            raise
+        handlers.start_soon(self._run_piece, start, buf, view, charge)
+
+    async def _run_piece(
+        self, start: PieceStart, buf: bytearray, view: memoryview, charge: int
+    ) -> None:
+        # The Piece (and so the view) is referenced only by the handler's frame: once the
+        # handler returns, the view can be released and the buffer recycled.
+        try:
+            response = await self._answer(
+                lambda: self._handler.handle_piece(
+                    self.peer, m.Piece(start.info_hash, start.index, start.offset, view)
+                ),
+                lambda ack: (
+                    isinstance(ack, m.PieceAck)
+                    and ack.info_hash == start.info_hash
+                    and ack.index == start.index
+                ),
+                f"hash={start.info_hash} piece={start.index}",
+            )
+        finally:
+            try:
+                view.release()  # the handler must not keep it
+            except BufferError:  # something still exports it: never reuse this buffer
+                pass
+            else:
+                self._budget.recycle(buf)
+            del buf
+            self._budget.release(charge)
+            self._piece_slots.release()
+        with suppress(ConnectionClosed):
+            await self._send_control(
+                lambda: (
+                    self._ep.send_response(start.request_id, response)
+                    + self._ep.grant_credit(start.length)
+                )
+            )
+
+    async def _run_request(self, request_id: int, request: Request) -> None:
+        expected = m.RESPONSE_TYPE[type(request)]
+        try:
+            response = await self._answer(
+                lambda: self._handler.handle_request(self.peer, request),
+                lambda result: isinstance(result, expected),
+                f"request={type(request).__name__}",
+            )
+        finally:
+            self._request_slots.release()
+        with suppress(ConnectionClosed):
+            await self._send_control(lambda: self._ep.send_response(request_id, response))
+
+    async def _answer(
+        self,
+        call: Callable[[], Awaitable[Response]],
+        valid: Callable[[Response], bool],
+        what: str,
+    ) -> Response:
+        """Run a handler and turn its outcome into the one response the source gets: its
+        result, ``Error(code)`` for a :class:`WireError`, ``Error(internal)`` (logged with the
+        traceback) for a bug or for a result of the wrong type."""
+        try:
+            result = await call()
+        except WireError as exc:
+            return m.Error(exc.code, exc.message)
+        except Exception:
+            log.exception("event=wire_handler_failed %s code=internal %s", self.label, what)
+            return m.Error(ErrorCode.INTERNAL, "internal error on the destination")
+        if valid(result):
+            return result
+        log.error(
+            "event=wire_handler_bad_result %s code=internal %s result=%s",
+            self.label,
+            what,
+            kv(repr(result)),
+        )
+        return m.Error(ErrorCode.INTERNAL, "handler returned a wrong result")
+
+
+async def serve(
+    listen: HostPort,
+    handler: ServerHandler,
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    budget: ByteBudget,
+    task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    window: int = DEFAULT_WINDOW,
+    max_piece: int = DEFAULT_MAX_PIECE,
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    close_grace: float = DEFAULT_CLOSE_GRACE,
+) -> None:
+    """Accept sources on ``listen`` until cancelled.
+
+    ``task_status.started`` receives the list of bound ports (one per listening socket; with
+    port 0 each gets its own). Every connection runs in its own task: TLS (if
+    ``ssl_context``) and the qbsync handshake under ``handshake_timeout``, then requests and
+    pieces. A failing connection is answered with an ``Error`` frame carrying a stable code,
+    logged with ``code=...``, counted in ``wire_handshake_failures_total`` or
+    ``wire_protocol_errors_total``, and closed; it never stops :func:`serve`.
+    """
+    host = listen.host or None
+    listeners = await trio.open_tcp_listeners(listen.port, host=host)
+    ports = [
+        lst.socket.getsockname()[1] for lst in listeners if isinstance(lst, trio.SocketListener)
+    ]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await _serve_one(
+            stream,
+            handler,
+            token=token,
+            ssl_context=ssl_context,
+            budget=budget,
+            handshake_timeout=handshake_timeout,
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            window=window,
+            max_piece=max_piece,
+            max_concurrent_requests=max_concurrent_requests,
+            close_grace=close_grace,
+        )
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        log.info(
+            "event=wire_listening addr=%s ports=%s tls=%s auth=%s",
+            listen,
+            ",".join(map(str, ports)),
+            ssl_context is not None,
+            bool(token),
+        )
+        task_status.started(ports)
+
+
+async def _serve_one(
+    stream: trio.SocketStream,
+    handler: ServerHandler,
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    budget: ByteBudget,
+    handshake_timeout: float,
+    ping_interval: float,
+    idle_timeout: float,
+    window: int,
+    max_piece: int,
+    max_concurrent_requests: int,
+    close_grace: float,
+) -> None:
+    peer = Peer(peer_address(stream), next(_conn_ids))
+    label = f"peer={peer.address} conn={peer.conn_id}"
+    conn: _ServerConnection | None = None
+    opened = False
+    try:
+        tune_socket(stream)
+        app_stream: trio.abc.Stream = stream
+        endpoint = Endpoint(m.Role.DESTINATION, token=token, window=window, max_piece=max_piece)
+        deadline = trio.current_time() + handshake_timeout
+        if ssl_context is not None:
+            app_stream = trio.SSLStream(stream, ssl_context, server_side=True)
+            with trio.move_on_at(deadline) as tls_scope:
+                try:
+                    await app_stream.do_handshake()
+                except TRANSPORT_ERRORS as exc:
+                    _handshake_failed(label, ErrorCode.AUTH_FAILED, f"TLS: {describe(exc)}")
+                    return
+            if tls_scope.cancelled_caught:
+                _handshake_failed(label, ErrorCode.TIMEOUT, "TLS handshake timed out")
+                return
+        conn = _ServerConnection(
+            endpoint,
+            app_stream,
+            peer=peer,
+            handler=handler,
+            budget=budget,
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            max_concurrent_requests=max_concurrent_requests,
+            max_concurrent_pieces=DEFAULT_MAX_CONCURRENT_PIECES,
+        )
+        try:
+            done = await conn._handshake(max(deadline - trio.current_time(), 0.0))
+        except WireError as exc:
+            _handshake_failed(label, exc.code, exc.message)
+            return
+        opened = True
+        metrics.wire_connections.labels("destination").inc()
+        log.info(
+            "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s",
+            label,
+            done.version,
+            ssl_context is not None,
+            bool(token),
+            kv(done.peer_software),
+        )
+        await conn.run(close_grace)
+        reason = conn.close_reason
+        log.info(
+            "event=wire_connection_closed %s code=%s reason=%s",
+            label,
+            reason.code.value if reason else "ok",
+            kv(reason.message if reason else ""),
+        )
+    except Exception:
+        # A bug in this module: never let one connection take the server down.
+        log.exception("event=wire_connection_failed %s code=internal", label)
+    finally:
+        if opened:
+            metrics.wire_connections.labels("destination").dec()
+        if conn is not None:
+            conn._abort(ConnectionClosed("connection closed", ErrorCode.OK))
+        await trio.aclose_forcefully(stream)
+
+
+def _handshake_failed(label: str, code: ErrorCode, reason: str) -> None:
+    metrics.wire_handshake_failures.labels(code.value).inc()
+    log.warning("event=wire_handshake_failed %s code=%s reason=%s", label, code.value, kv(reason))
