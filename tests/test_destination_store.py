@@ -456,3 +456,106 @@ async def test_flush_persists_only_bits_whose_data_was_synced(
     assert not b_pieces & set(state.written.set_indices())
     monkeypatch.undo()
     await store.close_all(state)
+
+
+# --- names owned by finalized torrents -----------------------------------------------------------
+
+
+async def _finalized_on_disk(
+    store: Store, tmp_path: Path, data: Path, seed: int = 0
+) -> tuple[LocalTorrent, dict[str, bytes]]:
+    """Torrent ``seed`` fully present under ``data/payload`` and finalized by ``store`` (scan
+    proves every file, then the marker is written and the state dropped, as the finalizer
+    does). Returns the torrent and the bytes of its files."""
+    t = make_torrent(tmp_path / f"t{seed}", seed=seed)
+    make_payload(data / "payload", FILES, seed)
+    state = await _scanned(store, t)
+    assert all(f.status is FileStatus.COMPLETE for f in state.files)
+    await store.write_marker(state)
+    store.untrack(state)
+    return t, {rel: (data / "payload" / rel).read_bytes() for rel in FILES}
+
+
+def _untouched(data: Path, before: dict[str, bytes]) -> None:
+    for rel, content in before.items():
+        assert (data / "payload" / rel).read_bytes() == content, rel
+        assert not (data / "payload" / (rel + ".partial")).exists(), rel
+
+
+async def test_finalized_torrent_keeps_its_names_across_restarts(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Another torrent laid out at a finalized torrent's names would scan those files, find
+    its own pieces missing and rename them to .partial (then overwrite them): it is refused
+    (unsafe-path, naming the owner) before anything is created — also after a restart, when
+    ownership comes from the .finalized markers — until the owner's marker is gone."""
+    data = tmp_path / "data"
+    store = Store(data)
+    store.attach(nursery)
+    a, before = await _finalized_on_disk(store, tmp_path, data)
+    b = make_torrent(tmp_path / "b", seed=3)  # same names, other content
+    for s in (store, Store(data)):
+        s.attach(nursery)
+        if s is not store:
+            assert await s.recover() == 0
+        with pytest.raises(WireError) as err:
+            await s.create(meta_for(b), parse_metainfo(b.torrent), fresh=True)
+        assert err.value.code == ErrorCode.UNSAFE_PATH
+        assert a.info_hash in err.value.message
+        assert b.info_hash not in s.torrents
+        assert not (data / ".qbsync" / b.info_hash).exists()
+        _untouched(data, before)
+        # Elsewhere is fine.
+        elsewhere = await s.create(meta_for(b, sub="other"), parse_metainfo(b.torrent), fresh=True)
+        await s.forget(elsewhere)
+        await s.wipe_state_dir(b.info_hash)
+    # A resync of the owner itself (same hash) is its own business; once its marker is gone
+    # the names are free.
+    await store.wipe_state_dir(a.info_hash)
+    state = await store.create(meta_for(b), parse_metainfo(b.torrent), fresh=True)
+    assert state.info_hash in store.torrents
+
+
+async def test_delete_never_removes_a_finalized_torrents_files(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    data = tmp_path / "data"
+    store = Store(data)
+    store.attach(nursery)
+    a, before = await _finalized_on_disk(store, tmp_path, data)
+    b = make_torrent(tmp_path / "b", seed=3)
+    names = [(("payload", *rel.split("/")), 0) for rel in FILES]
+    assert await store.delete_data(names, info_hash=b.info_hash) == 0
+    _untouched(data, before)
+    # The owner itself may delete them (and a fresh store knows the owner from the marker).
+    fresh = Store(data)
+    await fresh.recover()
+    assert await fresh.delete_data(names, info_hash=b.info_hash) == 0
+    assert await fresh.delete_data(names, info_hash=a.info_hash) == len(FILES)
+
+
+async def test_recovery_never_lets_an_unfinished_torrent_take_finalized_names(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """State left by an older version: an unfinished torrent laid out at the names a finalized
+    torrent owns. Whatever the order of their directories, recovery refuses the unfinished one
+    (it would scan and demote the finalized files) and leaves the files alone."""
+    data = tmp_path / "data"
+    one = make_torrent(tmp_path / "one", seed=0)
+    two = make_torrent(tmp_path / "two", seed=3)
+    # The unfinished one sorts first, so recovery sees it before the marker.
+    unfinished, finished_seed = (one, 3) if one.info_hash < two.info_hash else (two, 0)
+    s1 = Store(data)
+    s1.attach(nursery)
+    state = await s1.create(meta_for(unfinished), parse_metainfo(unfinished.torrent), fresh=True)
+    await s1.forget(state)
+    s2 = Store(data)
+    s2.attach(nursery)
+    finished, before = await _finalized_on_disk(s2, tmp_path, data, seed=finished_seed)
+    assert unfinished.info_hash < finished.info_hash
+    s3 = Store(data)
+    s3.attach(nursery)
+    assert await s3.recover() == 0
+    assert unfinished.info_hash not in s3.torrents
+    await trio.testing.wait_all_tasks_blocked()
+    _untouched(data, before)

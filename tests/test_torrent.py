@@ -86,6 +86,12 @@ def test_file_pieces_and_zero_length() -> None:
         b"x",
         b"i1ei2e",
         b"01:a",
+        b"1\x00:a",
+        b"1 :a",
+        b"i 1e",
+        b"i+1e",
+        b"i1_0e",
+        b"1_0:aaaaaaaaaa",
     ],
 )
 def test_bdecode_rejects_malformed(data: bytes) -> None:

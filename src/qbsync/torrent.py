@@ -12,6 +12,7 @@ answered by :mod:`qbsync.paths`; this module only reports names as the torrent s
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,12 @@ import attrs
 MAX_METAINFO_BYTES = 64 * 1024 * 1024  # a 64 MiB .torrent is already absurd
 MAX_PIECE_LENGTH = 256 * 1024 * 1024  # libtorrent's own ceiling is 128 MiB; allow headroom
 MAX_DEPTH = 64
+
+
+# Canonical bencode numbers: ASCII digits only, no "+", spaces, "-0" or leading zeros (int()
+# alone would accept b" 1", b"+1" and b"1_0").
+_INT_RE = re.compile(rb"0|-?[1-9][0-9]*")
+_LEN_RE = re.compile(rb"0|[1-9][0-9]*")
 
 
 class MetainfoError(ValueError):
@@ -58,16 +65,9 @@ def _decode(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
     if c == ord("i"):
         end = _find(buf, ord("e"), pos + 1)
         text = bytes(buf[pos + 1 : end])
-        if (
-            not text
-            or text in (b"-", b"-0")
-            or (text.lstrip(b"-").startswith(b"0") and text.lstrip(b"-") != b"0")
-        ):
+        if not _INT_RE.fullmatch(text):
             raise MetainfoError(f"bad integer {text!r}")
-        try:
-            return int(text), end + 1
-        except ValueError:
-            raise MetainfoError(f"bad integer {text!r}") from None
+        return int(text), end + 1
     if c == ord("l"):
         pos += 1
         items = []
@@ -91,7 +91,7 @@ def _decode(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
     if ord("0") <= c <= ord("9"):
         colon = _find(buf, ord(":"), pos)
         digits = bytes(buf[pos:colon])
-        if len(digits) > 1 and digits.startswith(b"0"):
+        if not _LEN_RE.fullmatch(digits):
             raise MetainfoError(f"bad string length {digits!r}")
         length = int(digits)
         start = colon + 1
