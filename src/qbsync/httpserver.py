@@ -126,8 +126,9 @@ class Health:
     def heartbeat(self, name: str, stale_after: float | None = None) -> None:
         """Record that the supervised loop ``name`` made progress just now.
 
-        Cheap and callable from any thread. The first call registers the loop; from then on
-        ``/livez`` fails if it is not called again within ``stale_after`` seconds.
+        Cheap; call it from the Trio thread (the heartbeat table is not locked). The first call
+        registers the loop; from then on ``/livez`` fails if it is not called again within
+        ``stale_after`` seconds.
         """
         now = time.monotonic()
         hb = self._heartbeats.get(name)
