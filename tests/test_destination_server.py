@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from qbsync import metrics
-from qbsync.destination.state import FINALIZED_NAME, FileStatus, Phase
+from qbsync.destination.state import FINALIZED_NAME, FileMeta, FileStatus, Phase, dump_json
+from qbsync.destination.store import new_meta
 from qbsync.torrent import bencode
 from qbsync.wire import (
     Abort,
@@ -308,3 +309,43 @@ async def test_two_tracked_torrents_never_share_a_file_path(
     assert (await d.server.abort(Abort(other.info_hash, delete_files=True))).existed
     assert (await d.server.abort(Abort(t.info_hash, delete_files=True))).existed
     assert (await d.init(other)).status == SyncStatus.READY
+
+
+async def test_finalized_files_are_never_taken_over_or_deleted_by_another_torrent(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A finalized torrent's files are seeded by qBittorrent: a different torrent at the same
+    names is refused (unsafe-path, naming the owner) with nothing created, and neither its
+    abort nor the orphan reaper deleting leftovers that list those names removes them."""
+    t = torrent(tmp_path)
+    other = torrent(tmp_path / "other", seed=3)  # same names, other content
+    d = build(tmp_path, nursery)
+    await complete(d, t)
+    assert (await d.server.finalize(Finalize(t.info_hash))).status == SyncStatus.COMPLETE
+    files = {p: p.read_bytes() for p in (d.root / "payload").rglob("*") if p.is_file()}
+    assert len(files) == len(t.files)
+    before = rejected(ErrorCode.UNSAFE_PATH)
+    with pytest.raises(WireError) as err:
+        await d.server.init(other.init_msg())
+    assert err.value.code == ErrorCode.UNSAFE_PATH
+    assert t.info_hash in err.value.message and "finalized" in err.value.message
+    assert rejected(ErrorCode.UNSAFE_PATH) == before + 1
+    assert other.info_hash not in d.store.torrents
+    assert not (d.root / ".qbsync" / other.info_hash).exists()
+    assert not (await d.server.abort(Abort(other.info_hash, delete_files=True))).existed
+    # A leftover state directory of the other torrent (an older version let it in) is
+    # reclaimed without deleting the finalized files.
+    leftover = d.root / ".qbsync" / other.info_hash
+    leftover.mkdir()
+    listed = [FileMeta(f.path, f.size, f.selected) for f in other.init_msg().files]
+    (leftover / "meta.json").write_bytes(
+        dump_json(new_meta(other.info_hash, "payload", "", listed))
+    )
+    old = time.time() - 7200
+    os.utime(leftover / "meta.json", (old, old))
+    os.utime(leftover, (old, old))
+    assert await d.server.reap_orphans(max_age=3600) == 1
+    assert not leftover.exists()
+    for p, content in files.items():
+        assert p.read_bytes() == content, p
+    assert sorted((d.root / "payload").rglob("*.partial")) == []

@@ -42,7 +42,7 @@ import attrs
 import h11
 import trio
 
-from . import metrics
+from . import liveness, metrics
 from .config import HostPort
 from .log import kv
 
@@ -57,6 +57,17 @@ LOOP_HEARTBEAT = "event-loop"
 class _Heartbeat:
     last: float
     stale_after: float
+    waiting: int = 0  # dependency calls in progress (see qbsync.liveness)
+
+    def begin_wait(self) -> None:
+        self.waiting += 1
+
+    def end_wait(self) -> None:
+        self.waiting -= 1
+        self.last = time.monotonic()
+
+    def stale(self, now: float) -> bool:
+        return self.waiting == 0 and now - self.last > self.stale_after
 
 
 @attrs.frozen
@@ -133,11 +144,13 @@ class Health:
         now = time.monotonic()
         hb = self._heartbeats.get(name)
         if hb is None:
-            self._heartbeats[name] = _Heartbeat(now, stale_after or self.stale_after)
+            hb = self._heartbeats[name] = _Heartbeat(now, stale_after or self.stale_after)
         else:
             hb.last = now
             if stale_after is not None:
                 hb.stale_after = stale_after
+        # Time this task then spends waiting on qBittorrent does not count as a stall.
+        liveness.bind(hb)
 
     def forget_heartbeat(self, name: str) -> None:
         """Stop watching ``name`` (its loop ended on purpose, e.g. during shutdown)."""
@@ -150,7 +163,7 @@ class Health:
         checks = {
             name: (
                 f"no heartbeat for {now - hb.last:.1f}s (limit {hb.stale_after:g}s)"
-                if now - hb.last > hb.stale_after
+                if hb.stale(now)
                 else "ok"
             )
             for name, hb in self._heartbeats.items()

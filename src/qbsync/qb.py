@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import qbittorrentapi
 import trio
 
-from . import metrics
+from . import liveness, metrics
 
 log = logging.getLogger("qbsync.qb")
 
@@ -193,10 +193,11 @@ class QB:
                     metrics.qb_api_calls.labels(self.mode, operation, "circuit_open").inc()
                     raise CircuitOpen(operation)
                 try:
-                    async with self._limiter:
-                        result = await trio.to_thread.run_sync(
-                            lambda: fn(self._client()), abandon_on_cancel=True
-                        )
+                    with liveness.waiting_on_dependency():
+                        async with self._limiter:
+                            result = await trio.to_thread.run_sync(
+                                lambda: fn(self._client()), abandon_on_cancel=True
+                            )
                 except Exception as exc:
                     transient, not_found = _classify(exc)
                     if not_found:

@@ -485,3 +485,46 @@ async def test_hardlinked_source_files_are_linked_not_streamed(tmp_path, qbsync_
         data / "two" / "shared.bin"
     ).stat().st_ino
     assert "event=hardlinked" in dest.proc.log_text()
+
+
+async def test_finalized_files_never_taken_over_by_another_torrent(
+    tmp_path, qbsync_factory
+) -> None:
+    """Torrent B laid out at the names of finalized torrent A (seeded from those files) but
+    with other content: B is refused with unsafe-path naming A, nothing of B is created, and
+    A's files stay byte-identical — also after a destination restart, when ownership comes
+    from A's persisted .finalized marker."""
+    a = _payload(tmp_path / "a")
+    b = _payload(tmp_path / "b", seed=5)  # same names and sizes, other bytes
+    data = tmp_path / "data"
+    dest = start_destination(qbsync_factory, data)
+    async with dest.client() as client:
+        ready = await client.init_ready(a)
+        acks = await client.send(a, needed_indices(ready, a.num_pieces))
+        assert all(ack.ok for ack in acks.values())
+        assert (await client.finalize(a)).status == SyncStatus.COMPLETE
+    _identical(a, data)
+    before = {rel: (data / rel).stat() for rel, _ in a.files}
+
+    async def refused(d) -> None:
+        async with d.client() as client:
+            with pytest.raises(WireError) as err:
+                await client.init(b)
+            assert err.value.code == ErrorCode.UNSAFE_PATH
+            assert a.info_hash in err.value.message
+            assert not (await client.abort(b, delete_files=True)).existed
+            # A is still known as complete; the connection still works.
+            assert (await client.init(a)).status == SyncStatus.COMPLETE
+        await trio.sleep(0.5)  # would-be background scans of B get time to do damage
+        _identical(a, data)
+        for rel, _ in a.files:
+            st = (data / rel).stat()
+            assert (st.st_ino, st.st_mtime_ns) == (before[rel].st_ino, before[rel].st_mtime_ns)
+        assert not (data / ".qbsync" / b.info_hash).exists()
+        assert not any(p.name.endswith(".partial") for p in data.rglob("*"))
+
+    await refused(dest)
+    dest.proc.stop()
+    dest2 = start_destination(qbsync_factory, data, port=dest.port)
+    await refused(dest2)
+    assert "code=unsafe-path" in dest2.proc.log_text()

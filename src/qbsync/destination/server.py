@@ -6,9 +6,10 @@ index must be in range and its offset and length must equal the torrent's geomet
 InitTorrent's ``.torrent`` must parse, hash to the announced info-hash and carry SHA-1 piece
 hashes, and the file table the source sends must agree with it (count, every size, total,
 piece length); every name must be a plain relative path that stays under ``--data`` and that
-no other tracked torrent is writing. A refusal is a :class:`WireError` with a stable code
-(``bad-request``, ``unsafe-path``...) — the connection and every other torrent keep working —
-and is counted in ``qbsync_rejected_requests_total{code}``.
+no other torrent owns — tracked, or finalized and seeded from it (see :mod:`.store`). A
+refusal is a :class:`WireError` with a stable code (``bad-request``, ``unsafe-path``...) — the
+connection and every other torrent keep working — and is counted in
+``qbsync_rejected_requests_total{code}``.
 
 Lifecycle operations on one torrent (init, finalize, abort) are serialized by the store's
 per-torrent lock; piece writes never wait for it.
@@ -216,7 +217,9 @@ class DestinationServer:
             if qb_status is not None and (state is None or state.phase is not Phase.FINALIZING):
                 if qb_status is SyncStatus.COMPLETE and state is not None and not self.dry_run:
                     # Verified in qBittorrent but the marker was never written (a crash in
-                    # between): record it now instead of keeping a dead state around.
+                    # between): record it now instead of keeping a dead state around. Its
+                    # names pass to the finalized owner before the tracked claim is dropped.
+                    self.store.own_finalized_state(state)
                     await self.store.forget(state)
                     await self.store.write_marker(state)
                     log.info("event=marker_recovered hash=%s", h)
@@ -360,7 +363,7 @@ class DestinationServer:
                 str(delete_files).lower(),
             )
             return 0
-        removed = await self.store.delete_data(files) if delete_files else 0
+        removed = await self.store.delete_data(files, info_hash=h) if delete_files else 0
         await self.store.wipe_state_dir(h)
         log.info("event=torrent_aborted hash=%s reason=%s files_deleted=%d", h, reason, removed)
         return removed

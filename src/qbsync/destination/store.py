@@ -18,9 +18,25 @@ What happens to files found on disk
     (that is what the flush invariant guarantees), except that bits of files that are gone or
     shorter than their size are cleared.
 
-Names are owned: a tracked torrent owns the final and ``.partial`` names of its selected files,
-and another torrent laid out at one of them is refused (``unsafe-path``) until the owner is
-finalized or aborted — two torrents at the same names would overwrite each other's pieces.
+Names are owned, so one torrent's pieces never land in another torrent's files:
+
+* a *tracked* torrent owns the final and ``.partial`` names of its selected files until it is
+  finalized or aborted;
+* a *finalized* torrent owns the same names for as long as its ``.finalized`` marker exists
+  (qBittorrent seeds from those files). The marker lists the names, so this ownership is
+  rebuilt at startup — markers are read before any unfinished torrent is loaded — and it ends
+  only when the marker goes: a resync of that same torrent, or an operator deleting
+  ``<data>/.qbsync/<hash>`` (noticed at the next conflict, no restart needed). Abort and the
+  orphan reaper never remove a marker.
+
+A torrent laid out at a name another torrent owns is refused with ``unsafe-path`` naming the
+owner, before anything is created: otherwise its init would scan the owner's files, find its
+own pieces missing and rename them to ``.partial`` or unlink them (then write into them).
+Deleting data (abort with ``delete_files``, the orphan reaper) skips every name another
+torrent owns. Cross-seeding the *same* content under another info-hash at the same names is
+refused too (it could be verified read-only, but a single differing piece would have to be
+written into the seeded file); sync it to another sub path, or let qBittorrent add it over the
+existing files. Markers from before names were recorded (or unreadable ones) own nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +48,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -326,6 +342,11 @@ class Store:
         # at the same names would overwrite each other's pieces (spec §14.18).
         self._owner: dict[paths.Parts, str] = {}
         self._owned: dict[str, list[paths.Parts]] = {}
+        # Which finalized torrents' files (from their .finalized markers) are at which name:
+        # never scanned, renamed, written or deleted on another torrent's behalf. A set, since
+        # markers written by older versions may overlap.
+        self._final_owners: dict[paths.Parts, set[str]] = {}
+        self._final_owned: dict[str, list[paths.Parts]] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.read_limiter = trio.CapacityLimiter(SCAN_READ_LIMIT)
         self._nursery: trio.Nursery | None = None
@@ -436,19 +457,30 @@ class Store:
 
     def _claim_paths(self, info_hash: str, files: Sequence[DataFile]) -> None:
         """Reserve the names ``files`` write (before anything is created), or raise
-        ``unsafe-path`` naming the tracked torrent that already writes one of them."""
-        names = [
-            name
-            for f in files
-            if f.selected and f.parts
-            for name in (f.parts, paths.partial_parts(f.parts))
-        ]
+        ``unsafe-path`` naming the tracked or finalized torrent that owns one of them."""
+        names = _names(f.parts for f in files if f.selected and f.parts)
         for name in names:
             owner = self._owner.get(name)
             if owner is not None and owner != info_hash:
                 raise WireError(
                     ErrorCode.UNSAFE_PATH,
                     f"file {'/'.join(name)!r} is already being synced by torrent {owner}",
+                )
+            for final_owner in sorted(self._final_owners.get(name, ())):
+                if final_owner == info_hash:
+                    continue
+                if not self.has_marker(final_owner):
+                    # The operator removed the marker: that torrent's files are no longer ours
+                    # to protect.
+                    log.info(
+                        "event=finalized_owner_released hash=%s reason=marker_gone", final_owner
+                    )
+                    self.release_finalized(final_owner)
+                    continue
+                raise WireError(
+                    ErrorCode.UNSAFE_PATH,
+                    f"file {'/'.join(name)!r} belongs to finalized torrent {final_owner} "
+                    "(qBittorrent seeds from it; it is never replaced): use another sub path",
                 )
         self._release_paths(info_hash)
         for name in names:
@@ -459,6 +491,35 @@ class Store:
         for name in self._owned.pop(info_hash, ()):
             if self._owner.get(name) == info_hash:
                 del self._owner[name]
+
+    def own_finalized(self, info_hash: str, files: Sequence[paths.Parts]) -> None:
+        """Record that finalized torrent ``info_hash`` has its files at ``files`` (their
+        ``.partial`` twins are owned too: writing one would be renamed over the file)."""
+        self.release_finalized(info_hash)
+        names = _names(files)
+        for name in names:
+            self._final_owners.setdefault(name, set()).add(info_hash)
+        self._final_owned[info_hash] = names
+
+    def own_finalized_state(self, state: TorrentState) -> None:
+        self.own_finalized(state.info_hash, _marker_parts(state))
+
+    def release_finalized(self, info_hash: str) -> None:
+        """Forget the names of finalized torrent ``info_hash`` (its marker is gone)."""
+        for name in self._final_owned.pop(info_hash, ()):
+            owners = self._final_owners.get(name)
+            if owners is not None:
+                owners.discard(info_hash)
+                if not owners:
+                    del self._final_owners[name]
+
+    def foreign_owner(self, name: paths.Parts, info_hash: str) -> str | None:
+        """Another torrent (tracked or finalized) that owns ``name``, if any."""
+        owner = self._owner.get(name)
+        if owner is not None and owner != info_hash:
+            return owner
+        others = self._final_owners.get(name, set()) - {info_hash}
+        return min(others) if others else None
 
     def start_scan(self, state: TorrentState, files: set[int]) -> None:
         """Verify the given files' unwritten pieces in the background (phase SCANNING)."""
@@ -664,6 +725,12 @@ class Store:
             if not failed.intersection(state.geometry.file_pieces(f.index)):
                 f.status = FileStatus.COMPLETE
                 continue
+            for name in (f.parts, paths.partial_parts(f.parts)):
+                owner = self.foreign_owner(name, state.info_hash)
+                if owner is not None:  # claims make this unreachable; never risk the data
+                    raise paths.UnsafePathError(
+                        f"{'/'.join(name)!r} belongs to torrent {owner}, not demoting it"
+                    )
             await trio.to_thread.run_sync(self._demote, state, f)
 
     def _demote(self, state: TorrentState, f: DataFile) -> None:
@@ -690,18 +757,25 @@ class Store:
 
     async def recover(self) -> int:
         """Load every unfinished torrent from ``<data>/.qbsync`` (startup). Unloadable
-        directories are skipped with a warning (the orphan reaper removes them later)."""
+        directories are skipped with a warning (the orphan reaper removes them later).
+
+        The ``.finalized`` markers are read first, so the names they own are known before an
+        unfinished torrent claims (and scans) anything."""
         if not self.state_root.is_dir():
             return 0
         loaded = 0
+        unfinished: list[str] = []
         for entry in sorted(self.state_root.iterdir()):
             h = entry.name
             if not entry.is_dir() or h.startswith(".") or not _is_hash(h):
                 continue
             marker = self.read_marker(h)
-            if marker is not None:
-                self.registry.add_marker(marker)
+            if marker is None:
+                unfinished.append(h)
                 continue
+            self.registry.add_marker(marker)
+            self.own_finalized(h, _split_marker_paths(marker))
+        for h in unfinished:
             try:
                 state = await self._load(h)
             except (OSError, ValueError, WireError) as exc:
@@ -863,27 +937,44 @@ class Store:
         await self.close_all(state, sync=False)
 
     async def wipe_state_dir(self, info_hash: str) -> None:
-        """Delete ``<data>/.qbsync/<hash>`` (data files are not touched)."""
+        """Delete ``<data>/.qbsync/<hash>`` (data files are not touched). A ``.finalized``
+        marker goes with it, and so does the ownership of that torrent's names."""
         mdir = self.meta_dir(info_hash)
         await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
+        self.release_finalized(info_hash)
 
-    async def delete_data(self, files: Sequence[tuple[paths.Parts, int]]) -> int:
+    async def delete_data(self, files: Sequence[tuple[paths.Parts, int]], *, info_hash: str) -> int:
         """Delete the final and ``.partial`` names of ``files`` (parts, sub-path depth) under
-        the data root only, then their emptied directories (never the sub path itself)."""
+        the data root only, then their emptied directories (never the sub path itself).
+
+        Names another torrent owns (tracked, or finalized and seeded by qBittorrent) are
+        skipped: ``files`` may come from a stale ``meta.json`` that lists them."""
+        targets: list[paths.Parts] = []
+        for parts, _ in files:
+            for target in (parts, paths.partial_parts(parts)):
+                owner = self.foreign_owner(target, info_hash)
+                if owner is None:
+                    targets.append(target)
+                else:
+                    log.warning(
+                        "event=delete_skipped hash=%s file=%s owner=%s",
+                        info_hash,
+                        paths_kv(target),
+                        owner,
+                    )
 
         def run() -> int:
             removed = 0
-            for parts, _ in files:
-                for target in (parts, paths.partial_parts(parts)):
-                    try:
-                        if paths.unlink(self.root, target):
-                            removed += 1
-                    except (OSError, paths.UnsafePathError) as exc:
-                        log.warning(
-                            "event=delete_failed file=%s error=%s",
-                            paths_kv(target),
-                            paths_kv(str(exc)),
-                        )
+            for target in targets:
+                try:
+                    if paths.unlink(self.root, target):
+                        removed += 1
+                except (OSError, paths.UnsafePathError) as exc:
+                    log.warning(
+                        "event=delete_failed file=%s error=%s",
+                        paths_kv(target),
+                        paths_kv(str(exc)),
+                    )
             for parts, keep in files:
                 paths.remove_empty_dirs(self.root, parts, keep=keep)
             return removed
@@ -892,6 +983,8 @@ class Store:
 
     async def write_marker(self, state: TorrentState) -> None:
         """Replace the state directory's content by the ``.finalized`` marker."""
+        # Every selected file, empty ones included: the list is also what the names this
+        # torrent owns are rebuilt from at startup.
         marker = FinalizedMarker(
             info_hash=state.info_hash,
             finalized_at=time.time(),
@@ -899,7 +992,7 @@ class Store:
             files=tuple(
                 FinalizedFile(f.path, f.size, f.device, f.inode)
                 for f in state.files
-                if f.selected and f.size > 0
+                if f.selected and f.parts
             ),
         )
 
@@ -911,7 +1004,15 @@ class Store:
                     with contextlib.suppress(OSError):
                         entry.unlink()
 
-        await trio.to_thread.run_sync(run)
+        # Owned before the marker exists and before the caller untracks the state, so there
+        # is no moment at which another torrent could claim these names.
+        self.own_finalized_state(state)
+        try:
+            await trio.to_thread.run_sync(run)
+        except BaseException:
+            if not self.has_marker(state.info_hash):
+                self.release_finalized(state.info_hash)
+            raise
         self.registry.add_marker(marker)
 
     async def save_meta(self, state: TorrentState) -> None:
@@ -933,6 +1034,25 @@ def new_meta(info_hash: str, name: str, sub: str, files: Sequence[FileMeta]) -> 
         files=tuple(files),
         created=time.time(),
     )
+
+
+def _names(files: Iterable[paths.Parts]) -> list[paths.Parts]:
+    """The names a file set occupies: each final name and its ``.partial`` twin."""
+    return [name for parts in files for name in (parts, paths.partial_parts(parts))]
+
+
+def _marker_parts(state: TorrentState) -> list[paths.Parts]:
+    return [f.parts for f in state.files if f.selected and f.parts]
+
+
+def _split_marker_paths(marker: FinalizedMarker) -> list[paths.Parts]:
+    out = []
+    for f in marker.files:
+        try:
+            out.append(paths.split_relative(f.path))
+        except paths.UnsafePathError:
+            continue
+    return out
 
 
 def _is_hash(name: str) -> bool:
