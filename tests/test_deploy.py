@@ -102,7 +102,11 @@ def test_systemd_units() -> None:
         directives = dict(
             line.split("=", 1) for line in unit.splitlines() if re.match(r"^[A-Z]\w*=", line)
         )
-        assert directives["Type"] == "simple"
+        # Both runners send READY=1/STOPPING=1/WATCHDOG=1 (tests/integration/test_systemd_notify.py
+        # and tests/test_source_systemd.py), so the units rely on it.
+        assert directives["Type"] == "notify"
+        assert directives["NotifyAccess"] == "main"
+        assert "WatchdogSec" in directives
         assert directives["EnvironmentFile"] == f"/etc/qbsync/{role}.env"
         assert directives["StateDirectory"] == "qbsync"
         assert directives["NoNewPrivileges"] == "yes"

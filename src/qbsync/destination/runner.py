@@ -33,7 +33,7 @@ from pathlib import Path
 
 import trio
 
-from .. import __version__, metrics
+from .. import __version__, metrics, systemd
 from ..config import DestinationConfig, redacted
 from ..httpserver import Health, serve_http
 from ..qb import QB
@@ -189,6 +189,14 @@ async def main(config: DestinationConfig) -> int:
             nursery.start_soon(daemon.flusher)
             nursery.start_soon(daemon.reaper)
             daemon.health.mark_ready()
+            systemd.notify("READY=1\nSTATUS=listening")
+            interval = systemd.watchdog_interval()
+            if interval is not None:
+
+                async def live() -> bool:
+                    return (await daemon.health.check_live()).ok
+
+                nursery.start_soon(systemd.watchdog, live, interval)
             log.info(
                 "event=destination_ready listen=%s ports=%s recovered=%d qbittorrent=%s dry_run=%s",
                 config.listen,
@@ -200,6 +208,7 @@ async def main(config: DestinationConfig) -> int:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.info("event=shutdown_requested signal=%s", signal.Signals(signum).name)
+                    systemd.notify("STOPPING=1\nSTATUS=stopping")
                     break
             daemon.health.mark_not_ready()
             wire_scope.cancel()
