@@ -888,3 +888,28 @@ async def test_connection_gauges_return_to_baseline() -> None:
                 assert gauge.labels("destination")._value.get() == before[1] + 2
             await wait_for(lambda: gauge.labels("destination")._value.get() == before[1])
     assert gauge.labels("source")._value.get() == before[0]
+
+
+async def test_half_open_flood_is_capped_and_authenticated_sources_still_connect() -> None:
+    before = counter(metrics.wire_handshake_failures, "busy")
+    with trio.fail_after(20):
+        async with running_server(max_pending_handshakes=3, handshake_timeout=5) as (port, _, _):
+            silent = [await trio.open_tcp_stream(LOCAL, port) for _ in range(3)]
+            # The three silent clients hold every handshake slot: the fourth is closed at once
+            # without being sent anything (no Hello), and counted.
+            extra = await trio.open_tcp_stream(LOCAL, port)
+            assert await read_until_eof(extra) == b""
+            assert counter(metrics.wire_handshake_failures, "busy") == before + 1
+            # A slot frees once the server sees a silent client go away; a real source then
+            # gets through (retrying while the server may not have noticed the close yet).
+            await silent.pop().aclose()
+            while True:
+                try:
+                    async with connect(port) as conn:
+                        result = await conn.request(InitTorrent(H1, probe=True), timeout=5)
+                        assert result.status == SyncStatus.READY
+                        break
+                except WireError:
+                    await trio.sleep(0.05)
+            for stream in silent:
+                await stream.aclose()

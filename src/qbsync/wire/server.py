@@ -55,6 +55,10 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CLOSE_GRACE = 10.0
 DEFAULT_MAX_CONCURRENT_REQUESTS = 32
 DEFAULT_MAX_CONCURRENT_PIECES = 256
+# Connections still in TLS or the qbsync handshake. Authenticated sources are not capped (the
+# token holder is trusted and bounded by the byte budget); anonymous ones are, so a flood of
+# half-open connections cannot grow without bound while each waits out its handshake timeout.
+DEFAULT_MAX_PENDING_HANDSHAKES = 64
 
 _conn_ids = itertools.count(1)
 
@@ -295,6 +299,7 @@ async def serve(
     max_piece: int = DEFAULT_MAX_PIECE,
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
     close_grace: float = DEFAULT_CLOSE_GRACE,
+    max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
 ) -> None:
     """Accept sources on ``listen`` until cancelled.
 
@@ -303,7 +308,9 @@ async def serve(
     ``ssl_context``) and the qbsync handshake under ``handshake_timeout``, then requests and
     pieces. A failing connection is answered with an ``Error`` frame carrying a stable code,
     logged with ``code=...``, counted in ``wire_handshake_failures_total`` or
-    ``wire_protocol_errors_total``, and closed; it never stops :func:`serve`.
+    ``wire_protocol_errors_total``, and closed; it never stops :func:`serve`. At most
+    ``max_pending_handshakes`` connections may be unauthenticated at once; further ones are
+    closed at once with ``code=busy`` (logged at most once a second, always counted).
     """
     host = listen.host or None
     listeners = await trio.open_tcp_listeners(listen.port, host=host)
@@ -311,10 +318,17 @@ async def serve(
         lst.socket.getsockname()[1] for lst in listeners if isinstance(lst, trio.SocketListener)
     ]
 
+    gate = _HandshakeGate(max_pending_handshakes)
+
     async def handle(stream: trio.SocketStream) -> None:
+        if not gate.enter():
+            gate.refused(peer_address(stream))
+            await trio.aclose_forcefully(stream)
+            return
         await _serve_one(
             stream,
             handler,
+            gate=gate,
             token=token,
             ssl_context=ssl_context,
             budget=budget,
@@ -339,10 +353,44 @@ async def serve(
         task_status.started(ports)
 
 
+class _HandshakeGate:
+    """Counts connections that have not authenticated yet and refuses those over the cap."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending = 0
+        self._suppressed = 0
+        self._last_log = -1e9
+
+    def enter(self) -> bool:
+        if self.pending >= self.limit:
+            return False
+        self.pending += 1
+        return True
+
+    def leave(self) -> None:
+        self.pending -= 1
+
+    def refused(self, address: str) -> None:
+        metrics.wire_handshake_failures.labels(ErrorCode.BUSY.value).inc()
+        now = trio.current_time()
+        if now - self._last_log < 1.0:
+            self._suppressed += 1
+            return
+        log.warning(
+            "event=wire_handshake_failed peer=%s code=busy reason=%s suppressed=%d",
+            address,
+            kv(f"{self.pending} connections already in their handshake (limit {self.limit})"),
+            self._suppressed,
+        )
+        self._last_log, self._suppressed = now, 0
+
+
 async def _serve_one(
     stream: trio.SocketStream,
     handler: ServerHandler,
     *,
+    gate: _HandshakeGate,
     token: str | None,
     ssl_context: ssl.SSLContext | None,
     budget: ByteBudget,
@@ -358,6 +406,7 @@ async def _serve_one(
     label = f"peer={peer.address} conn={peer.conn_id}"
     conn: _ServerConnection | None = None
     opened = False
+    pending = True  # holds a place in the handshake gate until authenticated or gone
     try:
         tune_socket(stream)
         app_stream: trio.abc.Stream = stream
@@ -390,6 +439,8 @@ async def _serve_one(
         except WireError as exc:
             _handshake_failed(label, exc.code, exc.message)
             return
+        gate.leave()
+        pending = False
         opened = True
         metrics.wire_connections.labels("destination").inc()
         log.info(
@@ -412,6 +463,8 @@ async def _serve_one(
         # A bug in this module: never let one connection take the server down.
         log.exception("event=wire_connection_failed %s code=internal", label)
     finally:
+        if pending:
+            gate.leave()
         if opened:
             metrics.wire_connections.labels("destination").dec()
         if conn is not None:
