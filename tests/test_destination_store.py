@@ -4,6 +4,7 @@ hardlinks. Runs the real store on a temporary directory (no wire, no qBittorrent
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -559,3 +560,80 @@ async def test_recovery_never_lets_an_unfinished_torrent_take_finalized_names(
     assert unfinished.info_hash not in s3.torrents
     await trio.testing.wait_all_tasks_blocked()
     _untouched(data, before)
+
+
+async def test_finalized_names_are_released_once_their_files_are_gone(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The user removed finalized torrent A from qBittorrent and deleted its files: its
+    names protect nothing any more, so B laid out at them (a re-release, or the same content
+    under another hash) is accepted and written normally. None of A's files is left, so A's
+    ownership is forgotten for good — its marker directory goes too, or a restart would
+    give A the names back over B's files."""
+    caplog.set_level("INFO", logger="qbsync.destination.store")
+    data = tmp_path / "data"
+    store = Store(data)
+    store.attach(nursery)
+    a, _ = await _finalized_on_disk(store, tmp_path, data)
+    shutil.rmtree(data / "payload")
+    b = make_torrent(tmp_path / "b", seed=3)  # same names, other content
+    state = await store.create(meta_for(b), parse_metainfo(b.torrent), fresh=True)
+    assert state.phase is Phase.ACTIVE and state.needed().count() == b.num_pieces
+    released = [r.getMessage() for r in caplog.records if "finalized_name_released" in r.message]
+    assert {m.split("path=")[1] for m in released} == {f"payload/{rel}" for rel in FILES}
+    assert all(f"hash={a.info_hash}" in m for m in released)
+    assert not (data / ".qbsync" / a.info_hash).exists()
+    assert store.foreign_owner(("payload", "a.bin"), b.info_hash) is None
+    await write_all(store, state, b, list(range(b.num_pieces)))
+    await store.flush(state)
+    await store.close_all(state)
+    for rel, _ in b.files:
+        assert (data / (rel + ".partial")).read_bytes() == (b.base / rel).read_bytes(), rel
+    # After a restart B is recovered (A does not come back as the owner of B's files).
+    again = Store(data)
+    again.attach(nursery)
+    assert await again.recover() == 1
+    assert again.torrents[b.info_hash].needed().count() == 0
+
+
+async def test_only_the_vanished_names_of_a_finalized_torrent_are_released(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """One of A's files was deleted, the others are still seeded: the deleted name can be
+    taken, the present ones (and one whose ``.partial`` twin is still there) stay A's —
+    also after a restart, and deletes never remove them."""
+    data = tmp_path / "data"
+    store = Store(data)
+    store.attach(nursery)
+    a, before = await _finalized_on_disk(store, tmp_path, data)
+    (data / "payload" / "a.bin").unlink()
+    (data / "payload" / "c" / "d.bin").rename(data / "payload" / "c" / "d.bin.partial")
+    del before["a.bin"], before["c/d.bin"]
+    takes_a = make_torrent(tmp_path / "b1", {"a.bin": 100_000}, seed=3)
+    wants_b = make_torrent(tmp_path / "b2", {"b.bin": 50_000}, seed=4)
+    wants_d = make_torrent(tmp_path / "b3", {"c/d.bin": 70_000}, seed=5)
+    state = await store.create(meta_for(takes_a), parse_metainfo(takes_a.torrent), fresh=True)
+    await write_all(store, state, takes_a, list(range(takes_a.num_pieces)))
+    await store.flush(state)
+    await store.close_all(state)
+    assert (data / "payload" / "a.bin.partial").read_bytes() == (
+        takes_a.base / "payload" / "a.bin"
+    ).read_bytes()
+    assert (data / ".qbsync" / a.info_hash / st.FINALIZED_NAME).is_file()
+    restarted = Store(data)
+    restarted.attach(nursery)
+    assert await restarted.recover() == 1
+    assert takes_a.info_hash in restarted.torrents
+    for s in (store, restarted):
+        for t in (wants_b, wants_d):
+            with pytest.raises(WireError) as err:
+                await s.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
+            assert err.value.code == ErrorCode.UNSAFE_PATH
+            assert a.info_hash in err.value.message
+            assert not (data / ".qbsync" / t.info_hash).exists()
+        names = [(("payload", *rel.split("/")), 0) for rel in FILES]
+        assert await s.delete_data(names, info_hash=wants_b.info_hash) == 0
+        for rel, content in before.items():
+            assert (data / "payload" / rel).read_bytes() == content, rel
+        assert (data / "payload" / "c" / "d.bin.partial").is_file()
+        assert (data / "payload" / "a.bin.partial").is_file()

@@ -528,3 +528,40 @@ async def test_finalized_files_never_taken_over_by_another_torrent(
     dest2 = start_destination(qbsync_factory, data, port=dest.port)
     await refused(dest2)
     assert "code=unsafe-path" in dest2.proc.log_text()
+
+
+async def test_finalized_names_free_again_once_their_files_are_deleted(
+    tmp_path, qbsync_factory
+) -> None:
+    """The user removed finalized torrent A and deleted its files: B at the same names (other
+    content, e.g. a re-release) is accepted, completes and is byte-identical to its source —
+    and after a restart B is still known as complete, A does not come back as the owner."""
+    a = _payload(tmp_path / "a")
+    b = _payload(tmp_path / "b", seed=5)  # same names and sizes, other bytes
+    data = tmp_path / "data"
+    dest = start_destination(qbsync_factory, data)
+    async with dest.client() as client:
+        ready = await client.init_ready(a)
+        acks = await client.send(a, needed_indices(ready, a.num_pieces))
+        assert all(ack.ok for ack in acks.values())
+        assert (await client.finalize(a)).status == SyncStatus.COMPLETE
+        _identical(a, data)
+        shutil.rmtree(data / "payload")
+        ready = await client.init_ready(b)
+        assert ready.pieces_needed_count == b.num_pieces
+        acks = await client.send(b, needed_indices(ready, b.num_pieces), order="shuffle")
+        assert all(ack.ok for ack in acks.values())
+        assert (await client.finalize(b)).status == SyncStatus.COMPLETE
+    _identical(b, data)
+    log_text = dest.proc.log_text()
+    assert f"event=finalized_name_released hash={a.info_hash}" in log_text
+    dest.proc.stop()
+    dest2 = start_destination(qbsync_factory, data, port=dest.port)
+    async with dest2.client() as client:
+        assert (await client.init(b)).status == SyncStatus.COMPLETE
+        # A again (same hash) now collides with B's seeded files: refused, B untouched.
+        with pytest.raises(WireError) as err:
+            await client.init(a)
+        assert err.value.code == ErrorCode.UNSAFE_PATH
+        assert b.info_hash in err.value.message
+    _identical(b, data)

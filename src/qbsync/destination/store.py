@@ -23,11 +23,23 @@ Names are owned, so one torrent's pieces never land in another torrent's files:
 * a *tracked* torrent owns the final and ``.partial`` names of its selected files until it is
   finalized or aborted;
 * a *finalized* torrent owns the same names for as long as its ``.finalized`` marker exists
-  (qBittorrent seeds from those files). The marker lists the names, so this ownership is
-  rebuilt at startup — markers are read before any unfinished torrent is loaded — and it ends
-  only when the marker goes: a resync of that same torrent, or an operator deleting
-  ``<data>/.qbsync/<hash>`` (noticed at the next conflict, no restart needed). Abort and the
-  orphan reaper never remove a marker.
+  (qBittorrent seeds from those files) *and its file is still on disk*. The marker lists the
+  names, so this ownership is rebuilt at startup — markers are read before any unfinished
+  torrent is loaded. It ends when the marker goes (a resync of that same torrent, or an
+  operator deleting ``<data>/.qbsync/<hash>``; noticed at the next conflict, no restart
+  needed), and name by name when the file goes: ownership exists to protect verified data,
+  and a name whose file is gone protects nothing. A user who removes a finalized torrent and
+  its files from qBittorrent must not find its names blocked forever (a re-release, or the
+  same content under a new hash). So when a new torrent collides with a finalized owner, the
+  owner's files are ``lstat``-ed (in a thread, under the owner's lock): a file counts as
+  present while its final name *or* its ``.partial`` twin exists (or cannot be checked); the
+  colliding names of absent files are released (``event=finalized_name_released``) and
+  dropped from the marker, so a restart does not hand them back to the owner over the new
+  torrent's files. When none of the owner's files is left, the whole marker directory is
+  removed (``event=finalized_owner_released reason=files_gone``): a marker listing nothing
+  on disk would otherwise survive forever (the orphan reaper never touches markers) and keep
+  answering "complete" for data that is gone. Data files are never deleted by this. Abort
+  and the orphan reaper never remove a marker.
 
 A torrent laid out at a name another torrent owns is refused with ``unsafe-path`` naming the
 owner, before anything is created: otherwise its init would scan the owner's files, find its
@@ -86,6 +98,10 @@ from .state import (
 log = logging.getLogger("qbsync.destination.store")
 
 SCAN_READ_LIMIT = 2  # concurrent verification reads (scans, read-back), apart from writers
+# How long a torrent being created waits for the lock of a finalized torrent whose vanished
+# names it wants; then ``busy`` (retryable). Bounded, so two inits waiting on each other's
+# locks cannot deadlock.
+OWNER_LOCK_WAIT = 5.0
 
 
 # --- layout: the request's file table checked against the parsed metainfo -------------------
@@ -346,7 +362,7 @@ class Store:
         # never scanned, renamed, written or deleted on another torrent's behalf. A set, since
         # markers written by older versions may overlap.
         self._final_owners: dict[paths.Parts, set[str]] = {}
-        self._final_owned: dict[str, list[paths.Parts]] = {}
+        self._final_owned: dict[str, list[paths.Parts]] = {}  # finalized hash -> its files
         self._locks: dict[str, trio.Lock] = {}
         self.read_limiter = trio.CapacityLimiter(SCAN_READ_LIMIT)
         self._nursery: trio.Nursery | None = None
@@ -411,6 +427,8 @@ class Store:
         Raises :class:`WireError` (``bad-request``, ``unsafe-path``, ``io``).
         """
         files = build_files(metainfo, meta.files, meta.save_sub_path)
+        if not self.dry_run:
+            await self._release_vanished(meta.info_hash, files)
         self._claim_paths(meta.info_hash, files)
         try:
             return await self._create(meta, metainfo, files, fresh=fresh)
@@ -487,6 +505,89 @@ class Store:
             self._owner[name] = info_hash
         self._owned[info_hash] = names
 
+    async def _release_vanished(self, info_hash: str, files: Sequence[DataFile]) -> None:
+        """Release the names ``files`` would take from finalized torrents whose files at
+        those names are gone from disk (see the module docstring). Names whose file is still
+        there are left owned; :meth:`_claim_paths` refuses them."""
+        names = set(_names(f.parts for f in files if f.selected and f.parts))
+        owners = sorted(
+            {o for name in names for o in self._final_owners.get(name, ()) if o != info_hash}
+        )
+        for owner in owners:
+            await self._release_vanished_of(owner, names)
+
+    async def _release_vanished_of(self, owner: str, wanted: set[paths.Parts]) -> None:
+        # The owner's lock: its state directory is only ever changed under it (a resync
+        # wipes and recreates it), so the marker rewrite cannot land in a new state directory.
+        lock = self.lock(owner)
+        acquired = False
+        with trio.move_on_after(OWNER_LOCK_WAIT):
+            await lock.acquire()
+            acquired = True
+        if not acquired:
+            raise WireError(
+                ErrorCode.BUSY, f"finalized torrent {owner} owning these names is busy: retry"
+            )
+        try:
+            finals = self._final_owned.get(owner)
+            if not finals:
+                return  # released while we waited
+            try:
+                outcome = await trio.to_thread.run_sync(
+                    self._drop_vanished, owner, list(finals), wanted
+                )
+            except OSError as exc:
+                raise WireError(
+                    ErrorCode.IO, f"updating the marker of finalized torrent {owner}: {exc}"
+                ) from None
+            if outcome is None:
+                return
+            released, remaining = outcome
+            for parts in released:
+                log.info("event=finalized_name_released hash=%s path=%s", owner, paths_kv(parts))
+            if remaining is None:
+                log.info("event=finalized_owner_released hash=%s reason=files_gone", owner)
+                self.release_finalized(owner)
+            else:
+                self.own_finalized(owner, remaining)
+        finally:
+            lock.release()
+
+    def _drop_vanished(
+        self, owner: str, finals: list[paths.Parts], wanted: set[paths.Parts]
+    ) -> tuple[list[paths.Parts], list[paths.Parts] | None] | None:
+        """Blocking part of :meth:`_release_vanished_of`. Returns ``None`` when nothing is
+        released, else the released files and the owner's files still owned (``None`` when
+        none is left: the marker directory was removed). Only state files are touched."""
+        mdir = self.meta_dir(owner)
+        if not (mdir / FINALIZED_NAME).exists():
+            return None  # the marker is gone: :meth:`_claim_paths` releases the whole owner
+        gone = [p for p in finals if not self._present(p)]
+        released = [p for p in gone if p in wanted or paths.partial_parts(p) in wanted]
+        if not released:
+            return None
+        if len(gone) == len(finals):
+            shutil.rmtree(mdir)
+            return released, None
+        marker = self.read_marker(owner)
+        if marker is None:
+            return None  # removed meanwhile, as above
+        dropped = set(released)
+        kept = tuple(f for f in marker.files if _split(f.path) not in dropped)
+        atomic_write(mdir, FINALIZED_NAME, dump_json(attrs.evolve(marker, files=kept)))
+        return released, [p for p in finals if p not in dropped]
+
+    def _present(self, parts: paths.Parts) -> bool:
+        """A finalized file counts as present while its final name or its ``.partial`` twin
+        exists — or cannot be checked (fail closed: never give away data we cannot see)."""
+        for name in (parts, paths.partial_parts(parts)):
+            try:
+                if paths.lstat(self.root, name) is not None:
+                    return True
+            except (OSError, paths.UnsafePathError):
+                return True
+        return False
+
     def _release_paths(self, info_hash: str) -> None:
         for name in self._owned.pop(info_hash, ()):
             if self._owner.get(name) == info_hash:
@@ -496,17 +597,16 @@ class Store:
         """Record that finalized torrent ``info_hash`` has its files at ``files`` (their
         ``.partial`` twins are owned too: writing one would be renamed over the file)."""
         self.release_finalized(info_hash)
-        names = _names(files)
-        for name in names:
+        for name in _names(files):
             self._final_owners.setdefault(name, set()).add(info_hash)
-        self._final_owned[info_hash] = names
+        self._final_owned[info_hash] = list(files)
 
     def own_finalized_state(self, state: TorrentState) -> None:
         self.own_finalized(state.info_hash, _marker_parts(state))
 
     def release_finalized(self, info_hash: str) -> None:
         """Forget the names of finalized torrent ``info_hash`` (its marker is gone)."""
-        for name in self._final_owned.pop(info_hash, ()):
+        for name in _names(self._final_owned.pop(info_hash, ())):
             owners = self._final_owners.get(name)
             if owners is not None:
                 owners.discard(info_hash)
@@ -1046,13 +1146,14 @@ def _marker_parts(state: TorrentState) -> list[paths.Parts]:
 
 
 def _split_marker_paths(marker: FinalizedMarker) -> list[paths.Parts]:
-    out = []
-    for f in marker.files:
-        try:
-            out.append(paths.split_relative(f.path))
-        except paths.UnsafePathError:
-            continue
-    return out
+    return [parts for f in marker.files if (parts := _split(f.path)) is not None]
+
+
+def _split(path: str) -> paths.Parts | None:
+    try:
+        return paths.split_relative(path)
+    except paths.UnsafePathError:
+        return None
 
 
 def _is_hash(name: str) -> bool:
