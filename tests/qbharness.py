@@ -17,6 +17,7 @@ import hashlib
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import attrs
+import pytest
 import qbittorrentapi
 import torf
 
@@ -605,3 +607,27 @@ def torrent_files(torrent: bytes) -> tuple[int, list[tuple[str, int]], list[byte
     else:
         files = [(info["name"], int(info["length"]))]
     return int(info["piece length"]), files, hashes
+
+
+def make_self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A throwaway self-signed EC certificate valid for 127.0.0.1 and localhost.
+
+    Needs the openssl CLI (the test is skipped without it); used by the wire and source TLS
+    tests.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import ssl
-import subprocess
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -61,6 +59,7 @@ from qbsync.wire.frames import (
     encode_piece_header,
 )
 from qbsync.wire.protocol import Endpoint, HandshakeComplete, RequestReceived
+from tests.qbharness import make_self_signed
 
 H1 = "a" * 40
 H2 = "b" * 64
@@ -788,25 +787,6 @@ async def test_connection_refused_is_an_oserror() -> None:
 
 
 # --- TLS ------------------------------------------------------------------------------------
-
-
-def make_self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A throwaway self-signed EC certificate valid for 127.0.0.1 and localhost."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 @pytest.fixture(scope="module")

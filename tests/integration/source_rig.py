@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import shutil
-import subprocess
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,26 +41,6 @@ FILES: dict[str, int] = {
 }
 PIECE = 64 * KiB
 RATE = 512 * KiB
-
-
-def make_self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A throwaway self-signed EC certificate for 127.0.0.1 (needs the openssl CLI)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        [
-            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 def scrape(port: int) -> str:

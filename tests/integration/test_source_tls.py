@@ -8,13 +8,12 @@ import pytest
 
 from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
     RigFactory,
-    make_self_signed,
     metric,
     rig_factory_fixture,
     rig_fixture,
     tags_of,
 )
-from tests.qbharness import wait_until
+from tests.qbharness import make_self_signed, wait_until
 
 pytestmark = pytest.mark.integration
 
