@@ -20,6 +20,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -232,6 +233,15 @@ class WireClient:
                 if result.status != SyncStatus.VERIFYING:
                     return result
                 await trio.sleep(interval)
+
+    async def sync(self, t: LocalTorrent, **send_kwargs: Any) -> FinalizeResult:
+        """The happy path many tests start from: init, send every needed piece (asserting each
+        was acked ``ok``), then finalize; returns the finalize result for the caller to check."""
+        ready = await self.init_ready(t)
+        acks = await self.send(t, needed_indices(ready, t.num_pieces), **send_kwargs)
+        refused = {i: ack for i, ack in acks.items() if not ack.ok}
+        assert not refused, f"pieces refused: {refused}"
+        return await self.finalize(t)
 
     async def abort(self, t: LocalTorrent, *, delete_files: bool = True) -> AbortResult:
         return await self.conn.request(

@@ -396,10 +396,7 @@ async def test_dry_run_does_not_create_the_data_directory(tmp_path, qbsync_facto
     data = tmp_path / "new" / "data"
     dest = start_destination(qbsync_factory, data, extra=["--dry-run"])
     async with dest.client() as client:
-        ready = await client.init_ready(t)
-        acks = await client.send(t, needed_indices(ready, t.num_pieces))
-        assert all(a.ok for a in acks.values())
-        assert (await client.finalize(t)).status == SyncStatus.COMPLETE
+        assert (await client.sync(t)).status == SyncStatus.COMPLETE
     assert dest.proc.stop() == 0
     assert not (tmp_path / "new").exists()
 
@@ -499,10 +496,7 @@ async def test_finalized_files_never_taken_over_by_another_torrent(
     data = tmp_path / "data"
     dest = start_destination(qbsync_factory, data)
     async with dest.client() as client:
-        ready = await client.init_ready(a)
-        acks = await client.send(a, needed_indices(ready, a.num_pieces))
-        assert all(ack.ok for ack in acks.values())
-        assert (await client.finalize(a)).status == SyncStatus.COMPLETE
+        assert (await client.sync(a)).status == SyncStatus.COMPLETE
     _identical(a, data)
     before = {rel: (data / rel).stat() for rel, _ in a.files}
 
@@ -541,10 +535,7 @@ async def test_finalized_names_free_again_once_their_files_are_deleted(
     data = tmp_path / "data"
     dest = start_destination(qbsync_factory, data)
     async with dest.client() as client:
-        ready = await client.init_ready(a)
-        acks = await client.send(a, needed_indices(ready, a.num_pieces))
-        assert all(ack.ok for ack in acks.values())
-        assert (await client.finalize(a)).status == SyncStatus.COMPLETE
+        assert (await client.sync(a)).status == SyncStatus.COMPLETE
         _identical(a, data)
         shutil.rmtree(data / "payload")
         ready = await client.init_ready(b)
