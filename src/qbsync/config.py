@@ -1,9 +1,9 @@
 """Every setting of both daemons, in one place.
 
-Each option is declared once, in ``SOURCE_OPTIONS`` or ``DESTINATION_OPTIONS``. That single
-declaration drives the argparse flag, its ``--help`` line, the environment variable, the
-default, the parser and the validation, so the README tables, ``--help`` and the code cannot
-drift apart.
+Each option is declared once, as an attribute of ``SourceConfig`` or ``DestinationConfig``
+(options both roles share are declared once and used by both). That single declaration drives
+the argparse flag, its ``--help`` line, the environment variable, the default, the parser and
+the validation, so the README tables, ``--help`` and the code cannot drift apart.
 
 Resolution order is flag > environment variable > default. After that, the conventional
 fallbacks of the seed document apply (``HTTP_PORT``/``HEALTH_PORT`` for the health address,
@@ -13,6 +13,10 @@ still equals the built-in default*, exactly like the Go reference does.
 A bad value raises :class:`ConfigError` with one line naming the flag and its environment
 variable; the CLI prints it and exits with status 2.
 """
+
+# The config classes declare options as ``name: type = option(...)``: a call in a class body
+# is the point of the design here, not a shared mutable default.
+# ruff: noqa: RUF009
 
 from __future__ import annotations
 
@@ -158,11 +162,17 @@ def _parse_url(raw: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Option declarations.
+#
+# The configuration classes below *are* the declarations: each attribute is one option, and
+# ``option(...)`` attaches its help line, default and parser to it. ``SOURCE_OPTIONS`` and
+# ``DESTINATION_OPTIONS`` are read off the classes, in declaration order (that order is the
+# ``--help`` order). An option both roles share with the same meaning is declared once as a
+# function below and used in both classes. To add an option: add one attribute to the class.
 
 
 @attrs.frozen
 class Option:
-    """One setting: flag, environment variable, default and parser, declared once."""
+    """One setting: flag, environment variable, default and parser."""
 
     name: str  # attribute name on the config class, e.g. "min_space"
     help: str
@@ -183,6 +193,34 @@ class Option:
         return f"QBSYNC_{role.upper()}_{self.name.upper()}"
 
 
+_OPTION_KEY = "qbsync.option"
+
+
+def option(
+    help: str,
+    default: str,
+    parse: Callable[[str], Any] = _parse_str,
+    *,
+    required: bool = False,
+    secret: bool = False,
+    is_flag: bool = False,
+    check: Callable[[Any], str | None] | None = None,
+    zero_means: str | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """Declare the config attribute it is assigned to as an option (the name comes from it)."""
+    spec = Option("", help, default, parse, required, secret, is_flag, check, zero_means, metavar)
+    return attrs.field(repr=not secret, metadata={_OPTION_KEY: spec})
+
+
+def _options_of(cls: type) -> tuple[Option, ...]:
+    return tuple(
+        attrs.evolve(f.metadata[_OPTION_KEY], name=f.name)
+        for f in attrs.fields(cls)
+        if _OPTION_KEY in f.metadata
+    )
+
+
 def _positive(v: float) -> str | None:
     return None if v > 0 else "must be greater than 0"
 
@@ -195,217 +233,58 @@ def _tag_ok(v: str) -> str | None:
     return "must not contain a comma" if "," in v else None
 
 
-_COMMON_QB = (
-    Option("qb_username", "qBittorrent WebUI username", ""),
-    Option("qb_password", "qBittorrent WebUI password", "", secret=True),
-)
-_COMMON_TAIL = (
-    Option(
-        "health_addr",
+# Options both roles share, declared once each.
+
+
+def _data() -> Any:
+    return option("Data directory path", "", _parse_path, required=True, metavar="PATH")
+
+
+def _qb_username() -> Any:
+    return option("qBittorrent WebUI username", "")
+
+
+def _qb_password() -> Any:
+    return option("qBittorrent WebUI password", "", secret=True)
+
+
+def _synced_tag() -> Any:
+    return option("Tag for synced torrents (empty to disable)", "synced", check=_tag_ok)
+
+
+def _health_addr() -> Any:
+    return option(
         "Health/metrics HTTP endpoint (empty disables it)",
         ":8080",
         _parse_optional_listen,
         metavar="ADDR",
-    ),
-    Option(
-        "log_level",
-        "Log level: debug, info, warn, error",
-        "info",
-        _parse_log_level,
-        metavar="LEVEL",
-    ),
-    Option("dry_run", "Run without making changes anywhere", "false", _parse_bool, is_flag=True),
-    Option(
-        "auth_token",
+    )
+
+
+def _log_level() -> Any:
+    return option("Log level: debug, info, warn, error", "info", _parse_log_level, metavar="LEVEL")
+
+
+def _dry_run() -> Any:
+    return option("Run without making changes anywhere", "false", _parse_bool, is_flag=True)
+
+
+def _auth_token() -> Any:
+    return option(
         "Shared secret authenticating source and destination (never sent on the wire)",
         "",
         secret=True,
         metavar="TOKEN",
-    ),
-    Option(
-        "auth_token_file",
+    )
+
+
+def _auth_token_file() -> Any:
+    return option(
         "File holding the shared secret (overrides --auth-token)",
         "",
         _parse_optional_path,
         metavar="PATH",
-    ),
-)
-
-SOURCE_OPTIONS: tuple[Option, ...] = (
-    Option("data", "Data directory path", "", _parse_path, required=True, metavar="PATH"),
-    Option("qb_url", "qBittorrent WebUI URL", "", _parse_url, required=True, metavar="URL"),
-    *_COMMON_QB,
-    Option(
-        "destination_addr",
-        "Destination server address (host:port)",
-        "",
-        _parse_dial,
-        required=True,
-        metavar="HOST:PORT",
-    ),
-    Option(
-        "min_space", "Min free space (GB) before syncing", "50", _parse_float, check=_non_negative
-    ),
-    Option(
-        "min_seeding_time",
-        "Min seeding time (seconds)",
-        "3600",
-        _parse_int,
-        check=_non_negative,
-    ),
-    Option("sleep", "Sleep interval between checks (seconds)", "30", _parse_float, check=_positive),
-    Option("rate_limit", "Max bytes/sec (0 = unlimited)", "0", _parse_int, check=_non_negative),
-    Option(
-        "piece_timeout",
-        "Timeout for stale in-flight pieces (seconds)",
-        "60",
-        _parse_float,
-        check=_non_negative,
-        zero_means="60",
-    ),
-    Option(
-        "reconnect_max_delay",
-        "Max reconnect backoff delay (seconds)",
-        "30",
-        _parse_float,
-        check=_non_negative,
-        zero_means="30",
-    ),
-    Option("num_senders", "Concurrent sender workers", "4", _parse_int, check=_positive),
-    Option(
-        "min_connections",
-        "Minimum TCP connections to destination server",
-        "2",
-        _parse_int,
-        check=_positive,
-    ),
-    Option(
-        "max_connections",
-        "Maximum TCP connections to destination server",
-        "8",
-        _parse_int,
-        check=_positive,
-    ),
-    Option("synced_tag", "Tag for synced torrents (empty to disable)", "synced", check=_tag_ok),
-    Option(
-        "source_removed_tag",
-        "Tag on destination when source removed (empty to disable)",
-        "source-removed",
-        check=_tag_ok,
-    ),
-    Option(
-        "exclude_cleanup_tag",
-        "Tag that prevents cleanup from source (empty to disable)",
-        "",
-        check=_tag_ok,
-    ),
-    Option(
-        "sync_failed_tag",
-        "Tag applied after repeated sync failures; remove it to retry (empty to disable)",
-        "sync-failed",
-        check=_tag_ok,
-    ),
-    Option(
-        "exclude_sync_tag",
-        "Torrents with this tag are never synced; adding it aborts a sync (empty to disable)",
-        "",
-        check=_tag_ok,
-    ),
-    Option(
-        "drain_annotation",
-        "Pod annotation key to gate shutdown drain (empty to drain unconditionally)",
-        "qbsync/drain",
-    ),
-    Option(
-        "drain_timeout",
-        "Shutdown drain timeout (seconds)",
-        "300",
-        _parse_float,
-        check=_non_negative,
-        zero_means="300",
-    ),
-    Option(
-        "state_dir",
-        "Directory for the source's own state (default: $STATE_DIRECTORY, else "
-        "~/.local/state/qbsync; works with a read-only --data)",
-        "",
-        _parse_optional_path,
-        metavar="PATH",
-    ),
-    Option(
-        "tls_ca",
-        "CA bundle to verify the destination's TLS certificate (enables TLS)",
-        "",
-        _parse_optional_path,
-        metavar="PATH",
-    ),
-    *_COMMON_TAIL,
-)
-
-DESTINATION_OPTIONS: tuple[Option, ...] = (
-    Option("data", "Data directory path", "", _parse_path, required=True, metavar="PATH"),
-    Option(
-        "listen", "Listen address for sources (host:port)", ":50051", _parse_listen, metavar="ADDR"
-    ),
-    Option(
-        "save_path",
-        "Save path as qBittorrent sees it (defaults to --data)",
-        "",
-        _parse_optional_path,
-        metavar="PATH",
-    ),
-    Option(
-        "qb_url", "qBittorrent WebUI URL (empty: verify files only)", "", _parse_url, metavar="URL"
-    ),
-    *_COMMON_QB,
-    Option(
-        "poll_interval",
-        "Verification poll interval (seconds)",
-        "2",
-        _parse_float,
-        check=_non_negative,
-        zero_means="2",
-    ),
-    Option(
-        "poll_timeout",
-        "Verification timeout (seconds; 0 = scaled by size)",
-        "300",
-        _parse_float,
-        check=_non_negative,
-    ),
-    Option(
-        "stream_workers",
-        "Concurrent piece writers (0 = auto: 8)",
-        "0",
-        _parse_int,
-        check=_non_negative,
-        zero_means="8",
-    ),
-    Option(
-        "max_stream_buffer",
-        "Global memory budget for buffered pieces (MB)",
-        "512",
-        _parse_int,
-        check=_non_negative,
-        zero_means="512",
-    ),
-    Option("synced_tag", "Tag for synced torrents (empty to disable)", "synced", check=_tag_ok),
-    Option(
-        "tls_cert",
-        "TLS certificate (PEM) to serve sources over TLS",
-        "",
-        _parse_optional_path,
-        metavar="PATH",
-    ),
-    Option(
-        "tls_key", "TLS private key (PEM) for --tls-cert", "", _parse_optional_path, metavar="PATH"
-    ),
-    *_COMMON_TAIL,
-)
-
-
-def options_for(role: Role) -> tuple[Option, ...]:
-    return SOURCE_OPTIONS if role == "source" else DESTINATION_OPTIONS
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,34 +293,99 @@ def options_for(role: Role) -> tuple[Option, ...]:
 
 @attrs.frozen(kw_only=True)
 class SourceConfig:
-    data: Path
-    qb_url: str
-    qb_username: str
-    qb_password: str = attrs.field(repr=False)
-    destination_addr: HostPort
-    min_space: float  # GiB
-    min_seeding_time: int  # seconds
-    sleep: float
-    rate_limit: int  # bytes/s, 0 = unlimited
-    piece_timeout: float
-    reconnect_max_delay: float
-    num_senders: int
-    min_connections: int
-    max_connections: int
-    synced_tag: str
-    source_removed_tag: str
-    exclude_cleanup_tag: str
-    sync_failed_tag: str
-    exclude_sync_tag: str
-    drain_annotation: str
-    drain_timeout: float
-    state_dir: Path
-    tls_ca: Path | None
-    health_addr: HostPort | None
-    log_level: str
-    dry_run: bool
-    auth_token: str = attrs.field(repr=False)
-    auth_token_file: Path | None
+    data: Path = _data()
+    qb_url: str = option("qBittorrent WebUI URL", "", _parse_url, required=True, metavar="URL")
+    qb_username: str = _qb_username()
+    qb_password: str = _qb_password()
+    destination_addr: HostPort = option(
+        "Destination server address (host:port)",
+        "",
+        _parse_dial,
+        required=True,
+        metavar="HOST:PORT",
+    )
+    min_space: float = option(  # GiB
+        "Min free space (GB) before syncing", "50", _parse_float, check=_non_negative
+    )
+    min_seeding_time: int = option(
+        "Min seeding time (seconds)", "3600", _parse_int, check=_non_negative
+    )
+    sleep: float = option(
+        "Sleep interval between checks (seconds)", "30", _parse_float, check=_positive
+    )
+    rate_limit: int = option(  # bytes/s
+        "Max bytes/sec (0 = unlimited)", "0", _parse_int, check=_non_negative
+    )
+    piece_timeout: float = option(
+        "Timeout for stale in-flight pieces (seconds)",
+        "60",
+        _parse_float,
+        check=_non_negative,
+        zero_means="60",
+    )
+    reconnect_max_delay: float = option(
+        "Max reconnect backoff delay (seconds)",
+        "30",
+        _parse_float,
+        check=_non_negative,
+        zero_means="30",
+    )
+    num_senders: int = option("Concurrent sender workers", "4", _parse_int, check=_positive)
+    min_connections: int = option(
+        "Minimum TCP connections to destination server", "2", _parse_int, check=_positive
+    )
+    max_connections: int = option(
+        "Maximum TCP connections to destination server", "8", _parse_int, check=_positive
+    )
+    synced_tag: str = _synced_tag()
+    source_removed_tag: str = option(
+        "Tag on destination when source removed (empty to disable)",
+        "source-removed",
+        check=_tag_ok,
+    )
+    exclude_cleanup_tag: str = option(
+        "Tag that prevents cleanup from source (empty to disable)", "", check=_tag_ok
+    )
+    sync_failed_tag: str = option(
+        "Tag applied after repeated sync failures; remove it to retry (empty to disable)",
+        "sync-failed",
+        check=_tag_ok,
+    )
+    exclude_sync_tag: str = option(
+        "Torrents with this tag are never synced; adding it aborts a sync (empty to disable)",
+        "",
+        check=_tag_ok,
+    )
+    drain_annotation: str = option(
+        "Pod annotation key to gate shutdown drain (empty to drain unconditionally)",
+        "qbsync/drain",
+    )
+    drain_timeout: float = option(
+        "Shutdown drain timeout (seconds)",
+        "300",
+        _parse_float,
+        check=_non_negative,
+        zero_means="300",
+    )
+    # Parsed as optional; resolve() fills in the default location, so it is never None here.
+    state_dir: Path = option(
+        "Directory for the source's own state (default: $STATE_DIRECTORY, else "
+        "~/.local/state/qbsync; works with a read-only --data)",
+        "",
+        _parse_optional_path,
+        metavar="PATH",
+    )
+    tls_ca: Path | None = option(
+        "CA bundle to verify the destination's TLS certificate (enables TLS)",
+        "",
+        _parse_optional_path,
+        metavar="PATH",
+    )
+    health_addr: HostPort | None = _health_addr()
+    log_level: str = _log_level()
+    dry_run: bool = _dry_run()
+    auth_token: str = _auth_token()
+    auth_token_file: Path | None = _auth_token_file()
 
     role: Role = "source"
 
@@ -452,24 +396,60 @@ class SourceConfig:
 
 @attrs.frozen(kw_only=True)
 class DestinationConfig:
-    data: Path
-    listen: HostPort
-    save_path: Path | None
-    qb_url: str
-    qb_username: str
-    qb_password: str = attrs.field(repr=False)
-    poll_interval: float
-    poll_timeout: float
-    stream_workers: int
-    max_stream_buffer: int  # MiB
-    synced_tag: str
-    tls_cert: Path | None
-    tls_key: Path | None
-    health_addr: HostPort | None
-    log_level: str
-    dry_run: bool
-    auth_token: str = attrs.field(repr=False)
-    auth_token_file: Path | None
+    data: Path = _data()
+    listen: HostPort = option(
+        "Listen address for sources (host:port)", ":50051", _parse_listen, metavar="ADDR"
+    )
+    save_path: Path | None = option(
+        "Save path as qBittorrent sees it (defaults to --data)",
+        "",
+        _parse_optional_path,
+        metavar="PATH",
+    )
+    qb_url: str = option(
+        "qBittorrent WebUI URL (empty: verify files only)", "", _parse_url, metavar="URL"
+    )
+    qb_username: str = _qb_username()
+    qb_password: str = _qb_password()
+    poll_interval: float = option(
+        "Verification poll interval (seconds)",
+        "2",
+        _parse_float,
+        check=_non_negative,
+        zero_means="2",
+    )
+    poll_timeout: float = option(
+        "Verification timeout (seconds; 0 = scaled by size)",
+        "300",
+        _parse_float,
+        check=_non_negative,
+    )
+    stream_workers: int = option(
+        "Concurrent piece writers (0 = auto: 8)",
+        "0",
+        _parse_int,
+        check=_non_negative,
+        zero_means="8",
+    )
+    max_stream_buffer: int = option(  # MiB
+        "Global memory budget for buffered pieces (MB)",
+        "512",
+        _parse_int,
+        check=_non_negative,
+        zero_means="512",
+    )
+    synced_tag: str = _synced_tag()
+    tls_cert: Path | None = option(
+        "TLS certificate (PEM) to serve sources over TLS", "", _parse_optional_path, metavar="PATH"
+    )
+    tls_key: Path | None = option(
+        "TLS private key (PEM) for --tls-cert", "", _parse_optional_path, metavar="PATH"
+    )
+    health_addr: HostPort | None = _health_addr()
+    log_level: str = _log_level()
+    dry_run: bool = _dry_run()
+    auth_token: str = _auth_token()
+    auth_token_file: Path | None = _auth_token_file()
 
     role: Role = "destination"
 
@@ -481,6 +461,14 @@ class DestinationConfig:
     def qb_save_path(self) -> Path:
         """The data directory as the destination qBittorrent sees it."""
         return self.save_path if self.save_path is not None else self.data
+
+
+SOURCE_OPTIONS: tuple[Option, ...] = _options_of(SourceConfig)
+DESTINATION_OPTIONS: tuple[Option, ...] = _options_of(DestinationConfig)
+
+
+def options_for(role: Role) -> tuple[Option, ...]:
+    return SOURCE_OPTIONS if role == "source" else DESTINATION_OPTIONS
 
 
 Config = SourceConfig | DestinationConfig
