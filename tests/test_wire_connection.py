@@ -20,7 +20,6 @@ import pytest
 import trio
 
 from qbsync import metrics
-from qbsync.config import HostPort
 from qbsync.wire import (
     Abort,
     AbortResult,
@@ -30,6 +29,7 @@ from qbsync.wire import (
     ErrorCode,
     Finalize,
     FinalizeResult,
+    HostPort,
     InitResult,
     InitTorrent,
     Peer,
@@ -124,6 +124,7 @@ async def running_server(
 ) -> AsyncIterator[tuple[int, Handler, ByteBudget]]:
     handler = handler or Handler()
     budget = budget or ByteBudget(64 << 20)
+    kwargs.setdefault("hooks", metrics.WIRE_METRICS)  # the tests below read the metrics
     async with trio.open_nursery() as nursery:
 
         async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -143,6 +144,7 @@ async def running_server(
 
 
 def connect(port: int, token: str | None = "s3cret", **kwargs: Any) -> Any:
+    kwargs.setdefault("hooks", metrics.WIRE_METRICS)
     return open_connection(HostPort(LOCAL, port), token=token, **kwargs)
 
 

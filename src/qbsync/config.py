@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .wire.address import HostPort as HostPort  # re-exported: the config type of addresses
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -83,18 +85,6 @@ def _parse_log_level(raw: str) -> str:
     if v not in LOG_LEVELS:
         raise ValueError(f"unknown log level {raw!r} (use debug, info, warn or error)")
     return v
-
-
-@attrs.frozen
-class HostPort:
-    """A parsed ``host:port``. An empty host means "all interfaces" when listening."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 def parse_host_port(raw: str, *, need_host: bool = False) -> HostPort:

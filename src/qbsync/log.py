@@ -12,20 +12,16 @@ import logging
 import sys
 import time
 
+from .wire.logfmt import kv
+
+__all__ = ["kv", "setup"]
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warn": logging.WARNING,
     "error": logging.ERROR,
 }
-
-
-def kv(value: object) -> str:
-    """Format one value for a ``key=value`` line (quoted when it has spaces or quotes)."""
-    text = str(value)
-    if not text or any(c.isspace() or c in '"=' for c in text):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return text
 
 
 class _Formatter(logging.Formatter):

@@ -15,6 +15,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .wire.errors import ErrorCode
+from .wire.hooks import Side, WireHooks
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 NS = "qbsync"
 
@@ -191,3 +194,29 @@ def render() -> tuple[bytes, str]:
 def metric_names() -> list[str]:
     """Every metric family name in the registry (for the METRICS.md consistency test)."""
     return sorted({m.name for m in REGISTRY.collect()})
+
+
+class WireMetrics(WireHooks):
+    """The wire's instrumentation hooks recorded as the metrics above. The daemons pass
+    :data:`WIRE_METRICS` to the wire; it is the only writer of these series."""
+
+    def connection_opened(self, side: Side) -> None:
+        wire_connections.labels(side).inc()
+
+    def connection_closed(self, side: Side) -> None:
+        wire_connections.labels(side).dec()
+
+    def handshake_failed(self, code: ErrorCode) -> None:
+        wire_handshake_failures.labels(code.value).inc()
+
+    def protocol_error(self, code: ErrorCode) -> None:
+        wire_protocol_errors.labels(code.value).inc()
+
+    def buffer_limit(self, limit: int) -> None:
+        write_buffer_limit_bytes.set(limit)
+
+    def buffer_used(self, used: int) -> None:
+        write_buffer_bytes.set(used)
+
+
+WIRE_METRICS = WireMetrics()

@@ -88,7 +88,7 @@ class Daemon:
         self.server = DestinationServer(
             self.store, self.writer, self.finalizer, qb=self.qb, max_piece=DEFAULT_MAX_PIECE
         )
-        self.budget = ByteBudget(config.max_stream_buffer_bytes)
+        self.budget = ByteBudget(config.max_stream_buffer_bytes, hooks=metrics.WIRE_METRICS)
         self.health = Health()
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
@@ -138,6 +138,7 @@ class Daemon:
                 token=config.auth_token or None,
                 ssl_context=ssl_context,
                 budget=self.budget,
+                hooks=metrics.WIRE_METRICS,
                 max_piece=DEFAULT_MAX_PIECE,
                 task_status=task_status,
             )

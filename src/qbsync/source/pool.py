@@ -32,9 +32,9 @@ import attrs
 import trio
 
 from .. import metrics
-from ..config import HostPort
 from ..log import kv
-from ..wire.errors import ConnectionClosed, ErrorCode, WireError
+from ..wire.address import HostPort
+from ..wire.errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from ..wire.messages import PieceAck
 from .ratelimit import Backoff
 
@@ -94,14 +94,7 @@ def describe_error(exc: BaseException) -> tuple[str, str] | None:
     propagate. Exception groups (from the connection's internal nursery) are unwrapped.
     """
     if isinstance(exc, BaseExceptionGroup):
-        leaves: list[BaseException] = []
-        stack: list[BaseException] = [exc]
-        while stack:
-            e = stack.pop()
-            if isinstance(e, BaseExceptionGroup):
-                stack.extend(e.exceptions)
-            else:
-                leaves.append(e)
+        leaves = leaf_exceptions(exc)
         if any(not isinstance(e, Exception) for e in leaves):
             return None
         wire = [e for e in leaves if isinstance(e, WireError)]
@@ -310,7 +303,6 @@ class ConnectionPool:
             self.generation += 1
         self.last_error = None
         metrics.connections_active.set(self.connected)
-        metrics.wire_connections.labels("source").set(self.connected)
         log.info(
             "event=destination_connected conn=%d addr=%s connections=%d generation=%d",
             slot.id,
@@ -325,7 +317,6 @@ class ConnectionPool:
             return
         slot.conn = None
         metrics.connections_active.set(self.connected)
-        metrics.wire_connections.labels("source").set(self.connected)
         log.info("event=destination_disconnected conn=%d connections=%d", slot.id, self.connected)
 
     # -- scaling ----------------------------------------------------------------------------
@@ -411,7 +402,7 @@ def make_connector(
     connect_timeout: float = 10.0,
 ) -> Connector:
     """A :data:`Connector` opening real wire connections."""
-    from ..wire.connection import open_connection
+    from ..wire import open_connection
 
     def connect() -> contextlib.AbstractAsyncContextManager[Connection]:
         return open_connection(
@@ -420,6 +411,7 @@ def make_connector(
             ssl_context=ssl_context,
             server_hostname=server_hostname,
             connect_timeout=connect_timeout,
+            hooks=metrics.WIRE_METRICS,
         )
 
     return connect

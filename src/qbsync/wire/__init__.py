@@ -5,12 +5,26 @@ Layers (inner to outer): :mod:`.codec` (control messages <-> bytes, one cattrs c
 handshake, authentication, request ids and credit), then the Trio shell: :mod:`.transport`
 (TCP/TLS bytes), :mod:`.shell` (what both ends share), :mod:`.server` (:func:`serve`, the
 destination), :mod:`.client` (:func:`open_connection`, the source), :mod:`.budget`
-(:class:`ByteBudget`), and :mod:`.tls` (contexts).
+(:class:`ByteBudget`), and :mod:`.tls` (contexts). :mod:`.hooks` is how the wire reports
+metrics without knowing them, :mod:`.address` its address type.
+
+The package imports nothing from the rest of qbsync (``tests/test_wire_imports.py``), so it
+can be read, tested and reused on its own. The protocol itself is specified in
+``docs/wire-protocol.md``.
 """
 
+from .address import HostPort
 from .budget import ByteBudget
 from .client import ClientConnection, open_connection
-from .errors import RETRYABLE, ConnectionClosed, ErrorCode, LocalProtocolError, WireError
+from .errors import (
+    RETRYABLE,
+    ConnectionClosed,
+    ErrorCode,
+    LocalProtocolError,
+    WireError,
+    leaf_exceptions,
+)
+from .hooks import NO_HOOKS, WireHooks
 from .messages import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -37,6 +51,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "MAX_CONTROL_FRAME",
     "MIN_PROTOCOL_VERSION",
+    "NO_HOOKS",
     "PROTOCOL_VERSION",
     "RETRYABLE",
     "Abort",
@@ -48,6 +63,7 @@ __all__ = [
     "FileEntry",
     "Finalize",
     "FinalizeResult",
+    "HostPort",
     "InitResult",
     "InitTorrent",
     "LocalProtocolError",
@@ -61,7 +77,9 @@ __all__ = [
     "StartTorrent",
     "SyncStatus",
     "WireError",
+    "WireHooks",
     "client_ssl_context",
+    "leaf_exceptions",
     "open_connection",
     "serve",
     "server_ssl_context",

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from .. import metrics
+from .hooks import NO_HOOKS, WireHooks
 
 
 class ByteBudget:
@@ -35,7 +35,7 @@ class ByteBudget:
 
     POOL_MAX = 64 * 1024 * 1024
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, hooks: WireHooks = NO_HOOKS) -> None:
         if limit <= 0:
             raise ValueError("the byte budget must be positive")
         self.limit = limit
@@ -45,7 +45,8 @@ class ByteBudget:
         self._pool: dict[int, list[bytearray]] = {}
         self._pool_max = min(self.POOL_MAX, limit // 4)
         self._waiters: collections.deque[list[Any]] = collections.deque()
-        metrics.write_buffer_limit_bytes.set(limit)
+        self._hooks = hooks
+        hooks.buffer_limit(limit)
 
     def take_buffer(self, nbytes: int) -> bytearray:
         """A buffer of exactly ``nbytes`` (recycled if possible; contents are undefined)."""
@@ -109,14 +110,14 @@ class ByteBudget:
         if not 0 <= charge <= self.used:
             raise ValueError(f"releasing {charge} bytes with {self.used} in use")
         self.used -= charge
-        metrics.write_buffer_bytes.set(self.used)
+        self._hooks.buffer_used(self.used)
         self._wake()
 
     def _take(self, charge: int) -> None:
         self.used += charge
         self.peak = max(self.peak, self.used)
         self._trim_pool()
-        metrics.write_buffer_bytes.set(self.used)
+        self._hooks.buffer_used(self.used)
 
     def _wake(self) -> None:
         while self._waiters and self.used + self._waiters[0][0] <= self.limit:

@@ -15,11 +15,11 @@ from typing import overload
 
 import trio
 
-from .. import metrics
-from ..config import HostPort
 from . import messages as m
-from .errors import ConnectionClosed, ErrorCode, WireError
+from .address import HostPort
+from .errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from .frames import PIECE_HEADER_SIZE
+from .hooks import NO_HOOKS, WireHooks
 from .protocol import (
     CreditReceived,
     Endpoint,
@@ -46,14 +46,12 @@ class _Waiter:
 def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """Trio wraps even a single exception from a nursery body in a group; give callers of our
     context managers the plain exception when there is only one that matters."""
-    leaves = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-    if len(leaves) == 1:
-        leaf = leaves[0]
-        if isinstance(leaf, BaseExceptionGroup):
-            return _unwrap_group(leaf)
-        return leaf
-    if not leaves:
-        return group.exceptions[0]
+    leaves = leaf_exceptions(group)
+    relevant = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if len(relevant) == 1:
+        return relevant[0]
+    if not relevant:
+        return leaves[0]
     return group
 
 
@@ -72,9 +70,15 @@ class ClientConnection(BaseConnection):
         label: str,
         ping_interval: float,
         idle_timeout: float,
+        hooks: WireHooks = NO_HOOKS,
     ) -> None:
         super().__init__(
-            endpoint, stream, label=label, ping_interval=ping_interval, idle_timeout=idle_timeout
+            endpoint,
+            stream,
+            label=label,
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            hooks=hooks,
         )
         self._waiters: dict[int, _Waiter] = {}
         self._credit_lock = trio.Lock()  # FIFO among piece senders
@@ -266,6 +270,7 @@ async def open_connection(
     connect_timeout: float = 10.0,
     ping_interval: float = DEFAULT_PING_INTERVAL,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    hooks: WireHooks = NO_HOOKS,
 ) -> AsyncIterator[ClientConnection]:
     """Connect to a destination, run TLS (if ``ssl_context``) and the handshake, and yield the
     connection; it is closed when the block exits.
@@ -305,6 +310,7 @@ async def open_connection(
                 label=label,
                 ping_interval=ping_interval,
                 idle_timeout=idle_timeout,
+                hooks=hooks,
             )
             remaining = max(cs.deadline - trio.current_time(), 0.0)
             done = await conn._handshake(remaining + 1.0)  # the outer deadline governs
@@ -316,12 +322,12 @@ async def open_connection(
             )
     except BaseException as exc:
         if isinstance(exc, WireError):
-            metrics.wire_handshake_failures.labels(exc.code.value).inc()
+            hooks.handshake_failed(exc.code)
         if stream is not None:
             await trio.aclose_forcefully(stream)
         raise
     assert conn is not None and stream is not None
-    metrics.wire_connections.labels("source").inc()
+    hooks.connection_opened("source")
     log.debug("event=wire_connection_open %s version=%d", label, conn.version)
     try:
         async with trio.open_nursery() as nursery:
@@ -334,5 +340,5 @@ async def open_connection(
     except BaseExceptionGroup as group:
         raise _unwrap_group(group) from None
     finally:
-        metrics.wire_connections.labels("source").dec()
+        hooks.connection_closed("source")
         await trio.aclose_forcefully(stream)

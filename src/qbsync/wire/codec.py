@@ -32,7 +32,7 @@ import attrs
 import cattrs
 
 from . import messages as m
-from .errors import ErrorCode, WireError
+from .errors import ErrorCode, WireError, leaf_exceptions
 
 # --- frame type codes (u8 in the frame header; stable, part of the protocol) ----------------
 
@@ -334,7 +334,6 @@ def decode_message(code: int, body: bytes | bytearray | memoryview) -> m.Control
 
 def _describe(exc: BaseException) -> str:
     """One short line for a (possibly grouped) cattrs validation error."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
+    exc = leaf_exceptions(exc)[0]
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 200 else text[:197] + "..."

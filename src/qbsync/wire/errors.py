@@ -82,3 +82,15 @@ class LocalProtocolError(WireError):
     broke the protocol (h11 makes the same Local/Remote split): a local error must never be
     blamed on, or reported to, the peer.
     """
+
+
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, groups flattened depth-first, in order (``[exc]`` for a
+    plain exception). Trio nurseries wrap even one failure in a group; every place that needs
+    the underlying error unwraps it with this one function."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    out: list[BaseException] = []
+    for inner in exc.exceptions:
+        out.extend(leaf_exceptions(inner))
+    return out

@@ -32,13 +32,13 @@ from typing import Protocol
 import attrs
 import trio
 
-from .. import metrics
-from ..config import HostPort
-from ..log import kv
 from . import messages as m
+from .address import HostPort
 from .budget import ByteBudget
-from .errors import ConnectionClosed, ErrorCode, WireError
+from .errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from .frames import PieceStart
+from .hooks import NO_HOOKS, WireHooks
+from .logfmt import kv
 from .protocol import (
     DEFAULT_MAX_PIECE,
     DEFAULT_WINDOW,
@@ -102,11 +102,7 @@ class ServerHandler(Protocol):
 
 
 def _is_cancellation(exc: BaseException) -> bool:
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_is_cancellation(e) for e in exc.exceptions)
-    return False
+    return all(isinstance(e, trio.Cancelled) for e in leaf_exceptions(exc))
 
 
 # --- one connection -------------------------------------------------------------------------
@@ -125,6 +121,7 @@ class _ServerConnection(BaseConnection):
         idle_timeout: float,
         max_concurrent_requests: int,
         max_concurrent_pieces: int,
+        hooks: WireHooks,
     ) -> None:
         super().__init__(
             endpoint,
@@ -132,6 +129,7 @@ class _ServerConnection(BaseConnection):
             label=f"peer={peer.address} conn={peer.conn_id}",
             ping_interval=ping_interval,
             idle_timeout=idle_timeout,
+            hooks=hooks,
         )
         self.peer = peer
         self._handler = handler
@@ -300,6 +298,7 @@ async def serve(
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
     close_grace: float = DEFAULT_CLOSE_GRACE,
     max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
+    hooks: WireHooks = NO_HOOKS,
 ) -> None:
     """Accept sources on ``listen`` until cancelled.
 
@@ -318,7 +317,7 @@ async def serve(
         lst.socket.getsockname()[1] for lst in listeners if isinstance(lst, trio.SocketListener)
     ]
 
-    gate = _HandshakeGate(max_pending_handshakes)
+    gate = _HandshakeGate(max_pending_handshakes, hooks)
 
     async def handle(stream: trio.SocketStream) -> None:
         if not gate.enter():
@@ -339,6 +338,7 @@ async def serve(
             max_piece=max_piece,
             max_concurrent_requests=max_concurrent_requests,
             close_grace=close_grace,
+            hooks=hooks,
         )
 
     async with trio.open_nursery() as nursery:
@@ -356,8 +356,9 @@ async def serve(
 class _HandshakeGate:
     """Counts connections that have not authenticated yet and refuses those over the cap."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, hooks: WireHooks) -> None:
         self.limit = limit
+        self._hooks = hooks
         self.pending = 0
         self._suppressed = 0
         self._last_log = -1e9
@@ -372,7 +373,7 @@ class _HandshakeGate:
         self.pending -= 1
 
     def refused(self, address: str) -> None:
-        metrics.wire_handshake_failures.labels(ErrorCode.BUSY.value).inc()
+        self._hooks.handshake_failed(ErrorCode.BUSY)
         now = trio.current_time()
         if now - self._last_log < 1.0:
             self._suppressed += 1
@@ -401,6 +402,7 @@ async def _serve_one(
     max_piece: int,
     max_concurrent_requests: int,
     close_grace: float,
+    hooks: WireHooks,
 ) -> None:
     peer = Peer(peer_address(stream), next(_conn_ids))
     label = f"peer={peer.address} conn={peer.conn_id}"
@@ -418,10 +420,10 @@ async def _serve_one(
                 try:
                     await app_stream.do_handshake()
                 except TRANSPORT_ERRORS as exc:
-                    _handshake_failed(label, ErrorCode.AUTH_FAILED, f"TLS: {describe(exc)}")
+                    _handshake_failed(hooks, label, ErrorCode.AUTH_FAILED, f"TLS: {describe(exc)}")
                     return
             if tls_scope.cancelled_caught:
-                _handshake_failed(label, ErrorCode.TIMEOUT, "TLS handshake timed out")
+                _handshake_failed(hooks, label, ErrorCode.TIMEOUT, "TLS handshake timed out")
                 return
         conn = _ServerConnection(
             endpoint,
@@ -433,16 +435,17 @@ async def _serve_one(
             idle_timeout=idle_timeout,
             max_concurrent_requests=max_concurrent_requests,
             max_concurrent_pieces=DEFAULT_MAX_CONCURRENT_PIECES,
+            hooks=hooks,
         )
         try:
             done = await conn._handshake(max(deadline - trio.current_time(), 0.0))
         except WireError as exc:
-            _handshake_failed(label, exc.code, exc.message)
+            _handshake_failed(hooks, label, exc.code, exc.message)
             return
         gate.leave()
         pending = False
         opened = True
-        metrics.wire_connections.labels("destination").inc()
+        hooks.connection_opened("destination")
         log.info(
             "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s",
             label,
@@ -466,12 +469,12 @@ async def _serve_one(
         if pending:
             gate.leave()
         if opened:
-            metrics.wire_connections.labels("destination").dec()
+            hooks.connection_closed("destination")
         if conn is not None:
             conn._abort(ConnectionClosed("connection closed", ErrorCode.OK))
         await trio.aclose_forcefully(stream)
 
 
-def _handshake_failed(label: str, code: ErrorCode, reason: str) -> None:
-    metrics.wire_handshake_failures.labels(code.value).inc()
+def _handshake_failed(hooks: WireHooks, label: str, code: ErrorCode, reason: str) -> None:
+    hooks.handshake_failed(code)
     log.warning("event=wire_handshake_failed %s code=%s reason=%s", label, code.value, kv(reason))

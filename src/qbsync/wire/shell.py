@@ -23,10 +23,10 @@ from contextlib import contextmanager
 
 import trio
 
-from .. import metrics
-from ..log import kv
 from .errors import ConnectionClosed, ErrorCode, LocalProtocolError, WireError
 from .frames import END_OF_STREAM, NEED_DATA
+from .hooks import WireHooks
+from .logfmt import kv
 from .protocol import (
     Endpoint,
     HandshakeComplete,
@@ -55,8 +55,10 @@ class BaseConnection:
         label: str,
         ping_interval: float,
         idle_timeout: float,
+        hooks: WireHooks,
     ) -> None:
         self._ep = endpoint
+        self._hooks = hooks
         self._tr = Transport(stream)
         self.label = label  # for logs: "peer=... conn=..."
         self._ping_interval = ping_interval
@@ -309,7 +311,7 @@ class BaseConnection:
         except LocalProtocolError:
             raise
         except WireError as exc:
-            metrics.wire_protocol_errors.labels(exc.code.value).inc()
+            self._hooks.protocol_error(exc.code)
             log.warning(
                 "event=wire_protocol_error %s code=%s reason=%s",
                 self.label,
