@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import typing
 from typing import Any
 
 import pytest
@@ -455,3 +456,21 @@ def test_bytes_wanted_hints() -> None:
     assert decoder.next_event() is NEED_DATA
     body_len = struct.unpack(">I", encode_control(m.Finalize(H1))[:4])[0]
     assert decoder.bytes_wanted == body_len
+
+
+def test_request_unions_match_the_message_table() -> None:
+    """The static ``Request``/``Response`` unions are the table's requests and answers."""
+    requests = {s.cls for s in m.MESSAGE_TABLE if s.is_request}
+    assert set(typing.get_args(m.Request)) == requests
+    answers = {m.RESPONSE_TYPE[cls] for cls in requests} | {m.PieceAck, m.Error}
+    assert set(typing.get_args(m.Response)) == answers
+    # every request's generic base names the answer the table pairs it with
+    assert m.RESPONSE_TYPE[m.InitTorrent] is m.InitResult
+    assert m.RESPONSE_TYPE[m.Piece] is m.PieceAck
+
+
+def test_every_control_message_has_a_small_limit_except_init_torrent() -> None:
+    limits = {s.cls: s.max_body for s in m.MESSAGE_TABLE if s.cls is not m.Piece}
+    assert limits.pop(m.InitTorrent) == m.MAX_INIT_TORRENT == m.MAX_CONTROL_FRAME
+    assert max(limits.values()) <= 1024 * 1024
+    assert m.MAX_CONTROL_FRAME < 64 * 1024 * 1024

@@ -543,3 +543,25 @@ def test_trailing_bytes_after_close_are_ignored() -> None:
     assert isinstance(pair.client.next_event(), PeerClosed)
     pair.client.receive_data(b"garbage after the end")
     assert pair.client.next_event() is END_OF_STREAM
+
+
+@pytest.mark.parametrize(
+    ("type_code", "length"),
+    [
+        (codec.INIT_TORRENT, 64 * 1024 * 1024),  # the old single limit: now far too big
+        (codec.INIT_TORRENT, m.MAX_INIT_TORRENT + 1),
+        (codec.ABORT, 4097),
+        (codec.PING, 65),
+        (codec.FINALIZE, 1024 * 1024 + 1),
+    ],
+)
+def test_control_frames_are_limited_per_type_at_the_header(type_code: int, length: int) -> None:
+    """Each type has its own limit from the message table, checked before any of the body is
+    buffered: a 64 MiB InitTorrent costs the destination 16 bytes, not 64 MiB."""
+    pair = Pair().open()
+    pair.server.receive_data(HEADER.pack(length, type_code, 0, 0, 7))
+    with pytest.raises(WireError) as err:
+        pair.server.next_event()
+    assert err.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert pair.server.decoder.buffered <= HEADER.size  # the header, nothing more
+    assert pair.server.state == State.CLOSED

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import overload
+from typing import TypeVar, cast
 
 import trio
 
@@ -24,7 +24,6 @@ from .protocol import (
     CreditReceived,
     Endpoint,
     ProtocolEvent,
-    Request,
     Response,
     ResponseReceived,
 )
@@ -53,6 +52,9 @@ def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     if not relevant:
         return leaves[0]
     return group
+
+
+R = TypeVar("R")
 
 
 class ClientConnection(BaseConnection):
@@ -115,17 +117,8 @@ class ClientConnection(BaseConnection):
 
     # -- requests --------------------------------------------------------------------------
 
-    @overload
-    async def request(self, msg: m.InitTorrent, *, timeout: float) -> m.InitResult: ...  # noqa: ASYNC109
-    @overload
-    async def request(self, msg: m.Finalize, *, timeout: float) -> m.FinalizeResult: ...  # noqa: ASYNC109
-    @overload
-    async def request(self, msg: m.Abort, *, timeout: float) -> m.AbortResult: ...  # noqa: ASYNC109
-    @overload
-    async def request(self, msg: m.StartTorrent, *, timeout: float) -> m.StartResult: ...  # noqa: ASYNC109
-
-    async def request(self, msg: Request, *, timeout: float) -> Response:  # noqa: ASYNC109
-        """Send a request and wait for its result.
+    async def request(self, msg: m.RequestMessage[R], *, timeout: float) -> R:  # noqa: ASYNC109
+        """Send a request and wait for its result (typed: ``InitTorrent`` -> ``InitResult``).
 
         Raises :class:`WireError` with the destination's code if it answered with an
         ``Error``, ``WireError(timeout)`` if no answer came within ``timeout`` seconds, and
@@ -153,7 +146,8 @@ class ClientConnection(BaseConnection):
         finally:
             if rid:
                 self._waiters.pop(rid, None)
-        return self._result(waiter)
+        # The endpoint accepted this answer only if it is msg's result type (Endpoint.refuses).
+        return cast(R, self._result(waiter))
 
     def _result(self, waiter: _Waiter) -> Response:
         if waiter.error is not None:

@@ -34,55 +34,38 @@ import cattrs
 from . import messages as m
 from .errors import ErrorCode, WireError, leaf_exceptions
 
-# --- frame type codes (u8 in the frame header; stable, part of the protocol) ----------------
-
-HELLO = 1
-AUTH = 2
-AUTH_OK = 3
-ERROR = 4
-CREDIT_GRANT = 5
-PING = 6
-PONG = 7
-INIT_TORRENT = 16
-INIT_RESULT = 17
-FINALIZE = 18
-FINALIZE_RESULT = 19
-ABORT = 20
-ABORT_RESULT = 21
-START_TORRENT = 22
-START_RESULT = 23
-PIECE = 32  # binary body, see frames.py; never goes through the converter
-PIECE_ACK = 33
+# --- frame type codes: read off messages.MESSAGE_TABLE ---------------------------------------
 
 MESSAGE_TYPES: dict[int, type[Any]] = {
-    HELLO: m.Hello,
-    AUTH: m.Auth,
-    AUTH_OK: m.AuthOk,
-    ERROR: m.Error,
-    CREDIT_GRANT: m.CreditGrant,
-    PING: m.Ping,
-    PONG: m.Pong,
-    INIT_TORRENT: m.InitTorrent,
-    INIT_RESULT: m.InitResult,
-    FINALIZE: m.Finalize,
-    FINALIZE_RESULT: m.FinalizeResult,
-    ABORT: m.Abort,
-    ABORT_RESULT: m.AbortResult,
-    START_TORRENT: m.StartTorrent,
-    START_RESULT: m.StartResult,
-    PIECE_ACK: m.PieceAck,
-}
-TYPE_CODES: dict[type[Any], int] = {cls: code for code, cls in MESSAGE_TYPES.items()}
-TYPE_CODES[m.Piece] = PIECE
+    spec.code: spec.cls for spec in m.MESSAGE_TABLE if spec.cls is not m.Piece
+}  # control messages only: a Piece body never goes through the converter
+TYPE_CODES: dict[type[Any], int] = {spec.cls: spec.code for spec in m.MESSAGE_TABLE}
 KNOWN_TYPES: frozenset[int] = frozenset(TYPE_CODES.values())
+
+# Named codes for the places that test or build frames by hand.
+HELLO = TYPE_CODES[m.Hello]
+AUTH = TYPE_CODES[m.Auth]
+AUTH_OK = TYPE_CODES[m.AuthOk]
+ERROR = TYPE_CODES[m.Error]
+CREDIT_GRANT = TYPE_CODES[m.CreditGrant]
+PING = TYPE_CODES[m.Ping]
+PONG = TYPE_CODES[m.Pong]
+INIT_TORRENT = TYPE_CODES[m.InitTorrent]
+INIT_RESULT = TYPE_CODES[m.InitResult]
+FINALIZE = TYPE_CODES[m.Finalize]
+FINALIZE_RESULT = TYPE_CODES[m.FinalizeResult]
+ABORT = TYPE_CODES[m.Abort]
+ABORT_RESULT = TYPE_CODES[m.AbortResult]
+START_TORRENT = TYPE_CODES[m.StartTorrent]
+START_RESULT = TYPE_CODES[m.StartResult]
+PIECE = TYPE_CODES[m.Piece]
+PIECE_ACK = TYPE_CODES[m.PieceAck]
 
 
 def type_name(code: int) -> str:
     """Human name of a frame type code, for error messages and logs."""
-    if code == PIECE:
-        return "Piece"
-    cls = MESSAGE_TYPES.get(code)
-    return cls.__name__ if cls is not None else f"type-{code}"
+    spec = m.SPEC_BY_CODE.get(code)
+    return spec.cls.__name__ if spec is not None else f"type-{code}"
 
 
 # --- the converter --------------------------------------------------------------------------

@@ -75,7 +75,9 @@ _ZERO3 = b"\0\0\0"
 # --- events ---------------------------------------------------------------------------------
 
 
-class _Sentinel:
+class Sentinel:
+    """The type of :data:`NEED_DATA` and :data:`END_OF_STREAM` (compare them with ``is``)."""
+
     __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
@@ -85,9 +87,9 @@ class _Sentinel:
         return self.name
 
 
-NEED_DATA: Final = _Sentinel("NEED_DATA")
+NEED_DATA: Final = Sentinel("NEED_DATA")
 """No complete event yet: feed more bytes."""
-END_OF_STREAM: Final = _Sentinel("END_OF_STREAM")
+END_OF_STREAM: Final = Sentinel("END_OF_STREAM")
 """The peer closed the stream cleanly, between frames."""
 
 
@@ -114,7 +116,7 @@ class PieceStart:
     length: int
 
 
-Event = ControlFrame | PieceStart | _Sentinel
+Event = ControlFrame | PieceStart | Sentinel
 
 
 # --- encoders -------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ class FrameDecoder:
         if type_code == codec.PIECE and length < PIECE_HEADER_SIZE:
             raise WireError(ErrorCode.PROTOCOL, f"piece frame of {length} bytes is too short")
 
-    def _need(self, avail: int) -> _Sentinel:
+    def _need(self, avail: int) -> Sentinel:
         if not self._eof:
             return NEED_DATA
         if avail == 0 and self._state in (_HEADER_STATE, _MAGIC_STATE):

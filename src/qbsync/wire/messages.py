@@ -1,9 +1,15 @@
-"""The typed messages of the qbsync protocol.
+"""The typed messages of the qbsync protocol, and :data:`MESSAGE_TABLE`, the one list of them.
 
-Control messages are attrs classes; the frame codec (``frames.py``) turns them into bytes with
-one cattrs converter, so adding a field here is the whole change. Piece payloads are *not*
-control messages: :class:`Piece` has a fixed binary header and raw bytes (see ``frames.py``),
-so multi-MiB data is never re-encoded.
+Control messages are attrs classes; the codec (:mod:`.codec`) turns them into bytes with one
+cattrs converter, so adding a field here is the whole change. Piece payloads are *not* control
+messages: :class:`Piece` has a fixed binary header and raw bytes (see :mod:`.frames`), so
+multi-MiB data is never re-encoded.
+
+:data:`MESSAGE_TABLE` gives each message its frame type code, who may send it, whether it
+belongs to the handshake, and the largest body accepted. The codec's type codes, the
+request/response pairing (from each request's :class:`RequestMessage` base) and the decoder's
+per-state limits are all derived from it, so adding a request is: its two classes, one
+``_request(...)`` line in the table, and a handler on the destination.
 
 Conventions shared by both daemons:
 
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import enum
 import re
+import typing
+from typing import Any, Final, Generic, TypeVar
 
 import attrs
 
@@ -46,6 +54,19 @@ class SyncStatus(enum.StrEnum):
     VERIFYING = "verifying"  # destination qBittorrent is checking: ask again later
 
 
+R = TypeVar("R")
+
+
+class RequestMessage(Generic[R]):
+    """Base of every request the source sends; ``R`` is the result type that answers it.
+
+    The typed request APIs (``ClientConnection.request``, ``ConnectionPool.request``) take a
+    ``RequestMessage[R]`` and return ``R``, so the checker knows every result's type at its use.
+    """
+
+    __slots__ = ()
+
+
 # --- handshake (only these are accepted before authentication succeeds) ---------------------
 
 
@@ -63,7 +84,9 @@ class Hello:
 
 @attrs.frozen
 class Auth:
-    """HMAC-SHA256(token, b"qbsync-auth" + role + own_nonce + peer_nonce + version)."""
+    """The sender's proof of the shared token: ``protocol.auth_mac`` defines it (an HMAC-SHA256
+    over the sender's role, the version, both nonces and both Hello bodies; the exact bytes are
+    in docs/wire-protocol.md, "Handshake")."""
 
     mac: bytes
 
@@ -120,7 +143,7 @@ class FileEntry:
 
 
 @attrs.frozen
-class InitTorrent:
+class InitTorrent(RequestMessage["InitResult"]):
     """Initialize or resume a torrent on the destination.
 
     With ``probe=True`` only the status is asked: nothing is created and ``files`` and
@@ -148,7 +171,7 @@ class InitResult:
 
 
 @attrs.frozen
-class Finalize:
+class Finalize(RequestMessage["FinalizeResult"]):
     """All pieces sent: verify, add to the destination qBittorrent, tag."""
 
     info_hash: str
@@ -166,7 +189,7 @@ class FinalizeResult:
 
 
 @attrs.frozen
-class Abort:
+class Abort(RequestMessage["AbortResult"]):
     info_hash: str
     delete_files: bool = True
 
@@ -177,7 +200,7 @@ class AbortResult:
 
 
 @attrs.frozen
-class StartTorrent:
+class StartTorrent(RequestMessage["StartResult"]):
     """Hand seeding over: resume the destination's copy and apply ``tag`` (if not empty)."""
 
     info_hash: str
@@ -234,12 +257,85 @@ ControlMessage = (
     | PieceAck
 )
 Message = ControlMessage | Piece
+# The static view of the table's requests and their answers (the type checker cannot read a
+# table); tests/test_wire_frames.py checks these unions against MESSAGE_TABLE.
+Request = InitTorrent | Finalize | Abort | StartTorrent
+Response = InitResult | FinalizeResult | AbortResult | StartResult | PieceAck | Error
 
+
+# --- the message table ----------------------------------------------------------------------
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+# The largest InitTorrent accepted: it carries the raw .torrent plus the file list. Sized for a
+# v1 torrent of about 1.4 million pieces (28 MiB of SHA-1 piece hashes: 11 TiB at 8 MiB pieces)
+# or a hybrid v1+v2 torrent of about 560,000 pieces (52 bytes of hashes per piece: 8.5 TiB at
+# 16 MiB pieces), with 4 MiB left for file names. See README "Limits".
+MAX_INIT_TORRENT: Final = 32 * MiB
+# Handshake frames and Error are small and fixed in shape (an Error's message is cut to 1000
+# characters); before authentication nothing larger is buffered.
+HANDSHAKE_MAX_FRAME: Final = 4 * KiB
+
+
+@attrs.frozen
+class MessageSpec:
+    """One row of :data:`MESSAGE_TABLE`."""
+
+    code: int  # the frame type byte; stable, part of the protocol
+    cls: type[Any]
+    sender: Role | None  # who may send it; None = either side
+    max_body: int  # largest frame body accepted (Piece: negotiated in the handshake, 0 here)
+    handshake: bool = False  # only before authentication completes
+    answer: type[Any] | None = None  # requests (and Piece): the one result type answering it
+
+    @property
+    def is_request(self) -> bool:
+        return self.answer is not None and self.cls is not Piece
+
+
+def _request(code: int, cls: type[RequestMessage[Any]], max_body: int) -> MessageSpec:
+    """A request row; its answer is the result type named in the class's base."""
+    (base,) = (b for b in cls.__orig_bases__ if typing.get_origin(b) is RequestMessage)  # type: ignore[attr-defined]
+    (answer,) = typing.get_args(base)
+    if isinstance(answer, typing.ForwardRef):  # written as a string: defined further down
+        answer = globals()[answer.__forward_arg__]
+    return MessageSpec(code, cls, Role.SOURCE, max_body, answer=answer)
+
+
+def _result(code: int, cls: type[Any], max_body: int) -> MessageSpec:
+    return MessageSpec(code, cls, Role.DESTINATION, max_body)
+
+
+MESSAGE_TABLE: Final[tuple[MessageSpec, ...]] = (
+    # handshake
+    MessageSpec(1, Hello, None, HANDSHAKE_MAX_FRAME, handshake=True),
+    MessageSpec(2, Auth, None, HANDSHAKE_MAX_FRAME, handshake=True),
+    MessageSpec(3, AuthOk, Role.DESTINATION, HANDSHAKE_MAX_FRAME, handshake=True),
+    # connection management (Error is accepted in every state)
+    MessageSpec(4, Error, None, HANDSHAKE_MAX_FRAME),
+    MessageSpec(5, CreditGrant, Role.DESTINATION, 64),
+    MessageSpec(6, Ping, None, 64),
+    MessageSpec(7, Pong, None, 64),
+    # requests and their results
+    _request(16, InitTorrent, MAX_INIT_TORRENT),
+    _result(17, InitResult, 1 * MiB),  # a bitfield: 1 MiB covers 8 million pieces
+    _request(18, Finalize, 1 * MiB),  # the source torrent's tags and category
+    _result(19, FinalizeResult, 64 * KiB),
+    _request(20, Abort, 4 * KiB),
+    _result(21, AbortResult, 4 * KiB),
+    _request(22, StartTorrent, 64 * KiB),
+    _result(23, StartResult, 4 * KiB),
+    # data: a binary body (see frames.py), never through the converter
+    MessageSpec(32, Piece, Role.SOURCE, 0, answer=PieceAck),
+    _result(33, PieceAck, 64 * KiB),
+)
+
+SPEC_BY_CLASS: Final[dict[type[Any], MessageSpec]] = {s.cls: s for s in MESSAGE_TABLE}
+SPEC_BY_CODE: Final[dict[int, MessageSpec]] = {s.code: s for s in MESSAGE_TABLE}
+REQUEST_TYPES: Final[tuple[type[Any], ...]] = tuple(s.cls for s in MESSAGE_TABLE if s.is_request)
 # Request type -> the result type that answers it (an Error may answer any request).
-RESPONSE_TYPE: dict[type, type] = {
-    InitTorrent: InitResult,
-    Finalize: FinalizeResult,
-    Abort: AbortResult,
-    StartTorrent: StartResult,
-    Piece: PieceAck,
+RESPONSE_TYPE: Final[dict[type[Any], type[Any]]] = {
+    s.cls: s.answer for s in MESSAGE_TABLE if s.answer is not None
 }
+MAX_CONTROL_FRAME: Final = max(s.max_body for s in MESSAGE_TABLE)

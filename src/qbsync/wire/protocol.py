@@ -1,11 +1,11 @@
 """Sans-IO protocol endpoint: handshake, authentication, request ids and credits.
 
 :class:`Endpoint` is the whole protocol state machine of one side of one connection, with no
-I/O and no clock (h11's ``Connection`` is the model): the Trio shell in ``connection.py`` feeds
-it bytes, asks it for events, and writes whatever :meth:`Endpoint.data_to_send` returns plus the
-frames the ``send_*`` methods return. Everything that decides *whether* a frame is legal lives
-here, so the hypothesis state-machine tests can drive two endpoints through every interleaving
-without sockets.
+I/O and no clock (h11's ``Connection`` is the model): the Trio shell (:mod:`.shell`, with
+:mod:`.client` and :mod:`.server`) feeds it bytes, asks it for events, and writes whatever
+:meth:`Endpoint.data_to_send` returns plus the frames the ``send_*`` methods return.
+Everything that decides *whether* a frame is legal lives here, so the hypothesis state-machine
+tests can drive two endpoints through every interleaving without sockets.
 
 Handshake (both sides send their first flight at once)::
 
@@ -27,8 +27,11 @@ Handshake (both sides send their first flight at once)::
 * Tokens are all-or-nothing: if exactly one side has one, *both* sides fail with
   ``auth-failed`` and a message naming the side that lacks it (a source with a token must never
   silently talk to an unauthenticated destination, which might be an impostor).
-* Until ``AuthOk`` only Hello/Auth/AuthOk/Error frames of at most :data:`HANDSHAKE_MAX_FRAME`
-  bytes are accepted; anything else is refused at its header.
+* Until ``AuthOk`` only the one handshake frame the current state expects (and Error), of at
+  most :data:`HANDSHAKE_MAX_FRAME` bytes, is accepted; anything else is refused at its header.
+* :class:`State` is the endpoint's one state; :meth:`Endpoint._enter` is the only place it
+  changes, and it sets the frame types and sizes the decoder accepts in the new state, derived
+  from :data:`~qbsync.wire.messages.MESSAGE_TABLE`.
 * The token authenticates the *handshake*; it does not MAC every frame. On an untrusted network
   an on-path attacker could still hijack an authenticated TCP stream, which is what the optional
   TLS layer is for.
@@ -54,8 +57,7 @@ import hashlib
 import hmac
 import secrets
 import struct
-from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -70,12 +72,23 @@ from .frames import (
     ControlFrame,
     FrameDecoder,
     PieceStart,
+    Sentinel,
     encode_control,
     encode_piece_header,
 )
+from .messages import HANDSHAKE_MAX_FRAME, MAX_CONTROL_FRAME, REQUEST_TYPES, Request, Response
 
-HANDSHAKE_MAX_FRAME: Final = 4096
-MAX_CONTROL_FRAME: Final = 64 * 1024 * 1024  # a huge .torrent in InitTorrent still fits
+__all__ = [
+    "HANDSHAKE_MAX_FRAME",
+    "MAX_CONTROL_FRAME",
+    "REQUEST_TYPES",
+    "Endpoint",
+    "ProtocolEvent",
+    "Request",
+    "Response",
+    "State",
+]
+
 DEFAULT_MAX_PIECE: Final = 256 * 1024 * 1024  # largest piece size libtorrent creates
 DEFAULT_WINDOW: Final = 64 * 1024 * 1024
 MAX_CREDIT: Final = 2**62
@@ -85,15 +98,23 @@ MAX_ERROR_MESSAGE: Final = 1000
 
 _AUTH_LABEL = b"qbsync-auth-v1\0"
 
-REQUEST_TYPES: Final = (m.InitTorrent, m.Finalize, m.Abort, m.StartTorrent)
-Request = m.InitTorrent | m.Finalize | m.Abort | m.StartTorrent
-Response = m.InitResult | m.FinalizeResult | m.AbortResult | m.StartResult | m.PieceAck | m.Error
-
 
 class State(enum.Enum):
-    HANDSHAKE = "handshake"
-    OPEN = "open"
+    """Where an endpoint is. Changed only by :meth:`Endpoint._enter`."""
+
+    HELLO = "hello"  # waiting for the peer's Hello
+    AUTH = "auth"  # waiting for the peer's Auth (both sides have a token)
+    AUTH_OK = "authok"  # source: waiting for the destination's AuthOk
+    OPEN = "open"  # authenticated: requests, pieces, credit, pings
     CLOSED = "closed"
+
+    @property
+    def handshaking(self) -> bool:
+        return self in (State.HELLO, State.AUTH, State.AUTH_OK)
+
+
+# The one handshake message each handshake state accepts (Error is accepted in every state).
+_EXPECTED: Final = {State.HELLO: m.Hello, State.AUTH: m.Auth, State.AUTH_OK: m.AuthOk}
 
 
 # --- events (in addition to frames.PieceStart, NEED_DATA and END_OF_STREAM) -------------------
@@ -159,7 +180,7 @@ ProtocolEvent = (
     | PongReceived
     | PeerClosed
     | PieceStart
-    | object  # NEED_DATA / END_OF_STREAM sentinels
+    | Sentinel  # NEED_DATA / END_OF_STREAM
 )
 
 
@@ -247,10 +268,9 @@ class Endpoint:
         self._nonce = nonce
         self._min_version = min_version
         self._max_version = max_version
-        self.state = State.HANDSHAKE
+        self.state = State.HELLO
         self.version = 0
         self.peer_software = ""
-        self._phase = "hello"
         self._out = bytearray()
         self._outstanding: dict[int, _Outstanding] = {}
         self._last_request_id = 0
@@ -269,31 +289,32 @@ class Endpoint:
         self._my_hello = codec.encode_message(hello)[1]
         self._peer_hello = b""
         self._peer_nonce = b""
-        self._decoder = FrameDecoder(self._handshake_limits(codec.HELLO))
+        self._decoder = FrameDecoder(self._limits(State.HELLO))
         self._out += MAGIC + encode_control(hello)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _handshake_limits(*types: int) -> dict[int, int]:
-        return dict.fromkeys((*types, codec.ERROR), HANDSHAKE_MAX_FRAME)
+    def _enter(self, state: State) -> None:
+        """The one place the state changes; the decoder's accepted frames follow it."""
+        self.state = state
+        if state != State.CLOSED:
+            self._decoder.set_limits(self._limits(state))
 
-    def _open_limits(self) -> Mapping[int, int]:
-        common = (codec.ERROR, codec.PING, codec.PONG)
-        if self.is_client:
-            types = (
-                *common,
-                codec.CREDIT_GRANT,
-                codec.INIT_RESULT,
-                codec.FINALIZE_RESULT,
-                codec.ABORT_RESULT,
-                codec.START_RESULT,
-                codec.PIECE_ACK,
-            )
-            return dict.fromkeys(types, MAX_CONTROL_FRAME)
-        requests = (*common, codec.INIT_TORRENT, codec.FINALIZE, codec.ABORT, codec.START_TORRENT)
-        limits = dict.fromkeys(requests, MAX_CONTROL_FRAME)
-        limits[codec.PIECE] = self.max_frame
+    def _limits(self, state: State) -> dict[int, int]:
+        """Frame types (and their largest bodies) this side accepts in ``state``, from the
+        message table: in a handshake state its one expected message; once open, what the peer
+        may send outside the handshake (Piece: the negotiated ``max_frame``)."""
+        peer = m.Role.DESTINATION if self.is_client else m.Role.SOURCE
+        limits: dict[int, int] = {}
+        for spec in m.MESSAGE_TABLE:
+            if spec.sender not in (None, peer):
+                continue
+            if state.handshaking:
+                accepted = spec.cls is _EXPECTED[state] or spec.cls is m.Error
+            else:
+                accepted = not spec.handshake
+            if accepted:
+                limits[spec.code] = self.max_frame if spec.cls is m.Piece else spec.max_body
         return limits
 
     def _macs(self) -> tuple[bytes, bytes]:
@@ -338,7 +359,7 @@ class Endpoint:
     def next_event(self) -> ProtocolEvent:
         """The next event. On a protocol violation by the peer raises :class:`WireError` after
         queueing an ``Error`` frame for the peer (send :meth:`data_to_send`, then close)."""
-        if self.state == State.CLOSED and self._phase == "closed":
+        if self.state == State.CLOSED:
             return END_OF_STREAM
         try:
             while True:
@@ -368,8 +389,7 @@ class Endpoint:
         self._close()
 
     def _close(self) -> None:
-        self.state = State.CLOSED
-        self._phase = "closed"
+        self._enter(State.CLOSED)
 
     def _fail(self, exc: WireError) -> None:
         """Queue the Error frame telling the peer why we close."""
@@ -387,7 +407,7 @@ class Endpoint:
             if not self.is_client or self.state != State.OPEN:
                 raise WireError(ErrorCode.PROTOCOL, "Error frame with a request id")
             return self._on_response(rid, msg)
-        if self.state == State.HANDSHAKE:
+        if self.state.handshaking:
             if rid != 0:
                 raise WireError(ErrorCode.PROTOCOL, "handshake frame with a request id")
             return self._on_handshake(msg, frame.raw)
@@ -409,9 +429,9 @@ class Endpoint:
     # -- handshake -------------------------------------------------------------------------
 
     def _on_handshake(self, msg: m.ControlMessage, raw: bytes) -> ProtocolEvent | None:
-        if isinstance(msg, m.Hello) and self._phase == "hello":
+        if isinstance(msg, m.Hello) and self.state == State.HELLO:
             return self._on_hello(msg, raw)
-        if isinstance(msg, m.Auth) and self._phase == "auth":
+        if isinstance(msg, m.Auth) and self.state == State.AUTH:
             if len(msg.mac) != MAC_SIZE:
                 raise WireError(ErrorCode.PROTOCOL, "malformed Auth")
             mine, expected = self._macs()
@@ -423,12 +443,11 @@ class Endpoint:
                     f"{me}'s token",
                 )
             if self.is_client:
-                self._phase = "authok"
-                self._decoder.set_limits(self._handshake_limits(codec.AUTH_OK))
+                self._enter(State.AUTH_OK)
                 return None
             self._out += encode_control(m.Auth(mine))
             return self._accept()
-        if isinstance(msg, m.AuthOk) and self._phase == "authok":
+        if isinstance(msg, m.AuthOk) and self.state == State.AUTH_OK:
             assert self.is_client
             if msg.version != self.version:
                 raise WireError(
@@ -444,7 +463,7 @@ class Endpoint:
             return self._open()
         raise WireError(
             ErrorCode.PROTOCOL,
-            f"unexpected {type(msg).__name__} during the handshake (phase {self._phase})",
+            f"unexpected {type(msg).__name__} during the handshake (state {self.state.value})",
         )
 
     def _on_hello(self, hello: m.Hello, raw: bytes) -> ProtocolEvent | None:
@@ -487,14 +506,12 @@ class Endpoint:
                 "configured: set the same --auth-token on both sides",
             )
         if self._token is not None:
-            self._phase = "auth"
-            self._decoder.set_limits(self._handshake_limits(codec.AUTH))
+            self._enter(State.AUTH)
             if self.is_client:
                 self._out += encode_control(m.Auth(self._macs()[0]))
             return None
         if self.is_client:
-            self._phase = "authok"
-            self._decoder.set_limits(self._handshake_limits(codec.AUTH_OK))
+            self._enter(State.AUTH_OK)
             return None
         return self._accept()
 
@@ -506,9 +523,7 @@ class Endpoint:
         return self._open()
 
     def _open(self) -> HandshakeComplete:
-        self.state = State.OPEN
-        self._phase = "open"
-        self._decoder.set_limits(self._open_limits())
+        self._enter(State.OPEN)
         return HandshakeComplete(self.version, self.max_frame, self.window, self.peer_software)
 
     # -- requests and responses --------------------------------------------------------------
@@ -567,7 +582,7 @@ class Endpoint:
         self._last_request_id += 1
         return self._last_request_id
 
-    def send_request(self, msg: Request) -> tuple[int, bytes]:
+    def send_request(self, msg: m.RequestMessage[Any]) -> tuple[int, bytes]:
         """Source: ``(request id, frame)`` for a request."""
         self._require_open()
         if not self.is_client or not isinstance(msg, REQUEST_TYPES):
@@ -606,6 +621,14 @@ class Endpoint:
         return rid, header
 
     # -- output: destination ---------------------------------------------------------------
+
+    def refuses(self, request_id: int, msg: Response) -> str | None:
+        """Why ``msg`` cannot answer request ``request_id`` (``None`` if it can). The shell
+        asks this before sending a handler's result; the same rule polices the peer's answers."""
+        pending = self._outstanding.get(request_id)
+        if pending is None:
+            return f"no request {request_id} to answer"
+        return pending.refuses(msg)
 
     def send_response(self, request_id: int, msg: Response) -> bytes:
         """Destination: the one answer to request ``request_id``."""

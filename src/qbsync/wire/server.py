@@ -217,11 +217,7 @@ class _ServerConnection(BaseConnection):
                 lambda: self._handler.handle_piece(
                     self.peer, m.Piece(start.info_hash, start.index, start.offset, view)
                 ),
-                lambda ack: (
-                    isinstance(ack, m.PieceAck)
-                    and ack.info_hash == start.info_hash
-                    and ack.index == start.index
-                ),
+                start.request_id,
                 f"hash={start.info_hash} piece={start.index}",
             )
         finally:
@@ -243,11 +239,10 @@ class _ServerConnection(BaseConnection):
             )
 
     async def _run_request(self, request_id: int, request: Request) -> None:
-        expected = m.RESPONSE_TYPE[type(request)]
         try:
             response = await self._answer(
                 lambda: self._handler.handle_request(self.peer, request),
-                lambda result: isinstance(result, expected),
+                request_id,
                 f"request={type(request).__name__}",
             )
         finally:
@@ -258,12 +253,13 @@ class _ServerConnection(BaseConnection):
     async def _answer(
         self,
         call: Callable[[], Awaitable[Response]],
-        valid: Callable[[Response], bool],
+        request_id: int,
         what: str,
     ) -> Response:
         """Run a handler and turn its outcome into the one response the source gets: its
         result, ``Error(code)`` for a :class:`WireError`, ``Error(internal)`` (logged with the
-        traceback) for a bug or for a result of the wrong type."""
+        traceback) for a bug or for a result that cannot answer the request (the endpoint's
+        rule, :meth:`Endpoint.refuses`)."""
         try:
             result = await call()
         except WireError as exc:
@@ -271,8 +267,8 @@ class _ServerConnection(BaseConnection):
         except Exception:
             log.exception("event=wire_handler_failed %s code=internal %s", self.label, what)
             return m.Error(ErrorCode.INTERNAL, "internal error on the destination")
-        if valid(result):
-            return result
+        if self.closed or self._ep.refuses(request_id, result) is None:
+            return result  # (closed: the answer is dropped anyway)
         log.error(
             "event=wire_handler_bad_result %s code=internal %s result=%s",
             self.label,
