@@ -58,7 +58,7 @@ from qbsync.wire.frames import (
     encode_frame,
     encode_piece_header,
 )
-from qbsync.wire.protocol import Endpoint, HandshakeComplete, RequestReceived
+from qbsync.wire.protocol import Endpoint, HandshakeComplete, RequestReceived, State
 from tests.qbharness import make_self_signed
 
 H1 = "a" * 40
@@ -872,26 +872,99 @@ async def test_connection_gauges_return_to_baseline() -> None:
     assert gauge.labels("source")._value.get() == before[0]
 
 
-async def test_half_open_flood_is_capped_and_authenticated_sources_still_connect() -> None:
+async def test_half_open_flood_makes_room_by_closing_the_oldest() -> None:
     before = counter(metrics.wire_handshake_failures, "busy")
     with trio.fail_after(20):
         async with running_server(max_pending_handshakes=3, handshake_timeout=5) as (port, _, _):
             silent = [await trio.open_tcp_stream(LOCAL, port) for _ in range(3)]
-            # The three silent clients hold every handshake slot: the fourth is closed at once
-            # without being sent anything (no Hello), and counted.
+            # The three silent clients hold every handshake slot: a fourth connection closes
+            # the oldest of them (which sees the server's Hello, then end of stream) and counts
+            # it as busy; the newcomer itself is admitted.
             extra = await trio.open_tcp_stream(LOCAL, port)
-            assert await read_until_eof(extra) == b""
+            oldest = await read_until_eof(silent[0])
+            assert [type(msg) for msg in decode_all(oldest)] == [m.Hello]
             assert counter(metrics.wire_handshake_failures, "busy") == before + 1
-            # A slot frees once the server sees a silent client go away; a real source then
-            # gets through (retrying while the server may not have noticed the close yet).
-            await silent.pop().aclose()
-            while True:
-                try:
-                    async with connect(port) as conn:
-                        result = await conn.request(InitTorrent(H1, probe=True), timeout=5)
-                        assert result.status == SyncStatus.READY
-                        break
-                except WireError:
-                    await trio.sleep(0.05)
-            for stream in silent:
+            # A real source gets through at once, without anyone closing anything first.
+            async with connect(port) as conn:
+                result = await conn.request(InitTorrent(H1, probe=True), timeout=5)
+                assert result.status == SyncStatus.READY
+            for stream in [*silent, extra]:
                 await stream.aclose()
+
+
+async def test_300_half_open_connections_do_not_stop_a_real_source() -> None:
+    """A flood of silent sockets from the source's own address (all of loopback is one host
+    here) never holds more than the per-address cap, and a real source still authenticates."""
+    with trio.fail_after(60):
+        async with running_server(handshake_timeout=30) as (port, handler, _):
+            flood = [await trio.open_tcp_stream(LOCAL, port) for _ in range(300)]
+            async with connect(port) as conn:
+                result = await conn.request(InitTorrent(H1, probe=True), timeout=10)
+                assert result.status == SyncStatus.READY
+            assert len(handler.requests) == 1
+            # The server closed all but the newest DEFAULT_MAX_PENDING_PER_ADDRESS of them.
+            closed = 0
+            for stream in flood[:100]:
+                with trio.move_on_after(5):
+                    await read_until_eof(stream)
+                    closed += 1
+            assert closed == 100
+            for stream in flood:
+                await stream.aclose()
+
+
+async def test_oversized_control_frame_is_refused_at_its_header() -> None:
+    """An authenticated source announcing a 64 MiB InitTorrent is refused (frame-too-large)
+    before the server reads the body; other connections are served meanwhile."""
+    with trio.fail_after(20):
+        async with running_server() as (port, _, budget), connect(port) as good:
+            raw = await trio.open_tcp_stream(LOCAL, port)
+            client = Endpoint(m.Role.SOURCE, token="s3cret")
+            await raw.send_all(client.data_to_send())
+            while client.state != State.OPEN:
+                client.receive_data(await raw.receive_some(65536))
+                while client.next_event() is not NEED_DATA:
+                    pass
+                await raw.send_all(client.data_to_send())
+            await raw.send_all(HEADER.pack(64 * 1024 * 1024, codec.INIT_TORRENT, 0, 0, 1))
+            # The server answers with a fatal Error and closes; we never sent a body byte.
+            answer = decode_all(await read_until_eof(raw), expect_magic=False)
+            assert answer == [m.Error(ErrorCode.FRAME_TOO_LARGE, answer[0].message)]
+            assert "InitTorrent frame of 67108864 bytes exceeds the limit" in answer[0].message
+            assert budget.used == 0
+            result = await good.request(InitTorrent(H1, probe=True), timeout=5)
+            assert result.status == SyncStatus.READY
+            await raw.aclose()
+
+
+async def test_large_control_frames_are_charged_to_the_byte_budget() -> None:
+    """An InitTorrent carrying a big .torrent holds its size in the shared budget from before
+    its body is read until its request is answered."""
+    handler = Handler()
+    entered, release = trio.Event(), trio.Event()
+
+    async def slow_init(request: Request) -> Response:
+        entered.set()
+        await release.wait()
+        return InitResult(SyncStatus.READY, b"\xff", 8, 0)
+
+    handler.request_hook = slow_init
+    torrent = bytes(300 * 1024)
+    with trio.fail_after(20):
+        async with (
+            running_server(handler, budget=ByteBudget(4 << 20)) as (port, _, budget),
+            connect(port) as conn,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(
+                lambda: conn.request(InitTorrent(H1, torrent_file=torrent), timeout=10)
+            )
+            await entered.wait()
+            assert budget.used >= len(torrent)
+            release.set()
+            await wait_for(lambda: budget.used == 0)
+            # a small request is not charged at all
+            entered, release = trio.Event(), trio.Event()
+            release.set()
+            await conn.request(InitTorrent(H1, probe=True), timeout=5)
+            assert budget.used == 0

@@ -231,6 +231,12 @@ class FrameDecoder:
         return self._state == _PIECE_BODY
 
     @property
+    def control_body_length(self) -> int:
+        """The body length of the control frame being buffered (0 between frames and in
+        pieces): the shell charges it to its memory budget before reading the body."""
+        return self._length if self._state == _CONTROL_BODY else 0
+
+    @property
     def body_remaining(self) -> int:
         """Piece body bytes still expected (0 outside a piece body)."""
         return self._remaining if self._state == _PIECE_BODY else 0

@@ -13,9 +13,11 @@ Memory is bounded by configuration, not by the peers:
   granted back after its ack;
 * the body is received straight into one buffer of exactly the piece's size (``readv`` on
   plain TCP): no intermediate chunks, no re-slicing;
-* control frames are limited to ``MAX_CONTROL_FRAME``, the number of concurrently handled
-  requests per connection is capped (reading stops at the cap), and pieces per connection are
-  bounded by the credit window.
+* control frames are limited per type (``messages.MESSAGE_TABLE``; at most
+  ``MAX_CONTROL_FRAME``, the InitTorrent limit), and one larger than 64 KiB is charged to the
+  same budget before its body is read, until its request has been answered; the number of
+  concurrently handled requests per connection is capped (reading stops at the cap), and
+  pieces per connection are bounded by the credit window.
 
 A failing connection is answered with an ``Error`` frame carrying a stable code, logged with
 ``code=...``, and closed; it never stops :func:`serve`.
@@ -43,6 +45,7 @@ from .protocol import (
     DEFAULT_MAX_PIECE,
     DEFAULT_WINDOW,
     Endpoint,
+    HandshakeComplete,
     ProtocolEvent,
     Request,
     RequestReceived,
@@ -55,10 +58,16 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CLOSE_GRACE = 10.0
 DEFAULT_MAX_CONCURRENT_REQUESTS = 32
 DEFAULT_MAX_CONCURRENT_PIECES = 256
-# Connections still in TLS or the qbsync handshake. Authenticated sources are not capped (the
-# token holder is trusted and bounded by the byte budget); anonymous ones are, so a flood of
-# half-open connections cannot grow without bound while each waits out its handshake timeout.
+# Control frames with a larger body are charged to the byte budget while they are buffered and
+# until their request has been answered (the decoded request holds about as much memory).
+CONTROL_CHARGE_MIN = 64 * 1024
+# Connections still in TLS or the qbsync handshake, in all and per peer address. Authenticated
+# sources are not capped (the token holder is trusted and bounded by the byte budget); anonymous
+# ones are, so a flood of half-open connections cannot grow without bound while each waits out
+# its handshake timeout. Per address the cap is above the source's default --max-connections (8)
+# so a source opening all its connections at once never competes with itself.
 DEFAULT_MAX_PENDING_HANDSHAKES = 64
+DEFAULT_MAX_PENDING_PER_ADDRESS = 16
 
 _conn_ids = itertools.count(1)
 
@@ -137,6 +146,18 @@ class _ServerConnection(BaseConnection):
         self._request_slots = trio.Semaphore(max_concurrent_requests)
         self._piece_slots = trio.Semaphore(max_concurrent_pieces)
         self._handlers: trio.Nursery | None = None
+        self._control_charge = 0  # budget bytes held for the control frame being read
+
+    async def _read_more(self) -> None:
+        length = self._ep.decoder.control_body_length
+        if length > CONTROL_CHARGE_MIN and not self._control_charge:
+            with self._not_reading():
+                self._control_charge = await self._budget.acquire(length)
+        await super()._read_more()
+
+    def _take_control_charge(self) -> int:
+        charge, self._control_charge = self._control_charge, 0
+        return charge
 
     async def run(self, close_grace: float) -> None:
         async with trio.open_nursery() as handlers:
@@ -158,6 +179,8 @@ class _ServerConnection(BaseConnection):
                 raise
             finally:
                 self._abort(ConnectionClosed("connection closed", ErrorCode.OK))
+                if charge := self._take_control_charge():  # a frame cut off mid-body
+                    self._budget.release(charge)
                 # Let handlers finish their current piece/request, within the grace period.
                 handlers.cancel_scope.deadline = min(
                     handlers.cancel_scope.deadline, trio.current_time() + close_grace
@@ -168,9 +191,15 @@ class _ServerConnection(BaseConnection):
         if isinstance(event, PieceStart):
             await self._receive_piece(event, self._handlers)
         elif isinstance(event, RequestReceived):
-            with self._not_reading():
-                await self._request_slots.acquire()
-            self._handlers.start_soon(self._run_request, event.request_id, event.message)
+            charge = self._take_control_charge()
+            try:
+                with self._not_reading():
+                    await self._request_slots.acquire()
+            except BaseException:
+                if charge:
+                    self._budget.release(charge)
+                raise
+            self._handlers.start_soon(self._run_request, event.request_id, event.message, charge)
         else:  # pragma: no cover - nothing else is emitted on the destination
             await super()._on_event(event)
 
@@ -238,7 +267,7 @@ class _ServerConnection(BaseConnection):
                 )
             )
 
-    async def _run_request(self, request_id: int, request: Request) -> None:
+    async def _run_request(self, request_id: int, request: Request, charge: int) -> None:
         try:
             response = await self._answer(
                 lambda: self._handler.handle_request(self.peer, request),
@@ -247,6 +276,8 @@ class _ServerConnection(BaseConnection):
             )
         finally:
             self._request_slots.release()
+            if charge:
+                self._budget.release(charge)
         with suppress(ConnectionClosed):
             await self._send_control(lambda: self._ep.send_response(request_id, response))
 
@@ -294,6 +325,7 @@ async def serve(
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
     close_grace: float = DEFAULT_CLOSE_GRACE,
     max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
+    max_pending_per_address: int = DEFAULT_MAX_PENDING_PER_ADDRESS,
     hooks: WireHooks = NO_HOOKS,
 ) -> None:
     """Accept sources on ``listen`` until cancelled.
@@ -303,9 +335,14 @@ async def serve(
     ``ssl_context``) and the qbsync handshake under ``handshake_timeout``, then requests and
     pieces. A failing connection is answered with an ``Error`` frame carrying a stable code,
     logged with ``code=...``, counted in ``wire_handshake_failures_total`` or
-    ``wire_protocol_errors_total``, and closed; it never stops :func:`serve`. At most
-    ``max_pending_handshakes`` connections may be unauthenticated at once; further ones are
-    closed at once with ``code=busy`` (logged at most once a second, always counted).
+    ``wire_protocol_errors_total``, and closed; it never stops :func:`serve`.
+
+    At most ``max_pending_handshakes`` connections may be unauthenticated at once, and at most
+    ``max_pending_per_address`` from one address. A new connection over either cap closes the
+    *oldest* unauthenticated one (of its own address, or of the address holding the most) with
+    ``code=busy`` (logged at most once a second, always counted) instead of being refused: a
+    real source finishes its handshake within a round trip, so what piles up is silent sockets,
+    and those are what make room. Half-open floods therefore cannot lock a source out.
     """
     host = listen.host or None
     listeners = await trio.open_tcp_listeners(listen.port, host=host)
@@ -313,13 +350,9 @@ async def serve(
         lst.socket.getsockname()[1] for lst in listeners if isinstance(lst, trio.SocketListener)
     ]
 
-    gate = _HandshakeGate(max_pending_handshakes, hooks)
+    gate = _HandshakeGate(max_pending_handshakes, max_pending_per_address, hooks)
 
     async def handle(stream: trio.SocketStream) -> None:
-        if not gate.enter():
-            gate.refused(peer_address(stream))
-            await trio.aclose_forcefully(stream)
-            return
         await _serve_one(
             stream,
             handler,
@@ -349,35 +382,65 @@ async def serve(
         task_status.started(ports)
 
 
-class _HandshakeGate:
-    """Counts connections that have not authenticated yet and refuses those over the cap."""
+def _host(address: str) -> str:
+    """The host part of ``ip:port`` (``[v6]:port``): the unit of the per-address cap."""
+    return address.rpartition(":")[0] or address
 
-    def __init__(self, limit: int, hooks: WireHooks) -> None:
+
+class _HandshakeGate:
+    """The connections that have not authenticated yet, per peer host, oldest first.
+
+    :meth:`enter` always admits the newcomer and, when a cap is exceeded, cancels the oldest
+    pending connection of the newcomer's host (per-address cap) or of the host holding the most
+    (overall cap). See :func:`serve` for why the oldest goes.
+    """
+
+    def __init__(self, limit: int, per_address: int, hooks: WireHooks) -> None:
         self.limit = limit
+        self.per_address = per_address
         self._hooks = hooks
+        self._pending: dict[str, dict[int, trio.CancelScope]] = {}  # insertion = age order
         self.pending = 0
         self._suppressed = 0
         self._last_log = -1e9
 
-    def enter(self) -> bool:
-        if self.pending >= self.limit:
-            return False
+    def enter(self, peer: Peer, scope: trio.CancelScope) -> None:
+        host = _host(peer.address)
+        mine = self._pending.setdefault(host, {})
+        if len(mine) >= self.per_address:
+            self._evict(host, f"{len(mine)} connections from {host} in their handshake")
+        elif self.pending >= self.limit:
+            crowded = max(self._pending, key=lambda h: len(self._pending[h]))
+            self._evict(crowded, f"{self.pending} connections in their handshake")
+        mine[peer.conn_id] = scope
         self.pending += 1
-        return True
 
-    def leave(self) -> None:
+    def leave(self, peer: Peer) -> None:
+        host = _host(peer.address)
+        mine = self._pending.get(host)
+        if mine is not None and mine.pop(peer.conn_id, None) is not None:
+            self.pending -= 1
+            if not mine:
+                del self._pending[host]
+
+    def _evict(self, host: str, why: str) -> None:
+        mine = self._pending[host]
+        conn_id = next(iter(mine))
+        mine.pop(conn_id).cancel()
         self.pending -= 1
-
-    def refused(self, address: str) -> None:
         self._hooks.handshake_failed(ErrorCode.BUSY)
         now = trio.current_time()
         if now - self._last_log < 1.0:
             self._suppressed += 1
             return
         log.warning(
-            "event=wire_handshake_failed peer=%s code=busy reason=%s suppressed=%d",
-            address,
-            kv(f"{self.pending} connections already in their handshake (limit {self.limit})"),
+            "event=wire_handshake_failed peer=%s conn=%d code=busy reason=%s suppressed=%d",
+            host,
+            conn_id,
+            kv(
+                f"{why} (limits {self.per_address} per address, {self.limit} in all): "
+                "closed the oldest"
+            ),
             self._suppressed,
         )
         self._last_log, self._suppressed = now, 0
@@ -404,51 +467,48 @@ async def _serve_one(
     label = f"peer={peer.address} conn={peer.conn_id}"
     conn: _ServerConnection | None = None
     opened = False
-    pending = True  # holds a place in the handshake gate until authenticated or gone
+    # Holds a place in the handshake gate until authenticated or gone; the gate may cancel
+    # ``unauthenticated`` to make room for a newer connection.
+    unauthenticated = trio.CancelScope()
+    gate.enter(peer, unauthenticated)
+    done: tuple[_ServerConnection, HandshakeComplete] | None = None
     try:
-        tune_socket(stream)
-        app_stream: trio.abc.Stream = stream
-        endpoint = Endpoint(m.Role.DESTINATION, token=token, window=window, max_piece=max_piece)
-        deadline = trio.current_time() + handshake_timeout
-        if ssl_context is not None:
-            app_stream = trio.SSLStream(stream, ssl_context, server_side=True)
-            with trio.move_on_at(deadline) as tls_scope:
-                try:
-                    await app_stream.do_handshake()
-                except TRANSPORT_ERRORS as exc:
-                    _handshake_failed(hooks, label, ErrorCode.AUTH_FAILED, f"TLS: {describe(exc)}")
-                    return
-            if tls_scope.cancelled_caught:
-                _handshake_failed(hooks, label, ErrorCode.TIMEOUT, "TLS handshake timed out")
-                return
-        conn = _ServerConnection(
-            endpoint,
-            app_stream,
-            peer=peer,
-            handler=handler,
-            budget=budget,
-            ping_interval=ping_interval,
-            idle_timeout=idle_timeout,
-            max_concurrent_requests=max_concurrent_requests,
-            max_concurrent_pieces=DEFAULT_MAX_CONCURRENT_PIECES,
-            hooks=hooks,
-        )
-        try:
-            done = await conn._handshake(max(deadline - trio.current_time(), 0.0))
-        except WireError as exc:
-            _handshake_failed(hooks, label, exc.code, exc.message)
-            return
-        gate.leave()
-        pending = False
+        with unauthenticated:
+            done = await _handshake(
+                stream,
+                label,
+                token=token,
+                ssl_context=ssl_context,
+                handshake_timeout=handshake_timeout,
+                window=window,
+                max_piece=max_piece,
+                hooks=hooks,
+                make_conn=lambda endpoint, app_stream: _ServerConnection(
+                    endpoint,
+                    app_stream,
+                    peer=peer,
+                    handler=handler,
+                    budget=budget,
+                    ping_interval=ping_interval,
+                    idle_timeout=idle_timeout,
+                    max_concurrent_requests=max_concurrent_requests,
+                    max_concurrent_pieces=DEFAULT_MAX_CONCURRENT_PIECES,
+                    hooks=hooks,
+                ),
+            )
+        gate.leave(peer)
+        if done is None:
+            return  # failed (logged and counted) or closed by the gate to make room
+        conn, info = done
         opened = True
         hooks.connection_opened("destination")
         log.info(
             "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s",
             label,
-            done.version,
+            info.version,
             ssl_context is not None,
             bool(token),
-            kv(done.peer_software),
+            kv(info.peer_software),
         )
         await conn.run(close_grace)
         reason = conn.close_reason
@@ -462,13 +522,54 @@ async def _serve_one(
         # A bug in this module: never let one connection take the server down.
         log.exception("event=wire_connection_failed %s code=internal", label)
     finally:
-        if pending:
-            gate.leave()
+        gate.leave(peer)
         if opened:
             hooks.connection_closed("destination")
         if conn is not None:
             conn._abort(ConnectionClosed("connection closed", ErrorCode.OK))
         await trio.aclose_forcefully(stream)
+
+
+async def _handshake(
+    stream: trio.SocketStream,
+    label: str,
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    handshake_timeout: float,
+    window: int,
+    max_piece: int,
+    hooks: WireHooks,
+    make_conn: Callable[[Endpoint, trio.abc.Stream], _ServerConnection],
+) -> tuple[_ServerConnection, HandshakeComplete] | None:
+    """TLS (optional) and the qbsync handshake under one deadline. ``None`` when it failed
+    (logged and counted here); the caller closes the stream."""
+    tune_socket(stream)
+    app_stream: trio.abc.Stream = stream
+    endpoint = Endpoint(m.Role.DESTINATION, token=token, window=window, max_piece=max_piece)
+    deadline = trio.current_time() + handshake_timeout
+    if ssl_context is not None:
+        app_stream = trio.SSLStream(stream, ssl_context, server_side=True)
+        with trio.move_on_at(deadline) as tls_scope:
+            try:
+                await app_stream.do_handshake()
+            except TRANSPORT_ERRORS as exc:
+                _handshake_failed(hooks, label, ErrorCode.AUTH_FAILED, f"TLS: {describe(exc)}")
+                return None
+        if tls_scope.cancelled_caught:
+            _handshake_failed(hooks, label, ErrorCode.TIMEOUT, "TLS handshake timed out")
+            return None
+    conn = make_conn(endpoint, app_stream)
+    try:
+        done = await conn._handshake(max(deadline - trio.current_time(), 0.0))
+    except WireError as exc:
+        conn._abort(ConnectionClosed("handshake failed", exc.code))
+        _handshake_failed(hooks, label, exc.code, exc.message)
+        return None
+    except BaseException:
+        conn._abort(ConnectionClosed("handshake abandoned", ErrorCode.BUSY))
+        raise
+    return conn, done
 
 
 def _handshake_failed(hooks: WireHooks, label: str, code: ErrorCode, reason: str) -> None:
