@@ -6,20 +6,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import trio
 
-from qbsync.source.meta import TorrentMeta, build_meta
+from qbsync.source.meta import SourceMeta, build_meta
 from qbsync.source.paths import PathMapper
+from qbsync.source.pool import Connection
 from qbsync.wire.errors import ConnectionClosed
-from qbsync.wire.messages import PieceAck
+from qbsync.wire.messages import PieceAck, RequestMessage
 from tests.qbharness import make_payload, make_torrent, torrent_files
 
 
 def saved_torrent(
     save: Path, name: str, files: Mapping[str, int], piece: int, seed: int = 0
-) -> tuple[TorrentMeta, list[bytes]]:
+) -> tuple[SourceMeta, list[bytes]]:
     """Real files under ``save/name`` and their layout as qBittorrent would list it (every
     file selected): (meta, SHA-1 piece hashes)."""
     payload = make_payload(save / name, files, seed=seed)
@@ -32,8 +33,13 @@ def saved_torrent(
     return build_meta(ih, info, qb_files, data, PathMapper(save, str(save))), hashes
 
 
+R = TypeVar("R")
+
+
 class FakeConn:
-    """Stands in for ClientConnection: answers requests and pieces with test callbacks."""
+    """Implements the pool's :class:`~qbsync.source.pool.Connection` interface (mypy checks it):
+    answers requests and pieces with test callbacks. A callback may return an exception to
+    raise it."""
 
     def __init__(
         self,
@@ -53,19 +59,22 @@ class FakeConn:
         self.closed = True
         self._closed.set()
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self) -> ConnectionClosed:
         await self._closed.wait()
+        return ConnectionClosed("closed by the test")
 
-    async def request(self, msg: Any, *, timeout: float) -> Any:  # noqa: ASYNC109
+    async def request(self, msg: RequestMessage[R], *, timeout: float) -> R:  # noqa: ASYNC109
         if self.closed:
             raise ConnectionClosed()
         self.requests.append(msg)
         result = self.on_request(msg)
         if isinstance(result, BaseException):
             raise result
-        return result
+        return cast(R, result)
 
-    async def send_piece(self, info_hash: str, index: int, offset: int, data: Any) -> PieceAck:
+    async def send_piece(
+        self, info_hash: str, index: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> PieceAck:
         if self.closed:
             raise ConnectionClosed()
         payload = bytes(data)
@@ -91,11 +100,11 @@ class FakeConnector:
         self.attempts: list[float] = []
         self.conns: list[FakeConn] = []
 
-    def __call__(self) -> contextlib.AbstractAsyncContextManager[FakeConn]:
+    def __call__(self) -> contextlib.AbstractAsyncContextManager[Connection]:
         return self._open()
 
     @contextlib.asynccontextmanager
-    async def _open(self) -> AsyncIterator[FakeConn]:
+    async def _open(self) -> AsyncIterator[Connection]:
         self.attempts.append(trio.current_time())
         outcome = self.script(len(self.attempts))
         if isinstance(outcome, BaseException):

@@ -14,12 +14,15 @@ from qbsync.source.pool import (
     describe_error,
 )
 from qbsync.wire.errors import ConnectionClosed, ErrorCode, WireError
+from qbsync.wire.messages import Abort, AbortResult
 from tests.source_fakes import FakeConn, FakeConnector
+
+H = "ab" * 20
 
 
 async def test_auth_failure_retries_with_backoff_then_connects(autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="qbsync.source.pool")
-    good = FakeConn(on_request=lambda msg: ("answer", msg))
+    good = FakeConn(on_request=lambda msg: AbortResult(existed=msg.info_hash == H))
     connector = FakeConnector(
         lambda n: WireError(ErrorCode.AUTH_FAILED, "token mismatch") if n <= 4 else good
     )
@@ -30,7 +33,7 @@ async def test_auth_failure_retries_with_backoff_then_connects(autojump_clock, c
             await pool.pick(within=1.0)  # nothing transfers while auth fails
         conn = await pool.pick()
         assert conn is good and pool.generation == 1
-        assert await pool.request("ping", within=5) == ("answer", "ping")
+        assert await pool.request(Abort(H), within=5) == AbortResult(existed=True)
         nursery.cancel_scope.cancel()
     gaps = [b - a for a, b in zip(connector.attempts, connector.attempts[1:], strict=False)]
     assert len(gaps) == 4
@@ -75,7 +78,7 @@ async def test_reconnect_after_close_bumps_generation_and_backoff_resets(autojum
 
 async def test_request_retries_once_on_a_closed_connection(autojump_clock):
     first = FakeConn(on_request=lambda msg: ConnectionClosed("gone"))
-    second = FakeConn(on_request=lambda msg: "ok")
+    second = FakeConn(on_request=lambda msg: AbortResult(existed=True))
     connector = FakeConnector(lambda n: first if n == 1 else second)
     pool = ConnectionPool(connector, address="d:1", min_connections=1, reconnect_max_delay=1)
     async with trio.open_nursery() as nursery:
@@ -87,7 +90,7 @@ async def test_request_retries_once_on_a_closed_connection(autojump_clock):
             return ConnectionClosed("gone")
 
         first.on_request = close_first
-        assert await pool.request("x", within=10) == "ok"
+        assert await pool.request(Abort(H), within=10) == AbortResult(existed=True)
         nursery.cancel_scope.cancel()
 
 

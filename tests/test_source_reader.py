@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from qbsync.source.meta import MetaError, TorrentMeta, build_meta
+from qbsync.source.meta import MetaError, SourceMeta, build_meta
 from qbsync.source.paths import PathMapper
 from qbsync.source.reader import FileMissing, HandleCache, PieceReader
 from qbsync.torrent import bencode
@@ -35,7 +35,7 @@ def layout(tmp_path: Path):
     return torrent, ih, qb_files, info, mapper, hashes, save
 
 
-def _meta(layout: tuple[Any, ...], priorities: list[int] | None = None) -> TorrentMeta:
+def _meta(layout: tuple[Any, ...], priorities: list[int] | None = None) -> SourceMeta:
     torrent, ih, qb_files, info, mapper, _, _ = layout
     if priorities is not None:
         qb_files = [dict(f, priority=p) for f, p in zip(qb_files, priorities, strict=True)]
@@ -108,7 +108,7 @@ async def test_reads_every_piece_across_boundaries(layout):
         for i in range(meta.num_pieces):
             buf, view = await reader.read(meta, i)
             assert hashlib.sha1(view).digest() == layout[5][i], i
-            reader.release(buf, view)
+            reader.recycle(buf, view)
         assert len(reader.handles) <= 2  # the LRU bound holds
     finally:
         reader.close()
@@ -124,7 +124,7 @@ async def test_deselected_spans_are_zero_filled(layout):
         a_tail = FILES["a.bin"] - 3 * PIECE
         expected = (save / "payload/a.bin").read_bytes()[3 * PIECE :] + bytes(PIECE - a_tail)
         assert bytes(view) == expected
-        reader.release(buf, view)
+        reader.recycle(buf, view)
     finally:
         reader.close()
 
@@ -138,7 +138,7 @@ async def test_incomplete_extension_and_missing_files(layout):
     try:
         buf, view = await reader.read(meta, meta.num_pieces - 1)
         assert hashlib.sha1(view).digest() == layout[5][-1]
-        reader.release(buf, view)
+        reader.recycle(buf, view)
         reader.forget(meta.info_hash)
         assert len(reader.handles) == 0
         os.unlink(c.with_name("c.bin.!qB"))
@@ -152,7 +152,7 @@ async def test_incomplete_extension_and_missing_files(layout):
         assert meta.locate(layout[4], {"content_path": str(moved / "payload"), "save_path": ""})
         assert meta.save_sub_path == "cat"
         buf, view = await reader.read(meta, 0)
-        reader.release(buf, view)
+        reader.recycle(buf, view)
     finally:
         reader.close()
 
@@ -165,11 +165,11 @@ def test_handle_cache_lru_defers_close_while_in_use(tmp_path):
         paths.append(p)
     cache = HandleCache(max_handles=2)
     h0 = cache.acquire("h", paths[0])
-    cache.release(cache.acquire("h", paths[1]))
-    cache.release(cache.acquire("h", paths[2]))  # evicts f0, which is still in use
+    cache.unref(cache.acquire("h", paths[1]))
+    cache.unref(cache.acquire("h", paths[2]))  # evicts f0, which is still in use
     assert len(cache) == 2
     assert os.pread(h0.fd, 1, 0) == b"x"  # not closed under the reader
-    cache.release(h0)
+    cache.unref(h0)
     with pytest.raises(OSError):
         os.fstat(h0.fd)  # closed on its last release
     cache.close_all()

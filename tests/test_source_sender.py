@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from qbsync.bitfield import Bitfield
-from qbsync.source.meta import TorrentMeta
+from qbsync.source.meta import SourceMeta
 from qbsync.source.pool import ConnectionPool
 from qbsync.source.reader import PieceReader
 from qbsync.source.sender import MAX_PIECE_FAILURES, Senders, initialize
@@ -33,7 +33,7 @@ def torrent(tmp_path: Path):
     return saved_torrent(tmp_path / "save", "payload", FILES, PIECE, seed=5)
 
 
-def ready_init(meta: TorrentMeta) -> Callable[[object], InitResult]:
+def ready_init(meta: SourceMeta) -> Callable[[object], InitResult]:
     def on_request(msg: object) -> InitResult:
         assert isinstance(msg, InitTorrent) and not msg.probe
         needed = Bitfield.full(meta.num_pieces)

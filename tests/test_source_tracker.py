@@ -32,7 +32,7 @@ def test_take_ack_fail_release():
     assert t.take(1) and t.ack(1)
     assert 1 not in t.failures  # success clears the failure count
     assert t.take(2)
-    t.release(2)
+    t.requeue(2)
     assert t.state(2) == "pending" and 2 not in t.failures
     assert t.sends == {0: 1, 1: 3, 2: 1}
 

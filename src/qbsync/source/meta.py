@@ -38,7 +38,10 @@ class FileSlot:
 
 
 @attrs.define
-class TorrentMeta:
+class SourceMeta:
+    """What the source knows about one torrent it syncs: files, piece geometry, the raw
+    ``.torrent`` (named apart from the destination's persisted ``TorrentMeta``)."""
+
     info_hash: str
     name: str
     geometry: Geometry
@@ -151,7 +154,7 @@ def build_meta(
     qb_files: Sequence[dict[str, Any]],
     torrent_file: bytes,
     mapper: PathMapper,
-) -> TorrentMeta:
+) -> SourceMeta:
     """Combine qBittorrent's file list with the exported .torrent (pure, no I/O)."""
     try:
         mi = parse_metainfo(torrent_file)
@@ -189,7 +192,7 @@ def build_meta(
             covered.update(geometry.file_pieces(i))
     mask = frozenset(set(range(geometry.num_pieces)) - covered)
     fp = ",".join(str(s.qb_index) for s in sorted(slots, key=lambda s: s.qb_index) if s.selected)
-    meta = TorrentMeta(
+    meta = SourceMeta(
         info_hash=info_hash,
         name=str(info.get("name") or mi.name),
         geometry=geometry,

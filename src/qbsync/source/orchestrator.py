@@ -60,6 +60,7 @@ from ..wire.messages import (
 )
 from .cache import CompletionCache, fingerprint
 from .cleanup import Cleanup, add_tag
+from .codes import Code, SkipReason, SourceCode
 from .meta import MetaError, build_meta
 from .monitor import MaindataUpdate, Monitor
 from .paths import PathMapper
@@ -104,24 +105,24 @@ def skip_reason(
     failed_tag: str,
     completed: bool,
     tracked: bool,
-) -> str | None:
+) -> SkipReason | None:
     """Why discovery does not start syncing this torrent (None = it should)."""
     if tracked:
-        return "tracked"
+        return SkipReason.TRACKED
     if completed:
-        return "synced"
+        return SkipReason.SYNCED
     if has_tag(info, exclude_tag):
-        return "excluded"
+        return SkipReason.EXCLUDED
     if has_tag(info, failed_tag):
-        return "sync-failed"
+        return SkipReason.SYNC_FAILED
     if str(info.get("state") or "") not in SYNCABLE_STATES:
-        return "state"
+        return SkipReason.STATE
     try:
         progress = float(info.get("progress") or 0)
     except (TypeError, ValueError):
         progress = 0.0
     if progress <= 0:
-        return "no-progress"
+        return SkipReason.NO_PROGRESS
     return None
 
 
@@ -840,13 +841,13 @@ def _complete(t: Tracked) -> bool:
     return t.tracker.complete
 
 
-def _code(exc: BaseException) -> str:
+def _code(exc: BaseException) -> Code:
     if isinstance(exc, WireError):
-        return exc.code.value
+        return exc.code
     if isinstance(exc, QBError):
-        return "qb-error"
+        return ErrorCode.QB_ERROR
     if isinstance(exc, NotReady):
-        return "verifying"
+        return SourceCode.VERIFYING
     if isinstance(exc, MetaError):
-        return "bad-request"
-    return "io"
+        return ErrorCode.BAD_REQUEST
+    return ErrorCode.IO

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import trio
@@ -35,7 +35,8 @@ from .. import metrics
 from ..log import kv
 from ..wire.address import HostPort
 from ..wire.errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
-from ..wire.messages import PieceAck
+from ..wire.messages import PieceAck, RequestMessage
+from .codes import Code, SourceCode
 from .ratelimit import Backoff
 
 log = logging.getLogger("qbsync.source.pool")
@@ -50,6 +51,9 @@ IDLE_AFTER = 60.0
 RETIRE_GRACE = 30.0  # how long a retiring connection may finish its in-flight pieces
 
 
+R = TypeVar("R")  # the result type of a request (InitTorrent -> InitResult, ...)
+
+
 class Connection(Protocol):
     """What the pool and senders use of :class:`qbsync.wire.ClientConnection`."""
 
@@ -62,7 +66,9 @@ class Connection(Protocol):
     @property
     def credit(self) -> int: ...
 
-    async def request(self, msg: Any, *, timeout: float) -> Any: ...  # noqa: ASYNC109
+    async def request(self, msg: RequestMessage[R], *, timeout: float) -> R: ...  # noqa: ASYNC109
+
+    async def wait_closed(self) -> ConnectionClosed: ...
 
     async def send_piece(
         self, info_hash: str, index: int, offset: int, data: bytes | bytearray | memoryview
@@ -87,7 +93,7 @@ class _Slot:
     scope: trio.CancelScope | None = None
 
 
-def describe_error(exc: BaseException) -> tuple[str, str] | None:
+def describe_error(exc: BaseException) -> tuple[Code, str] | None:
     """(code, message) for an exception that ended a connection attempt.
 
     None means "not a connection error": cancellation or a base exception that must
@@ -100,15 +106,15 @@ def describe_error(exc: BaseException) -> tuple[str, str] | None:
         wire = [e for e in leaves if isinstance(e, WireError)]
         exc = wire[0] if wire else leaves[0]
     if isinstance(exc, WireError):
-        return exc.code.value, exc.message or str(exc)
+        return exc.code, exc.message or str(exc)
     if isinstance(exc, OSError):
-        return "connect-failed", exc.strerror or str(exc) or type(exc).__name__
+        return SourceCode.CONNECT_FAILED, exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
-        return "connection-lost", str(exc) or type(exc).__name__
+        return SourceCode.CONNECTION_LOST, str(exc) or type(exc).__name__
     if isinstance(exc, trio.TooSlowError):
-        return ErrorCode.TIMEOUT.value, "connect timed out"
+        return ErrorCode.TIMEOUT, "connect timed out"
     if isinstance(exc, Exception):
-        return ErrorCode.INTERNAL.value, f"{type(exc).__name__}: {exc}"
+        return ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
     return None
 
 
@@ -120,18 +126,12 @@ def _busy(slot: _Slot) -> bool:
     return slot.conn is not None and not slot.conn.closed and slot.conn.inflight_bytes > 0
 
 
-async def wait_closed(conn: Connection) -> tuple[str, str]:
+async def wait_closed(conn: Connection) -> tuple[Code, str]:
     """Return (code, message) once ``conn`` has closed."""
-    waiter = getattr(conn, "wait_closed", None)
-    reason: object = None
-    if waiter is not None:
-        reason = await waiter()
-    else:
-        while not conn.closed:  # noqa: ASYNC110  (fallback when the connection has no event)
-            await trio.sleep(0.2)
-    if isinstance(reason, WireError) and reason.code != ErrorCode.OK:
-        return reason.code.value, reason.message or str(reason)
-    return "connection-lost", str(getattr(reason, "message", "") or "connection closed")
+    reason = await conn.wait_closed()
+    if reason.code != ErrorCode.OK:
+        return reason.code, reason.message or str(reason)
+    return SourceCode.CONNECTION_LOST, reason.message or "connection closed"
 
 
 class ConnectionPool:
@@ -155,7 +155,7 @@ class ConnectionPool:
         self._next_id = 0
         self._available = trio.Event()
         self.generation = 0  # +1 each time the pool goes from no connection to some
-        self.last_error: tuple[str, str] | None = None
+        self.last_error: tuple[Code, str] | None = None
         self.bytes_acked = 0
         self._piece_hint = 1  # size of a recent piece: "out of credit" means less than this
         self._nursery: trio.Nursery | None = None
@@ -190,7 +190,7 @@ class ConnectionPool:
                 await self._available.wait()
         raise DestinationUnavailable()
 
-    async def request(self, msg: Any, *, within: float = 30.0) -> Any:
+    async def request(self, msg: RequestMessage[R], *, within: float = 30.0) -> R:
         """Send one control request; retried once on another connection if the first one
         closes under it (every request of the protocol is idempotent).
 
@@ -250,7 +250,7 @@ class ConnectionPool:
                     if _retiring(slot):  # (re-read: it changes while we await)
                         break
                     delay = backoff.next_delay()
-                    code, message = self.last_error or ("connection-lost", "")
+                    code, message = self.last_error or (SourceCode.CONNECTION_LOST, "")
                     event = (
                         "destination_connection_lost" if up_for else "destination_connect_failed"
                     )
@@ -286,7 +286,7 @@ class ConnectionPool:
             if described is None:
                 raise
             self.last_error = described
-            if described[0] == ErrorCode.INTERNAL.value:
+            if described[0] == ErrorCode.INTERNAL:
                 log.error(
                     "event=destination_connection_error conn=%d code=internal",
                     slot.id,

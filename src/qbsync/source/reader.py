@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from .. import metrics
-from .meta import INCOMPLETE_EXT, TorrentMeta
+from .meta import INCOMPLETE_EXT, SourceMeta
 
 log = logging.getLogger("qbsync.source.reader")
 
@@ -83,7 +83,7 @@ class HandleCache:
             self._evict_locked()
             return h
 
-    def release(self, h: _Handle) -> None:
+    def unref(self, h: _Handle) -> None:
         with self._lock:
             h.refs -= 1
             if h.doomed and h.refs == 0:
@@ -161,7 +161,7 @@ class PieceReader:
         self.buffers = BufferPool()
         self._limiter = trio.CapacityLimiter(threads)
 
-    async def read(self, meta: TorrentMeta, index: int) -> tuple[bytearray, memoryview]:
+    async def read(self, meta: SourceMeta, index: int) -> tuple[bytearray, memoryview]:
         """Return (buffer, view of exactly the piece). Give the buffer back with ``release``.
 
         Raises :class:`FileMissing` or :class:`ReadError`; the buffer is returned to the
@@ -174,12 +174,12 @@ class PieceReader:
         try:
             await trio.to_thread.run_sync(self._read_sync, meta, index, view, limiter=self._limiter)
         except BaseException:
-            self.release(buf, view)
+            self.recycle(buf, view)
             raise
         metrics.piece_read_duration.observe(time.monotonic() - start)
         return buf, view
 
-    def release(self, buf: bytearray, view: memoryview) -> None:
+    def recycle(self, buf: bytearray, view: memoryview) -> None:
         try:
             view.release()
         except BufferError:  # something still holds a view: let it go rather than reuse
@@ -194,7 +194,7 @@ class PieceReader:
 
     # -- in a worker thread -----------------------------------------------------------------
 
-    def _read_sync(self, meta: TorrentMeta, index: int, view: memoryview) -> None:
+    def _read_sync(self, meta: SourceMeta, index: int, view: memoryview) -> None:
         local_dir = meta.local_dir
         for span in meta.geometry.spans(index):
             slot = meta.slots[span.file_index]
@@ -232,4 +232,4 @@ class PieceReader:
             self.handles.discard(info_hash, path)
             raise
         finally:
-            self.handles.release(h)
+            self.handles.unref(h)

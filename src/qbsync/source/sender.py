@@ -55,7 +55,7 @@ class NotReady(Exception):
     """The destination cannot take this torrent's pieces now (verifying, unreachable...)."""
 
 
-class ByteBudget:
+class InflightBytes:
     """Caps the piece bytes held in memory between the disk read and the ack."""
 
     def __init__(self, limit: int) -> None:
@@ -160,7 +160,7 @@ class Senders:
         self.num_senders = max(1, num_senders)
         self.piece_timeout = piece_timeout
         self.bucket = TokenBucket(rate_limit, MiB) if rate_limit > 0 else None
-        self.budget = ByteBudget(inflight_bytes)
+        self.budget = InflightBytes(inflight_bytes)
         self._relocate = relocate
         self.retry_base = retry_base  # first retry delay after a retryable failure
         self._nursery: trio.Nursery | None = None
@@ -206,7 +206,7 @@ class Senders:
             try:
                 await self._prepare_and_send(t, item.index)
             except BaseException:
-                t.tracker.release(item.index)
+                t.tracker.requeue(item.index)
                 raise
 
     async def _prepare_and_send(self, t: Tracked, index: int) -> None:
@@ -242,7 +242,7 @@ class Senders:
                 handed_over = True
             finally:
                 if not handed_over:
-                    self.reader.release(buf, view)
+                    self.reader.recycle(buf, view)
         finally:
             if not handed_over:
                 self.budget.release(reserved)
@@ -288,14 +288,14 @@ class Senders:
                 return
             self._on_ack(t, index, ack, start, len(view))
         except ConnectionClosed:
-            t.tracker.release(index)
+            t.tracker.requeue(index)
             self.registry.requeue(t, index)
         except WireError as exc:
             self._on_failure(t, index, exc.code, exc.message or str(exc))
         finally:
             self.inflight -= 1
             metrics.inflight_pieces.set(self.inflight)
-            self.reader.release(buf, view)
+            self.reader.recycle(buf, view)
             self.budget.release(reserved)
 
     def _on_ack(self, t: Tracked, index: int, ack: PieceAck, start: float, size: int) -> None:

@@ -14,7 +14,7 @@ import itertools
 import attrs
 import trio
 
-from .meta import TorrentMeta
+from .meta import SourceMeta
 from .tracker import BACKLOG, LIVE, PieceQueue, PieceTracker, QueueItem
 
 # Piece-state polls after a torrent changed: now, then follow-ups that catch pieces qBittorrent
@@ -26,7 +26,7 @@ FOLLOW_UPS = (0.0, 1.0, 3.0)
 @attrs.define(eq=False)
 class Tracked:
     info_hash: str
-    meta: TorrentMeta
+    meta: SourceMeta
     tracker: PieceTracker
     since: float  # wall-clock time the download completed (or tracking started)
     seq: int  # tracking order: earlier = the destination had more of it
@@ -81,7 +81,7 @@ class Registry:
     def all(self) -> list[Tracked]:
         return list(self._by_hash.values())
 
-    def add(self, meta: TorrentMeta, tracker: PieceTracker, since: float) -> Tracked:
+    def add(self, meta: SourceMeta, tracker: PieceTracker, since: float) -> Tracked:
         old = self._by_hash.pop(meta.info_hash, None)
         if old is not None:
             old.active = False

@@ -189,7 +189,7 @@ class PieceTracker:
         self.done[index] = True
         self.forced.add(index)
 
-    def release(self, index: int) -> None:
+    def requeue(self, index: int) -> None:
         """Put a taken piece back without counting a failure (e.g. shutdown, no connection)."""
         if index in self.inflight:
             self.inflight.discard(index)

@@ -3,7 +3,7 @@
 The wire package depends on nothing else in qbsync (a test parses every ``wire/*.py`` to keep
 it so). Instead of writing metrics, it calls a :class:`WireHooks` object handed to
 :func:`~qbsync.wire.serve`, :func:`~qbsync.wire.open_connection` and
-:class:`~qbsync.wire.PieceBudget`. The default does nothing; the daemons pass
+:class:`~qbsync.wire.ByteBudget`. The default does nothing; the daemons pass
 ``qbsync.metrics.WIRE_METRICS``, which turns each call into a Prometheus update. That object
 is the only writer of the wire's metrics (``wire_connections`` included).
 """
