@@ -1,5 +1,6 @@
-"""Fakes for unit tests of the source's async parts (pool, senders, monitor), and a real
-on-disk torrent layout to read pieces from."""
+"""Fakes for unit tests of the source's async parts (pool, senders, monitor, orchestrator),
+and real on-disk torrents to read pieces from. Each fake implements the real interface it
+stands in for (a ``typing.Protocol`` or a subclass), so mypy checks it against the code."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, TypeVar, cast
 
 import trio
 
+from qbsync.qb import QB
 from qbsync.source.meta import SourceMeta, build_meta
 from qbsync.source.paths import PathMapper
 from qbsync.source.pool import Connection
@@ -34,6 +36,8 @@ def saved_torrent(
 
 
 R = TypeVar("R")
+T = TypeVar("T")
+M = TypeVar("M")
 
 
 class FakeConn:
@@ -114,3 +118,83 @@ class FakeConnector:
             yield outcome
         finally:
             outcome.close()
+
+
+class SourceTorrent:
+    """A real torrent on disk as the source qBittorrent would report it: its ``info`` (torrents
+    list entry), ``files`` (files endpoint) and ``torrent_file`` (export endpoint)."""
+
+    def __init__(self, save: Path, name: str, files: Mapping[str, int], piece: int = 16384):
+        payload = make_payload(save / name, files, seed=sum(map(ord, name)))
+        self.torrent_file, self.info_hash = make_torrent(payload, piece)
+        _, listed, _ = torrent_files(self.torrent_file)
+        self.files = [
+            {"index": i, "name": n, "size": s, "priority": 1} for i, (n, s) in enumerate(listed)
+        ]
+        self.info: dict[str, Any] = {
+            "hash": self.info_hash,
+            "name": name,
+            "save_path": str(save),
+            "content_path": str(payload),
+            "state": "stalledUP",
+            "progress": 1.0,
+            "tags": "",
+            "category": "",
+        }
+
+
+class FakeQB(QB):
+    """The source's qBittorrent: the real :class:`~qbsync.qb.QB` interface (mypy checks every
+    override), answered from :class:`SourceTorrent` objects instead of HTTP. Any method not
+    overridden here fails the test instead of reaching for a network."""
+
+    def __init__(self, torrents: Mapping[str, SourceTorrent] = {}) -> None:
+        super().__init__("http://127.0.0.1:9", mode="source")
+        self.known = dict(torrents)
+        self.tags: list[tuple[str, list[str]]] = []
+
+    async def call(self, operation: str, fn: Callable[[Any], T]) -> T:
+        raise AssertionError(f"unexpected qBittorrent call {operation!r} in a unit test")
+
+    async def files(self, info_hash: str) -> list[dict[str, Any]]:
+        return self.known[info_hash].files
+
+    async def export(self, info_hash: str) -> bytes:
+        return self.known[info_hash].torrent_file
+
+    async def torrent(self, info_hash: str) -> dict[str, Any] | None:
+        t = self.known.get(info_hash)
+        return t.info if t is not None else None
+
+    async def add_tags(self, info_hash: str, tags: list[str]) -> None:
+        self.tags.append((info_hash, tags))
+
+
+class FakeDestination:
+    """The destination as the source's pool sees it: every connection the connector opens
+    answers requests with :meth:`answer`, which looks up ``answers`` by request type (a value,
+    an exception to raise, or a callable of the request). ``down`` makes connecting fail."""
+
+    def __init__(self, answers: Mapping[type, Any]) -> None:
+        self.answers = dict(answers)
+        self.requests: list[Any] = []
+        self.down = False
+        self.connector = FakeConnector(self._attempt)
+
+    def _attempt(self, n: int) -> FakeConn | BaseException:
+        if self.down:
+            return OSError(111, "Connection refused")
+        return FakeConn(on_request=self.answer)
+
+    def answer(self, msg: Any) -> Any:
+        self.requests.append(msg)
+        answer = self.answers[type(msg)]
+        return answer(msg) if callable(answer) and not isinstance(answer, type) else answer
+
+    def go_down(self) -> None:
+        self.down = True
+        for conn in self.connector.conns:
+            conn.close()
+
+    def of_type(self, kind: type[M]) -> list[M]:
+        return [r for r in self.requests if isinstance(r, kind)]

@@ -1,33 +1,46 @@
-"""Discovery and finalize decisions of the orchestrator (with fake qB, pool and monitor)."""
+"""Discovery and finalize decisions of the orchestrator.
+
+The orchestrator runs for real (its own loop, in a nursery) against a real connection pool and
+monitor; only the edges are fakes that implement the real interfaces: ``FakeQB`` (a ``QB``)
+and ``FakeDestination`` (the connections the pool opens). Time is Trio's ``MockClock`` with
+autojump, so ``--sleep`` cycles, finalize polls and backoffs take no real time.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from qbsync.config import SourceConfig, resolve
 from qbsync.source.cache import CompletionCache, fingerprint
-from qbsync.source.monitor import MaindataUpdate
-from qbsync.source.orchestrator import Orchestrator, is_transient, skip_reason
+from qbsync.source.meta import build_meta
+from qbsync.source.monitor import MaindataUpdate, Monitor
+from qbsync.source.orchestrator import MAINTENANCE_EVERY, Orchestrator, is_transient, skip_reason
 from qbsync.source.paths import PathMapper
-from qbsync.source.pool import DestinationUnavailable
+from qbsync.source.pool import ConnectionPool, DestinationUnavailable
 from qbsync.source.reader import PieceReader
-from qbsync.source.state import Registry
+from qbsync.source.state import Registry, Tracked
 from qbsync.source.tracker import PieceTracker
 from qbsync.wire.errors import ConnectionClosed, ErrorCode, WireError
 from qbsync.wire.messages import (
     Abort,
+    AbortResult,
     Finalize,
     FinalizeResult,
     InitResult,
     InitTorrent,
     StartResult,
+    StartTorrent,
     SyncStatus,
 )
+from tests.source_fakes import FakeDestination, FakeQB, SourceTorrent
 
 H = [f"{i:040x}" for i in range(8)]
 
@@ -97,54 +110,33 @@ async def test_completion_cache_atomic_roundtrip_and_corrupt_file(tmp_path: Path
     assert "b" * 40 in dry and not (tmp_path / "dry").exists()
 
 
-class FakePool:
-    def __init__(self, answers: dict[str, Any]) -> None:
-        self.answers = answers
-        self.requests: list[Any] = []
-        self.generation = 1
-        self.connected = 1
-
-    async def request(self, msg: Any, *, within: float) -> Any:
-        self.requests.append(msg)
-        answer = self.answers[type(msg).__name__]
-        result = answer(msg) if callable(answer) else answer
-        if isinstance(result, BaseException):
-            raise result
-        return result
+# What the destination answers an InitTorrent for a torrent it has every piece of.
+NOTHING_NEEDED = InitResult(SyncStatus.READY, b"\x00", 0, 1)
 
 
-class FakeQB:
-    def __init__(self) -> None:
-        self.tags: list[tuple[str, list[str]]] = []
-
-    async def files(self, h: str) -> list[dict[str, Any]]:
-        return [{"index": 0, "name": "x", "size": 1, "priority": 1}]
-
-    async def add_tags(self, h: str, tags: list[str]) -> None:
-        self.tags.append((h, tags))
-
-
-class FakeMonitor:
-    def __init__(self, torrents: dict[str, dict[str, Any]]) -> None:
-        self.torrents = torrents
-        self.ready = trio.Event()
-        self.ready.set()
-        self.on_update: Any = None
-        self.on_removed: Any = None
-        self.polls: list[str] = []
-        self.server_state: dict[str, Any] = {}
-
-    def request_poll(self, t: Any) -> None:
-        self.polls.append(t.info_hash)
+@attrs.define
+class Rig:
+    orch: Orchestrator
+    qb: FakeQB
+    dest: FakeDestination
+    pool: ConnectionPool
+    monitor: Monitor
+    registry: Registry
+    torrents: dict[str, SourceTorrent]
 
 
-def make(tmp_path: Path, torrents, answers, **flags: str):
+def make(
+    tmp_path: Path,
+    torrents: Mapping[str, SourceTorrent],
+    answers: Mapping[type, Any],
+    **flags: str,
+) -> Rig:
     config = resolve(
         "source",
         {
             "data": str(tmp_path),
-            "qb_url": "http://127.0.0.1:1",
-            "destination_addr": "127.0.0.1:2",
+            "qb_url": "http://127.0.0.1:9",
+            "destination_addr": "127.0.0.1:9",
             "state_dir": str(tmp_path / "state"),
             "exclude_sync_tag": "no-sync",
             "sleep": "1",
@@ -153,215 +145,267 @@ def make(tmp_path: Path, torrents, answers, **flags: str):
         env={},
     )
     assert isinstance(config, SourceConfig)
-    qb, pool, monitor = FakeQB(), FakePool(answers), FakeMonitor(torrents)
-    registry = Registry()
+    qb, dest, registry = FakeQB(torrents), FakeDestination(answers), Registry()
+    pool = ConnectionPool(
+        dest.connector,
+        address="127.0.0.1:9",
+        min_connections=1,
+        max_connections=1,
+        reconnect_max_delay=1.0,
+    )
+    monitor = Monitor(qb, registry)
+    monitor.torrents = {h: t.info for h, t in torrents.items()}
+    monitor.ready.set()  # as after the monitor's first maindata
     orch = Orchestrator(
         config,
-        qb=cast(Any, qb),
-        pool=cast(Any, pool),
+        qb=qb,
+        pool=pool,
         registry=registry,
-        monitor=cast(Any, monitor),
+        monitor=monitor,
         reader=PieceReader(),
         cache=CompletionCache(config.state_dir, read_only=config.dry_run),
         mapper=PathMapper(tmp_path, str(tmp_path)),
     )
-    return orch, qb, pool, monitor, registry
+    return Rig(orch, qb, dest, pool, monitor, registry, dict(torrents))
 
 
-async def test_discovery_probes_sorts_by_destination_share_and_records_complete(tmp_path):
-    torrents = {
-        H[0]: torrent(H[0]),  # destination has 5 pieces
-        H[1]: torrent(H[1], state="stalledUP", progress=1),  # destination has 10 pieces
-        H[2]: torrent(H[2], tags="no-sync"),  # excluded: never probed
-        H[3]: torrent(H[3]),  # already complete on the destination
-        H[4]: torrent(H[4], state="stoppedDL"),  # paused download: not syncable
-        H[5]: torrent(H[5]),  # destination is verifying it
-    }
-    have = {H[0]: 5, H[1]: 10}
+@asynccontextmanager
+async def running(rig: Rig) -> AsyncIterator[None]:
+    """The pool and the orchestrator's own loop, until the block ends."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.pool.run)
+        await rig.pool.pick()  # connected (generation 1)
+        await nursery.start(rig.orch.run)
+        yield
+        nursery.cancel_scope.cancel()
 
-    def probe(msg: InitTorrent) -> InitResult:
-        assert msg.probe and not msg.files  # a probe creates nothing on the destination
-        if msg.info_hash == H[3]:
+
+async def eventually(predicate: Callable[[], object], within: float = 120.0) -> None:
+    """Wait until ``predicate()`` holds. Worker threads (file reads and writes) run in real
+    time while the mock clock jumps ahead whenever every task waits, so these tests wait for
+    outcomes, never for durations; ``within`` (mock seconds) bounds a hang."""
+    with trio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110  (polled: outcomes have no event to wait on)
+            await trio.sleep(0.01)
+
+
+def on_disk(tmp_path: Path, *names: str, **info: Any) -> dict[str, SourceTorrent]:
+    """Real torrents under ``tmp_path`` keyed by info-hash, with ``info`` fields overridden."""
+    out = {}
+    for name in names:
+        t = SourceTorrent(tmp_path, name, {"a.bin": 40_000})
+        t.info.update(info)
+        out[t.info_hash] = t
+    return out
+
+
+def mid_sync(rig: Rig, h: str) -> Tracked:
+    """Track ``h`` (real layout from its .torrent) with no piece sent yet."""
+    t = rig.torrents[h]
+    meta = build_meta(h, t.info, t.files, t.torrent_file, rig.orch.mapper)
+    return rig.registry.add(meta, PieceTracker(meta.num_pieces, meta.mask), since=0)
+
+
+def streamed(rig: Rig, h: str) -> Tracked:
+    """Track ``h`` with every piece already on the destination (ready to finalize), as the
+    senders leave it."""
+    tracked = mid_sync(rig, h)
+    tracked.tracker.apply_needed(None)
+    return tracked
+
+
+async def test_discovery_probes_sorts_by_destination_share_and_records_complete(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    torrents = on_disk(tmp_path, "t0", "t1", "t2", "t3", "t4", "t5")
+    h = list(torrents)
+    torrents[h[1]].info["state"] = "stalledUP"  # seeding
+    torrents[h[0]].info.update(state="downloading", progress=0.5)
+    torrents[h[2]].info["tags"] = "no-sync"  # excluded: never probed
+    torrents[h[4]].info["state"] = "stoppedDL"  # paused download: not syncable
+    have = {h[0]: 5, h[1]: 10}  # the destination has more of h[1]
+
+    def init(msg: InitTorrent) -> InitResult:
+        if not msg.probe:
+            return InitResult(SyncStatus.READY)  # tracking: everything needed
+        assert not msg.files  # a probe creates nothing on the destination
+        if msg.info_hash == h[3]:
             return InitResult(SyncStatus.COMPLETE)
-        if msg.info_hash == H[5]:
+        if msg.info_hash == h[5]:
             return InitResult(SyncStatus.VERIFYING)
         return InitResult(SyncStatus.READY, pieces_have_count=have[msg.info_hash])
 
-    orch, qb, pool, _, _ = make(tmp_path, torrents, {"InitTorrent": probe})
-    orch.cache.load()
-    tracked: list[str] = []
+    rig = make(tmp_path, torrents, {InitTorrent: init})
+    async with running(rig):
 
-    async def fake_track(h: str, info: dict[str, Any], **kw: Any) -> None:
-        tracked.append(h)
+        def tracked() -> list[str]:  # a full InitTorrent is what tracking sends
+            return [m.info_hash for m in rig.dest.of_type(InitTorrent) if not m.probe]
 
-    orch._track = fake_track
-    await orch.cycle()
-    assert tracked == [H[1], H[0]]  # most data on the destination first
-    assert sorted(m.info_hash for m in pool.requests) == sorted([H[0], H[1], H[3], H[5]])
-    assert H[3] in orch.cache and qb.tags == [(H[3], ["synced"])]
-    # Probed again only after --sleep; the complete one never again.
-    pool.requests.clear()
-    tracked.clear()
-    await orch.cycle()
-    assert [m.info_hash for m in pool.requests] == [H[0], H[1]]
-
-
-async def test_discovery_stops_when_destination_unreachable(tmp_path):
-    torrents = {H[0]: torrent(H[0]), H[1]: torrent(H[1])}
-    orch, _, pool, _, _ = make(tmp_path, torrents, {"InitTorrent": DestinationUnavailable()})
-    orch.cache.load()
-    await orch.cycle()
-    assert len(pool.requests) == 1  # gave up for this cycle after the first outage
+        await eventually(lambda: len(tracked()) == 2 and rig.qb.tags)  # the first cycle
+        probes = [m.info_hash for m in rig.dest.of_type(InitTorrent) if m.probe]
+        assert sorted(probes) == sorted([h[0], h[1], h[3], h[5]])
+        # most data on the destination first
+        assert tracked() == [h[1], h[0]]
+        assert h[3] in rig.orch.cache and rig.qb.tags == [(h[3], ["synced"])]
+        # Probed again only after --sleep (1 s); the complete one never again.
+        rig.dest.requests.clear()
+        await eventually(lambda: rig.dest.requests)
+        await trio.sleep(3)
+        assert {m.info_hash for m in rig.dest.of_type(InitTorrent) if m.probe} == {h[5]}
 
 
-def _complete_torrent(registry: Registry, h: str) -> Any:
-    meta = type("M", (), {})()
-    meta.info_hash, meta.name, meta.num_pieces = h, "t", 1
-    meta.fingerprint, meta.selected_size, meta.partial, meta.save_sub_path = "0", 1, False, ""
-    meta.torrent_file = b""
-    meta.locate = lambda mapper, info: False
-    t = registry.add(cast(Any, meta), PieceTracker(1), since=0)
-    t.tracker.apply_needed(None)
-    t.init_generation = 1
-    return t
+async def test_discovery_stops_when_destination_unreachable(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    torrents = on_disk(tmp_path, "t0", "t1", state="downloading", progress=0.5)
+    rig = make(tmp_path, torrents, {InitTorrent: DestinationUnavailable()})
+    async with running(rig):
+        await eventually(lambda: rig.dest.requests)
+        await trio.sleep(0.5)  # less than --sleep: still the first cycle's outcome
+        assert len(rig.dest.requests) == 1  # gave up for this cycle after the first outage
 
 
-async def test_finalize_verifying_polls_then_synced_and_tagged(tmp_path):
+async def test_finalize_verifying_polls_then_synced_and_tagged(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     answers = iter(
         [FinalizeResult(SyncStatus.VERIFYING)] * 2 + [FinalizeResult(SyncStatus.COMPLETE)]
     )
-    torrents = {H[0]: torrent(H[0], state="stalledUP", progress=1, category="tv", tags="x, y")}
-    orch, qb, pool, _, registry = make(tmp_path, torrents, {"Finalize": lambda m: next(answers)})
-    orch.cache.load()
-    _complete_torrent(registry, H[0])
-    orch._discover = _noop
-    with trio.fail_after(10):
-        while H[0] in registry:
-            await orch.cycle()
-            await trio.sleep(0.3)
-    finals = [m for m in pool.requests if isinstance(m, Finalize)]
+    torrents = on_disk(tmp_path, "t0", category="tv", tags="x, y")
+    (h,) = torrents
+    rig = make(tmp_path, torrents, {Finalize: lambda m: next(answers), InitTorrent: NOTHING_NEEDED})
+    streamed(rig, h)
+    async with running(rig):
+        await eventually(lambda: h not in rig.registry)
+    finals = rig.dest.of_type(Finalize)
     assert len(finals) == 3 and finals[0].category == "tv" and finals[0].tags == ("x", "y")
-    assert orch.cache.get(H[0]) == "0"
-    assert qb.tags == [(H[0], ["synced"])]
+    assert rig.orch.cache.get(h) == "0"
+    assert rig.qb.tags == [(h, ["synced"])]
 
 
-async def test_finalize_failures_cap_at_three_then_sync_failed(tmp_path):
-    torrents = {H[0]: torrent(H[0], state="stalledUP", progress=1)}
+async def test_finalize_failures_cap_at_three_then_sync_failed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    torrents = on_disk(tmp_path, "t0")
+    (h,) = torrents
     fail = WireError(ErrorCode.VERIFY_FAILED, "recheck stopped at 99%")
-    orch, qb, pool, _, registry = make(
+    rig = make(
         tmp_path,
         torrents,
-        {
-            "Finalize": fail,
-            "InitTorrent": InitResult(SyncStatus.READY, b"\x00", 0, 1),
-        },
+        {Finalize: fail, InitTorrent: NOTHING_NEEDED},
     )
-    orch.cache.load()
-    t = _complete_torrent(registry, H[0])
-    t.meta.init_request = lambda resync=False: InitTorrent(H[0])
-    orch._discover = _noop
-    with trio.fail_after(30):
-        while H[0] in registry:
-            t.next_finalize_at = 0
-            await orch.cycle()
-    assert sum(isinstance(m, Finalize) for m in pool.requests) == 3
-    assert qb.tags == [(H[0], ["sync-failed"])]
-    assert H[0] not in orch.cache
+    streamed(rig, h)
+    async with running(rig):
+        await eventually(lambda: h not in rig.registry)
+    assert len(rig.dest.of_type(Finalize)) == 3
+    assert rig.qb.tags == [(h, ["sync-failed"])]
+    assert h not in rig.orch.cache
 
 
-async def test_destination_outage_during_finalize_is_not_a_failure(tmp_path):
-    torrents = {H[0]: torrent(H[0], state="stalledUP", progress=1)}
-    orch, qb, _, _, registry = make(tmp_path, torrents, {"Finalize": ConnectionClosed()})
-    orch.cache.load()
-    t = _complete_torrent(registry, H[0])
-    orch._discover = _noop
-    for _ in range(5):
-        t.next_finalize_at = 0
-        await orch.cycle()
-    assert t.finalize_failures == 0 and H[0] in registry and not qb.tags
+async def test_destination_outage_during_finalize_is_not_a_failure(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    torrents = on_disk(tmp_path, "t0")
+    (h,) = torrents
+    rig = make(tmp_path, torrents, {Finalize: ConnectionClosed(), InitTorrent: NOTHING_NEEDED})
+    t = streamed(rig, h)
+    async with running(rig):
+        await eventually(lambda: len(rig.dest.of_type(Finalize)) >= 3)  # each hits the outage
+    assert len(rig.dest.of_type(Finalize)) >= 3
+    assert t.finalize_failures == 0 and h in rig.registry and not rig.qb.tags
 
 
-async def test_exclusion_and_removal_abort_mid_sync_but_keep_synced_entries(tmp_path):
-    torrents = {H[0]: torrent(H[0]), H[1]: torrent(H[1])}
-    orch, _, pool, monitor, registry = make(
-        tmp_path, torrents, {"Abort": lambda m: type("R", (), {"existed": True})()}
-    )
-    orch.cache.load()
-    await orch.cache.put(H[2], "0")  # synced earlier; excluded later: entry must stay
-    monitor.torrents[H[2]] = torrent(H[2], tags="no-sync")
-    for h in (H[0], H[1]):
-        t = _complete_torrent(registry, h)
-        t.tracker = PieceTracker(2)  # mid-sync
-    orch._discover = _noop
-    monitor.torrents[H[0]]["tags"] = "no-sync"
-    del monitor.torrents[H[1]]
-    orch.on_update(
-        MaindataUpdate(False, {H[0]: frozenset({"tags"})}, frozenset(), frozenset({H[1]}))
-    )
-    await orch.cycle()
-    aborted = sorted(m.info_hash for m in pool.requests if isinstance(m, Abort))
-    assert aborted == [H[0], H[1]] and all(m.delete_files for m in pool.requests)
-    assert len(registry) == 0
-    assert H[2] in orch.cache
+async def test_exclusion_and_removal_abort_mid_sync_but_keep_synced_entries(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    torrents = on_disk(tmp_path, "t0", "t1", "t2")
+    h = list(torrents)
+    rig = make(tmp_path, torrents, {Abort: AbortResult(existed=True)})
+    await rig.orch.cache.put(h[2], "0")  # synced earlier; excluded later: entry must stay
+    rig.monitor.torrents[h[2]]["tags"] = "no-sync"
+    mid_sync(rig, h[0])
+    mid_sync(rig, h[1])
+    async with running(rig):
+        rig.monitor.torrents[h[0]]["tags"] = "no-sync"
+        del rig.monitor.torrents[h[1]]
+        # what the monitor reports for those two changes
+        rig.orch.on_update(
+            MaindataUpdate(False, {h[0]: frozenset({"tags"})}, frozenset(), frozenset({h[1]}))
+        )
+        await eventually(lambda: len(rig.dest.of_type(Abort)) == 2)
+    aborts = rig.dest.of_type(Abort)
+    assert sorted(m.info_hash for m in aborts) == sorted([h[0], h[1]])
+    assert all(m.delete_files for m in aborts)
+    assert len(rig.registry) == 0
+    assert h[2] in rig.orch.cache
 
 
-async def test_dry_run_never_mutates(tmp_path):
-    torrents = {H[0]: torrent(H[0]), H[1]: torrent(H[1])}
+async def test_dry_run_never_mutates(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    torrents = on_disk(tmp_path, "t0", "t1")
+    h = list(torrents)
 
     def probe(msg: InitTorrent) -> InitResult:
         assert msg.probe
-        if msg.info_hash == H[1]:
+        if msg.info_hash == h[1]:
             return InitResult(SyncStatus.COMPLETE)
         return InitResult(SyncStatus.READY)
 
-    orch, qb, pool, _, registry = make(tmp_path, torrents, {"InitTorrent": probe}, dry_run="true")
-    orch.cache.load()
-    await orch.cycle()
-    assert len(registry) == 0  # nothing tracked, so nothing is ever sent
-    assert all(isinstance(m, InitTorrent) and m.probe for m in pool.requests)
-    assert qb.tags == []
+    rig = make(tmp_path, torrents, {InitTorrent: probe}, dry_run="true")
+    async with running(rig):
+        await eventually(lambda: len(rig.dest.requests) >= 2)
+        await trio.sleep(3)  # a few more cycles
+    assert len(rig.registry) == 0  # nothing tracked, so nothing is ever sent
+    assert rig.dest.requests and all(
+        isinstance(m, InitTorrent) and m.probe for m in rig.dest.requests
+    )
+    assert rig.qb.tags == []
     assert not (tmp_path / "state").exists()
 
 
-async def _noop() -> None:
-    return None
+async def test_abort_deferred_while_unreachable_then_sent(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    torrents = on_disk(tmp_path, "t0")
+    (h,) = torrents
+    rig = make(tmp_path, torrents, {Abort: AbortResult(existed=True)})
+    mid_sync(rig, h)
+    async with running(rig):
+        rig.dest.go_down()  # destination down when the exclusion tag shows up
+        await eventually(lambda: rig.pool.connected == 0)
+        rig.monitor.torrents[h]["tags"] = "no-sync"
+        rig.orch.on_update(
+            MaindataUpdate(False, {h: frozenset({"tags"})}, frozenset(), frozenset())
+        )
+        await eventually(lambda: len(rig.registry) == 0)
+        await trio.sleep(3)
+        assert not rig.dest.requests  # untracked, abort deferred
+        rig.dest.down = False  # the pool reconnects on its own
+        await eventually(lambda: rig.dest.requests)
+        await trio.sleep(5)
+        assert [type(m) for m in rig.dest.requests] == [Abort]  # sent once, not again
 
 
-async def test_abort_deferred_while_unreachable_then_sent(tmp_path):
-    torrents = {H[0]: torrent(H[0], tags="no-sync")}
-    orch, _, pool, _, registry = make(
-        tmp_path, torrents, {"Abort": lambda m: type("R", (), {"existed": True})()}
-    )
-    orch.cache.load()
-    t = _complete_torrent(registry, H[0])
-    t.tracker = PieceTracker(2)  # mid-sync
-    orch._discover = _noop
-    pool.connected = 0  # destination down when the exclusion tag shows up
-    await orch.cycle()
-    assert len(registry) == 0 and not pool.requests  # untracked now, abort deferred
-    await orch.cycle()
-    assert not pool.requests
-    pool.connected = 1
-    await orch.cycle()
-    assert [type(m).__name__ for m in pool.requests] == ["Abort"]
-    await orch.cycle()
-    assert len(pool.requests) == 1  # sent once
-
-
-async def test_synced_torrent_removed_from_source_is_started_on_destination(tmp_path):
-    """source.md §11.7: the destination takes over seeding; a failed StartTorrent keeps the
-    completion-cache entry so the handoff is retried (at maintenance), a success drops it."""
+async def test_synced_torrent_removed_from_source_is_started_on_destination(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The destination takes over seeding; a failed StartTorrent keeps the completion-cache
+    entry so the hand-off is retried at maintenance, a success drops it."""
+    h = "ab" * 20
     answers: list[Any] = [WireError(ErrorCode.QB_ERROR, "qBittorrent down"), StartResult(True)]
-    orch, _, pool, _, _ = make(tmp_path, {}, {"StartTorrent": lambda m: answers.pop(0)})
-    orch.cache.load()
-    await orch.cache.put(H[0], "0")
-    orch.on_removed(H[0])
-    await orch.cycle()
-    assert [(type(m).__name__, m.tag) for m in pool.requests] == [
-        ("StartTorrent", "source-removed")
-    ]
-    assert H[0] in orch.cache  # kept: retried later
-    await orch._maintenance()  # the maintenance pass hands over what is cached but gone
-    assert len(pool.requests) == 2 and H[0] not in orch.cache
+    rig = make(tmp_path, {}, {StartTorrent: lambda m: answers.pop(0)})
+    await rig.orch.cache.put(h, "0")
+    async with running(rig):
+        rig.orch.on_removed(h)  # as the monitor reports it
+        await eventually(lambda: rig.dest.of_type(StartTorrent))
+        assert [(m.info_hash, m.tag) for m in rig.dest.of_type(StartTorrent)] == [
+            (h, "source-removed")
+        ]
+        assert h in rig.orch.cache  # kept: retried later
+        await trio.sleep(0.9 * MAINTENANCE_EVERY)  # --sleep is 1 s
+        assert h in rig.orch.cache and len(rig.dest.of_type(StartTorrent)) == 1
+        await eventually(lambda: h not in rig.orch.cache)  # the maintenance pass retries
+        assert len(rig.dest.of_type(StartTorrent)) == 2
     stored = json.loads((tmp_path / "state" / "completed_on_dest.json").read_text())
-    assert H[0] not in stored
+    assert h not in stored
