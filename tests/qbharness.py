@@ -1,10 +1,10 @@
 """Test harness: real qbittorrent-nox instances and real qbsync processes on loopback.
 
-Everything here follows ``shared/spec/qbittorrent-harness.md``: every qBittorrent instance gets
-a *generated* profile written before its first start (a default profile would enable DHT, LSD,
-UPnP and a GeoIP download from the internet), listens only on 127.0.0.1 with ports from
-:func:`free_port`, and is stopped by its own PID. Several helpers run test suites at the same
-time on this machine, so nothing here uses a fixed port, a fixed path or a broad ``pkill``.
+Every qBittorrent instance gets a *generated* profile written before its first start (a
+default profile would enable DHT, LSD, UPnP and a GeoIP download from the internet), listens
+only on 127.0.0.1 with ports from :func:`free_port`, and is stopped by its own PID. Several
+helpers run test suites at the same time on this machine, so nothing here uses a fixed port, a
+fixed path or a broad ``pkill``.
 
 The pytest fixtures that wrap these classes (``qb_factory``, ``seeded_torrent``,
 ``qbsync_factory``) live in ``tests/integration/conftest.py``.

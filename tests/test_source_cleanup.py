@@ -186,7 +186,7 @@ async def test_drain_runs_under_its_deadline_and_resets_the_gauge(tmp_path, auto
     class HungCleanup:
         async def run_pass(self, torrents: Any, *, free_bytes: Any, draining: bool) -> None:
             assert draining and free_bytes is None
-            assert list(torrents) == [t("a")]  # a fresh list, not the last cycle's (D8)
+            assert list(torrents) == [t("a")]  # a fresh list, not the last cycle's
             started.set()
             await trio.sleep_forever()
 

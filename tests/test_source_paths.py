@@ -1,4 +1,4 @@
-"""Path mapping and save_sub_path (source.md §3.5, §11 items 3-5)."""
+"""Path mapping and save_sub_path (docs/design-decisions.md#content-path-is-authoritative)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The per-piece state machine and the shared queue (fixes D3: each piece queued once)."""
+"""The per-piece state machine and the shared queue: each piece is queued once
+(docs/design-decisions.md#each-piece-queued-once)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ Endpoints (``GET`` and ``HEAD`` only):
 ``/livez``
     The event loop and every supervised loop are alive: each loop calls
     :meth:`Health.heartbeat` and a stale heartbeat fails the probe, as does any live check.
-    It never depends on qBittorrent (defect D of the Go reference, whose liveness probe
-    restarted healthy daemons whenever qBittorrent was slow).
+    It never depends on qBittorrent (the Go reference's liveness probe restarted healthy
+    daemons whenever qBittorrent was slow; see
+    docs/design-decisions.md#liveness-never-depends-on-qbittorrent).
 ``/readyz``
     503 ``{"status": "not ready"}`` until the runner calls :meth:`Health.mark_ready`; then
     every ready check (qBittorrent reachable, listener up, ...) must pass within its timeout.

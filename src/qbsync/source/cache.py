@@ -1,9 +1,11 @@
 """The completion cache: torrents known to be finalized on the destination.
 
 Persisted as one JSON object ``{info_hash: fingerprint}`` in ``--state-dir`` (not in
-``--data``, which may be mounted read-only, source.md §2.5/§13). The fingerprint is the
-comma-joined indices of the selected files ("" = unknown: filled in at the next check instead
-of forcing a resync, fixing D4).
+``--data``, which may be mounted read-only; see
+docs/design-decisions.md#completion-cache-in-state-dir). The fingerprint is the comma-joined
+indices of the selected files ("" = unknown: filled in at the next check instead of forcing a
+resync, docs/design-decisions.md#unknown-fingerprint-is-filled-in).
+The file format is in docs/state-format.md.
 
 Writes are atomic (temp file, fsync, rename, fsync directory), so a crash leaves the old or
 the new file, never a torn one. Saving runs in a thread; callers await it.

@@ -3,7 +3,7 @@
 A *handoff* of one torrent is: stop it on the source, start it on the destination
 (``StartTorrent`` with ``--source-removed-tag``), delete it from the source with its files.
 In that order, so the two never seed at once and the torrent never ends up seeded by nobody:
-if the destination cannot start it, the source is resumed (source.md §7.5).
+if the destination cannot start it, the source is resumed (docs/design-decisions.md#handoff-order).
 
 Cleanup runs in an orchestrator cycle while qBittorrent's free space (``server_state`` of the
 monitor's feed: no extra request) is below ``--min-space``. Candidates are synced torrents
@@ -17,7 +17,8 @@ estimated, not re-read) reaches ``--min-space``.
 
 The drain (SIGTERM, gated by the pod annotation, see :mod:`qbsync.k8s`) is one pass in
 *draining* mode: free space, seeding time and the exclude-cleanup tag are ignored; the synced
-tag and the completion cache are still required. It reads a fresh torrent list (D8).
+tag and the completion cache are still required. It reads a fresh torrent list
+(docs/design-decisions.md#fresh-torrent-list-for-drain).
 """
 
 from __future__ import annotations

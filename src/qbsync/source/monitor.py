@@ -7,7 +7,8 @@ local picture of every torrent. Then, for tracked torrents only, and only those 
 :data:`~qbsync.source.state.FOLLOW_UPS`), it fetches ``torrents/pieceStates`` and queues the
 pieces that became ready. An idle source therefore costs two small requests per second,
 independent of how many torrents qBittorrent holds (the Go reference polled every monitored
-torrent every 500 ms and re-queued every unacknowledged piece each time, D3).
+torrent every 500 ms and re-queued every unacknowledged piece each time; see
+docs/design-decisions.md#each-piece-queued-once).
 
 The merged picture doubles as the orchestrator's torrent list, so the orchestrator's cycles
 cost no ``torrents/info`` call either. Removals come from the raw delta's ``torrents_removed``

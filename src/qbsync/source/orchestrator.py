@@ -10,7 +10,8 @@ A cycle (each step logs and survives its own errors):
 1. **Removals** reported by the monitor: a torrent removed mid-sync is untracked and aborted
    on the destination (its partial data deleted), unless every piece had already been sent,
    in which case it is finalized anyway from the last known tags/category and handed over
-   with ``StartTorrent`` (fixing D7). A removed torrent that was already synced is started
+   with ``StartTorrent`` (docs/design-decisions.md#finalize-streamed-removals). A removed torrent
+   that was already synced is started
    on the destination with ``--source-removed-tag``.
 2. **Exclusions**: a tracked torrent that got ``--exclude-sync-tag`` is untracked and aborted
    on the destination; one that got ``--sync-failed-tag`` is untracked. Synced torrents keep
@@ -344,7 +345,7 @@ class Orchestrator:
             if t is None:
                 continue
             if t.tracker.complete and not self.dry_run:
-                # Every piece is on the destination: finalize anyway (D7), then hand over.
+                # Every piece is on the destination: finalize anyway, then hand over.
                 self._orphans.add(h)
                 log.info("event=torrent_removed_streamed hash=%s action=finalize", h)
                 continue
@@ -455,7 +456,7 @@ class Orchestrator:
         if stored is None or stored == fp:
             return
         if stored == "":
-            await self.cache.put(h, fp)  # unknown fingerprint: fill it in, no resync (D4)
+            await self.cache.put(h, fp)  # unknown fingerprint: fill it in, no resync
             return
         log.info(
             "event=selection_changed hash=%s old=%s new=%s action=resync",
@@ -537,7 +538,9 @@ class Orchestrator:
         try:
             fp = fingerprint(await self.qb.files(h))
         except QBError:
-            fp = ""  # unknown: filled in later, never a reason to resync (D4)
+            # Unknown: filled in later, never a reason to resync
+            # (docs/design-decisions.md#unknown-fingerprint-is-filled-in).
+            fp = ""
         await self.cache.put(h, fp)
         log.info("event=torrent_complete_on_destination hash=%s", h)
         await self._tag(h, self.config.synced_tag)

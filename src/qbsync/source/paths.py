@@ -9,7 +9,8 @@ process sees qBittorrent's default save path. Everything here is pure string/pat
 * category sub-directories and nested categories (``media/movies``);
 * the temp download path (``temp_path_enabled``) inside or beside the default save path;
 * ``save_path`` drifting away from the real location after "Set Location" or Auto-TMM moves,
-  which is why the authoritative location is derived from ``content_path`` (source.md §3.5).
+  which is why the authoritative location is derived from ``content_path`` (see
+  docs/design-decisions.md#content-path-is-authoritative).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def relative(path: str, root: str) -> str:
 
 
 def content_parent(content_path: str, save_path: str, file_names: Sequence[str]) -> str:
-    """The directory that qBittorrent's file names are relative to (source.md §3.5).
+    """The directory that qBittorrent's file names are relative to (the rule is in
+    docs/design-decisions.md#content-path-is-authoritative).
 
     ``file_names`` are the names ``torrents/files`` reports (they include the root folder of a
     multi-file torrent, if it has one). Falls back to the cleaned ``save_path`` when the

@@ -4,7 +4,7 @@ Each connection lives in its own task (a *slot*) under the pool's nursery. A slo
 with :func:`qbsync.wire.open_connection`, serves senders until the connection ends, then
 waits a jittered exponential backoff (up to ``--reconnect-max-delay``) and connects again.
 The backoff resets once a connection has stayed up for :data:`HEALTHY_AFTER` seconds, so an
-error days later starts again at half a second (the Go reference never reset it, D2).
+error days later starts again at half a second (docs/design-decisions.md#reconnect-backoff-resets).
 
 A failed handshake is logged with its stable code: a wrong token logs ``code=auth-failed``
 at error level on every attempt (rate-limited to the backoff), transfers nothing, and keeps

@@ -42,7 +42,8 @@ class TokenBucket:
 
 
 class Backoff:
-    """Jittered exponential backoff for reconnects (fixes D2: it *does* reset).
+    """Jittered exponential backoff for reconnects; it *does* reset
+    (docs/design-decisions.md#reconnect-backoff-resets).
 
     ``next_delay()`` returns base, 2*base, 4*base ... capped at ``maximum``, each multiplied
     by a random factor in [1 - jitter, 1 + jitter] (and never above ``maximum``). Callers call

@@ -4,7 +4,8 @@
   the buffer goes to the wire as a ``memoryview`` and back to the pool after the ack.
 * File handles are cached per (torrent, path), shared by concurrent reads (positional reads
   need no seek), bounded by an LRU (``max_handles``), and closed when the torrent stops being
-  tracked (fixes D6: no leaked handles keeping deleted files' space allocated).
+  tracked: no leaked handles keeping deleted files' space allocated
+  (docs/design-decisions.md#handles-closed-on-untrack).
 * qBittorrent's "append .!qB to incomplete files" option: a file is opened under its final
   name or, failing that, with the ``.!qB`` suffix. An open handle survives the rename qB does
   when the file completes (same inode).

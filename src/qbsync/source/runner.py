@@ -202,7 +202,8 @@ async def _drain(config: SourceConfig, qb: QB, orchestrator: Orchestrator) -> No
     """The SIGTERM drain: hand every synced torrent to the destination, if the gate allows.
 
     The whole drain -- annotation lookup included -- runs under ``--drain-timeout``. It reads
-    a fresh torrent list (not the last cycle's, D8).
+    a fresh torrent list, not the last cycle's
+    (docs/design-decisions.md#fresh-torrent-list-for-drain).
     """
     with trio.move_on_after(config.drain_timeout) as scope:
         decision = await drain_decision(config.drain_annotation)

@@ -1,7 +1,8 @@
 """The tracked set: torrents currently being streamed, shared by monitor, senders and orchestrator.
 
-Only the orchestrator adds or removes entries (fixing D5: the monitor no longer starts
-streaming torrents on its own, bypassing the exclusion tags and the completion cache). The
+Only the orchestrator adds or removes entries: the monitor never starts streaming torrents on
+its own, bypassing the exclusion tags and the completion cache
+(docs/design-decisions.md#only-the-orchestrator-tracks). The
 monitor and the senders look entries up by hash and must cope with an entry disappearing
 between two awaits: every ``Tracked`` carries ``active``, cleared when it is untracked, and
 pieces of an inactive entry are dropped.

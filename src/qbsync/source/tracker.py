@@ -1,9 +1,9 @@
 """Per-torrent piece bookkeeping and the shared piece queue.
 
 The Go reference re-queued every downloaded-but-unacknowledged piece on every 500 ms poll,
-including pieces already in flight (D3), and relied on the destination to acknowledge the
+including pieces already in flight, and relied on the destination to acknowledge the
 duplicates. Here each piece is in exactly one of these states, and moves between them only
-on explicit events:
+on explicit events (docs/design-decisions.md#each-piece-queued-once):
 
 ``waiting``  not downloaded yet (or not yet seen as downloaded)
 ``pending``  downloaded, queued, not yet taken by a sender
