@@ -394,7 +394,7 @@ class Orchestrator:
             "event=torrent_aborted hash=%s reason=%s existed=%s",
             h,
             reason,
-            str(getattr(result, "existed", "")).lower(),
+            str(result.existed).lower(),
         )
 
     # -- 2. exclusions ----------------------------------------------------------------------
