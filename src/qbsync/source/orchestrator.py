@@ -677,7 +677,7 @@ class Orchestrator:
             kv(exc.message or str(exc)),
         )
         if t.finalize_failures >= MAX_FINALIZE_FAILURES:
-            await self._sync_failed(t, exc.code.value)
+            await self._sync_failed(t, exc.code)
             return
         t.next_finalize_at = trio.current_time() + min(
             self.config.sleep, 2.0 * 2 ** (t.finalize_failures - 1)
@@ -731,7 +731,7 @@ class Orchestrator:
         await self.cache.put(h, t.meta.fingerprint)
         await self._tag(h, self.config.synced_tag)
 
-    async def _sync_failed(self, t: Tracked, code: str) -> None:
+    async def _sync_failed(self, t: Tracked, code: ErrorCode) -> None:
         h = t.info_hash
         orphan = h in self._orphans
         self._untrack(h)
