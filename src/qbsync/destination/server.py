@@ -23,8 +23,8 @@ Dry run (``--dry-run``), the contract:
 * **Finalize** answers COMPLETE once every needed piece arrived intact during this run and
   logs what it would have done (rename, add stopped to qBittorrent, recheck, tag); otherwise
   ``incomplete``;
-* **Abort** forgets the in-memory state and logs what it would delete; **StartTorrent** logs
-  and answers ``started=False`` (so a source never hands seeding to a dry-run destination).
+* **Abort** forgets the in-memory state and logs what it would delete; **StartTorrent** runs
+  its checks, logs and answers ``started=False`` (a source deletes nothing on that answer).
 
 Nothing is ever written under ``--data`` and no qBittorrent call that changes anything is
 made.
@@ -39,7 +39,7 @@ from typing import Any
 import trio
 
 from .. import metrics, paths
-from ..qb import QB, QBError
+from ..qb import ERROR_STATES, QB, QBError
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import (
@@ -57,8 +57,16 @@ from ..wire.messages import (
     valid_info_hash,
 )
 from .finalizer import FinalizeJob, Finalizer
-from .state import META_NAME, FileMeta, Phase, TorrentState, load_meta, read_optional
-from .store import Store, new_meta, newest_mtime, paths_kv
+from .state import (
+    META_NAME,
+    FileMeta,
+    Phase,
+    TorrentMeta,
+    TorrentState,
+    load_meta,
+    read_optional,
+)
+from .store import Store, build_files, new_meta, newest_mtime, paths_kv
 from .writer import Writer
 
 log = logging.getLogger("qbsync.destination.server")
@@ -69,6 +77,11 @@ MAX_FILES = 1_000_000
 INIT_INLINE_WAIT = 5.0  # Init waits this long for a scan before answering VERIFYING
 FINALIZE_INLINE_WAIT = 5.0  # Finalize waits this long for the job before answering VERIFYING
 ORPHAN_AGE = 24 * 3600.0
+START_CONFIRM_TIMEOUT = 20.0  # a started torrent must seed by then (the source waits 30 s)
+START_POLL = 0.25
+# Seeding for real: a started torrent whose data qBittorrent serves (``stoppedUP`` does not
+# count: it is what a stopped torrent shows even after its files were deleted).
+ACTIVE_SEEDING_STATES = frozenset({"uploading", "stalledUP", "forcedUP", "queuedUP"})
 
 Request = InitTorrent | Finalize | Abort | StartTorrent
 Response = InitResult | FinalizeResult | AbortResult | StartResult
@@ -206,15 +219,48 @@ class DestinationServer:
 
     async def init(self, req: InitTorrent) -> InitResult:
         h = normalize_hash(req.info_hash)
+        # Validate, then act: everything a request carries is checked before any state of this
+        # torrent (its marker, its qBittorrent entry, its state directory) is changed, so a
+        # refused request leaves the destination exactly as it was.
+        checked: tuple[Metainfo, list[FileMeta], TorrentMeta] | None = None
+        if req.files and not req.probe:
+            metainfo = await self._validate_init(req, h)
+            files = [FileMeta(f.path, f.size, f.selected, f.device, f.inode) for f in req.files]
+            meta = new_meta(h, req.name or metainfo.name, req.save_sub_path, files)
+            try:
+                self.store.check_claims(h, build_files(metainfo, files, req.save_sub_path))
+            except WireError as exc:
+                if exc.code in _COUNTED:
+                    metrics.rejected_requests.labels(exc.code.value).inc()
+                raise
+            checked = (metainfo, files, meta)
         async with self.store.lock(h):
             state = self.store.torrents.get(h)
-            if req.resync and req.files:
+            marker = None
+            if h not in self.dry_finalized:
+                marker = await trio.to_thread.run_sync(self.store.read_marker, h)
+            broken: str | None = None
+            if state is None and marker is not None:
+                broken = await trio.to_thread.run_sync(self.store.copy_problem, marker)
+            if req.resync and checked is not None and (state is not None or marker is not None):
+                # Only a torrent qbsync has state or a marker for is wiped: a resync of any
+                # other hash is a plain init and never touches qBittorrent.
                 await self._wipe(h, state, reason="resync")
-                state = None
-            if state is None and (h in self.dry_finalized or self.store.has_marker(h)):
+                state, marker, broken = None, None, None
+            if state is None and (h in self.dry_finalized or (marker is not None and not broken)):
                 return InitResult(SyncStatus.COMPLETE)
+            if broken:
+                log.warning("event=finalized_copy_broken hash=%s reason=%s", h, paths_kv(broken))
+                if checked is None:
+                    return InitResult(SyncStatus.READY, b"", -1, 0)
+                # The files qBittorrent was told about are gone: sync them again.
+                await self._wipe(h, None, reason="copy-broken")
             qb_status = await self.finalizer.qb_status(h)
-            if qb_status is not None and (state is None or state.phase is not Phase.FINALIZING):
+            if (
+                qb_status is not None
+                and not broken
+                and (state is None or state.phase is not Phase.FINALIZING)
+            ):
                 if qb_status is SyncStatus.COMPLETE and state is not None and not self.dry_run:
                     # Verified in qBittorrent but the marker was never written (a crash in
                     # between): record it now instead of keeping a dead state around. Its
@@ -224,18 +270,16 @@ class DestinationServer:
                     await self.store.write_marker(state)
                     log.info("event=marker_recovered hash=%s", h)
                 return InitResult(qb_status)
-            if state is not None and req.files and not req.probe:
+            if state is not None and checked is not None:
                 wanted = tuple((f.path, f.size, f.selected) for f in req.files)
                 if wanted != state.selection_key():
                     log.info("event=selection_changed hash=%s action=resync", h)
                     await self._wipe(h, state, reason="selection-changed")
                     state = None
             if state is None:
-                if req.probe or not req.files:
+                if checked is None:
                     return InitResult(SyncStatus.READY, b"", -1, 0)
-                metainfo = validate_init(req, h, max_piece=self.max_piece)
-                files = [FileMeta(f.path, f.size, f.selected, f.device, f.inode) for f in req.files]
-                meta = new_meta(h, req.name or metainfo.name, req.save_sub_path, files)
+                metainfo, files, meta = checked
                 try:
                     state = await self.store.create(meta, metainfo, fresh=True)
                 except WireError as exc:
@@ -253,6 +297,9 @@ class DestinationServer:
                     str(self.dry_run).lower(),
                 )
             return await self._ready(state)
+
+    async def _validate_init(self, req: InitTorrent, info_hash: str) -> Metainfo:
+        return validate_init(req, info_hash, max_piece=self.max_piece)
 
     async def _ready(self, state: TorrentState) -> InitResult:
         state.touch()
@@ -278,7 +325,9 @@ class DestinationServer:
             state.phase = Phase.ACTIVE
 
     async def _wipe(self, h: str, state: TorrentState | None, *, reason: str) -> None:
-        """Forget everything about ``h`` except its data files (resync)."""
+        """Forget everything about ``h`` except its data files (resync). Callers only call it
+        for a torrent qbsync tracks or holds a ``.finalized`` marker for, so the qBittorrent
+        entry removed here is one qbsync added."""
         if state is not None:
             await self.store.forget(state)
         self.dry_finalized.discard(h)
@@ -371,30 +420,95 @@ class DestinationServer:
     # -- StartTorrent --------------------------------------------------------------------------
 
     async def start(self, req: StartTorrent) -> StartResult:
+        """Hand seeding over: answer ``started=True`` only for a verified, complete copy that
+        qBittorrent is seen seeding — the source deletes its own copy on that answer.
+
+        Checked in order, each refusal a :class:`WireError` and nothing started: qbsync holds
+        the torrent's ``.finalized`` marker (it verified it here; any other torrent the
+        destination qBittorrent lists is not ours to start) and is not re-syncing it (else
+        ``busy``); every file the marker lists is on disk at its size (else ``not-found``: the
+        copy is gone, the source syncs again); qBittorrent lists it at progress 1.0 in a
+        non-error state (else ``not-found``/``verify-failed``). Then it is started and
+        qBittorrent polled until it reports a seeding state; an error state or no seeding
+        within :data:`START_CONFIRM_TIMEOUT` stops it again and refuses."""
         h = normalize_hash(req.info_hash)
         if self.qb is None:
             raise WireError(ErrorCode.QB_ERROR, "destination qBittorrent not configured")
-        try:
-            info = await self.qb.torrent(h)
-        except QBError as exc:
-            raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
-        if info is None:
-            raise WireError(ErrorCode.NOT_FOUND, "torrent not in the destination qBittorrent")
-        if self.dry_run:
-            log.info("event=dry_run_would_start hash=%s tag=%s", h, paths_kv(req.tag))
-            return StartResult(started=False)
-        try:
-            await self.qb.start(h)
-        except QBError as exc:
-            raise WireError(ErrorCode.QB_ERROR, f"start failed: {exc}") from None
-        if req.tag:
+        qb = self.qb
+        async with self.store.lock(h):
+            if h in self.store.torrents:
+                raise WireError(ErrorCode.BUSY, "the torrent is being synced here: not handing off")
+            marker = await trio.to_thread.run_sync(self.store.read_marker, h)
+            if marker is None:
+                raise WireError(
+                    ErrorCode.NOT_FOUND,
+                    "qbsync holds no verified copy of this torrent here (no .finalized marker)",
+                )
+            problem = await trio.to_thread.run_sync(self.store.copy_problem, marker)
+            if problem is not None:
+                raise WireError(ErrorCode.NOT_FOUND, f"destination copy incomplete: {problem}")
             try:
-                await self.qb.add_tags(h, [req.tag])
+                info = await qb.torrent(h)
             except QBError as exc:
-                metrics.tag_application_errors.labels("destination").inc()
-                log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
-        log.info("event=torrent_started hash=%s tag=%s", h, paths_kv(req.tag))
-        return StartResult(started=True)
+                raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
+            if info is None:
+                raise WireError(ErrorCode.NOT_FOUND, "torrent not in the destination qBittorrent")
+            _check_complete(info, "before start")
+            if self.dry_run:
+                log.info("event=dry_run_would_start hash=%s tag=%s", h, paths_kv(req.tag))
+                return StartResult(started=False)
+            try:
+                await qb.start(h)
+            except QBError as exc:
+                raise WireError(ErrorCode.QB_ERROR, f"start failed: {exc}") from None
+            try:
+                seeding = await self._confirm_seeding(h)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._stop_quietly(h)
+                raise
+            if req.tag:
+                try:
+                    await qb.add_tags(h, [req.tag])
+                except QBError as exc:
+                    metrics.tag_application_errors.labels("destination").inc()
+                    log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
+            log.info("event=torrent_started hash=%s tag=%s state=%s", h, paths_kv(req.tag), seeding)
+            return StartResult(started=True)
+
+    async def _confirm_seeding(self, h: str) -> str:
+        """Poll qBittorrent until it seeds ``h``; its state. Raises on an error state, on
+        progress below 1.0 once checked, or when it does not seed in time."""
+        qb = self.qb
+        assert qb is not None
+        last = ""
+        with trio.move_on_after(START_CONFIRM_TIMEOUT):
+            while True:
+                try:
+                    info = await qb.torrent(h)
+                except QBError as exc:
+                    raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
+                if info is None:
+                    raise WireError(ErrorCode.NOT_FOUND, "torrent left qBittorrent while starting")
+                last = str(info.get("state", ""))
+                if last in ACTIVE_SEEDING_STATES:
+                    _check_complete(info, "after start")
+                    return last
+                if last in ERROR_STATES:
+                    _check_complete(info, "after start")
+                await trio.sleep(START_POLL)
+        raise WireError(
+            ErrorCode.VERIFY_FAILED,
+            f"qBittorrent did not seed within {START_CONFIRM_TIMEOUT:.0f}s (state {last!r})",
+        )
+
+    async def _stop_quietly(self, h: str) -> None:
+        assert self.qb is not None
+        try:
+            await self.qb.stop(h)
+            log.warning("event=start_rolled_back hash=%s", h)
+        except QBError as exc:
+            log.error("event=start_rollback_failed hash=%s error=%s", h, paths_kv(str(exc)))
 
     # -- orphans --------------------------------------------------------------------------------
 
@@ -453,6 +567,20 @@ class DestinationServer:
                 }
             )
         return {"role": "destination", "dry_run": self.dry_run, "torrents": torrents}
+
+
+def _check_complete(info: dict[str, Any], when: str) -> None:
+    """Refuse a hand-off unless qBittorrent reports the torrent whole and healthy."""
+    state = str(info.get("state", ""))
+    progress = float(info.get("progress", 0.0))
+    if state == "missingFiles":
+        raise WireError(ErrorCode.NOT_FOUND, f"qBittorrent reports missingFiles {when}")
+    if state in ERROR_STATES:
+        raise WireError(ErrorCode.VERIFY_FAILED, f"qBittorrent reports {state} {when}")
+    if progress < 1.0:
+        raise WireError(
+            ErrorCode.VERIFY_FAILED, f"qBittorrent reports progress {progress:.4f} {when}"
+        )
 
 
 def _files_from_meta(raw: bytes) -> list[tuple[paths.Parts, int]]:

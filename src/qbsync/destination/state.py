@@ -101,6 +101,9 @@ class FinalizedMarker:
     finalized_at: float
     save_sub_path: str = ""
     files: tuple[FinalizedFile, ...] = ()
+    # Files whose names were given to another torrent after they vanished from disk: the
+    # copy is no longer complete, so it is never handed seeding nor answered "complete".
+    released: tuple[str, ...] = ()
 
 
 def dump_json(obj: Any) -> bytes:

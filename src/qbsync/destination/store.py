@@ -416,6 +416,30 @@ class Store:
     def has_marker(self, info_hash: str) -> bool:
         return (self.meta_dir(info_hash) / FINALIZED_NAME).exists()
 
+    def copy_problem(self, marker: FinalizedMarker) -> str | None:
+        """Why the finalized copy of ``marker``'s torrent is not whole on disk right now, or
+        None when every file it lists is a regular file of the recorded size (blocking).
+
+        This is what stands between a hand-off and the loss of the last copy: qBittorrent
+        keeps showing a stopped torrent at progress 1.0 after its files were deleted, so only
+        a look at the files themselves tells that the copy is gone."""
+        if not marker.files:
+            return "the .finalized marker lists no files (written by an older version)"
+        if marker.released:
+            return f"file {marker.released[0]!r} was deleted and its name given to another torrent"
+        for f in marker.files:
+            parts = _split(f.path)
+            if parts is None:
+                return f"unusable path {f.path!r} in the .finalized marker"
+            try:
+                size = paths.regular_size(self.root, parts)
+            except (OSError, paths.UnsafePathError) as exc:
+                return f"file {f.path!r} cannot be checked: {exc}"
+            if size != f.size:
+                what = "missing" if size is None else f"{size} bytes, not {f.size}"
+                return f"file {f.path!r} is {what}"
+        return None
+
     # -- creation and recovery --------------------------------------------------------------------
 
     async def create(self, meta: TorrentMeta, metainfo: Metainfo, *, fresh: bool) -> TorrentState:
@@ -473,11 +497,12 @@ class Store:
                     self.on_file_complete(state, f)
         return state
 
-    def _claim_paths(self, info_hash: str, files: Sequence[DataFile]) -> None:
-        """Reserve the names ``files`` write (before anything is created), or raise
-        ``unsafe-path`` naming the tracked or finalized torrent that owns one of them."""
-        names = _names(f.parts for f in files if f.selected and f.parts)
-        for name in names:
+    def check_claims(self, info_hash: str, files: Sequence[DataFile]) -> None:
+        """Raise ``unsafe-path`` naming the tracked or finalized torrent that owns one of the
+        names ``files`` write; changes nothing but forgetting owners whose marker is gone.
+        Run before a request acts (a resync wipes state only once the new layout is known to
+        be acceptable)."""
+        for name in _names(f.parts for f in files if f.selected and f.parts):
             owner = self._owner.get(name)
             if owner is not None and owner != info_hash:
                 raise WireError(
@@ -500,6 +525,12 @@ class Store:
                     f"file {'/'.join(name)!r} belongs to finalized torrent {final_owner} "
                     "(qBittorrent seeds from it; it is never replaced): use another sub path",
                 )
+
+    def _claim_paths(self, info_hash: str, files: Sequence[DataFile]) -> None:
+        """Reserve the names ``files`` write (before anything is created), or raise
+        ``unsafe-path`` naming the tracked or finalized torrent that owns one of them."""
+        self.check_claims(info_hash, files)
+        names = _names(f.parts for f in files if f.selected and f.parts)
         self._release_paths(info_hash)
         for name in names:
             self._owner[name] = info_hash
@@ -574,7 +605,10 @@ class Store:
             return None  # removed meanwhile, as above
         dropped = set(released)
         kept = tuple(f for f in marker.files if _split(f.path) not in dropped)
-        atomic_write(mdir, FINALIZED_NAME, dump_json(attrs.evolve(marker, files=kept)))
+        gave = marker.released + tuple("/".join(p) for p in released)
+        atomic_write(
+            mdir, FINALIZED_NAME, dump_json(attrs.evolve(marker, files=kept, released=gave))
+        )
         return released, [p for p in finals if p not in dropped]
 
     def _present(self, parts: paths.Parts) -> bool:
