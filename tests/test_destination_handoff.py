@@ -28,7 +28,7 @@ class FakeQB:
         self.after_start = "stalledUP"
         self.calls: list[tuple[str, str]] = []
 
-    def list(self, h: str) -> None:
+    def register(self, h: str) -> None:
         self.info[h] = {"hash": h, "state": self.state, "progress": self.progress}
 
     async def torrent(self, h: str) -> dict[str, Any] | None:
@@ -46,13 +46,13 @@ class FakeQB:
         self.calls.append(("tag:" + ",".join(tags), h))
 
 
-async def finalized(tmp_path: Path, nursery: trio.Nursery):  # type: ignore[no-untyped-def]
+async def finalized(tmp_path: Path, nursery: trio.Nursery) -> Any:
     t = torrent(tmp_path)
     d = build(tmp_path, nursery)
     await complete(d, t)
     assert (await d.server.finalize(Finalize(t.info_hash))).status == SyncStatus.COMPLETE
     qb = FakeQB()
-    qb.list(t.info_hash)
+    qb.register(t.info_hash)
     d.server.qb = qb  # type: ignore[assignment]
     return t, d, qb
 
@@ -94,7 +94,7 @@ async def test_start_refused_for_a_torrent_qbsync_never_verified(
     d = build(tmp_path, nursery)
     qb = FakeQB()
     foreign = "cd" * 20
-    qb.list(foreign)
+    qb.register(foreign)
     d.server.qb = qb  # type: ignore[assignment]
     assert (await refused(d, foreign)).code == ErrorCode.NOT_FOUND
     assert qb.calls == []

@@ -177,6 +177,17 @@ async def test_destination_copy_missing_resumes_and_forgets_completion(tmp_path)
     assert "a" not in cache
 
 
+async def test_a_torrent_being_resynced_is_never_a_candidate(tmp_path):
+    qb = FakeQB()
+    cleanup, cache, started = make(tmp_path, qb, min_seeding=0)
+    cleanup.syncing = lambda h: h == "a"
+    await cache.put("a", "0")
+    await cache.put("b", "0")
+    result = await cleanup.run_pass([t("a"), t("b")], free_bytes=0, draining=True)
+    assert result is not None and started == ["b"]
+    assert ("stop", "a") not in qb.calls
+
+
 async def test_drain_ignores_space_seeding_and_exclude_cleanup_but_not_synced(tmp_path):
     qb = FakeQB(fail_stop={"z"})
     cleanup, cache, started = make(tmp_path, qb)

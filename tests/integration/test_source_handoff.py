@@ -121,9 +121,8 @@ def test_handoff_to_destination_whose_files_were_deleted_keeps_the_source_copy(r
     dst = rig.dst_qb.info(ih)
     assert dst is not None and float(dst["progress"]) == 1.0  # qBittorrent has not noticed
     source, health = rig.start_source("--min-space", str(1 << 20), "--min-seeding-time", "0")
-    source.wait_for_log("event=handoff_refused", timeout=60)
-    log = source.log_text()
-    assert "reason=not-found" in log and "event=completion_forgotten" in log
+    log = source.wait_for_log("event=completion_forgotten", timeout=60)
+    assert "event=handoff_refused" in log and "reason=not-found" in log
     assert metric(health, "qbsync_handoff_refused_total", {"reason": "not-found"}) >= 1
     assert (rig.src_qb.save_path / rig.seeded.name).exists()
     assert rig.src_qb.info(ih) is not None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -57,6 +58,7 @@ from ..wire.messages import (
     valid_info_hash,
 )
 from .finalizer import FinalizeJob, Finalizer
+from .ownership import OWNED_NAME, Ledger
 from .state import (
     META_NAME,
     FileMeta,
@@ -228,7 +230,12 @@ class DestinationServer:
             files = [FileMeta(f.path, f.size, f.selected, f.device, f.inode) for f in req.files]
             meta = new_meta(h, req.name or metainfo.name, req.save_sub_path, files)
             try:
-                self.store.check_claims(h, build_files(metainfo, files, req.save_sub_path))
+                layout = build_files(metainfo, files, req.save_sub_path)
+                if not self.dry_run:
+                    # Names of finalized torrents whose files are gone are free again (see
+                    # :mod:`.store`): that is about those torrents, true whatever this is.
+                    await self.store.release_vanished(h, layout)
+                self.store.check_claims(h, layout)
             except WireError as exc:
                 if exc.code in _COUNTED:
                     metrics.rejected_requests.labels(exc.code.value).inc()
@@ -302,6 +309,12 @@ class DestinationServer:
         return validate_init(req, info_hash, max_piece=self.max_piece)
 
     async def _ready(self, state: TorrentState) -> InitResult:
+        if state.conflict and not state.is_in(Phase.SCANNING):
+            # A file at one of its names is someone else's and does not verify: refuse, and
+            # remove only what this torrent created (never the foreign file).
+            conflict = state.conflict
+            await self._abort_locked(state.info_hash, delete_files=True, reason="conflict")
+            raise _reject(ErrorCode.CONFLICT, conflict)
         state.touch()
         job: FinalizeJob | None = state.finalize
         if job is not None:
@@ -312,8 +325,10 @@ class DestinationServer:
         if state.phase is Phase.SCANNING and state.scan_done is not None:
             with trio.move_on_after(INIT_INLINE_WAIT):
                 await state.scan_done.wait()
-            if state.phase is Phase.SCANNING:
+            if state.is_in(Phase.SCANNING):
                 return InitResult(SyncStatus.VERIFYING)
+            if state.conflict:
+                return await self._ready(state)
         needed = state.needed()
         count = needed.count()
         return InitResult(SyncStatus.READY, needed.to_bytes(), count, state.num_pieces - count)
@@ -343,7 +358,7 @@ class DestinationServer:
                 raise WireError(
                     ErrorCode.QB_ERROR, f"resync: removing the stale qBittorrent entry: {exc}"
                 ) from None
-        await self.store.wipe_state_dir(h)
+        await self.store.wipe_state_dir(h, keep_ledger=True)
         log.info("event=state_wiped hash=%s reason=%s", h, reason)
 
     # -- Finalize ------------------------------------------------------------------------------
@@ -390,7 +405,9 @@ class DestinationServer:
         self.dry_finalized.discard(h)
         state = self.store.torrents.get(h)
         files: list[tuple[paths.Parts, int]] = []
+        ledger: Ledger
         if state is not None:
+            ledger = state.ledger
             await self.store.forget(state)
             depth = len(paths.split_relative(state.meta.save_sub_path, allow_empty=True))
             files = [(f.parts, depth) for f in state.files if f.selected and f.parts]
@@ -404,6 +421,7 @@ class DestinationServer:
                 return None
             if raw is not None:
                 files = _files_from_meta(raw)
+            ledger = await trio.to_thread.run_sync(Ledger.load, self.store.meta_dir(h))
         if self.dry_run:
             log.info(
                 "event=dry_run_would_delete hash=%s files=%d delete_files=%s",
@@ -412,8 +430,11 @@ class DestinationServer:
                 str(delete_files).lower(),
             )
             return 0
-        removed = await self.store.delete_data(files, info_hash=h) if delete_files else 0
-        await self.store.wipe_state_dir(h)
+        removed = (
+            await self.store.delete_data(files, info_hash=h, ledger=ledger) if delete_files else 0
+        )
+        # Files kept on disk keep their record of who created them (a later init reuses them).
+        await self.store.wipe_state_dir(h, keep_ledger=not delete_files)
         log.info("event=torrent_aborted hash=%s reason=%s files_deleted=%d", h, reason, removed)
         return removed
 
@@ -514,8 +535,9 @@ class DestinationServer:
 
     async def reap_orphans(self, max_age: float = ORPHAN_AGE) -> int:
         """Reclaim unfinished torrents with no activity for ``max_age`` seconds — tracked ones
-        too (B5) — unless the destination qBittorrent has them or cannot be asked (fail
-        closed). Their data files and state directory are deleted."""
+        too (a tracked torrent whose source vanished is just as dead) — unless the destination
+        qBittorrent has them or cannot be asked (fail closed). Their state directory and the
+        data files qbsync created for them (see :mod:`.ownership`) are deleted."""
         root = self.store.state_root
         if self.dry_run or not root.is_dir():
             return 0
@@ -525,6 +547,8 @@ class DestinationServer:
         for h in names:
             if not (len(h) in (40, 64) and valid_info_hash(h)) or self.store.has_marker(h):
                 continue
+            if not await trio.to_thread.run_sync(_has_torrent_state, root / h):
+                continue  # only the ownership ledger of kept files: nothing to reclaim
             async with self.store.lock(h):
                 state = self.store.torrents.get(h)
                 if state is not None:
@@ -567,6 +591,10 @@ class DestinationServer:
                 }
             )
         return {"role": "destination", "dry_run": self.dry_run, "torrents": torrents}
+
+
+def _has_torrent_state(mdir: Path) -> bool:
+    return any(e.name != OWNED_NAME for e in mdir.iterdir()) if mdir.is_dir() else False
 
 
 def _check_complete(info: dict[str, Any], when: str) -> None:

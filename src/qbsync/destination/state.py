@@ -17,9 +17,11 @@ Layout of ``<data>/.qbsync/<hash>/`` (one directory per torrent, hash = lower-ca
     checkpoint, and losing it costs re-sending, never correctness.
 ``.finalized``
     JSON marker written when the torrent is verified (and registered in qBittorrent when one
-    is configured). It replaces everything else in the directory and keeps the small
-    (device, inode) -> path index the hardlink registry is rebuilt from (fixes the Go
-    reference's B4).
+    is configured). It replaces everything else in the directory (but ``owned.json``, see
+    :mod:`.ownership`) and keeps the small (device, inode) -> path index the hardlink registry
+    is rebuilt from, so link sources survive a restart.
+``owned.json``
+    The ownership ledger (:mod:`.ownership`): which files and directories qbsync created.
 
 Every write is atomic: temp file in the same directory, ``fsync``, ``rename``, ``fsync`` of the
 directory. The invariant the writer and flusher keep on top of this: **a bit persisted in
@@ -47,6 +49,7 @@ import trio
 from ..bitfield import Bitfield
 from ..paths import Parts, partial_parts
 from ..torrent import Geometry, Metainfo
+from .ownership import Ledger
 
 SCHEMA_VERSION = 1
 META_NAME = "meta.json"
@@ -234,6 +237,10 @@ class DataFile:
     inode: int = 0
     status: FileStatus = FileStatus.STREAMING
     linked: bool = False  # EXISTING because we hardlinked it from a verified file
+    # Found at its final name, not created by qbsync: only read; adopted when every piece
+    # it covers verifies, else the torrent is refused (``conflict``). Never written, renamed
+    # or deleted (see :mod:`.ownership`).
+    foreign: bool = False
     fd: int | None = None
     users: int = 0
     closing: bool = False
@@ -281,6 +288,8 @@ class TorrentState:
     unverified: Bitfield  # subset of written: boundary pieces whose SHA-1 could not match
     meta_dir: Path
     dry_run: bool = False
+    ledger: Ledger = attrs.field(factory=Ledger)  # names this torrent created (ownership)
+    conflict: str = ""  # a foreign file failed its verification: the init is refused
     phase: Phase = Phase.ACTIVE
     version: int = 0  # bumped on every change of ``written``/``unverified``
     flushed_version: int = 0

@@ -71,6 +71,7 @@ from ..bitfield import Bitfield
 from ..torrent import Metainfo, MetainfoError, bdecode, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from .hardlinks import HardlinkRegistry
+from .ownership import OWNED_NAME, ConflictError, Ledger
 from .state import (
     FINALIZED_NAME,
     META_NAME,
@@ -90,6 +91,7 @@ from .state import (
     decode_pieces,
     dump_json,
     encode_pieces,
+    fsync_dir,
     load_marker,
     load_meta,
     read_optional,
@@ -212,9 +214,18 @@ def build_files(metainfo: Metainfo, entries: Sequence[FileMeta], sub: str) -> li
 
 @attrs.frozen
 class FileProbe:
-    final_size: int | None
-    final_nlink: int
-    partial_size: int | None
+    final: os.stat_result | None
+    partial: os.stat_result | None
+
+    @property
+    def final_size(self) -> int | None:
+        st = self.final
+        return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
+
+    @property
+    def partial_size(self) -> int | None:
+        st = self.partial
+        return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
 
 
 def _probe(root: Path, f: DataFile) -> FileProbe:
@@ -223,32 +234,47 @@ def _probe(root: Path, f: DataFile) -> FileProbe:
     for st in (final, partial):
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise paths.UnsafePathError(f"symlink at {f.path!r}")
-    return FileProbe(
-        final_size=final.st_size if final is not None and stat.S_ISREG(final.st_mode) else None,
-        final_nlink=final.st_nlink if final is not None else 0,
-        partial_size=(
-            partial.st_size if partial is not None and stat.S_ISREG(partial.st_mode) else None
-        ),
-    )
+    return FileProbe(final, partial)
 
 
-def _create_empty(root: Path, parts: paths.Parts) -> None:
-    fd = paths.open_file(root, parts, os.O_WRONLY | os.O_CREAT, create_dirs=True)
+def _check_conflict(ledger: Ledger, f: DataFile, probe: FileProbe) -> None:
+    """Raise :class:`ConflictError` when a name ``f`` needs holds something qbsync did not
+    create and cannot adopt: anything but a regular file of exactly the torrent's size at the
+    final name (that one is verified read-only, see :meth:`Store._settle_existing`), or any
+    ``.partial`` it did not create (it would be written into)."""
+    final_ours = ledger.owns_stat(probe.final)
+    if probe.final is not None and not final_ours:
+        if not stat.S_ISREG(probe.final.st_mode):
+            raise ConflictError(f.parts, "exists and is not a regular file")
+        if probe.final.st_size != f.size:
+            raise ConflictError(
+                f.parts,
+                f"exists with {probe.final.st_size} bytes (the torrent's file has {f.size}) "
+                "and was not created by qbsync",
+            )
+        return  # verified read-only; a .partial next to it is never used
+    if probe.partial is not None and not ledger.owns_stat(probe.partial):
+        raise ConflictError(paths.partial_parts(f.parts), "exists and was not created by qbsync")
+
+
+def open_for_write(root: Path, state: TorrentState, f: DataFile) -> int:
+    """Open ``<path>.partial`` for writing — only the one this torrent created (its device
+    and inode are in the ledger; anything else at that name is refused, never written). A
+    ``.partial`` that vanished is created again (and recorded); a longer stale one of ours is
+    cut to size."""
+    parts = paths.partial_parts(f.parts)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def open_for_write(root: Path, f: DataFile) -> int:
-    """Open (creating parents and the file) ``<path>.partial`` and size it to the file's size,
-    sparse. A longer stale file is cut to size."""
-    fd = paths.open_file(
-        root, paths.partial_parts(f.parts), os.O_RDWR | os.O_CREAT, create_dirs=True
-    )
+        fd = paths.open_file(root, parts, os.O_RDWR)
+    except FileNotFoundError:
+        state.ledger.create(root, parts, f.size)  # O_EXCL: never someone else's file
+        state.ledger.save(state.meta_dir)  # recorded before a byte is written into it
+        fd = paths.open_file(root, parts, os.O_RDWR)
     try:
-        if os.fstat(fd).st_size != f.size:
-            os.ftruncate(fd, f.size)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) not in state.ledger.files:
+            raise paths.UnsafePathError(f"{'/'.join(parts)!r} was not created by qbsync")
+        if st.st_size != f.size:
+            os.ftruncate(fd, f.size)  # ours (checked above)
     except BaseException:
         os.close(fd)
         raise
@@ -355,7 +381,7 @@ class Store:
         self.registry = registry if registry is not None else HardlinkRegistry()
         self.torrents: dict[str, TorrentState] = {}
         # Which tracked torrent writes which name (final and .partial): two torrents laid out
-        # at the same names would overwrite each other's pieces (spec §14.18).
+        # at the same names would overwrite each other's pieces.
         self._owner: dict[paths.Parts, str] = {}
         self._owned: dict[str, list[paths.Parts]] = {}
         # Which finalized torrents' files (from their .finalized markers) are at which name:
@@ -452,7 +478,7 @@ class Store:
         """
         files = build_files(metainfo, meta.files, meta.save_sub_path)
         if not self.dry_run:
-            await self._release_vanished(meta.info_hash, files)
+            await self.release_vanished(meta.info_hash, files)
         self._claim_paths(meta.info_hash, files)
         try:
             return await self._create(meta, metainfo, files, fresh=fresh)
@@ -481,6 +507,14 @@ class Store:
             return state
         try:
             to_scan = await trio.to_thread.run_sync(self._prepare, state, fresh)
+        except ConflictError as exc:
+            log.warning(
+                "event=ownership_conflict hash=%s path=%s error=%s",
+                state.info_hash,
+                paths_kv(exc.parts),
+                paths_kv(str(exc)),
+            )
+            raise WireError(ErrorCode.CONFLICT, str(exc)) from None
         except paths.UnsafePathError as exc:
             raise WireError(ErrorCode.UNSAFE_PATH, str(exc)) from None
         except OSError as exc:
@@ -536,7 +570,7 @@ class Store:
             self._owner[name] = info_hash
         self._owned[info_hash] = names
 
-    async def _release_vanished(self, info_hash: str, files: Sequence[DataFile]) -> None:
+    async def release_vanished(self, info_hash: str, files: Sequence[DataFile]) -> None:
         """Release the names ``files`` would take from finalized torrents whose files at
         those names are gone from disk (see the module docstring). Names whose file is still
         there are left owned; :meth:`_claim_paths` refuses them."""
@@ -669,17 +703,35 @@ class Store:
                 self.start_scan(state, existing)
 
     def _prepare(self, state: TorrentState, fresh: bool) -> set[int]:
-        """Blocking part of :meth:`create`: state directory, file probes, empty files.
-        Returns the files whose bytes on disk must be scanned."""
+        """Blocking part of :meth:`create`: state directory, file probes, files created.
+        Returns the files whose bytes on disk must be scanned.
+
+        Every name is probed and checked against the ownership rule *before* anything is
+        created, so a refused torrent (``conflict``) leaves nothing behind. A ``.partial`` is
+        created on first write (:func:`open_for_write`: ``O_EXCL``, recorded in the ledger
+        before any byte is written), so every file the writer writes is one this torrent
+        made."""
         to_scan: set[int] = set()
         root = self.root
         selected = [f for f in state.files if f.selected]
         paths.precheck_no_symlinks(root, [f.parts for f in selected])
         mdir = state.meta_dir
+        ledger = Ledger.load(mdir)
+        if not fresh and not (mdir / OWNED_NAME).exists():
+            # State written by a version without a ledger: its .partial files were created by
+            # that version for this state directory. Final names are never taken over this way.
+            for f in selected:
+                st = paths.lstat(root, paths.partial_parts(f.parts))
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    ledger.files.add((st.st_dev, st.st_ino))
+        state.ledger = ledger
+        probes = {f.index: _probe(root, f) for f in selected}
+        for f in selected:
+            _check_conflict(ledger, f, probes[f.index])
         if fresh:
-            if mdir.exists():
-                shutil.rmtree(mdir)
-            mdir.mkdir(parents=True, mode=0o755)
+            _clear_state_dir(mdir, keep=OWNED_NAME)
+            mdir.mkdir(parents=True, mode=0o755, exist_ok=True)
+            fsync_dir(mdir.parent)
             atomic_write(mdir, TORRENT_NAME, state.metainfo.raw)
             atomic_write(mdir, META_NAME, dump_json(state.meta))
         else:
@@ -689,38 +741,66 @@ class Store:
             for leftover in mdir.glob(TMP_PREFIX + "*"):
                 with contextlib.suppress(OSError):
                     leftover.unlink()
+        try:
+            to_scan = self._lay_out(state, selected, probes, fresh)
+        finally:
+            ledger.save(mdir)
+        return to_scan
+
+    def _lay_out(
+        self,
+        state: TorrentState,
+        selected: list[DataFile],
+        probes: dict[int, FileProbe],
+        fresh: bool,
+    ) -> set[int]:
+        to_scan: set[int] = set()
+        root = self.root
+        ledger = state.ledger
         geometry = state.geometry
         cleared = 0
         for f in selected:
+            probe = probes[f.index]
+            final_ours = ledger.owns_stat(probe.final)
             if f.size == 0:
-                # B3: a selected empty file exists from the start and is never streamed.
-                if paths.regular_size(root, f.parts) != 0:
-                    _create_empty(root, f.parts)
+                # A selected empty file exists from the start and is never streamed. One
+                # already there (ours, or anyone's: an empty file is an empty file) is kept.
+                if probe.final is not None and probe.final_size != 0:
+                    ledger.unlink(root, f.parts)  # ours (_check_conflict refused others)
+                    probe = FileProbe(None, probe.partial)
+                if probe.final is None:
+                    ledger.create(root, f.parts, 0)
+                elif not final_ours:
+                    ledger.adopted.add(f.parts)
                 f.status = FileStatus.COMPLETE
                 continue
-            probe = _probe(root, f)
             pieces = geometry.file_pieces(f.index)
             if probe.final_size == f.size:
+                f.foreign = not final_ours
                 all_set = all(state.written[i] for i in pieces)
                 if all_set and not fresh:
                     f.status = FileStatus.COMPLETE
                 else:
                     f.status = FileStatus.EXISTING
                     to_scan.add(f.index)
-            elif probe.partial_size is not None:
+                continue
+            if probe.final is not None:
+                # Ours (others were refused), of the wrong size: the source has the data.
+                ledger.unlink(root, f.parts)
+            if probe.partial_size is not None:
                 f.status = FileStatus.STREAMING
                 if fresh and probe.partial_size == f.size:
                     to_scan.add(f.index)
                 elif probe.partial_size != f.size and not fresh:
                     cleared += state.clear_pieces(pieces)
-            else:
-                f.status = FileStatus.STREAMING
-                if not fresh:
-                    cleared += state.clear_pieces(pieces)
-                elif probe.final_size is None and self._try_link(state, f):
-                    f.status = FileStatus.EXISTING
-                    f.linked = True
-                    to_scan.add(f.index)
+                continue
+            f.status = FileStatus.STREAMING
+            if not fresh:
+                cleared += state.clear_pieces(pieces)
+            elif self._try_link(state, f):
+                f.status = FileStatus.EXISTING
+                f.linked = True
+                to_scan.add(f.index)
         if cleared:
             metrics.stale_bitmap_pieces_cleared.inc(cleared)
             log.warning(
@@ -737,17 +817,24 @@ class Store:
         source = self.registry.lookup(f.device, f.inode, f.size, self.root)
         if source is None or source == f.parts:
             return False
+        created: list[paths.Parts] = []
         try:
             with (
                 paths.open_parent(self.root, source, create=False) as sfd,
-                paths.open_parent(self.root, f.parts, create=True) as dfd,
+                paths.open_parent(self.root, f.parts, create=True, created=created) as dfd,
             ):
                 if os.fstat(sfd).st_dev != os.fstat(dfd).st_dev:
                     return False
                 os.link(
                     source[-1], f.parts[-1], src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False
                 )
+                # The name is ours (we made it); the inode is shared, so it is never written
+                # into (see _demote) — only this name is ever removed.
+                st = os.stat(f.parts[-1], dir_fd=dfd, follow_symlinks=False)
+                state.ledger.files.add((st.st_dev, st.st_ino))
+                os.fsync(dfd)
         except (OSError, paths.UnsafePathError) as exc:
+            state.ledger.record_dirs(created)
             metrics.hardlink_errors.labels("destination").inc()
             log.info(
                 "event=hardlink_failed hash=%s file=%s source=%s error=%s",
@@ -757,6 +844,7 @@ class Store:
                 paths_kv(str(exc)),
             )
             return False
+        state.ledger.record_dirs(created)
         metrics.hardlinks_created.inc()
         log.info(
             "event=hardlinked hash=%s file=%s source=%s",
@@ -821,6 +909,14 @@ class Store:
                 state.missing_count(),
             )
             await self.flush(state)
+        except ConflictError as exc:
+            state.conflict = str(exc)
+            log.warning(
+                "event=ownership_conflict hash=%s path=%s error=%s",
+                state.info_hash,
+                paths_kv(exc.parts),
+                paths_kv(str(exc)),
+            )
         except (OSError, paths.UnsafePathError) as exc:
             log.error("event=scan_failed hash=%s error=%s", state.info_hash, paths_kv(str(exc)))
         finally:
@@ -856,6 +952,31 @@ class Store:
         for f in state.files:
             if f.status is not FileStatus.EXISTING:
                 continue
+            if f.foreign:
+                # Not ours: adopted only when every piece it covers is proven; never changed.
+                pieces = state.geometry.file_pieces(f.index)
+                unproven = sum(1 for i in pieces if not state.written[i])
+                if unproven:
+                    state.conflict = (
+                        f"{f.path!r} exists, was not created by qbsync and {unproven} of its "
+                        f"{len(pieces)} pieces could not be verified: it is left untouched"
+                    )
+                    log.warning(
+                        "event=ownership_conflict hash=%s path=%s unverified_pieces=%d",
+                        state.info_hash,
+                        paths_kv(f.parts),
+                        unproven,
+                    )
+                    continue
+                f.status = FileStatus.COMPLETE
+                state.ledger.adopted.add(f.parts)
+                log.info(
+                    "event=user_file_adopted hash=%s path=%s note=%s",
+                    state.info_hash,
+                    paths_kv(f.parts),
+                    paths_kv("verified; it stays the user's file and is never deleted"),
+                )
+                continue
             if not failed.intersection(state.geometry.file_pieces(f.index)):
                 f.status = FileStatus.COMPLETE
                 continue
@@ -868,25 +989,15 @@ class Store:
             await trio.to_thread.run_sync(self._demote, state, f)
 
     def _demote(self, state: TorrentState, f: DataFile) -> None:
-        """An EXISTING file failed verification: stream what is missing (blocking)."""
-        root = self.root
-        st = paths.lstat(root, f.parts)
-        shared = f.linked or (st is not None and st.st_nlink > 1)
-        if shared:
-            # Writing into it would also change the other names of the inode: drop our name and
-            # stream the whole file (B7: every piece touching it is cleared).
-            paths.unlink(root, f.parts)
-            state.clear_pieces(state.geometry.file_pieces(f.index))
-        else:
-            paths.unlink(root, paths.partial_parts(f.parts))
-            paths.rename(root, f.parts, paths.partial_parts(f.parts))
-        f.status = FileStatus.STREAMING
-        f.linked = False
+        """A file of ours at its final name failed verification: stream what is missing
+        (blocking). Only files this torrent created are touched (:class:`ConflictError`
+        otherwise)."""
+        demote_file(self.root, state, f)
         log.info(
             "event=existing_file_demoted hash=%s file=%s shared=%s",
             state.info_hash,
             paths_kv(f.parts),
-            str(shared).lower(),
+            str(f.linked).lower(),
         )
 
     async def recover(self) -> int:
@@ -1019,7 +1130,7 @@ class Store:
         if f.fd is None:
             async with f.open_lock:
                 if f.fd is None and not f.unavailable() and state.is_in(Phase.ACTIVE):
-                    f.fd = await trio.to_thread.run_sync(open_for_write, self.root, f)
+                    f.fd = await trio.to_thread.run_sync(open_for_write, self.root, state, f)
         fd = f.fd
         if f.unavailable() or fd is None or not state.is_in(Phase.ACTIVE):
             return None
@@ -1070,19 +1181,28 @@ class Store:
         await state.cancel_tasks()
         await self.close_all(state, sync=False)
 
-    async def wipe_state_dir(self, info_hash: str) -> None:
+    async def wipe_state_dir(self, info_hash: str, *, keep_ledger: bool = False) -> None:
         """Delete ``<data>/.qbsync/<hash>`` (data files are not touched). A ``.finalized``
-        marker goes with it, and so does the ownership of that torrent's names."""
+        marker goes with it, and so does the claim on that torrent's names. With
+        ``keep_ledger`` (a resync: the data files stay) the record of which files qbsync
+        created is kept."""
         mdir = self.meta_dir(info_hash)
-        await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
+        if keep_ledger:
+            await trio.to_thread.run_sync(lambda: _clear_state_dir(mdir, keep=OWNED_NAME))
+        else:
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
         self.release_finalized(info_hash)
 
-    async def delete_data(self, files: Sequence[tuple[paths.Parts, int]], *, info_hash: str) -> int:
+    async def delete_data(
+        self, files: Sequence[tuple[paths.Parts, int]], *, info_hash: str, ledger: Ledger
+    ) -> int:
         """Delete the final and ``.partial`` names of ``files`` (parts, sub-path depth) under
-        the data root only, then their emptied directories (never the sub path itself).
+        the data root, then the emptied directories this torrent created.
 
-        Names another torrent owns (tracked, or finalized and seeded by qBittorrent) are
-        skipped: ``files`` may come from a stale ``meta.json`` that lists them."""
+        Proof for each deletion: the name holds a file this torrent created (its device and
+        inode are in ``ledger``) and no other torrent owns the name (tracked, or finalized and
+        seeded by qBittorrent). Anything else — a user's file, an adopted file, a file put
+        there after ours was removed — is left alone and logged."""
         targets: list[paths.Parts] = []
         for parts, _ in files:
             for target in (parts, paths.partial_parts(parts)):
@@ -1101,8 +1221,14 @@ class Store:
             removed = 0
             for target in targets:
                 try:
-                    if paths.unlink(self.root, target):
+                    if ledger.unlink(self.root, target):
                         removed += 1
+                    elif paths.lstat(self.root, target) is not None:
+                        log.warning(
+                            "event=delete_skipped hash=%s file=%s reason=not_created_by_qbsync",
+                            info_hash,
+                            paths_kv(target),
+                        )
                 except (OSError, paths.UnsafePathError) as exc:
                     log.warning(
                         "event=delete_failed file=%s error=%s",
@@ -1110,7 +1236,7 @@ class Store:
                         paths_kv(str(exc)),
                     )
             for parts, keep in files:
-                paths.remove_empty_dirs(self.root, parts, keep=keep)
+                ledger.remove_empty_dirs(self.root, parts, keep=keep)
             return removed
 
         return await trio.to_thread.run_sync(run)
@@ -1133,8 +1259,9 @@ class Store:
         def run() -> None:
             mdir = state.meta_dir
             atomic_write(mdir, FINALIZED_NAME, dump_json(marker))
+            state.ledger.save(mdir)
             for entry in mdir.iterdir():
-                if entry.name != FINALIZED_NAME:
+                if entry.name not in (FINALIZED_NAME, OWNED_NAME):
                     with contextlib.suppress(OSError):
                         entry.unlink()
 
@@ -1157,6 +1284,48 @@ class Store:
 
 
 # --- small helpers ------------------------------------------------------------------------------
+
+
+def demote_file(root: Path, state: TorrentState, f: DataFile) -> None:
+    """Put a complete (or found) file of this torrent back to ``.partial`` so its missing or
+    bad pieces are streamed again (blocking).
+
+    Proof required for each step: the file is one this torrent created (ledger), else
+    :class:`ConflictError` and nothing changes. A file with other hard links is never written
+    into (that would change the other names): our name is removed — the inode lives on under
+    the other names — and a fresh ``.partial`` is created. Otherwise it is renamed back,
+    never over an existing name."""
+    ledger = state.ledger
+    st = paths.lstat(root, f.parts)
+    partial = paths.partial_parts(f.parts)
+    if st is None:
+        state.clear_pieces(state.geometry.file_pieces(f.index))
+    elif not ledger.owns_stat(st) or f.foreign:
+        raise ConflictError(f.parts, "was not created by qbsync: it is left untouched")
+    elif f.linked or st.st_nlink > 1:
+        ledger.unlink(root, f.parts)
+        state.clear_pieces(state.geometry.file_pieces(f.index))
+        f.linked = True
+    else:
+        ledger.unlink(root, partial)  # a stale .partial of ours, if any
+        ledger.rename(root, f.parts, partial)
+    ledger.save(state.meta_dir)
+    f.status = FileStatus.STREAMING
+    f.linked = False
+
+
+def _clear_state_dir(mdir: Path, *, keep: str) -> None:
+    """Empty a state directory except ``keep`` (the ownership ledger: the data files it
+    names stay on disk, so who created them must not be forgotten)."""
+    if not mdir.is_dir():
+        return
+    for entry in mdir.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def new_meta(info_hash: str, name: str, sub: str, files: Sequence[FileMeta]) -> TorrentMeta:

@@ -147,6 +147,7 @@ class Cleanup:
         source_removed_tag: str,
         exclude_cleanup_tag: str,
         dry_run: bool,
+        syncing: Callable[[str], bool] = lambda h: False,
     ) -> None:
         self.qb = qb
         self.request = request  # ConnectionPool.request
@@ -158,6 +159,7 @@ class Cleanup:
         self.source_removed_tag = source_removed_tag
         self.exclude_cleanup_tag = exclude_cleanup_tag
         self.dry_run = dry_run
+        self.syncing = syncing  # a torrent being (re-)synced is never a candidate
         self._lock = trio.Lock()  # at most one pass (cleanup or drain) at a time
 
     async def run_pass(
@@ -234,7 +236,7 @@ class Cleanup:
         out: list[Candidate] = []
         for info in torrents:
             h = str(info.get("hash") or "")
-            if h not in self.cache:
+            if h not in self.cache or self.syncing(h):
                 continue
             tags = split_tags(str(info.get("tags") or ""))
             if not draining and self.exclude_cleanup_tag and self.exclude_cleanup_tag in tags:
