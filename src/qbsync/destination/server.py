@@ -32,6 +32,7 @@ made.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -79,6 +80,10 @@ MAX_FILES = 1_000_000
 INIT_INLINE_WAIT = 5.0  # Init waits this long for a scan before answering VERIFYING
 FINALIZE_INLINE_WAIT = 5.0  # Finalize waits this long for the job before answering VERIFYING
 ORPHAN_AGE = 24 * 3600.0
+DECODE_SLOTS = 2  # .torrent decodes running at once (each holds its decoded tree in memory)
+# Torrents tracked at once (each holds its .torrent and bitmaps in memory): a peer cannot grow
+# the destination's memory without bound; a source retries ``busy`` later.
+MAX_TRACKED = 4096
 START_CONFIRM_TIMEOUT = 20.0  # a started torrent must seed by then (the source waits 30 s)
 START_POLL = 0.25
 # Seeding for real: a started torrent whose data qBittorrent serves (``stoppedUP`` does not
@@ -109,7 +114,7 @@ def validate_init(req: InitTorrent, info_hash: str, *, max_piece: int) -> Metain
         raise _reject(ErrorCode.BAD_REQUEST, "torrent_file is required to initialize")
     try:
         metainfo = parse_metainfo(bytes(req.torrent_file))
-    except (MetainfoError, RecursionError) as exc:
+    except (MetainfoError, RecursionError, TypeError, ValueError) as exc:
         raise _reject(ErrorCode.BAD_REQUEST, f"torrent_file: {exc}") from None
     if not metainfo.matches(info_hash):
         raise _reject(
@@ -167,6 +172,7 @@ class DestinationServer:
         self.dry_run = store.dry_run
         self.max_piece = max_piece
         self.dry_finalized: set[str] = set()
+        self._decode_limiter = trio.CapacityLimiter(DECODE_SLOTS)
 
     # -- ServerHandler ---------------------------------------------------------------------
 
@@ -286,6 +292,12 @@ class DestinationServer:
             if state is None:
                 if checked is None:
                     return InitResult(SyncStatus.READY, b"", -1, 0)
+                if len(self.store.torrents) >= MAX_TRACKED:
+                    raise _reject(
+                        ErrorCode.BUSY,
+                        f"{len(self.store.torrents)} torrents are being synced here, the limit "
+                        f"is {MAX_TRACKED}: retry once some have finished",
+                    )
                 metainfo, files, meta = checked
                 try:
                     state = await self.store.create(meta, metainfo, fresh=True)
@@ -306,7 +318,13 @@ class DestinationServer:
             return await self._ready(state)
 
     async def _validate_init(self, req: InitTorrent, info_hash: str) -> Metainfo:
-        return validate_init(req, info_hash, max_piece=self.max_piece)
+        """Decode and check the ``.torrent`` in a worker thread (a crafted multi-MiB bencode
+        costs seconds of CPU: never on the event loop, whose stall would fail /livez), at most
+        :data:`DECODE_SLOTS` at a time."""
+        return await trio.to_thread.run_sync(
+            functools.partial(validate_init, req, info_hash, max_piece=self.max_piece),
+            limiter=self._decode_limiter,
+        )
 
     async def _ready(self, state: TorrentState) -> InitResult:
         if state.conflict and not state.is_in(Phase.SCANNING):

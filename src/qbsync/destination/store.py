@@ -68,7 +68,7 @@ import trio
 
 from .. import metrics, paths
 from ..bitfield import Bitfield
-from ..torrent import Metainfo, MetainfoError, bdecode, parse_metainfo
+from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from .hardlinks import HardlinkRegistry
 from .ownership import OWNED_NAME, ConflictError, Ledger
@@ -110,26 +110,12 @@ OWNER_LOCK_WAIT = 5.0
 
 
 def pad_flags(metainfo: Metainfo) -> list[bool]:
-    """Which geometry files are BEP 47 padding files (``attr`` contains ``p`` or the path
-    starts with ``.pad``). qBittorrent hides them from its file list, the geometry keeps them;
-    they are all zeros, never written to disk, and the source sends zeros for them."""
-    flags = [False] * len(metainfo.geometry.files)
-    try:
-        info = bdecode(metainfo.raw)[b"info"]
-    except (MetainfoError, KeyError, TypeError):
-        return flags
-    entries = info.get(b"files") if isinstance(info, dict) else None
-    if not isinstance(entries, list) or len(entries) != len(flags):
-        return flags
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            continue
-        attr = entry.get(b"attr", b"")
-        path = entry.get(b"path", [])
-        flags[i] = (isinstance(attr, bytes) and b"p" in attr) or (
-            isinstance(path, list) and bool(path) and path[0] == b".pad"
-        )
-    return flags
+    """Which geometry files are BEP 47 padding files (see :attr:`Metainfo.pads`). qBittorrent
+    hides them from its file list, the geometry keeps them; they are all zeros, never written
+    to disk, and the source sends zeros for them."""
+    pads = list(metainfo.pads)
+    n = len(metainfo.geometry.files)
+    return pads if len(pads) == n else [False] * n
 
 
 def build_files(metainfo: Metainfo, entries: Sequence[FileMeta], sub: str) -> list[DataFile]:
