@@ -12,6 +12,7 @@ import pytest
 from qbsync import cli
 from qbsync.config import DestinationConfig, resolve
 from qbsync.destination.runner import _warn_unauthenticated, is_loopback
+from qbsync.log import redact_url
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -68,3 +69,15 @@ def test_examples_say_how_to_generate_a_token(example: str) -> None:
     text = (DEPLOY / example).read_text()
     if "change-me" in text:
         assert "openssl rand -hex 32" in text and "refuses to start" in text
+
+
+def test_qb_url_credentials_never_reach_the_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "http://admin:hunter2@127.0.0.1:8080"
+    assert redact_url(url) == "http://admin:***@127.0.0.1:8080"
+    assert redact_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
+    args = ["destination", "--data", str(tmp_path), "--qb-url", url, "--print-config"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "admin:***@127.0.0.1" in out

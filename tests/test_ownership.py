@@ -202,3 +202,25 @@ def test_ledger_unlinks_only_recorded_inodes_and_fails_closed(tmp_path: Path) ->
         ledger.create(tmp_path, ("d", "theirs.bin"), 1)
     assert (tmp_path / "d" / "theirs.bin").read_bytes() == b"x"
     assert os.path.isdir(tmp_path / "d")
+
+
+def test_new_directories_are_fsynced_into_their_parents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synced file is only reachable after a crash if every directory above it is durable."""
+    synced: list[int] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    Ledger().create(tmp_path, ("a", "b", "f.bin"), 3)
+    for d in (tmp_path, tmp_path / "a", tmp_path / "a" / "b"):
+        assert d.stat().st_ino in synced, d
+    from qbsync.destination.state import mkdir_durable
+
+    synced.clear()
+    mkdir_durable(tmp_path / "x" / "y")
+    assert {tmp_path.stat().st_ino, (tmp_path / "x").stat().st_ino} <= set(synced)

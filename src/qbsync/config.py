@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .log import redact_url
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -651,6 +653,8 @@ def redacted(config: Config) -> dict[str, Any]:
         value = getattr(config, opt.name)
         if opt.secret:
             out[opt.name] = "***" if value else ""
+        elif opt.name == "qb_url":
+            out[opt.name] = redact_url(value)
         elif value is None:
             out[opt.name] = None
         elif isinstance(value, (Path, HostPort)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -26,6 +27,26 @@ def kv(value: object) -> str:
     if not text or any(c.isspace() or c in '"=' for c in text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
+
+
+def paths_kv(value: tuple[str, ...] | str) -> str:
+    """:func:`kv` of a path given as components (joined with ``/``) or as text."""
+    return kv("/".join(value) if isinstance(value, tuple) else value)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with a password in its user-info part replaced by ``***`` (a ``--qb-url`` of
+    the form ``http://user:password@host`` must not put the password in the logs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    userinfo = f"{user}:***" if parts.password is not None else user
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
 
 
 class _Formatter(logging.Formatter):

@@ -53,12 +53,13 @@ import trio
 
 from .. import metrics, paths
 from ..config import GiB
+from ..log import paths_kv
 from ..qb import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import Finalize, FinalizeResult, SyncStatus
 from .ownership import ConflictError
 from .state import DataFile, FileStatus, Phase, TorrentState
-from .store import PieceCheck, ReadSpan, Store, demote_file, paths_kv, verify_pieces
+from .store import PieceCheck, ReadSpan, Store, demote_file, verify_pieces
 
 log = logging.getLogger("qbsync.destination.finalizer")
 

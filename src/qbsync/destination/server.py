@@ -41,6 +41,7 @@ from typing import Any
 import trio
 
 from .. import metrics, paths
+from ..log import paths_kv
 from ..qb import ERROR_STATES, QB, QBError
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
@@ -69,7 +70,7 @@ from .state import (
     load_meta,
     read_optional,
 )
-from .store import Store, build_files, new_meta, newest_mtime, paths_kv
+from .store import Store, build_files, new_meta, newest_mtime
 from .writer import Writer
 
 log = logging.getLogger("qbsync.destination.server")

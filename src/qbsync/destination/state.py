@@ -172,6 +172,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def mkdir_durable(path: Path) -> None:
+    """``mkdir -p`` whose every new directory is ``fsync``'ed into its parent: an entry in a
+    directory that a crash forgets is lost with everything below it."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o755)
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
+
+
 def atomic_write(directory: Path, name: str, data: bytes) -> None:
     """Write ``directory/name`` so that a crash leaves either the old or the new content."""
     tmp = directory / f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"

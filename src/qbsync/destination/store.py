@@ -68,6 +68,7 @@ import trio
 
 from .. import metrics, paths
 from ..bitfield import Bitfield
+from ..log import paths_kv as paths_kv  # re-exported: writer.py imports it from here
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from .hardlinks import HardlinkRegistry
@@ -91,9 +92,9 @@ from .state import (
     decode_pieces,
     dump_json,
     encode_pieces,
-    fsync_dir,
     load_marker,
     load_meta,
+    mkdir_durable,
     read_optional,
 )
 
@@ -716,8 +717,7 @@ class Store:
             _check_conflict(ledger, f, probes[f.index])
         if fresh:
             _clear_state_dir(mdir, keep=OWNED_NAME)
-            mdir.mkdir(parents=True, mode=0o755, exist_ok=True)
-            fsync_dir(mdir.parent)
+            mkdir_durable(mdir)
             atomic_write(mdir, TORRENT_NAME, state.metainfo.raw)
             atomic_write(mdir, META_NAME, dump_json(state.meta))
         else:
@@ -1385,9 +1385,3 @@ def _sync_and_close(fd: int, sync: bool) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def paths_kv(value: paths.Parts | str) -> str:
-    from ..log import kv
-
-    return kv("/".join(value) if isinstance(value, tuple) else value)
