@@ -45,6 +45,11 @@ class FakeQB:
     async def add_tags(self, h: str, tags: list[str]) -> None:
         self.calls.append(("tag:" + ",".join(tags), h))
 
+    async def delete(self, h: str, *, delete_files: bool) -> None:
+        assert not delete_files  # qbsync never asks qBittorrent to delete data
+        self.calls.append(("delete", h))
+        self.info.pop(h, None)
+
 
 async def finalized(tmp_path: Path, nursery: trio.Nursery) -> Any:
     t = torrent(tmp_path)

@@ -15,9 +15,7 @@ from tests.test_destination_writer import build, torrent
 
 
 class RecordingQB(FakeQB):
-    async def delete(self, h: str, *, delete_files: bool) -> None:
-        self.calls.append(("delete", h))
-        self.info.pop(h, None)
+    pass
 
 
 async def test_bogus_resync_of_a_finalized_torrent_changes_nothing(
