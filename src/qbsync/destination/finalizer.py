@@ -173,8 +173,7 @@ class Finalizer:
     def start(self, state: TorrentState, request: Finalize) -> FinalizeJob:
         """Begin finalizing (caller holds the torrent's lock and ran :meth:`check_complete`)."""
         job = FinalizeJob(request)
-        state.phase = Phase.FINALIZING
-        state.finalize = job
+        state.begin_finalize(job)
         self.store.spawn(state, lambda: self._run(state, job), "finalize")
         return job
 

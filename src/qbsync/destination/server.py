@@ -353,10 +353,7 @@ class DestinationServer:
         return InitResult(SyncStatus.READY, needed.to_bytes(), count, state.num_pieces - count)
 
     def _reset_after_failure(self, state: TorrentState, job: FinalizeJob) -> None:
-        if state.finalize is job:
-            state.finalize = None
-        if state.phase is Phase.FINALIZING:
-            state.phase = Phase.ACTIVE
+        state.finalize_failed(job)
 
     async def _wipe(self, h: str, state: TorrentState | None, *, reason: str) -> None:
         """Forget everything about ``h`` except its data files (resync). Callers only call it

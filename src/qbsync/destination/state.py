@@ -377,6 +377,62 @@ class TorrentState:
             else:
                 f.remaining = 0
 
+    # -- transitions: every change of written / unverified / version / phase goes through these,
+    # so the invariants (``unverified`` is a subset of ``written``; ``version`` moves with
+    # every change of either; ``remaining`` counts unwritten pieces) live in one place.
+
+    def mark_written(self, index: int, files: list[DataFile], *, verified: bool) -> list[DataFile]:
+        """Piece ``index`` was written into ``files`` (its streaming files). ``verified``
+        False: a boundary piece whose SHA-1 could not match. Returns the files whose last
+        missing piece this was."""
+        self.written[index] = True
+        if not verified:
+            self.unverified[index] = True
+        self.version += 1
+        done = []
+        for f in files:
+            self.touched.add(f.index)
+            f.remaining -= 1
+            if f.remaining <= 0 and f.status is FileStatus.STREAMING and not f.finalizing:
+                done.append(f)
+        return done
+
+    def mark_proven(self, pieces: set[int]) -> None:
+        """Pieces found on disk whose SHA-1 matched (a scan): written and verified."""
+        if not pieces:
+            return
+        for i in pieces:
+            self.written[i] = True
+            self.unverified[i] = False
+        self.version += 1
+        self.touched.update(f.index for f in self.files if f.status is not FileStatus.SKIPPED)
+
+    def begin_scan(self) -> trio.Event:
+        self.phase = Phase.SCANNING
+        self.scan_done = trio.Event()
+        return self.scan_done
+
+    def end_scan(self) -> None:
+        if self.phase is Phase.SCANNING:
+            self.phase = Phase.ACTIVE
+        if self.scan_done is not None:
+            self.scan_done.set()
+
+    def begin_finalize(self, job: Any) -> None:
+        self.phase = Phase.FINALIZING
+        self.finalize = job
+
+    def finalize_failed(self, job: Any) -> None:
+        """A failed finalization was collected: accept pieces again."""
+        if self.finalize is job:
+            self.finalize = None
+        if self.phase is Phase.FINALIZING:
+            self.phase = Phase.ACTIVE
+
+    def close(self) -> None:
+        """Aborted, finalized or shut down: the object is dead."""
+        self.phase = Phase.CLOSED
+
     def clear_pieces(self, pieces: range | list[int]) -> int:
         """Un-set pieces (data gone or bad); returns how many were set."""
         cleared = 0
