@@ -274,3 +274,35 @@ async def test_drain_skipped_when_the_gate_is_closed(tmp_path, caplog, monkeypat
     config = _source_config(tmp_path)  # default --drain-annotation qbsync/drain
     await _drain(config, cast(Any, None), cast(Any, SimpleNamespace(cleanup=NoCleanup())))
     assert any("event=drain_skipped" in r.message for r in caplog.records)
+
+
+async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path):
+    """A selection change re-syncs a synced torrent: ``synced`` no longer holds, so it is
+    removed first (a hand-off must not pick the torrent while the destination re-verifies
+    it), and the torrent is tracked, so cleanup skips it too."""
+    from tests.test_source_orchestrator import H, torrent
+    from tests.test_source_orchestrator import make as make_orchestrator
+
+    events: list[tuple[str, str]] = []
+
+    class TaggingQB:
+        async def files(self, h: str) -> list[dict[str, Any]]:
+            return [{"index": 0, "name": "x", "size": 1, "priority": 1}]
+
+        async def remove_tags(self, h: str, tags: list[str]) -> None:
+            events.append(("untag:" + ",".join(tags), h))
+
+    info = torrent(H[0], state="stalledUP", progress=1, tags="synced")
+    orch, _, _, _, _ = make_orchestrator(tmp_path, {H[0]: info}, {})
+    orch.qb = cast(Any, TaggingQB())
+    orch.cache.load()
+    await orch.cache.put(H[0], "an-older-selection")
+
+    async def fake_track(h: str, _info: dict[str, Any], **kw: Any) -> None:
+        events.append(("track", h))
+        assert kw["resync"] is True
+
+    orch._track = fake_track
+    await orch._check_selection(H[0], info)
+    assert events == [("untag:synced", H[0]), ("track", H[0])]
+    assert H[0] not in orch.cache
