@@ -525,6 +525,8 @@ async def test_finalized_torrent_keeps_its_names_across_restarts(
         # Elsewhere is fine.
         elsewhere = await s.create(meta_for(b, sub="other"), parse_metainfo(b.torrent), fresh=True)
         await s.forget(elsewhere)
+        created = [(f.parts, 0) for f in elsewhere.files if f.selected and f.parts]
+        await s.delete_data(created, info_hash=b.info_hash, ledger=elsewhere.ledger)  # abort
         await s.wipe_state_dir(b.info_hash)
     # A resync of the owner itself (same hash) is its own business; once its marker is gone
     # the names are free.
@@ -569,6 +571,8 @@ async def test_recovery_never_lets_an_unfinished_torrent_take_finalized_names(
     s1.attach(nursery)
     state = await s1.create(meta_for(unfinished), parse_metainfo(unfinished.torrent), fresh=True)
     await s1.forget(state)
+    for p in (data / "payload").rglob("*.partial"):  # an older version created none yet
+        p.unlink()
     s2 = Store(data)
     s2.attach(nursery)
     finished, before = await _finalized_on_disk(s2, tmp_path, data, seed=finished_seed)

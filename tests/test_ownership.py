@@ -224,3 +224,26 @@ def test_new_directories_are_fsynced_into_their_parents(
     synced.clear()
     mkdir_durable(tmp_path / "x" / "y")
     assert {tmp_path.stat().st_ino, (tmp_path / "x").stat().st_ino} <= set(synced)
+
+
+async def test_ledger_is_saved_once_per_init_not_per_file(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every .partial is created and recorded at init, in one save: the piece writes never
+    rewrite the ledger (it grows with the number of files)."""
+    saves = 0
+    real = Ledger.save
+
+    def counting(self: Ledger, meta_dir: Path) -> None:
+        nonlocal saves
+        saves += 1
+        real(self, meta_dir)
+
+    monkeypatch.setattr(Ledger, "save", counting)
+    t = torrent(tmp_path, {f"f{i}.bin": 5_000 + i for i in range(20)})
+    d = build(tmp_path, nursery)
+    ready = await d.init(t)
+    assert saves == 1
+    for i in needed_indices(ready, t.num_pieces):
+        assert await d.piece(t, i) == ErrorCode.OK
+    assert saves == 1

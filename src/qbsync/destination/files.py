@@ -219,6 +219,11 @@ def _lay_out(
             f.status = FileStatus.EXISTING
             f.linked = True
             to_scan.add(f.index)
+            continue
+        # Created now, all at once (one ledger save for the torrent, not one per file), empty
+        # and sparse: it holds nothing a scan could prove.
+        ledger.create(root, paths.partial_parts(f.parts), f.size)
+        f.created_empty = True
     if cleared:
         metrics.stale_bitmap_pieces_cleared.inc(cleared)
         log.warning(

@@ -257,6 +257,8 @@ class DataFile:
     # it covers verifies, else the torrent is refused (``conflict``). Never written, renamed
     # or deleted (see :mod:`.ownership`).
     foreign: bool = False
+    # Its .partial was created empty by this init: a scan must not read its zeros as data.
+    created_empty: bool = False
     fd: int | None = None
     users: int = 0
     closing: bool = False

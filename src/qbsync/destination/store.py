@@ -424,7 +424,7 @@ class Store:
         """Files whose working path holds a full-size regular file right now."""
         out: set[int] = set()
         for f in state.files:
-            if f.pad or f.size == 0:
+            if f.pad or f.size == 0 or f.created_empty:
                 continue
             parts = f.working_parts if f.status is not FileStatus.SKIPPED else f.parts
             try:
