@@ -11,8 +11,15 @@ refusal is a :class:`WireError` with a stable code (``bad-request``, ``unsafe-pa
 connection and every other torrent keep working — and is counted in
 ``qbsync_rejected_requests_total{code}``.
 
-Lifecycle operations on one torrent (init, finalize, abort) are serialized by the store's
-per-torrent lock; piece writes never wait for it.
+Validate, then act: a request is checked completely before anything it would change is
+touched, so a refused request leaves everything as it was. Resync, Abort and StartTorrent act
+only on hashes qbsync has state or a ``.finalized`` marker for; StartTorrent answers
+``started=True`` only for a verified, complete copy that qBittorrent is seen seeding (the
+source deletes its own copy on that answer, see docs/data-safety.md). Files are only ever
+deleted or changed when qbsync created them (:mod:`.ownership`).
+
+Lifecycle operations on one torrent (init, finalize, abort, start) are serialized by the
+store's per-torrent lock; piece writes never wait for it.
 
 Dry run (``--dry-run``), the contract:
 
