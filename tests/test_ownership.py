@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from qbsync import paths
-from qbsync.destination.ownership import Ledger
+from qbsync.destination.ownership import ConflictError, Ledger
 from qbsync.wire import Abort, ErrorCode, Finalize, SyncStatus, WireError
 from tests.test_destination_server import complete
 from tests.test_destination_writer import Dest, build, torrent, wait_for
@@ -167,8 +167,8 @@ async def test_only_created_files_are_deleted_even_with_a_stale_file_list(
     await complete(d, t)
     await wait_for(lambda: (d.root / "payload" / "b.bin").exists())
     replaced = d.root / "payload" / "b.bin"
-    # Written elsewhere first, so it is a new inode while ours still exists (a freed inode
-    # number can be reused: see docs/data-safety.md), then moved over our name.
+    # Written elsewhere first, so it is a new inode while ours still exists (a reused inode
+    # number is covered by test_a_reused_inode_number_is_not_proof_of_ownership).
     (tmp_path / "new").write_bytes(b"the user's now")
     os.replace(tmp_path / "new", replaced)
     assert (await d.server.abort(Abort(t.info_hash, delete_files=True))).existed
@@ -247,3 +247,25 @@ async def test_ledger_is_saved_once_per_init_not_per_file(
     for i in needed_indices(ready, t.num_pieces):
         assert await d.piece(t, i) == ErrorCode.OK
     assert saves == 1
+
+
+def test_a_reused_inode_number_is_not_proof_of_ownership(tmp_path: Path) -> None:
+    """Inode numbers are reused after a delete: a user's new file at our old name may get the
+    number we recorded. The mark qbsync puts on files it creates is part of the proof."""
+    ledger = Ledger()
+    ledger.create(tmp_path, ("ours.bin",), 4)
+    assert ledger.owns(tmp_path, ("ours.bin",))
+    assert ledger.marked == ledger.files  # this filesystem has user xattrs
+    (tmp_path / "ours.bin").unlink()  # deleted by someone else...
+    theirs = tmp_path / "ours.bin"
+    theirs.write_bytes(b"the user's file")  # ...and a new file at the name
+    st = theirs.stat()
+    ledger.files.add((st.st_dev, st.st_ino))  # as if the inode number had been reused
+    ledger.marked.add((st.st_dev, st.st_ino))
+    assert not ledger.owns(tmp_path, ("ours.bin",))
+    assert not ledger.unlink(tmp_path, ("ours.bin",))
+    with pytest.raises(ConflictError):
+        ledger.rename(tmp_path, ("ours.bin",), ("other.bin",))
+    assert theirs.read_bytes() == b"the user's file"
+    ledger.save(tmp_path)
+    assert Ledger.load(tmp_path).marked == ledger.marked

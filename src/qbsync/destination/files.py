@@ -77,12 +77,12 @@ def _probe(root: Path, f: DataFile) -> FileProbe:
     return FileProbe(final, partial)
 
 
-def _check_conflict(ledger: Ledger, f: DataFile, probe: FileProbe) -> None:
+def _check_conflict(root: Path, ledger: Ledger, f: DataFile, probe: FileProbe) -> None:
     """Raise :class:`ConflictError` when a name ``f`` needs holds something qbsync did not
     create and cannot adopt: anything but a regular file of exactly the torrent's size at the
     final name (that one is verified read-only, see :meth:`Store._settle_existing`), or any
     ``.partial`` it did not create (it would be written into)."""
-    final_ours = ledger.owns_stat(probe.final)
+    final_ours = ledger.owns_file(probe.final, str(paths.join(root, f.parts)))
     if probe.final is not None and not final_ours:
         if not stat.S_ISREG(probe.final.st_mode):
             raise ConflictError(f.parts, "exists and is not a regular file")
@@ -93,7 +93,10 @@ def _check_conflict(ledger: Ledger, f: DataFile, probe: FileProbe) -> None:
                 "and was not created by qbsync",
             )
         return  # verified read-only; a .partial next to it is never used
-    if probe.partial is not None and not ledger.owns_stat(probe.partial):
+    partial = paths.partial_parts(f.parts)
+    if probe.partial is not None and not ledger.owns_file(
+        probe.partial, str(paths.join(root, partial))
+    ):
         raise ConflictError(paths.partial_parts(f.parts), "exists and was not created by qbsync")
 
 
@@ -111,7 +114,7 @@ def open_for_write(root: Path, state: TorrentState, f: DataFile) -> int:
         fd = paths.open_file(root, parts, os.O_RDWR)
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) not in state.ledger.files:
+        if not state.ledger.owns_file(st, fd):
             raise paths.UnsafePathError(f"{'/'.join(parts)!r} was not created by qbsync")
         if st.st_size != f.size:
             os.ftruncate(fd, f.size)  # ours (checked above)
@@ -145,7 +148,7 @@ def prepare(root: Path, registry: HardlinkRegistry, state: TorrentState, fresh: 
     state.ledger = ledger
     probes = {f.index: _probe(root, f) for f in selected}
     for f in selected:
-        _check_conflict(ledger, f, probes[f.index])
+        _check_conflict(root, ledger, f, probes[f.index])
     if fresh:
         clear_state_dir(mdir, keep=OWNED_NAME)
         mkdir_durable(mdir)
@@ -179,7 +182,7 @@ def _lay_out(
     cleared = 0
     for f in selected:
         probe = probes[f.index]
-        final_ours = ledger.owns_stat(probe.final)
+        final_ours = ledger.owns_file(probe.final, str(paths.join(root, f.parts)))
         if f.size == 0:
             # A selected empty file exists from the start and is never streamed. One
             # already there (ours, or anyone's: an empty file is an empty file) is kept.
@@ -291,7 +294,7 @@ def demote_file(root: Path, state: TorrentState, f: DataFile) -> None:
     partial = paths.partial_parts(f.parts)
     if st is None:
         state.clear_pieces(state.geometry.file_pieces(f.index))
-    elif not ledger.owns_stat(st) or f.foreign:
+    elif f.foreign or not ledger.owns_file(st, str(paths.join(root, f.parts))):
         raise ConflictError(f.parts, "was not created by qbsync: it is left untouched")
     elif f.linked or st.st_nlink > 1:
         ledger.unlink(root, f.parts)

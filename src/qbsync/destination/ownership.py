@@ -16,6 +16,12 @@ are recorded, not paths, so renames (``x.partial`` -> ``x`` and back) need no up
 
 A crash between creating a file and saving the ledger leaves a file that is not recorded:
 it is then foreign, so the worst case is a ``conflict`` refusal, never a deletion.
+
+Inode numbers are reused: a file of ours deleted by someone else, and a new file of theirs
+at the same name, may get the same number. So each file qbsync creates also carries the
+extended attribute ``user.qbsync.created``, and a recorded inode counts as ours only while
+the file still carries it (a new file never does; ``cp`` does not copy it by default). On a
+filesystem without user extended attributes the inode alone is the proof.
 """
 
 from __future__ import annotations
@@ -31,6 +37,18 @@ import attrs
 from .. import paths
 
 OWNED_NAME = "owned.json"
+XATTR = "user.qbsync.created"
+
+
+def _has_mark(target: int | str) -> bool:
+    try:
+        if isinstance(target, str):
+            os.getxattr(target, XATTR, follow_symlinks=False)
+        else:
+            os.getxattr(target, XATTR)
+    except OSError:
+        return False  # absent, or cannot be read: not proof (fail closed)
+    return True
 
 
 class ConflictError(Exception):
@@ -49,6 +67,8 @@ class Ledger:
 
     files: set[tuple[int, int]] = attrs.field(factory=set)
     dirs: set[paths.Parts] = attrs.field(factory=set)
+    # Files that carry XATTR (set when created): for these the mark is part of the proof.
+    marked: set[tuple[int, int]] = attrs.field(factory=set)
     adopted: set[paths.Parts] = attrs.field(factory=set)  # foreign files accepted (logs, status)
     # Worker threads of several files of one torrent record and save concurrently.
     _lock: threading.Lock = attrs.field(factory=threading.Lock, eq=False, repr=False)
@@ -56,22 +76,38 @@ class Ledger:
 
     # -- questions -------------------------------------------------------------------------
 
-    def owns_stat(self, st: os.stat_result | None) -> bool:
+    def _recorded(self, st: os.stat_result | None) -> bool:
         return st is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) in self.files
+
+    def owns_file(self, st: os.stat_result | None, target: int | str) -> bool:
+        """The file ``st`` describes (open as ``target``: a descriptor, or a path that is not
+        followed if it is a symlink) is one this torrent created."""
+        if st is None or not self._recorded(st):
+            return False
+        return (st.st_dev, st.st_ino) not in self.marked or _has_mark(target)
 
     def owns(self, root: Path, parts: paths.Parts) -> bool:
         """``root/parts`` is a regular file this torrent created (blocking)."""
         try:
-            return self.owns_stat(paths.lstat(root, parts))
+            return self.owns_file(paths.lstat(root, parts), str(paths.join(root, parts)))
         except (OSError, paths.UnsafePathError):
             return False
 
     # -- changes (blocking; the caller saves) ------------------------------------------------
 
-    def record_fd(self, fd: int) -> None:
+    def record_fd(self, fd: int, *, mark: bool = True) -> None:
         st = os.fstat(fd)
+        marked = False
+        if mark:
+            try:
+                os.setxattr(fd, XATTR, b"1")
+                marked = True
+            except OSError:
+                pass  # no user xattrs here: the inode alone is the proof
         with self._lock:
             self.files.add((st.st_dev, st.st_ino))
+            if marked:
+                self.marked.add((st.st_dev, st.st_ino))
 
     def record_dirs(self, created: list[paths.Parts]) -> None:
         with self._lock:
@@ -110,12 +146,13 @@ class Ledger:
                     st = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
                 except FileNotFoundError:
                     return False
-                if not self.owns_stat(st):
+                if not self.owns_file(st, f"/proc/self/fd/{dfd}/{parts[-1]}"):
                     return False
                 os.unlink(parts[-1], dir_fd=dfd)
                 if st.st_nlink <= 1:
                     with self._lock:
                         self.files.discard((st.st_dev, st.st_ino))
+                        self.marked.discard((st.st_dev, st.st_ino))
                 return True
         except (FileNotFoundError, NotADirectoryError):
             return False
@@ -126,7 +163,7 @@ class Ledger:
         st = paths.lstat(root, src)
         if st is None:
             raise FileNotFoundError(f"{'/'.join(src)!r} does not exist")
-        if not self.owns_stat(st):
+        if not self.owns_file(st, str(paths.join(root, src))):
             raise ConflictError(src, "was not created by qbsync: not renaming it")
         paths.rename(root, src, dst)
 
@@ -139,6 +176,7 @@ class Ledger:
         with self._lock:
             doc = {
                 "files": sorted([d, i] for d, i in self.files),
+                "marked": sorted([d, i] for d, i in self.marked),
                 "dirs": sorted("/".join(p) for p in self.dirs),
                 "adopted": sorted("/".join(p) for p in self.adopted),
             }
@@ -156,10 +194,11 @@ class Ledger:
         try:
             doc = json.loads((meta_dir / OWNED_NAME).read_bytes())
             files = {(int(d), int(i)) for d, i in doc.get("files", [])}
+            marked = {(int(d), int(i)) for d, i in doc.get("marked", [])}
             dirs = {tuple(p.split("/")) for p in doc.get("dirs", []) if isinstance(p, str) and p}
             adopted = {
                 tuple(p.split("/")) for p in doc.get("adopted", []) if isinstance(p, str) and p
             }
         except (OSError, ValueError, TypeError, AttributeError):
             return cls()
-        return cls(files, dirs, adopted)
+        return cls(files, dirs, marked, adopted)
