@@ -149,7 +149,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_print_config_redacts_secrets(tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("token-from-file\n")
+    token.write_text("token-from-file-0123\n")
     result = run_cli(
         "source",
         *SRC_ARGS,
@@ -159,7 +159,7 @@ def test_print_config_redacts_secrets(tmp_path: Path) -> None:
         env={"QBSYNC_SOURCE_AUTH_TOKEN_FILE": str(token), "HTTP_PORT": "9090"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "hunter2" not in result.stdout and "token-from-file" not in result.stdout
+    assert "hunter2" not in result.stdout and "token-from-file-0123" not in result.stdout
     data = json.loads(result.stdout)
     assert data["qb_password"] == "***" and data["auth_token"] == "***"
     assert data["qb_username"] == ""

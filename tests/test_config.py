@@ -191,11 +191,13 @@ def test_min_connections_above_max() -> None:
 
 def test_token_file(tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("  s3cret-token\n")
-    assert src(auth_token_file=str(token)).auth_token == "s3cret-token"
+    token.write_text("  s3cret-token-01234\n")
+    assert src(auth_token_file=str(token)).auth_token == "s3cret-token-01234"
     # The file wins over --auth-token.
-    assert src(auth_token="other", auth_token_file=str(token)).auth_token == "s3cret-token"
-    assert dst({"QBSYNC_DESTINATION_AUTH_TOKEN_FILE": str(token)}).auth_token == "s3cret-token"
+    assert src(auth_token="other", auth_token_file=str(token)).auth_token == "s3cret-token-01234"
+    assert (
+        dst({"QBSYNC_DESTINATION_AUTH_TOKEN_FILE": str(token)}).auth_token == "s3cret-token-01234"
+    )
 
     cases = {
         "missing": (tmp_path / "nope", "cannot read"),
@@ -346,8 +348,8 @@ def test_hostport_str() -> None:
 
 def test_redacted_hides_secrets(tmp_path: Path) -> None:
     token = tmp_path / "t"
-    token.write_text("file-token")
-    s = src(qb_password="hunter2", auth_token="tok", qb_username="admin")
+    token.write_text("file-token-0123456789")
+    s = src(qb_password="hunter2", auth_token="tok-0123456789abcdef", qb_username="admin")
     out = redacted(s)
     assert out["qb_password"] == "***" and out["auth_token"] == "***"
     assert out["qb_username"] == "admin" and out["role"] == "source"

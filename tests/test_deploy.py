@@ -8,9 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml  # type: ignore[import-untyped]
 
-from qbsync.config import Role, options_for, resolve
+from qbsync.config import ConfigError, Role, options_for, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -70,7 +71,7 @@ def test_manifests_resolve_to_valid_configs() -> None:
     for name, role in cases:
         deployment = next(d for d in k8s(name) if d["kind"] == "Deployment")
         c = container(deployment)
-        env = {e["name"]: e.get("value", "secret") for e in c["env"]}
+        env = {e["name"]: e.get("value", "a-generated-secret-0123456789") for e in c["env"]}
         args = c["args"]
         assert args[0] == role
         flags = {}
@@ -91,8 +92,11 @@ def test_compose_resolves_to_valid_configs() -> None:
     for service, role in services:
         svc = compose["services"][service]
         assert svc["command"] == role
-        env = {k: ("token" if "${" in str(v) else str(v)) for k, v in svc["environment"].items()}
-        assert env[f"QBSYNC_{role.upper()}_AUTH_TOKEN"] == "token"
+        env = {
+            k: ("a-generated-token-0123456789" if "${" in str(v) else str(v))
+            for k, v in svc["environment"].items()
+        }
+        assert env[f"QBSYNC_{role.upper()}_AUTH_TOKEN"] == "a-generated-token-0123456789"
         resolve(role, {}, env)
 
 
@@ -123,7 +127,11 @@ def test_systemd_units() -> None:
             for line in example.read_text().splitlines()
             if line and not line.startswith("#")
         )
-        resolve(role, {}, env)
+        with pytest.raises(ConfigError, match="openssl rand"):
+            resolve(role, {}, env)  # the placeholder as shipped is refused...
+        resolve(
+            role, {}, {**env, f"QBSYNC_{role.upper()}_AUTH_TOKEN": "0f" * 16}
+        )  # ...replaced, fine
 
 
 def test_dockerfile() -> None:

@@ -200,7 +200,8 @@ async def test_abort_with_and_without_deleting(tmp_path: Path, nursery: trio.Nur
         assert await d.piece(t, i) == ErrorCode.OK
     assert (await d.server.abort(Abort(t.info_hash, delete_files=False))).existed
     assert (d.root / "payload" / "a.bin.partial").exists()
-    assert not (d.root / ".qbsync" / t.info_hash).exists()
+    # Only the record of which files qbsync created stays (the kept files are still ours).
+    assert [p.name for p in (d.root / ".qbsync" / t.info_hash).iterdir()] == ["owned.json"]
     # Re-init finds the kept .partial and proves what is in it.
     ready = await d.init(t)
     assert not {0, 1, 2} & set(needed_indices(ready, t.num_pieces))

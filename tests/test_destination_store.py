@@ -16,6 +16,7 @@ from qbsync import paths
 from qbsync.bitfield import Bitfield
 from qbsync.destination import state as st
 from qbsync.destination.hardlinks import HardlinkRegistry
+from qbsync.destination.ownership import Ledger
 from qbsync.destination.state import FileMeta, FileStatus, Phase
 from qbsync.destination.store import Store, build_files, new_meta, pad_flags
 from qbsync.torrent import bencode, parse_metainfo
@@ -256,6 +257,17 @@ async def test_dry_run_store_touches_nothing(tmp_path: Path, nursery: trio.Nurse
 # --- scan of data already on disk -------------------------------------------------------------
 
 
+def _own(data: Path, info_hash: str, files: list[Path]) -> None:
+    """Record ``files`` as created by qbsync for ``info_hash`` (as an earlier sync of it would
+    have): the ownership rule then lets the destination demote, rewrite or delete them."""
+    ledger = Ledger.load(data / ".qbsync" / info_hash)
+    for p in files:
+        s = os.stat(p)
+        ledger.files.add((s.st_dev, s.st_ino))
+    (data / ".qbsync" / info_hash).mkdir(parents=True, exist_ok=True)
+    ledger.save(data / ".qbsync" / info_hash)
+
+
 async def _scanned(store: Store, t: LocalTorrent, **kw: object) -> st.TorrentState:
     state = await store.create(meta_for(t, **kw), parse_metainfo(t.torrent), fresh=True)  # type: ignore[arg-type]
     if state.scan_done is not None:
@@ -285,6 +297,7 @@ async def test_existing_damaged_file_is_demoted_keeping_good_pieces(
     data = tmp_path / "data"
     make_payload(data / "payload", FILES, 0)
     _overwrite(data / "payload" / "a.bin", 20_000, b"\0\1\2")
+    _own(data, t.info_hash, [data / "payload" / "a.bin"])
     store = Store(data)
     store.attach(nursery)
     state = await _scanned(store, t)
@@ -303,6 +316,7 @@ async def test_damaged_file_with_other_links_is_unlinked_not_written(
     make_payload(data / "payload", FILES, 0)
     _overwrite(data / "payload" / "b.bin", 0, b"xx")
     os.link(data / "payload" / "b.bin", tmp_path / "other-name")
+    _own(data, t.info_hash, [data / "payload" / "b.bin"])
     store = Store(data)
     store.attach(nursery)
     state = await _scanned(store, t)
@@ -355,7 +369,7 @@ async def test_resume_after_selection_change_scans_partials(
     await write_all(store, state, t, half)
     await store.flush(state)
     await store.forget(state)
-    await store.wipe_state_dir(t.info_hash)
+    await store.wipe_state_dir(t.info_hash, keep_ledger=True)
     # Fresh init (as after a resync): the .partial files are scanned, proven pieces kept.
     state2 = await _scanned(store, t)
     assert set(state2.written.set_indices()) == set(half)
@@ -370,6 +384,7 @@ async def test_found_data_counts_only_once_it_is_durable(
     t = make_torrent(tmp_path)
     data = tmp_path / "data"
     make_payload(data / "payload", FILES, 0)
+    _own(data, t.info_hash, [data / "payload" / rel for rel in FILES])
 
     def fdatasync(fd: int) -> None:
         raise OSError(5, "Input/output error")
@@ -470,6 +485,7 @@ async def _finalized_on_disk(
     does). Returns the torrent and the bytes of its files."""
     t = make_torrent(tmp_path / f"t{seed}", seed=seed)
     make_payload(data / "payload", FILES, seed)
+    _own(data, t.info_hash, [data / "payload" / rel for rel in FILES])
     state = await _scanned(store, t)
     assert all(f.status is FileStatus.COMPLETE for f in state.files)
     await store.write_marker(state)
@@ -509,6 +525,8 @@ async def test_finalized_torrent_keeps_its_names_across_restarts(
         # Elsewhere is fine.
         elsewhere = await s.create(meta_for(b, sub="other"), parse_metainfo(b.torrent), fresh=True)
         await s.forget(elsewhere)
+        created = [(f.parts, 0) for f in elsewhere.files if f.selected and f.parts]
+        await s.delete_data(created, info_hash=b.info_hash, ledger=elsewhere.ledger)  # abort
         await s.wipe_state_dir(b.info_hash)
     # A resync of the owner itself (same hash) is its own business; once its marker is gone
     # the names are free.
@@ -526,13 +544,16 @@ async def test_delete_never_removes_a_finalized_torrents_files(
     a, before = await _finalized_on_disk(store, tmp_path, data)
     b = make_torrent(tmp_path / "b", seed=3)
     names = [(("payload", *rel.split("/")), 0) for rel in FILES]
-    assert await store.delete_data(names, info_hash=b.info_hash) == 0
+    created = Ledger.load(data / ".qbsync" / a.info_hash)  # a created them: proof enough
+    assert await store.delete_data(names, info_hash=b.info_hash, ledger=created) == 0
+    assert await store.delete_data(names, info_hash=b.info_hash, ledger=Ledger()) == 0
     _untouched(data, before)
     # The owner itself may delete them (and a fresh store knows the owner from the marker).
     fresh = Store(data)
     await fresh.recover()
-    assert await fresh.delete_data(names, info_hash=b.info_hash) == 0
-    assert await fresh.delete_data(names, info_hash=a.info_hash) == len(FILES)
+    assert await fresh.delete_data(names, info_hash=b.info_hash, ledger=created) == 0
+    assert await fresh.delete_data(names, info_hash=a.info_hash, ledger=Ledger()) == 0
+    assert await fresh.delete_data(names, info_hash=a.info_hash, ledger=created) == len(FILES)
 
 
 async def test_recovery_never_lets_an_unfinished_torrent_take_finalized_names(
@@ -550,6 +571,8 @@ async def test_recovery_never_lets_an_unfinished_torrent_take_finalized_names(
     s1.attach(nursery)
     state = await s1.create(meta_for(unfinished), parse_metainfo(unfinished.torrent), fresh=True)
     await s1.forget(state)
+    for p in (data / "payload").rglob("*.partial"):  # an older version created none yet
+        p.unlink()
     s2 = Store(data)
     s2.attach(nursery)
     finished, before = await _finalized_on_disk(s2, tmp_path, data, seed=finished_seed)
@@ -632,7 +655,10 @@ async def test_only_the_vanished_names_of_a_finalized_torrent_are_released(
             assert a.info_hash in err.value.message
             assert not (data / ".qbsync" / t.info_hash).exists()
         names = [(("payload", *rel.split("/")), 0) for rel in FILES]
-        assert await s.delete_data(names, info_hash=wants_b.info_hash) == 0
+        # Even with a ledger that owns those files (a's), another torrent's names are skipped.
+        owns_all = Ledger.load(data / ".qbsync" / a.info_hash)
+        assert owns_all.files
+        assert await s.delete_data(names, info_hash=wants_b.info_hash, ledger=owns_all) == 0
         for rel, content in before.items():
             assert (data / "payload" / rel).read_bytes() == content, rel
         assert (data / "payload" / "c" / "d.bin.partial").is_file()

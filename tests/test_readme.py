@@ -99,7 +99,7 @@ def test_readme_commands_are_valid(
     argvs = commands(role)
     assert len(argvs) >= 2, argvs  # the seed command and the by-hand one
     for argv in argvs:
-        argv = [a.replace("$TOKEN", "t0ken") for a in argv]
+        argv = [a.replace("$TOKEN", "0f" * 32) for a in argv]
         assert cli.main([*argv, "--print-config"]) == 0, argv
         capsys.readouterr()
 

@@ -17,7 +17,7 @@ from qbsync.source.cache import CompletionCache
 from qbsync.source.cleanup import Candidate, Cleanup, GiB, group_candidates
 from qbsync.source.paths import PathMapper
 from qbsync.source.runner import _drain
-from qbsync.wire.errors import ConnectionClosed
+from qbsync.wire.errors import ConnectionClosed, ErrorCode, WireError
 from qbsync.wire.messages import StartResult, StartTorrent
 
 
@@ -61,7 +61,15 @@ class FakeQB:
         return []
 
 
-def make(tmp_path: Path, qb: FakeQB, *, start_fails: bool = False, dry_run: bool = False, **kw):
+def make(
+    tmp_path: Path,
+    qb: FakeQB,
+    *,
+    start_fails: bool = False,
+    dry_run: bool = False,
+    answer: StartResult | WireError | None = None,
+    **kw,
+):
     started: list[str] = []
 
     async def request(msg: Any, *, within: float) -> Any:
@@ -69,6 +77,10 @@ def make(tmp_path: Path, qb: FakeQB, *, start_fails: bool = False, dry_run: bool
         qb.calls.append(("dest-start", msg.info_hash))
         if start_fails:
             raise ConnectionClosed("gone")
+        if isinstance(answer, WireError):
+            raise answer
+        if answer is not None:
+            return answer
         started.append(msg.info_hash)
         return StartResult(True)
 
@@ -128,6 +140,52 @@ async def test_start_failure_resumes_source_and_missing_synced_tag_is_added(tmp_
         ("start", "a"),  # the destination could not start it: the source seeds again
     ]
     assert ("delete", "a") not in qb.calls
+
+
+def refused(reason: str) -> float:
+    value = metrics.REGISTRY.get_sample_value("qbsync_handoff_refused_total", {"reason": reason})
+    return value or 0.0
+
+
+async def test_started_false_never_deletes_on_the_source(tmp_path):
+    """A destination that answers ``started=False`` (a dry-run one does) is a refusal: the
+    source resumes and keeps its files. Before the fix the answer was ignored and the source
+    deleted its copy."""
+    qb = FakeQB()
+    cleanup, cache, _ = make(tmp_path, qb, answer=StartResult(False), min_seeding=0)
+    await cache.put("a", "0")
+    before = refused("not-started")
+    result = await cleanup.run_pass([t("a")], free_bytes=0, draining=False)
+    assert result is not None and result.handed_off == 0 and result.groups_failed == 1
+    assert qb.calls == [("stop", "a"), ("dest-start", "a"), ("start", "a")]
+    assert refused("not-started") == before + 1
+    assert "a" in cache  # the destination copy is fine, just not started: keep the entry
+
+
+async def test_destination_copy_missing_resumes_and_forgets_completion(tmp_path):
+    """The destination answers ``not-found`` (its files are gone): the source resumes, never
+    deletes, and drops the completion cache entry so the torrent is synced again."""
+    qb = FakeQB()
+    missing = WireError(ErrorCode.NOT_FOUND, "destination copy incomplete: payload/a.bin")
+    cleanup, cache, _ = make(tmp_path, qb, answer=missing, min_seeding=0)
+    await cache.put("a", "0")
+    before = refused("not-found")
+    result = await cleanup.run_pass([t("a")], free_bytes=0, draining=True)
+    assert result is not None and result.handed_off == 0
+    assert ("delete", "a") not in qb.calls and ("start", "a") in qb.calls
+    assert refused("not-found") == before + 1
+    assert "a" not in cache
+
+
+async def test_a_torrent_being_resynced_is_never_a_candidate(tmp_path):
+    qb = FakeQB()
+    cleanup, cache, started = make(tmp_path, qb, min_seeding=0)
+    cleanup.syncing = lambda h: h == "a"
+    await cache.put("a", "0")
+    await cache.put("b", "0")
+    result = await cleanup.run_pass([t("a"), t("b")], free_bytes=0, draining=True)
+    assert result is not None and started == ["b"]
+    assert ("stop", "a") not in qb.calls
 
 
 async def test_drain_ignores_space_seeding_and_exclude_cleanup_but_not_synced(tmp_path):
@@ -216,3 +274,35 @@ async def test_drain_skipped_when_the_gate_is_closed(tmp_path, caplog, monkeypat
     config = _source_config(tmp_path)  # default --drain-annotation qbsync/drain
     await _drain(config, cast(Any, None), cast(Any, SimpleNamespace(cleanup=NoCleanup())))
     assert any("event=drain_skipped" in r.message for r in caplog.records)
+
+
+async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path):
+    """A selection change re-syncs a synced torrent: ``synced`` no longer holds, so it is
+    removed first (a hand-off must not pick the torrent while the destination re-verifies
+    it), and the torrent is tracked, so cleanup skips it too."""
+    from tests.test_source_orchestrator import H, torrent
+    from tests.test_source_orchestrator import make as make_orchestrator
+
+    events: list[tuple[str, str]] = []
+
+    class TaggingQB:
+        async def files(self, h: str) -> list[dict[str, Any]]:
+            return [{"index": 0, "name": "x", "size": 1, "priority": 1}]
+
+        async def remove_tags(self, h: str, tags: list[str]) -> None:
+            events.append(("untag:" + ",".join(tags), h))
+
+    info = torrent(H[0], state="stalledUP", progress=1, tags="synced")
+    orch, _, _, _, _ = make_orchestrator(tmp_path, {H[0]: info}, {})
+    orch.qb = cast(Any, TaggingQB())
+    orch.cache.load()
+    await orch.cache.put(H[0], "an-older-selection")
+
+    async def fake_track(h: str, _info: dict[str, Any], **kw: Any) -> None:
+        events.append(("track", h))
+        assert kw["resync"] is True
+
+    orch._track = fake_track
+    await orch._check_selection(H[0], info)
+    assert events == [("untag:synced", H[0]), ("track", H[0])]
+    assert H[0] not in orch.cache

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .log import redact_url
 from .wire.address import HostPort as HostPort  # re-exported: the config type of addresses
 
 GiB = 1024**3
@@ -547,6 +548,8 @@ def resolve(
             raise ConfigError(f"{where}: {str(path)!r} is empty")
         values["auth_token"] = token
 
+    _check_token(role, values.get("auth_token") or "")
+
     if role == "source":
         if values["min_connections"] > values["max_connections"]:
             raise ConfigError(
@@ -570,6 +573,44 @@ def resolve(
     return DestinationConfig(**values)
 
 
+MIN_TOKEN_BYTES = 16
+# Placeholders people copy from examples; a token anyone can guess authenticates nobody.
+PLACEHOLDER_TOKENS = frozenset(
+    {
+        "change-me",
+        "changeme",
+        "change_me",
+        "replace-me",
+        "secret",
+        "token",
+        "your-token",
+        "password",
+        "example",
+        "<token>",
+        "xxx",
+    }
+)
+
+
+def _check_token(role: Role, token: str) -> None:
+    """Refuse a token that is too short to resist guessing or is a known placeholder. No
+    token at all stays allowed (the seed document's setups run without one); the runners
+    warn loudly about it."""
+    if not token:
+        return
+    if token.strip().lower() in PLACEHOLDER_TOKENS:
+        problem = f"{token.strip()!r} is a placeholder from the examples"
+    elif len(token.encode("utf-8")) < MIN_TOKEN_BYTES:
+        problem = f"the token is shorter than {MIN_TOKEN_BYTES} bytes"
+    else:
+        return
+    raise ConfigError(
+        f"--auth-token / --auth-token-file ({_option(role, 'auth_token').env(role)} / "
+        f"{_option(role, 'auth_token_file').env(role)}): {problem}; "
+        "generate one with: openssl rand -hex 32"
+    )
+
+
 def _check_readable(path: Path | None, where: str) -> None:
     if path is not None and not os.access(path, os.R_OK):
         raise ConfigError(f"{where}: cannot read {str(path)!r}")
@@ -589,6 +630,8 @@ def redacted(config: Config) -> dict[str, Any]:
         value = getattr(config, opt.name)
         if opt.secret:
             out[opt.name] = "***" if value else ""
+        elif opt.name == "qb_url":
+            out[opt.name] = redact_url(value)
         elif value is None:
             out[opt.name] = None
         elif isinstance(value, (Path, HostPort)):

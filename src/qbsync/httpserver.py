@@ -236,7 +236,11 @@ _REASONS = {
 class ServerLimits:
     """Per-connection limits that keep one client from starving the probes."""
 
-    max_connections: int = 64  # concurrent; more get an immediate 503 and are closed
+    # Concurrent connections. Over the cap, the connection that has waited longest for its
+    # request to arrive is closed to make room (a probe sends its request at once; a slow or
+    # half-open client is what waits); only when every connection is being answered does a
+    # new one get an immediate 503.
+    max_connections: int = 64
     request_timeout: float = 10.0  # a complete request (head and body) must arrive within this
     keepalive_timeout: float = 10.0  # idle time allowed between requests on one connection
     write_timeout: float = 10.0  # a client that does not read its response is dropped
@@ -315,6 +319,27 @@ class _Server:
         self.health = health
         self.limits = limits
         self.active = 0
+        # Connections waiting for (the rest of) a request, oldest first: the ones evicted to
+        # make room. A connection being answered is never in here.
+        self._waiting: dict[int, trio.CancelScope] = {}
+        self._next_id = 0
+        self._last_evict_log = -1e9
+
+    def _admit(self, peer: str) -> bool:
+        """Make room for a new connection: close the longest-waiting one when over the cap.
+        False when every connection is busy being answered (then this one gets a 503)."""
+        if self.active <= self.limits.max_connections:
+            return True
+        if not self._waiting:
+            log.info("event=http_reject code=busy peer=%s active=%d", peer, self.active)
+            return False
+        oldest = next(iter(self._waiting))
+        self._waiting.pop(oldest).cancel()
+        now = trio.current_time()
+        if now - self._last_evict_log >= 1.0:  # a flood must not flood the log too
+            self._last_evict_log = now
+            log.info("event=http_evicted code=busy reason=slowest_waiting active=%d", self.active)
+        return True
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One connection. Whatever happens here stays here: the daemon must not die because a
@@ -322,17 +347,20 @@ class _Server:
         is closed."""
         peer = _peer(stream)
         self.active += 1
+        self._next_id += 1
+        cid = self._next_id
         try:
-            if self.active > self.limits.max_connections:
-                log.info("event=http_reject code=busy peer=%s active=%d", peer, self.active)
+            if not self._admit(peer):
                 await self._send_raw(stream, 503, {"error": "too many connections"})
                 return
-            await self._serve(stream, peer)
+            with trio.CancelScope() as scope:
+                await self._serve(stream, peer, cid, scope)
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("event=http_error code=internal peer=%s", peer)
         finally:
+            self._waiting.pop(cid, None)
             self.active -= 1
             await trio.aclose_forcefully(stream)
 
@@ -342,11 +370,14 @@ class _Server:
         with trio.move_on_after(self.limits.write_timeout):
             await stream.send_all(_raw_response(status, payload))
 
-    async def _serve(self, stream: trio.SocketStream, peer: str) -> None:
+    async def _serve(
+        self, stream: trio.SocketStream, peer: str, cid: int, evict: trio.CancelScope
+    ) -> None:
         lim = self.limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=lim.max_header_bytes)
         for n in range(lim.max_requests_per_connection):
             timeout = lim.request_timeout if n == 0 else lim.keepalive_timeout
+            self._waiting[cid] = evict
             with trio.move_on_after(timeout) as scope:
                 try:
                     request = await self._read_request(stream, conn)
@@ -372,6 +403,7 @@ class _Server:
                     log.info("event=http_timeout code=timeout peer=%s", peer)
                     await self._send_raw(stream, 408, {"error": "request timeout"})
                 return
+            self._waiting.pop(cid, None)  # being answered: never evicted
             if request is None:  # clean EOF between requests
                 return
             response = await self._respond(request, peer)

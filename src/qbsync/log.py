@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 from .wire.logfmt import kv
 
-__all__ = ["kv", "setup"]
+__all__ = ["kv", "paths_kv", "redact_url", "setup"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -22,6 +23,26 @@ _LEVELS = {
     "warn": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+def paths_kv(value: tuple[str, ...] | str) -> str:
+    """:func:`kv` of a path given as components (joined with ``/``) or as text."""
+    return kv("/".join(value) if isinstance(value, tuple) else value)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with a password in its user-info part replaced by ``***`` (a ``--qb-url`` of
+    the form ``http://user:password@host`` must not put the password in the logs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    userinfo = f"{user}:***" if parts.password is not None else user
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
 
 
 class _Formatter(logging.Formatter):

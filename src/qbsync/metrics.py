@@ -94,6 +94,11 @@ cleanup_groups = _c("cleanup_groups_total", "Cleanup groups processed", ("result
 cleanup_torrents_handed_off = _c(
     "cleanup_torrents_handed_off_total", "Torrents handed off to the destination"
 )
+handoff_refused = _c(
+    "handoff_refused_total",
+    "Hand-offs the destination did not confirm (the source keeps seeding), by reason",
+    ("reason",),
+)
 exclude_sync_abort = _c(
     "exclude_sync_abort_total", "In-progress syncs aborted by the exclude-sync tag"
 )

@@ -32,12 +32,14 @@ refused before *any* directory is created for its other entries.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 MAX_COMPONENT_BYTES = 255  # NAME_MAX on every common Linux filesystem
 MAX_PATH_BYTES = 4096  # PATH_MAX
@@ -162,12 +164,21 @@ def is_within(root: str, candidate: str) -> bool:
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_child_dir(parent_fd: int, name: str, *, create: bool) -> int:
+def _open_child_dir(parent_fd: int, name: str, *, create: bool) -> tuple[int, bool]:
+    """Open (creating on request) a child directory; also whether this call created it.
+    A directory made here is made durable at once (``fsync`` of its parent): a file whose
+    bytes were synced is only reachable after a crash if every directory above it is."""
+    made = False
     if create:
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(name, 0o755, dir_fd=parent_fd)
+            made = True
+        except FileExistsError:
+            pass
+        if made:
+            os.fsync(parent_fd)
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd), made
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             # O_NOFOLLOW|O_DIRECTORY on a symlink gives ELOOP (or ENOTDIR for a symlink to a
@@ -182,18 +193,23 @@ def _open_child_dir(parent_fd: int, name: str, *, create: bool) -> int:
 
 
 @contextlib.contextmanager
-def open_parent(root: Path, parts: Parts, *, create: bool) -> Iterator[int]:
+def open_parent(
+    root: Path, parts: Parts, *, create: bool, created: list[Parts] | None = None
+) -> Iterator[int]:
     """Yield a descriptor of the directory that holds ``root/parts``, never following a symlink
-    below ``root``. With ``create`` missing directories are made (0755). Raises
-    :class:`UnsafePathError` for a symlink, ``FileNotFoundError`` when a directory is missing
-    and ``create`` is false, or another ``OSError``.
+    below ``root``. With ``create`` missing directories are made (0755), each ``fsync``'ed
+    into its parent, and listed in ``created`` (so the caller can record that it owns them).
+    Raises :class:`UnsafePathError` for a symlink, ``FileNotFoundError`` when a directory is
+    missing and ``create`` is false, or another ``OSError``.
     """
     if not parts:
         raise UnsafePathError("empty file path")
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for name in parts[:-1]:
-            child = _open_child_dir(fd, name, create=create)
+        for depth, name in enumerate(parts[:-1], start=1):
+            child, made = _open_child_dir(fd, name, create=create)
+            if made and created is not None:
+                created.append(parts[:depth])
             os.close(fd)
             fd = child
         yield fd
@@ -202,10 +218,16 @@ def open_parent(root: Path, parts: Parts, *, create: bool) -> Iterator[int]:
 
 
 def open_file(
-    root: Path, parts: Parts, flags: int, mode: int = 0o644, *, create_dirs: bool = False
+    root: Path,
+    parts: Parts,
+    flags: int,
+    mode: int = 0o644,
+    *,
+    create_dirs: bool = False,
+    created: list[Parts] | None = None,
 ) -> int:
     """Open ``root/parts`` relative to its safely opened parent, with ``O_NOFOLLOW``."""
-    with open_parent(root, parts, create=create_dirs) as dfd:
+    with open_parent(root, parts, create=create_dirs, created=created) as dfd:
         try:
             return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
         except OSError as exc:
@@ -236,12 +258,46 @@ def regular_size(root: Path, parts: Parts) -> int | None:
 
 
 def rename(root: Path, src: Parts, dst: Parts) -> None:
-    """Rename within the data tree. Both must share a parent (``x.partial`` -> ``x``)."""
+    """Rename within the data tree, **never replacing** an existing ``dst`` (``FileExistsError``
+    instead). Both must share a parent (``x.partial`` -> ``x``). A rename that silently
+    replaced a name would destroy whatever file someone else had put there."""
     if src[:-1] != dst[:-1]:
         raise ValueError("rename across directories is not supported here")
     with open_parent(root, src, create=False) as dfd:
-        os.rename(src[-1], dst[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+        rename_noreplace(dfd, src[-1], dst[-1])
         os.fsync(dfd)
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_renameat2: Any = None
+
+
+def rename_noreplace(dir_fd: int, src: str, dst: str) -> None:
+    """``renameat2(RENAME_NOREPLACE)`` inside one directory; where the kernel or filesystem
+    lacks it, ``link`` then ``unlink`` (``link`` fails with ``EEXIST`` too, and a crash in
+    between leaves two names of one inode, never a lost file)."""
+    global _renameat2
+    if _renameat2 is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        _renameat2 = getattr(libc, "renameat2", False)
+        if _renameat2:
+            _renameat2.argtypes = [
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_uint,
+            ]
+            _renameat2.restype = ctypes.c_int
+    if _renameat2:
+        rc = _renameat2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), src)
+    os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    os.unlink(src, dir_fd=dir_fd)
 
 
 def unlink(root: Path, parts: Parts) -> bool:
@@ -254,10 +310,15 @@ def unlink(root: Path, parts: Parts) -> bool:
         return False
 
 
-def remove_empty_dirs(root: Path, parts: Parts, *, keep: int = 0) -> None:
+def remove_empty_dirs(
+    root: Path, parts: Parts, *, keep: int = 0, only: Container[Parts] | None = None
+) -> None:
     """Remove the now-empty parent directories of ``parts``, deepest first, stopping at the
-    first one that is not empty. The first ``keep`` components are never removed."""
+    first one that is not empty (or, with ``only``, not listed there: the destination removes
+    only directories it created). The first ``keep`` components are never removed."""
     for depth in range(len(parts) - 1, keep, -1):
+        if only is not None and parts[:depth] not in only:
+            return
         try:
             with open_parent(root, parts[:depth], create=False) as dfd:
                 os.rmdir(parts[depth - 1], dir_fd=dfd)

@@ -25,6 +25,7 @@ import qbittorrentapi
 import trio
 
 from . import liveness, metrics
+from .log import redact_url
 
 log = logging.getLogger("qbsync.qb")
 
@@ -163,7 +164,7 @@ class QB:
     def _record(self, ok: bool) -> None:
         if ok:
             if self._opened_at is not None:
-                log.info("event=qb_circuit_closed mode=%s url=%s", self.mode, self.url)
+                log.info("event=qb_circuit_closed mode=%s url=%s", self.mode, redact_url(self.url))
             self._failures = 0
             self._opened_at = None
             metrics.qb_circuit_open.labels(self.mode).set(0)
@@ -177,7 +178,7 @@ class QB:
             log.warning(
                 "event=qb_circuit_open mode=%s url=%s failures=%d",
                 self.mode,
-                self.url,
+                redact_url(self.url),
                 self._failures,
             )
 

@@ -21,6 +21,12 @@ import attrs
 MAX_METAINFO_BYTES = 64 * 1024 * 1024  # a 64 MiB .torrent is already absurd
 MAX_PIECE_LENGTH = 256 * 1024 * 1024  # libtorrent's own ceiling is 128 MiB; allow headroom
 MAX_DEPTH = 64
+# Bencoded values in one .torrent. Each costs a Python object (an empty dict is 64 bytes), so a
+# small crafted file of empty containers would otherwise cost hundreds of MiB. A real torrent
+# needs about 6 per file (entry dict, length, path list and its components) plus a handful:
+# 1,000,000 admits ~150,000 files — more than any torrent qBittorrent handles comfortably —
+# and bounds the decoded size to ~70 MiB.
+MAX_ITEMS = 1_000_000
 
 
 # Canonical bencode numbers: ASCII digits only, no "+", spaces, "-0" or leading zeros (int()
@@ -43,24 +49,53 @@ def bdecode(data: bytes) -> Any:
     malformed, including trailing bytes, leading zeros and unsorted or duplicate keys are
     tolerated (real-world torrents have them) but non-bytes keys are not.
     """
+    value, _ = _bdecode_spans(data)
+    return value
+
+
+def _bdecode_spans(data: bytes) -> tuple[Any, tuple[int, int] | None]:
+    """Decode ``data`` once; also where the top-level ``info`` value starts and ends (the
+    info-hash is computed over exactly those bytes)."""
     if len(data) > MAX_METAINFO_BYTES:
         raise MetainfoError(f"metainfo too large ({len(data)} bytes)")
-    value, end = _decode(memoryview(data), 0, 0)
+    budget = [MAX_ITEMS]
+    buf = memoryview(data)
+    info_span: tuple[int, int] | None = None
+    if data.startswith(b"d"):
+        pos = 1
+        top: dict[bytes, Any] = {}
+        while pos < len(buf) and buf[pos] != ord("e"):
+            key, pos = _decode(buf, pos, 1, budget)
+            if not isinstance(key, bytes):
+                raise MetainfoError("dictionary key is not a string")
+            start = pos
+            top[key], pos = _decode(buf, pos, 1, budget)
+            if key == b"info" and info_span is None:
+                info_span = (start, pos)
+        if pos >= len(buf):
+            raise MetainfoError("unterminated dictionary")
+        value: Any = top
+        end = pos + 1
+    else:
+        value, end = _decode(buf, 0, 0, budget)
     if end != len(data):
         raise MetainfoError(f"trailing data after bencoded value at byte {end}")
-    return value
+    return value, info_span
 
 
 def bdecode_prefix(data: bytes) -> tuple[Any, int]:
     """Decode one bencoded value at the start of ``data``; return it and where it ended."""
-    return _decode(memoryview(data), 0, 0)
+    return _decode(memoryview(data), 0, 0, [MAX_ITEMS])
 
 
-def _decode(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
+def _decode(buf: memoryview, pos: int, depth: int, budget: list[int]) -> tuple[Any, int]:
     if depth > MAX_DEPTH:
         raise MetainfoError("bencode nested too deeply")
     if pos >= len(buf):
         raise MetainfoError("unexpected end of bencoded data")
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise MetainfoError(f"more than {MAX_ITEMS} bencoded values")
     c = buf[pos]
     if c == ord("i"):
         end = _find(buf, ord("e"), pos + 1)
@@ -72,7 +107,7 @@ def _decode(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
         pos += 1
         items = []
         while pos < len(buf) and buf[pos] != ord("e"):
-            item, pos = _decode(buf, pos, depth + 1)
+            item, pos = _decode(buf, pos, depth + 1, budget)
             items.append(item)
         if pos >= len(buf):
             raise MetainfoError("unterminated list")
@@ -81,10 +116,10 @@ def _decode(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
         pos += 1
         out: dict[bytes, Any] = {}
         while pos < len(buf) and buf[pos] != ord("e"):
-            key, pos = _decode(buf, pos, depth + 1)
+            key, pos = _decode(buf, pos, depth + 1, budget)
             if not isinstance(key, bytes):
                 raise MetainfoError("dictionary key is not a string")
-            out[key], pos = _decode(buf, pos, depth + 1)
+            out[key], pos = _decode(buf, pos, depth + 1, budget)
         if pos >= len(buf):
             raise MetainfoError("unterminated dictionary")
         return out, pos + 1
@@ -138,21 +173,6 @@ def _encode(value: Any, out: list[bytes]) -> None:
         out.append(b"e")
     else:
         raise TypeError(f"cannot bencode {type(value).__name__}")
-
-
-def _raw_info(data: bytes) -> bytes:
-    """The exact bytes of the top-level ``info`` value, as the info-hash is computed over them."""
-    buf = memoryview(data)
-    if not data.startswith(b"d"):
-        raise MetainfoError("metainfo is not a dictionary")
-    pos = 1
-    while pos < len(buf) and buf[pos] != ord("e"):
-        key, pos = _decode(buf, pos, 1)
-        start = pos
-        _, pos = _decode(buf, pos, 1)
-        if key == b"info":
-            return bytes(buf[start:pos])
-    raise MetainfoError("metainfo has no info dictionary")
 
 
 # --- metainfo -------------------------------------------------------------------------------
@@ -253,6 +273,9 @@ class Metainfo:
     piece_hashes: tuple[bytes, ...]
     private: bool
     raw: bytes = attrs.field(repr=False)
+    # Per geometry file: a BEP 47 padding file (``attr`` contains ``p``, or the path starts
+    # with ``.pad``). Decided here so the .torrent is never decoded a second time.
+    pads: tuple[bool, ...] = ()
 
     @property
     def has_v1(self) -> bool:
@@ -280,11 +303,13 @@ def _int(value: Any, what: str) -> int:
 
 
 def parse_metainfo(data: bytes) -> Metainfo:
-    top = bdecode(data)
-    if not isinstance(top, dict) or not isinstance(top.get(b"info"), dict):
+    """Parse a ``.torrent`` (decoded exactly once; CPU-heavy for big ones: call it in a worker
+    thread from the event loop). Raises :class:`MetainfoError` on anything unusable."""
+    top, span = _bdecode_spans(data)
+    if not isinstance(top, dict) or not isinstance(top.get(b"info"), dict) or span is None:
         raise MetainfoError("metainfo has no info dictionary")
     info: dict[bytes, Any] = top[b"info"]
-    raw_info = _raw_info(data)
+    raw_info = data[span[0] : span[1]]
     v1_hash = hashlib.sha1(raw_info).hexdigest()
     meta_version = info.get(b"meta version", 1)
     v2_hash = hashlib.sha256(raw_info).hexdigest() if meta_version == 2 else ""
@@ -298,6 +323,7 @@ def parse_metainfo(data: bytes) -> Metainfo:
     hashes = tuple(pieces_raw[i : i + 20] for i in range(0, len(pieces_raw), 20))
 
     files: list[tuple[str, int]] = []
+    pads: list[bool] = []
     if b"files" in info:
         entries = info[b"files"]
         if not isinstance(entries, list) or not entries:
@@ -310,8 +336,11 @@ def parse_metainfo(data: bytes) -> Metainfo:
                 raise MetainfoError(f"file {n} has no path")
             path = "/".join([name, *(_text(p, f"file {n} path") for p in parts)])
             size = _int(entry.get(b"length"), f"file {n} length")
-            if entry.get(b"attr", b"") and b"p" in entry[b"attr"]:
-                pass  # BEP 47 padding file: counts in the geometry, qBittorrent hides it
+            attr = entry.get(b"attr", b"")
+            if not isinstance(attr, bytes):
+                raise MetainfoError(f"file {n} attr is not a string")
+            # BEP 47 padding file: counts in the geometry, qBittorrent hides it.
+            pads.append(b"p" in attr or parts[0] == b".pad")
             files.append((path, size))
     elif b"length" in info:
         files.append((name, _int(info[b"length"], "length")))
@@ -334,6 +363,7 @@ def parse_metainfo(data: bytes) -> Metainfo:
         piece_hashes=hashes,
         private=private,
         raw=data,
+        pads=tuple(pads) if pads else (False,) * len(files),
     )
 
 

@@ -62,7 +62,7 @@ async def test_multifile_out_of_order_ends_verified_tagged_identical(
     assert not list(root.rglob("*.partial"))
     marker = data / ".qbsync" / t.info_hash / ".finalized"
     assert marker.is_file()
-    assert [p.name for p in marker.parent.iterdir()] == [".finalized"]
+    assert sorted(p.name for p in marker.parent.iterdir()) == [".finalized", "owned.json"]
 
     info = qb.info(t.info_hash)
     assert info is not None
@@ -127,7 +127,10 @@ async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
     tmp_path: Path, qb_factory, qbsync_factory
 ) -> None:
     """qBittorrent's recheck is the final judge: a piece damaged on disk after it was written
-    is cleared and asked for again (``incomplete``), then the torrent finalizes."""
+    is cleared and asked for again (``incomplete``), then the torrent finalizes. The source's
+    copy of qbsync's own tags (a re-syncing source torrent still carries ``synced``) is never
+    copied: ``synced`` shows only once the recheck passed, ``source-removed`` only on a
+    hand-off. Before the fix both were copied at the add, before any check."""
     qb = qb_factory("dst")
     payload = make_payload(tmp_path / "src" / "payload", {"a.bin": 400_000, "b.bin": 300_000})
     t = LocalTorrent.create(payload, 64 * KiB)
@@ -140,15 +143,20 @@ async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
         target = data / "payload" / "a.bin"
         await trio.to_thread.run_sync(lambda: _wait_file(target))
         await trio.to_thread.run_sync(_flip_byte, target, 2 * 64 * KiB + 5)
+        own = ["synced", "source-removed", "mine"]
         with pytest.raises(WireError) as err:
-            await client.finalize(t)
+            await client.finalize(t, tags=own)
         assert err.value.code == ErrorCode.INCOMPLETE
+        tags = {x.strip() for x in qb.info(t.info_hash).tags.split(",") if x.strip()}
+        assert tags == {"mine"}  # the recheck failed: not synced
         again = await client.init_ready(t)
         assert needed_indices(again, t.num_pieces) == [2]
         await client.send(t, [2])
-        assert (await client.finalize(t)).status == SyncStatus.COMPLETE
+        assert (await client.finalize(t, tags=own)).status == SyncStatus.COMPLETE
     assert _same(t, data, "payload/a.bin")
     assert qb.info(t.info_hash).progress == 1
+    tags = {x.strip() for x in qb.info(t.info_hash).tags.split(",") if x.strip()}
+    assert tags == {"mine", "synced"}
 
 
 def _flip_byte(path: Path, offset: int) -> None:

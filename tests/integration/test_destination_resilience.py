@@ -179,8 +179,13 @@ async def test_hostile_names_refused_nothing_written(tmp_path, qbsync_factory, b
         assert ok.status == SyncStatus.READY
     assert not _exists(Path("/tmp/escaped-abs.bin"))
     assert outside() == outside_before
-    # Only the legitimate retry left traces (its state directory), no data file of the bad try.
-    assert {p for p in _tree(data) if not p.startswith(".qbsync")} == set()
+    # Only the legitimate retry left traces (its state directory and the empty .partial files
+    # it created for its own names), no data file of the bad try.
+    legit = {rel + ".partial" for rel, _ in t.files}
+    legit |= {
+        "/".join(rel.split("/")[:i]) for rel, _ in t.files for i in range(1, rel.count("/") + 1)
+    }
+    assert {p for p in _tree(data) if not p.startswith(".qbsync")} <= legit
     assert "code=unsafe-path" in dest.proc.log_text()
 
 
@@ -429,19 +434,29 @@ async def test_resync_after_selection_change_reuses_data_on_disk(tmp_path, qbsyn
 
 
 async def test_existing_files_are_verified_not_trusted(tmp_path, qbsync_factory) -> None:
+    """Files the user already has at the torrent's names are only read: a damaged one is a
+    ``conflict`` (left exactly as it was; it used to be renamed to .partial and written
+    into); once the user repairs it, every file is proven from disk and adopted, nothing is
+    streamed, and the files stay the user's."""
     t = _payload(tmp_path)
     data = tmp_path / "data"
     shutil.copytree(t.base / "payload", data / "payload")
-    _overwrite(data / "payload" / "c.bin", 0, b"garbage!")  # first piece of c.bin is wrong
+    damaged = data / "payload" / "c.bin"
+    _overwrite(damaged, 0, b"garbage!")  # first piece of c.bin is wrong
+    before = damaged.read_bytes()
     dest = start_destination(qbsync_factory, data)
     async with dest.client() as client:
+        with pytest.raises(WireError) as err:
+            await client.init_ready(t)
+        assert err.value.code == ErrorCode.CONFLICT and "payload/c.bin" in err.value.message
+        assert damaged.read_bytes() == before
+        assert not (data / "payload" / "c.bin.partial").exists()
+        assert "event=ownership_conflict" in dest.proc.log_text()
+        shutil.copyfile(t.base / "payload" / "c.bin", damaged)
         ready = await client.init_ready(t)
-        needed = needed_indices(ready, t.num_pieces)
-        offsets = dict(zip([r for r, _ in t.files], t.file_offsets(), strict=True))
-        assert needed == [offsets["payload/c.bin"] // t.piece_length]
-        assert (data / "payload" / "c.bin.partial").exists()
-        await client.send(t, needed)
+        assert needed_indices(ready, t.num_pieces) == []
         assert (await client.finalize(t)).status == SyncStatus.COMPLETE
+        assert "event=user_file_adopted" in dest.proc.log_text()
     _identical(t, data)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 
 import pytest
@@ -98,3 +99,62 @@ def test_dry_run_neither_cleanup_nor_drain_hands_off(rig: Rig) -> None:
     assert dst is not None and dst["state"] in ("pausedUP", "stoppedUP"), dst  # never started
     assert "source-removed" not in tags_of(rig.dst_qb, ih)
     assert cache.read_bytes() == cached
+
+
+def _synced_then_stopped(rig: Rig) -> None:
+    """Sync the rig's torrent with a source that never hands off, then stop that source."""
+    first, _ = rig.start_source("--min-space", "0")
+    rig.add_to_source(download_limit=None)
+    rig.wait_synced()
+    assert first.stop() == 0
+
+
+def test_handoff_to_destination_whose_files_were_deleted_keeps_the_source_copy(rig: Rig) -> None:
+    """The unlucky user: the destination's files are deleted while its qBittorrent keeps
+    listing the torrent (stopped, still at progress 1.0). A source under disk pressure offers
+    it for hand-off; the destination refuses (``not-found``: its copy is gone), the source
+    resumes seeding with its files, forgets the completion and syncs the torrent again; only
+    then is it handed off. Before the fix the source deleted its copy within 30 ms."""
+    ih = rig.info_hash
+    _synced_then_stopped(rig)
+    shutil.rmtree(rig.dst_data / rig.seeded.name)
+    dst = rig.dst_qb.info(ih)
+    assert dst is not None and float(dst["progress"]) == 1.0  # qBittorrent has not noticed
+    source, health = rig.start_source("--min-space", str(1 << 20), "--min-seeding-time", "0")
+    log = source.wait_for_log("event=completion_forgotten", timeout=60)
+    assert "event=handoff_refused" in log and "reason=not-found" in log
+    assert metric(health, "qbsync_handoff_refused_total", {"reason": "not-found"}) >= 1
+    assert (rig.src_qb.save_path / rig.seeded.name).exists()
+    assert rig.src_qb.info(ih) is not None
+    # Synced again, verified again, and only then handed off.
+    wait_until(lambda: rig.src_qb.info(ih) is None, 120, 0.2, "handed off after the re-sync")
+    rig.assert_identical()
+    wait_until(
+        lambda: (rig.dst_qb.info(ih) or {}).get("state") in SEEDING_STATES,
+        30,
+        0.2,
+        "destination seeding",
+    )
+
+
+def test_dry_run_destination_never_causes_a_source_delete(rig: Rig) -> None:
+    """A destination in dry run answers ``started=False``. The source used to ignore the
+    answer and delete its copy; now it resumes and keeps it, and counts the refusal."""
+    ih = rig.info_hash
+    _synced_then_stopped(rig)
+    assert rig.dest is not None and rig.dest.stop() == 0
+    rig.start_destination("--dry-run")
+    source, health = rig.start_source("--min-space", str(1 << 20), "--min-seeding-time", "0")
+    source.wait_for_log("event=handoff_refused", timeout=60)
+    assert "reason=not-started" in source.log_text()
+    assert metric(health, "qbsync_handoff_refused_total", {"reason": "not-started"}) >= 1
+    wait_until(
+        lambda: (rig.src_qb.info(ih) or {}).get("state") in SEEDING_STATES,
+        30,
+        0.2,
+        "source seeding again",
+    )
+    assert (rig.src_qb.save_path / rig.seeded.name).exists()
+    assert metric(health, "qbsync_cleanup_torrents_handed_off_total") == 0
+    dst = rig.dst_qb.info(ih)
+    assert dst is not None and dst["state"] in ("pausedUP", "stoppedUP"), dst  # never started

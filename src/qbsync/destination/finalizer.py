@@ -12,7 +12,8 @@ Per torrent (the source's Finalize): a synchronous completeness check, then a ba
 1. closes and renames the remaining files and persists the bitmap;
 2. without ``--qb-url``: reads every piece back from disk (page cache dropped first) and
    checks it; with ``--qb-url``: adds the raw ``.torrent`` *stopped* with the save path
-   ``--save-path``/sub-path, category (created first if missing), the source's tags and
+   ``--save-path``/sub-path, category (created first if missing), the source's tags (minus
+   qbsync's own, :data:`QBSYNC_TAGS`: ``synced`` is set only after the check it stands for) and
    ``contentLayout=Original`` (the on-disk layout is exactly the names the source sent, and
    renames any file whose name qBittorrent derives differently); sets priority 0 on deselected
    files and reads the priorities back until they stick (qBittorrent may silently drop the
@@ -52,11 +53,13 @@ import trio
 
 from .. import metrics, paths
 from ..config import GiB
+from ..log import paths_kv
 from ..qb import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import Finalize, FinalizeResult, SyncStatus
+from .ownership import ConflictError
 from .state import DataFile, FileStatus, Phase, TorrentState
-from .store import PieceCheck, ReadSpan, Store, paths_kv, verify_pieces
+from .store import PieceCheck, ReadSpan, Store, demote_file, verify_pieces
 
 log = logging.getLogger("qbsync.destination.finalizer")
 
@@ -67,7 +70,8 @@ VERIFY_BATCH = 32
 
 
 def scaled_poll_timeout(total_size: int) -> float:
-    """``--poll-timeout 0``: 10 min + 1 min per whole GiB, capped at 6 h (spec §10.6)."""
+    """``--poll-timeout 0``: 10 min + 1 min per whole GiB, capped at 6 h (a recheck reads
+    every byte; on slow disks that is minutes per GiB)."""
     return float(min(6 * 3600, 600 + 60 * (total_size // GiB)))
 
 
@@ -80,12 +84,22 @@ class FinalizeJob:
     error: WireError | None = None
 
 
+# Tags qbsync itself sets, each meaning a check passed: never copied from the source's tags
+# (a source torrent re-syncing carries its own ``synced``), only set by qbsync after the check.
+QBSYNC_TAGS = frozenset({"synced", "source-removed", "sync-failed"})
+
+
 @attrs.frozen
 class FinalizerSettings:
     qb_save_path: Path
     poll_interval: float = 2.0
     poll_timeout: float = 300.0  # 0 = scaled by size
     synced_tag: str = "synced"
+
+    def copied_tags(self, tags: tuple[str, ...] | list[str]) -> list[str]:
+        """The source's tags minus qbsync's own (see :data:`QBSYNC_TAGS`)."""
+        own = QBSYNC_TAGS | {self.synced_tag}
+        return [t for t in tags if t and t not in own]
 
 
 class Finalizer:
@@ -115,13 +129,15 @@ class Finalizer:
             if state.phase is Phase.CLOSED or not all(state.written[i] for i in pieces):
                 return
             await self.store.flush(state)
+            # Ours (ledger-checked), and never over an existing name: a file someone put at
+            # the final name meanwhile stays theirs and this rename fails.
             await trio.to_thread.run_sync(
-                paths.rename, self.store.root, paths.partial_parts(f.parts), f.parts
+                state.ledger.rename, self.store.root, paths.partial_parts(f.parts), f.parts
             )
             f.status = FileStatus.COMPLETE
             metrics.files_early_finalized.inc()
             log.info("event=file_finalized hash=%s file=%s", state.info_hash, paths_kv(f.parts))
-        except (OSError, paths.UnsafePathError) as exc:
+        except (OSError, paths.UnsafePathError, ConflictError) as exc:
             # Left STREAMING with all pieces written: the torrent's finalize retries it.
             log.warning(
                 "event=file_finalize_failed hash=%s file=%s error=%s",
@@ -138,8 +154,9 @@ class Finalizer:
     # -- torrent finalize --------------------------------------------------------------------
 
     def check_complete(self, state: TorrentState) -> None:
-        """Raise ``incomplete`` unless every piece touching a streamed file is written (B2:
-        pieces covered only by skipped files do not count) and no file awaits its scan."""
+        """Raise ``incomplete`` unless every piece touching a streamed file is written (pieces
+        covered only by skipped files do not count: nothing of them is written here) and no
+        file awaits its scan."""
         if state.dry_run:
             seen = state.dry_seen
             missing = sum(1 for i in state.needed().set_indices() if seen is None or not seen[i])
@@ -156,8 +173,7 @@ class Finalizer:
     def start(self, state: TorrentState, request: Finalize) -> FinalizeJob:
         """Begin finalizing (caller holds the torrent's lock and ran :meth:`check_complete`)."""
         job = FinalizeJob(request)
-        state.phase = Phase.FINALIZING
-        state.finalize = job
+        state.begin_finalize(job)
         self.store.spawn(state, lambda: self._run(state, job), "finalize")
         return job
 
@@ -168,6 +184,14 @@ class Finalizer:
                 job.result = await self._finalize(state, job.request)
         except WireError as exc:
             job.error = exc
+        except ConflictError as exc:
+            log.warning(
+                "event=ownership_conflict hash=%s path=%s error=%s",
+                state.info_hash,
+                paths_kv(exc.parts),
+                paths_kv(str(exc)),
+            )
+            job.error = WireError(ErrorCode.CONFLICT, str(exc))
         except (OSError, paths.UnsafePathError) as exc:
             job.error = WireError(ErrorCode.IO, f"finalizing files: {exc}")
         except QBError as exc:
@@ -263,7 +287,7 @@ class Finalizer:
                 continue
             partial = paths.partial_parts(f.parts)
             try:
-                paths.rename(root, partial, f.parts)
+                state.ledger.rename(root, partial, f.parts)  # ours; never over another name
             except FileNotFoundError:
                 # Idempotent restart: renamed before, the marker was not written yet.
                 if paths.regular_size(root, f.parts) != f.size:
@@ -322,15 +346,9 @@ class Finalizer:
                 f = state.files[idx]
                 if not f.selected or f.status is not FileStatus.COMPLETE or f.size == 0:
                     continue
-                st = paths.lstat(root, f.parts)
-                if st is not None and st.st_nlink > 1:
-                    paths.unlink(root, f.parts)  # shared inode: never write into it
-                    state.clear_pieces(state.geometry.file_pieces(idx))
-                elif st is not None:
-                    paths.rename(root, f.parts, paths.partial_parts(f.parts))
-                else:
-                    state.clear_pieces(state.geometry.file_pieces(idx))
-                f.status = FileStatus.STREAMING
+                # Only files this torrent created are put back to .partial; an adopted
+                # (user's) file that no longer verifies raises ConflictError, untouched.
+                demote_file(root, state, f)
 
         state.clear_pieces(failed)
         await trio.to_thread.run_sync(demote)
@@ -355,6 +373,7 @@ class Finalizer:
         qb = self.qb
         assert qb is not None
         h = state.info_hash
+        tags = self.settings.copied_tags(request.tags)
         existing = await qb.torrent(h)
         if existing is None:
             if request.category:
@@ -365,7 +384,7 @@ class Finalizer:
                     torrent_files={f"{h}.torrent": state.metainfo.raw},
                     save_path=self.qb_save_path(state),
                     category=request.category or None,
-                    tags=list(request.tags) or None,
+                    tags=tags or None,
                     is_paused=True,
                     content_layout="Original",
                     use_auto_torrent_management=False,
@@ -382,8 +401,11 @@ class Finalizer:
             )
         else:
             await qb.stop(h)
-            if request.tags:
-                await qb.add_tags(h, list(request.tags))
+            if self.settings.synced_tag:
+                # Set again only once this recheck passes.
+                await qb.remove_tags(h, [self.settings.synced_tag])
+            if tags:
+                await qb.add_tags(h, tags)
         await self._align_names(state)
         await self._apply_priorities(state)
         qb_state, failed = await self._recheck(state)

@@ -6,11 +6,11 @@ file's (``st_dev``, ``st_ino``); when a new torrent's file has the (device, inod
 streaming it again. The link is then scanned like any file found on disk, so a recycled inode
 or a modified file is caught before it counts.
 
-This is the deliberately small version of the Go reference's registry (spec §16): only
-verified files are link sources, there is no "pending" state, so a torrent can never wait on
-itself or on a writer that died (B8, B9). Two torrents streaming the same file at the same time
-simply both stream it. The registry is rebuilt at startup from the ``.finalized`` markers,
-which keep the (device, inode) index (B4). Stale entries are dropped when they are looked up.
+Deliberately small: only verified files are link sources and there is no "pending" state, so
+a torrent can never wait on itself or on a writer that died. Two torrents streaming the same
+file at the same time simply both stream it. The registry is rebuilt at startup from the
+``.finalized`` markers, which keep the (device, inode) index (otherwise a restart would forget
+every link source). Stale entries are dropped when they are looked up.
 """
 
 from __future__ import annotations

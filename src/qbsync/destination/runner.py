@@ -26,6 +26,7 @@ piece as written (see :mod:`.store`).
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import signal
@@ -154,6 +155,41 @@ class Daemon:
             log.info("event=state_flushed torrents=%d", len(self.store.torrents))
 
 
+UNAUTHENTICATED_WARNING_INTERVAL = 3600.0
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect (an empty host means every interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_unauthenticated(config: DestinationConfig) -> None:
+    if config.auth_token:
+        return
+    exposed = not is_loopback(config.listen.host)
+    log.warning(
+        "event=auth_disabled reason=no_token listen=%s exposed=%s hint=%s",
+        config.listen,
+        str(exposed).lower(),
+        '"anyone who can reach the listener can add torrents under --data (never remove data '
+        "qbsync did not create); set --auth-token or --auth-token-file (generate one with: "
+        'openssl rand -hex 32)"',
+    )
+
+
+async def _warn_unauthenticated_hourly(config: DestinationConfig) -> None:
+    """Repeat the warning every hour: a start-up line scrolls away; an open listener does
+    not."""
+    while True:
+        await trio.sleep(UNAUTHENTICATED_WARNING_INTERVAL)
+        _warn_unauthenticated(config)
+
+
 async def main(config: DestinationConfig) -> int:
     metrics.build_info.labels(__version__, "destination").set(1)
     log.info(
@@ -161,12 +197,7 @@ async def main(config: DestinationConfig) -> int:
         __version__,
         json.dumps(redacted(config), sort_keys=True, separators=(",", ":")),
     )
-    if not config.auth_token:
-        log.warning(
-            "event=auth_disabled reason=no_token hint=%s",
-            '"set --auth-token or --auth-token-file: anyone who can reach the listener can '
-            'write under --data"',
-        )
+    _warn_unauthenticated(config)
     if config.dry_run:
         log.warning("event=dry_run note=%s", '"nothing is written and qBittorrent is not changed"')
     try:
@@ -189,6 +220,8 @@ async def main(config: DestinationConfig) -> int:
             daemon.listener_ports = await nursery.start(daemon.serve_wire, wire_scope)
             nursery.start_soon(daemon.flusher)
             nursery.start_soon(daemon.reaper)
+            if not config.auth_token and not is_loopback(config.listen.host):
+                nursery.start_soon(_warn_unauthenticated_hourly, config)
             daemon.health.mark_ready()
             systemd.notify("READY=1\nSTATUS=listening")
             interval = systemd.watchdog_interval()

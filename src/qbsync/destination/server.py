@@ -11,8 +11,15 @@ refusal is a :class:`WireError` with a stable code (``bad-request``, ``unsafe-pa
 connection and every other torrent keep working — and is counted in
 ``qbsync_rejected_requests_total{code}``.
 
-Lifecycle operations on one torrent (init, finalize, abort) are serialized by the store's
-per-torrent lock; piece writes never wait for it.
+Validate, then act: a request is checked completely before anything it would change is
+touched, so a refused request leaves everything as it was. Resync, Abort and StartTorrent act
+only on hashes qbsync has state or a ``.finalized`` marker for; StartTorrent answers
+``started=True`` only for a verified, complete copy that qBittorrent is seen seeding (the
+source deletes its own copy on that answer, see docs/data-safety.md). Files are only ever
+deleted or changed when qbsync created them (:mod:`.ownership`).
+
+Lifecycle operations on one torrent (init, finalize, abort, start) are serialized by the
+store's per-torrent lock; piece writes never wait for it.
 
 Dry run (``--dry-run``), the contract:
 
@@ -23,8 +30,8 @@ Dry run (``--dry-run``), the contract:
 * **Finalize** answers COMPLETE once every needed piece arrived intact during this run and
   logs what it would have done (rename, add stopped to qBittorrent, recheck, tag); otherwise
   ``incomplete``;
-* **Abort** forgets the in-memory state and logs what it would delete; **StartTorrent** logs
-  and answers ``started=False`` (so a source never hands seeding to a dry-run destination).
+* **Abort** forgets the in-memory state and logs what it would delete; **StartTorrent** runs
+  its checks, logs and answers ``started=False`` (a source deletes nothing on that answer).
 
 Nothing is ever written under ``--data`` and no qBittorrent call that changes anything is
 made.
@@ -32,14 +39,17 @@ made.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from .. import metrics, paths
-from ..qb import QB, QBError
+from ..log import paths_kv
+from ..qb import ERROR_STATES, QB, QBError
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import (
@@ -57,8 +67,17 @@ from ..wire.messages import (
     valid_info_hash,
 )
 from .finalizer import FinalizeJob, Finalizer
-from .state import META_NAME, FileMeta, Phase, TorrentState, load_meta, read_optional
-from .store import Store, new_meta, newest_mtime, paths_kv
+from .ownership import OWNED_NAME, Ledger
+from .state import (
+    META_NAME,
+    FileMeta,
+    Phase,
+    TorrentMeta,
+    TorrentState,
+    load_meta,
+    read_optional,
+)
+from .store import Store, build_files, new_meta, newest_mtime
 from .writer import Writer
 
 log = logging.getLogger("qbsync.destination.server")
@@ -69,6 +88,15 @@ MAX_FILES = 1_000_000
 INIT_INLINE_WAIT = 5.0  # Init waits this long for a scan before answering VERIFYING
 FINALIZE_INLINE_WAIT = 5.0  # Finalize waits this long for the job before answering VERIFYING
 ORPHAN_AGE = 24 * 3600.0
+DECODE_SLOTS = 2  # .torrent decodes running at once (each holds its decoded tree in memory)
+# Torrents tracked at once (each holds its .torrent and bitmaps in memory): a peer cannot grow
+# the destination's memory without bound; a source retries ``busy`` later.
+MAX_TRACKED = 4096
+START_CONFIRM_TIMEOUT = 20.0  # a started torrent must seed by then (the source waits 30 s)
+START_POLL = 0.25
+# Seeding for real: a started torrent whose data qBittorrent serves (``stoppedUP`` does not
+# count: it is what a stopped torrent shows even after its files were deleted).
+ACTIVE_SEEDING_STATES = frozenset({"uploading", "stalledUP", "forcedUP", "queuedUP"})
 
 Request = InitTorrent | Finalize | Abort | StartTorrent
 Response = InitResult | FinalizeResult | AbortResult | StartResult
@@ -94,7 +122,7 @@ def validate_init(req: InitTorrent, info_hash: str, *, max_piece: int) -> Metain
         raise _reject(ErrorCode.BAD_REQUEST, "torrent_file is required to initialize")
     try:
         metainfo = parse_metainfo(bytes(req.torrent_file))
-    except (MetainfoError, RecursionError) as exc:
+    except (MetainfoError, RecursionError, TypeError, ValueError) as exc:
         raise _reject(ErrorCode.BAD_REQUEST, f"torrent_file: {exc}") from None
     if not metainfo.matches(info_hash):
         raise _reject(
@@ -152,6 +180,7 @@ class DestinationServer:
         self.dry_run = store.dry_run
         self.max_piece = max_piece
         self.dry_finalized: set[str] = set()
+        self._decode_limiter = trio.CapacityLimiter(DECODE_SLOTS)
 
     # -- ServerHandler ---------------------------------------------------------------------
 
@@ -206,15 +235,53 @@ class DestinationServer:
 
     async def init(self, req: InitTorrent) -> InitResult:
         h = normalize_hash(req.info_hash)
+        # Validate, then act: everything a request carries is checked before any state of this
+        # torrent (its marker, its qBittorrent entry, its state directory) is changed, so a
+        # refused request leaves the destination exactly as it was.
+        checked: tuple[Metainfo, list[FileMeta], TorrentMeta] | None = None
+        if req.files and not req.probe:
+            metainfo = await self._validate_init(req, h)
+            files = [FileMeta(f.path, f.size, f.selected, f.device, f.inode) for f in req.files]
+            meta = new_meta(h, req.name or metainfo.name, req.save_sub_path, files)
+            try:
+                layout = build_files(metainfo, files, req.save_sub_path)
+                if not self.dry_run:
+                    # Names of finalized torrents whose files are gone are free again (see
+                    # :mod:`.store`): that is about those torrents, true whatever this is.
+                    await self.store.release_vanished(h, layout)
+                self.store.check_claims(h, layout)
+            except WireError as exc:
+                if exc.code in _COUNTED:
+                    metrics.rejected_requests.labels(exc.code.value).inc()
+                raise
+            checked = (metainfo, files, meta)
         async with self.store.lock(h):
             state = self.store.torrents.get(h)
-            if req.resync and req.files:
+            marker = None
+            if h not in self.dry_finalized:
+                marker = await trio.to_thread.run_sync(self.store.read_marker, h)
+            broken: str | None = None
+            if state is None and marker is not None:
+                broken = await trio.to_thread.run_sync(self.store.copy_problem, marker)
+            if req.resync and checked is not None and (state is not None or marker is not None):
+                # Only a torrent qbsync has state or a marker for is wiped: a resync of any
+                # other hash is a plain init and never touches qBittorrent.
                 await self._wipe(h, state, reason="resync")
-                state = None
-            if state is None and (h in self.dry_finalized or self.store.has_marker(h)):
+                state, marker, broken = None, None, None
+            if state is None and (h in self.dry_finalized or (marker is not None and not broken)):
                 return InitResult(SyncStatus.COMPLETE)
+            if broken:
+                log.warning("event=finalized_copy_broken hash=%s reason=%s", h, paths_kv(broken))
+                if checked is None:
+                    return InitResult(SyncStatus.READY, b"", -1, 0)
+                # The files qBittorrent was told about are gone: sync them again.
+                await self._wipe(h, None, reason="copy-broken")
             qb_status = await self.finalizer.qb_status(h)
-            if qb_status is not None and (state is None or state.phase is not Phase.FINALIZING):
+            if (
+                qb_status is not None
+                and not broken
+                and (state is None or state.phase is not Phase.FINALIZING)
+            ):
                 if qb_status is SyncStatus.COMPLETE and state is not None and not self.dry_run:
                     # Verified in qBittorrent but the marker was never written (a crash in
                     # between): record it now instead of keeping a dead state around. Its
@@ -224,18 +291,22 @@ class DestinationServer:
                     await self.store.write_marker(state)
                     log.info("event=marker_recovered hash=%s", h)
                 return InitResult(qb_status)
-            if state is not None and req.files and not req.probe:
+            if state is not None and checked is not None:
                 wanted = tuple((f.path, f.size, f.selected) for f in req.files)
                 if wanted != state.selection_key():
                     log.info("event=selection_changed hash=%s action=resync", h)
                     await self._wipe(h, state, reason="selection-changed")
                     state = None
             if state is None:
-                if req.probe or not req.files:
+                if checked is None:
                     return InitResult(SyncStatus.READY, b"", -1, 0)
-                metainfo = validate_init(req, h, max_piece=self.max_piece)
-                files = [FileMeta(f.path, f.size, f.selected, f.device, f.inode) for f in req.files]
-                meta = new_meta(h, req.name or metainfo.name, req.save_sub_path, files)
+                if len(self.store.torrents) >= MAX_TRACKED:
+                    raise _reject(
+                        ErrorCode.BUSY,
+                        f"{len(self.store.torrents)} torrents are being synced here, the limit "
+                        f"is {MAX_TRACKED}: retry once some have finished",
+                    )
+                metainfo, files, meta = checked
                 try:
                     state = await self.store.create(meta, metainfo, fresh=True)
                 except WireError as exc:
@@ -254,7 +325,22 @@ class DestinationServer:
                 )
             return await self._ready(state)
 
+    async def _validate_init(self, req: InitTorrent, info_hash: str) -> Metainfo:
+        """Decode and check the ``.torrent`` in a worker thread (a crafted multi-MiB bencode
+        costs seconds of CPU: never on the event loop, whose stall would fail /livez), at most
+        :data:`DECODE_SLOTS` at a time."""
+        return await trio.to_thread.run_sync(
+            functools.partial(validate_init, req, info_hash, max_piece=self.max_piece),
+            limiter=self._decode_limiter,
+        )
+
     async def _ready(self, state: TorrentState) -> InitResult:
+        if state.conflict and not state.is_in(Phase.SCANNING):
+            # A file at one of its names is someone else's and does not verify: refuse, and
+            # remove only what this torrent created (never the foreign file).
+            conflict = state.conflict
+            await self._abort_locked(state.info_hash, delete_files=True, reason="conflict")
+            raise _reject(ErrorCode.CONFLICT, conflict)
         state.touch()
         job: FinalizeJob | None = state.finalize
         if job is not None:
@@ -265,20 +351,21 @@ class DestinationServer:
         if state.phase is Phase.SCANNING and state.scan_done is not None:
             with trio.move_on_after(INIT_INLINE_WAIT):
                 await state.scan_done.wait()
-            if state.phase is Phase.SCANNING:
+            if state.is_in(Phase.SCANNING):
                 return InitResult(SyncStatus.VERIFYING)
+            if state.conflict:
+                return await self._ready(state)
         needed = state.needed()
         count = needed.count()
         return InitResult(SyncStatus.READY, needed.to_bytes(), count, state.num_pieces - count)
 
     def _reset_after_failure(self, state: TorrentState, job: FinalizeJob) -> None:
-        if state.finalize is job:
-            state.finalize = None
-        if state.phase is Phase.FINALIZING:
-            state.phase = Phase.ACTIVE
+        state.finalize_failed(job)
 
     async def _wipe(self, h: str, state: TorrentState | None, *, reason: str) -> None:
-        """Forget everything about ``h`` except its data files (resync)."""
+        """Forget everything about ``h`` except its data files (resync). Callers only call it
+        for a torrent qbsync tracks or holds a ``.finalized`` marker for, so the qBittorrent
+        entry removed here is one qbsync added."""
         if state is not None:
             await self.store.forget(state)
         self.dry_finalized.discard(h)
@@ -294,7 +381,7 @@ class DestinationServer:
                 raise WireError(
                     ErrorCode.QB_ERROR, f"resync: removing the stale qBittorrent entry: {exc}"
                 ) from None
-        await self.store.wipe_state_dir(h)
+        await self.store.wipe_state_dir(h, keep_ledger=True)
         log.info("event=state_wiped hash=%s reason=%s", h, reason)
 
     # -- Finalize ------------------------------------------------------------------------------
@@ -341,7 +428,9 @@ class DestinationServer:
         self.dry_finalized.discard(h)
         state = self.store.torrents.get(h)
         files: list[tuple[paths.Parts, int]] = []
+        ledger: Ledger
         if state is not None:
+            ledger = state.ledger
             await self.store.forget(state)
             depth = len(paths.split_relative(state.meta.save_sub_path, allow_empty=True))
             files = [(f.parts, depth) for f in state.files if f.selected and f.parts]
@@ -355,6 +444,7 @@ class DestinationServer:
                 return None
             if raw is not None:
                 files = _files_from_meta(raw)
+            ledger = await trio.to_thread.run_sync(Ledger.load, self.store.meta_dir(h))
         if self.dry_run:
             log.info(
                 "event=dry_run_would_delete hash=%s files=%d delete_files=%s",
@@ -363,45 +453,114 @@ class DestinationServer:
                 str(delete_files).lower(),
             )
             return 0
-        removed = await self.store.delete_data(files, info_hash=h) if delete_files else 0
-        await self.store.wipe_state_dir(h)
+        removed = (
+            await self.store.delete_data(files, info_hash=h, ledger=ledger) if delete_files else 0
+        )
+        # Files kept on disk keep their record of who created them (a later init reuses them).
+        await self.store.wipe_state_dir(h, keep_ledger=not delete_files)
         log.info("event=torrent_aborted hash=%s reason=%s files_deleted=%d", h, reason, removed)
         return removed
 
     # -- StartTorrent --------------------------------------------------------------------------
 
     async def start(self, req: StartTorrent) -> StartResult:
+        """Hand seeding over: answer ``started=True`` only for a verified, complete copy that
+        qBittorrent is seen seeding — the source deletes its own copy on that answer.
+
+        Checked in order, each refusal a :class:`WireError` and nothing started: qbsync holds
+        the torrent's ``.finalized`` marker (it verified it here; any other torrent the
+        destination qBittorrent lists is not ours to start) and is not re-syncing it (else
+        ``busy``); every file the marker lists is on disk at its size (else ``not-found``: the
+        copy is gone, the source syncs again); qBittorrent lists it at progress 1.0 in a
+        non-error state (else ``not-found``/``verify-failed``). Then it is started and
+        qBittorrent polled until it reports a seeding state; an error state or no seeding
+        within :data:`START_CONFIRM_TIMEOUT` stops it again and refuses."""
         h = normalize_hash(req.info_hash)
         if self.qb is None:
             raise WireError(ErrorCode.QB_ERROR, "destination qBittorrent not configured")
-        try:
-            info = await self.qb.torrent(h)
-        except QBError as exc:
-            raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
-        if info is None:
-            raise WireError(ErrorCode.NOT_FOUND, "torrent not in the destination qBittorrent")
-        if self.dry_run:
-            log.info("event=dry_run_would_start hash=%s tag=%s", h, paths_kv(req.tag))
-            return StartResult(started=False)
-        try:
-            await self.qb.start(h)
-        except QBError as exc:
-            raise WireError(ErrorCode.QB_ERROR, f"start failed: {exc}") from None
-        if req.tag:
+        qb = self.qb
+        async with self.store.lock(h):
+            if h in self.store.torrents:
+                raise WireError(ErrorCode.BUSY, "the torrent is being synced here: not handing off")
+            marker = await trio.to_thread.run_sync(self.store.read_marker, h)
+            if marker is None:
+                raise WireError(
+                    ErrorCode.NOT_FOUND,
+                    "qbsync holds no verified copy of this torrent here (no .finalized marker)",
+                )
+            problem = await trio.to_thread.run_sync(self.store.copy_problem, marker)
+            if problem is not None:
+                raise WireError(ErrorCode.NOT_FOUND, f"destination copy incomplete: {problem}")
             try:
-                await self.qb.add_tags(h, [req.tag])
+                info = await qb.torrent(h)
             except QBError as exc:
-                metrics.tag_application_errors.labels("destination").inc()
-                log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
-        log.info("event=torrent_started hash=%s tag=%s", h, paths_kv(req.tag))
-        return StartResult(started=True)
+                raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
+            if info is None:
+                raise WireError(ErrorCode.NOT_FOUND, "torrent not in the destination qBittorrent")
+            _check_complete(info, "before start")
+            if self.dry_run:
+                log.info("event=dry_run_would_start hash=%s tag=%s", h, paths_kv(req.tag))
+                return StartResult(started=False)
+            try:
+                await qb.start(h)
+            except QBError as exc:
+                raise WireError(ErrorCode.QB_ERROR, f"start failed: {exc}") from None
+            try:
+                seeding = await self._confirm_seeding(h)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._stop_quietly(h)
+                raise
+            if req.tag:
+                try:
+                    await qb.add_tags(h, [req.tag])
+                except QBError as exc:
+                    metrics.tag_application_errors.labels("destination").inc()
+                    log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
+            log.info("event=torrent_started hash=%s tag=%s state=%s", h, paths_kv(req.tag), seeding)
+            return StartResult(started=True)
+
+    async def _confirm_seeding(self, h: str) -> str:
+        """Poll qBittorrent until it seeds ``h``; its state. Raises on an error state, on
+        progress below 1.0 once checked, or when it does not seed in time."""
+        qb = self.qb
+        assert qb is not None
+        last = ""
+        with trio.move_on_after(START_CONFIRM_TIMEOUT):
+            while True:
+                try:
+                    info = await qb.torrent(h)
+                except QBError as exc:
+                    raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
+                if info is None:
+                    raise WireError(ErrorCode.NOT_FOUND, "torrent left qBittorrent while starting")
+                last = str(info.get("state", ""))
+                if last in ACTIVE_SEEDING_STATES:
+                    _check_complete(info, "after start")
+                    return last
+                if last in ERROR_STATES:
+                    _check_complete(info, "after start")
+                await trio.sleep(START_POLL)
+        raise WireError(
+            ErrorCode.VERIFY_FAILED,
+            f"qBittorrent did not seed within {START_CONFIRM_TIMEOUT:.0f}s (state {last!r})",
+        )
+
+    async def _stop_quietly(self, h: str) -> None:
+        assert self.qb is not None
+        try:
+            await self.qb.stop(h)
+            log.warning("event=start_rolled_back hash=%s", h)
+        except QBError as exc:
+            log.error("event=start_rollback_failed hash=%s error=%s", h, paths_kv(str(exc)))
 
     # -- orphans --------------------------------------------------------------------------------
 
     async def reap_orphans(self, max_age: float = ORPHAN_AGE) -> int:
         """Reclaim unfinished torrents with no activity for ``max_age`` seconds — tracked ones
-        too (B5) — unless the destination qBittorrent has them or cannot be asked (fail
-        closed). Their data files and state directory are deleted."""
+        too (a tracked torrent whose source vanished is just as dead) — unless the destination
+        qBittorrent has them or cannot be asked (fail closed). Their state directory and the
+        data files qbsync created for them (see :mod:`.ownership`) are deleted."""
         root = self.store.state_root
         if self.dry_run or not root.is_dir():
             return 0
@@ -411,6 +570,8 @@ class DestinationServer:
         for h in names:
             if not (len(h) in (40, 64) and valid_info_hash(h)) or self.store.has_marker(h):
                 continue
+            if not await trio.to_thread.run_sync(_has_torrent_state, root / h):
+                continue  # only the ownership ledger of kept files: nothing to reclaim
             async with self.store.lock(h):
                 state = self.store.torrents.get(h)
                 if state is not None:
@@ -453,6 +614,24 @@ class DestinationServer:
                 }
             )
         return {"role": "destination", "dry_run": self.dry_run, "torrents": torrents}
+
+
+def _has_torrent_state(mdir: Path) -> bool:
+    return any(e.name != OWNED_NAME for e in mdir.iterdir()) if mdir.is_dir() else False
+
+
+def _check_complete(info: dict[str, Any], when: str) -> None:
+    """Refuse a hand-off unless qBittorrent reports the torrent whole and healthy."""
+    state = str(info.get("state", ""))
+    progress = float(info.get("progress", 0.0))
+    if state == "missingFiles":
+        raise WireError(ErrorCode.NOT_FOUND, f"qBittorrent reports missingFiles {when}")
+    if state in ERROR_STATES:
+        raise WireError(ErrorCode.VERIFY_FAILED, f"qBittorrent reports {state} {when}")
+    if progress < 1.0:
+        raise WireError(
+            ErrorCode.VERIFY_FAILED, f"qBittorrent reports progress {progress:.4f} {when}"
+        )
 
 
 def _files_from_meta(raw: bytes) -> list[tuple[paths.Parts, int]]:

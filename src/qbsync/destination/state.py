@@ -17,9 +17,11 @@ Layout of ``<data>/.qbsync/<hash>/`` (one directory per torrent, hash = lower-ca
     checkpoint, and losing it costs re-sending, never correctness.
 ``.finalized``
     JSON marker written when the torrent is verified (and registered in qBittorrent when one
-    is configured). It replaces everything else in the directory and keeps the small
-    (device, inode) -> path index the hardlink registry is rebuilt from (fixes the Go
-    reference's B4).
+    is configured). It replaces everything else in the directory (but ``owned.json``, see
+    :mod:`.ownership`) and keeps the small (device, inode) -> path index the hardlink registry
+    is rebuilt from, so link sources survive a restart.
+``owned.json``
+    The ownership ledger (:mod:`.ownership`): which files and directories qbsync created.
 
 Every write is atomic: temp file in the same directory, ``fsync``, ``rename``, ``fsync`` of the
 directory. The invariant the writer and flusher keep on top of this: **a bit persisted in
@@ -47,6 +49,7 @@ import trio
 from ..bitfield import Bitfield
 from ..paths import Parts, partial_parts
 from ..torrent import Geometry, Metainfo
+from .ownership import Ledger
 
 SCHEMA_VERSION = 1
 META_NAME = "meta.json"
@@ -101,6 +104,9 @@ class FinalizedMarker:
     finalized_at: float
     save_sub_path: str = ""
     files: tuple[FinalizedFile, ...] = ()
+    # Files whose names were given to another torrent after they vanished from disk: the
+    # copy is no longer complete, so it is never handed seeding nor answered "complete".
+    released: tuple[str, ...] = ()
 
 
 def dump_json(obj: Any) -> bytes:
@@ -164,6 +170,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def mkdir_durable(path: Path) -> None:
+    """``mkdir -p`` whose every new directory is ``fsync``'ed into its parent: an entry in a
+    directory that a crash forgets is lost with everything below it."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o755)
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
 
 
 def atomic_write(directory: Path, name: str, data: bytes) -> None:
@@ -231,6 +253,12 @@ class DataFile:
     inode: int = 0
     status: FileStatus = FileStatus.STREAMING
     linked: bool = False  # EXISTING because we hardlinked it from a verified file
+    # Found at its final name, not created by qbsync: only read; adopted when every piece
+    # it covers verifies, else the torrent is refused (``conflict``). Never written, renamed
+    # or deleted (see :mod:`.ownership`).
+    foreign: bool = False
+    # Its .partial was created empty by this init: a scan must not read its zeros as data.
+    created_empty: bool = False
     fd: int | None = None
     users: int = 0
     closing: bool = False
@@ -278,6 +306,8 @@ class TorrentState:
     unverified: Bitfield  # subset of written: boundary pieces whose SHA-1 could not match
     meta_dir: Path
     dry_run: bool = False
+    ledger: Ledger = attrs.field(factory=Ledger)  # names this torrent created (ownership)
+    conflict: str = ""  # a foreign file failed its verification: the init is refused
     phase: Phase = Phase.ACTIVE
     version: int = 0  # bumped on every change of ``written``/``unverified``
     flushed_version: int = 0
@@ -348,6 +378,62 @@ class TorrentState:
                 )
             else:
                 f.remaining = 0
+
+    # -- transitions: every change of written / unverified / version / phase goes through these,
+    # so the invariants (``unverified`` is a subset of ``written``; ``version`` moves with
+    # every change of either; ``remaining`` counts unwritten pieces) live in one place.
+
+    def mark_written(self, index: int, files: list[DataFile], *, verified: bool) -> list[DataFile]:
+        """Piece ``index`` was written into ``files`` (its streaming files). ``verified``
+        False: a boundary piece whose SHA-1 could not match. Returns the files whose last
+        missing piece this was."""
+        self.written[index] = True
+        if not verified:
+            self.unverified[index] = True
+        self.version += 1
+        done = []
+        for f in files:
+            self.touched.add(f.index)
+            f.remaining -= 1
+            if f.remaining <= 0 and f.status is FileStatus.STREAMING and not f.finalizing:
+                done.append(f)
+        return done
+
+    def mark_proven(self, pieces: set[int]) -> None:
+        """Pieces found on disk whose SHA-1 matched (a scan): written and verified."""
+        if not pieces:
+            return
+        for i in pieces:
+            self.written[i] = True
+            self.unverified[i] = False
+        self.version += 1
+        self.touched.update(f.index for f in self.files if f.status is not FileStatus.SKIPPED)
+
+    def begin_scan(self) -> trio.Event:
+        self.phase = Phase.SCANNING
+        self.scan_done = trio.Event()
+        return self.scan_done
+
+    def end_scan(self) -> None:
+        if self.phase is Phase.SCANNING:
+            self.phase = Phase.ACTIVE
+        if self.scan_done is not None:
+            self.scan_done.set()
+
+    def begin_finalize(self, job: Any) -> None:
+        self.phase = Phase.FINALIZING
+        self.finalize = job
+
+    def finalize_failed(self, job: Any) -> None:
+        """A failed finalization was collected: accept pieces again."""
+        if self.finalize is job:
+            self.finalize = None
+        if self.phase is Phase.FINALIZING:
+            self.phase = Phase.ACTIVE
+
+    def close(self) -> None:
+        """Aborted, finalized or shut down: the object is dead."""
+        self.phase = Phase.CLOSED
 
     def clear_pieces(self, pieces: range | list[int]) -> int:
         """Un-set pieces (data gone or bad); returns how many were set."""

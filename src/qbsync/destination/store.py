@@ -6,59 +6,19 @@ atomic writes) runs in worker threads and its results are applied back on the lo
 that change a torrent's lifecycle (init, resync, finalize, abort) take the torrent's
 :meth:`Store.lock` so two of them never interleave on the same hash; piece writes never take it.
 
-What happens to files found on disk
-    A file is *verified, never trusted*: a final-named file of the right size (left by an
-    earlier sync, a previous selection, or a hardlink we just made) starts as ``EXISTING`` and
-    its pieces are SHA-1-checked by a background scan before they count. Proven pieces are set;
-    a file whose every piece is proven becomes ``COMPLETE``; otherwise it is renamed back to
-    ``.partial`` (or, when it has other hard links, removed — writing into it would change the
-    other names too) and the missing pieces are streamed. After a fresh init or a resync the
-    ``.partial`` files are scanned the same way, so a selection change never re-sends data that
-    is already here. On a plain restart the persisted bitmap is trusted for ``.partial`` files
-    (that is what the flush invariant guarantees), except that bits of files that are gone or
-    shorter than their size are cleared.
-
-Names are owned, so one torrent's pieces never land in another torrent's files:
-
-* a *tracked* torrent owns the final and ``.partial`` names of its selected files until it is
-  finalized or aborted;
-* a *finalized* torrent owns the same names for as long as its ``.finalized`` marker exists
-  (qBittorrent seeds from those files) *and its file is still on disk*. The marker lists the
-  names, so this ownership is rebuilt at startup — markers are read before any unfinished
-  torrent is loaded. It ends when the marker goes (a resync of that same torrent, or an
-  operator deleting ``<data>/.qbsync/<hash>``; noticed at the next conflict, no restart
-  needed), and name by name when the file goes: ownership exists to protect verified data,
-  and a name whose file is gone protects nothing. A user who removes a finalized torrent and
-  its files from qBittorrent must not find its names blocked forever (a re-release, or the
-  same content under a new hash). So when a new torrent collides with a finalized owner, the
-  owner's files are ``lstat``-ed (in a thread, under the owner's lock): a file counts as
-  present while its final name *or* its ``.partial`` twin exists (or cannot be checked); the
-  colliding names of absent files are released (``event=finalized_name_released``) and
-  dropped from the marker, so a restart does not hand them back to the owner over the new
-  torrent's files. When none of the owner's files is left, the whole marker directory is
-  removed (``event=finalized_owner_released reason=files_gone``): a marker listing nothing
-  on disk would otherwise survive forever (the orphan reaper never touches markers) and keep
-  answering "complete" for data that is gone. Data files are never deleted by this. Abort
-  and the orphan reaper never remove a marker.
-
-A torrent laid out at a name another torrent owns is refused with ``unsafe-path`` naming the
-owner, before anything is created: otherwise its init would scan the owner's files, find its
-own pieces missing and rename them to ``.partial`` or unlink them (then write into them).
-Deleting data (abort with ``delete_files``, the orphan reaper) skips every name another
-torrent owns. Cross-seeding the *same* content under another info-hash at the same names is
-refused too (it could be verified read-only, but a single differing piece would have to be
-written into the seeded file); sync it to another sub path, or let qBittorrent add it over the
-existing files. Markers from before names were recorded (or unreadable ones) own nothing.
+What happens to files found on disk is :mod:`.files`. Who may write which name is decided
+elsewhere: between torrents by :mod:`.names`, and whether qbsync may touch a file at all by
+:mod:`.ownership` (only files it created). The layout of a torrent's files is :mod:`.layout`;
+reading pieces back is :mod:`.verify`. What is left here: the map of tracked torrents, their
+lifecycle (create, recover, scan, flush, close, forget) and their state directories.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
-import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -68,15 +28,22 @@ import trio
 
 from .. import metrics, paths
 from ..bitfield import Bitfield
-from ..torrent import Metainfo, MetainfoError, bdecode, parse_metainfo
+from ..log import paths_kv as paths_kv  # re-exported: writer.py imports it from here
+from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
+from .files import clear_state_dir, prepare
+from .files import demote_file as demote_file
+from .files import open_for_write as open_for_write
 from .hardlinks import HardlinkRegistry
+from .layout import build_files as build_files
+from .layout import pad_flags as pad_flags
+from .names import NameClaims, names_of
+from .ownership import OWNED_NAME, ConflictError, Ledger
 from .state import (
     FINALIZED_NAME,
     META_NAME,
     PIECES_NAME,
     SCHEMA_VERSION,
-    TMP_PREFIX,
     TORRENT_NAME,
     DataFile,
     FileMeta,
@@ -87,13 +54,15 @@ from .state import (
     TorrentMeta,
     TorrentState,
     atomic_write,
-    decode_pieces,
     dump_json,
     encode_pieces,
     load_marker,
     load_meta,
     read_optional,
 )
+from .verify import PieceCheck as PieceCheck
+from .verify import ReadSpan as ReadSpan
+from .verify import verify_pieces as verify_pieces
 
 log = logging.getLogger("qbsync.destination.store")
 
@@ -102,239 +71,6 @@ SCAN_READ_LIMIT = 2  # concurrent verification reads (scans, read-back), apart f
 # names it wants; then ``busy`` (retryable). Bounded, so two inits waiting on each other's
 # locks cannot deadlock.
 OWNER_LOCK_WAIT = 5.0
-
-
-# --- layout: the request's file table checked against the parsed metainfo -------------------
-
-
-def pad_flags(metainfo: Metainfo) -> list[bool]:
-    """Which geometry files are BEP 47 padding files (``attr`` contains ``p`` or the path
-    starts with ``.pad``). qBittorrent hides them from its file list, the geometry keeps them;
-    they are all zeros, never written to disk, and the source sends zeros for them."""
-    flags = [False] * len(metainfo.geometry.files)
-    try:
-        info = bdecode(metainfo.raw)[b"info"]
-    except (MetainfoError, KeyError, TypeError):
-        return flags
-    entries = info.get(b"files") if isinstance(info, dict) else None
-    if not isinstance(entries, list) or len(entries) != len(flags):
-        return flags
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            continue
-        attr = entry.get(b"attr", b"")
-        path = entry.get(b"path", [])
-        flags[i] = (isinstance(attr, bytes) and b"p" in attr) or (
-            isinstance(path, list) and bool(path) and path[0] == b".pad"
-        )
-    return flags
-
-
-def build_files(metainfo: Metainfo, entries: Sequence[FileMeta], sub: str) -> list[DataFile]:
-    """Lay out the torrent's files under ``sub`` using the source's names.
-
-    Geometry (sizes, offsets, order, piece hashes) is the metainfo's; only names and the
-    selection come from the request, and the request must agree with the metainfo on the number
-    of files and every size. Raises :class:`WireError` ``bad-request`` or ``unsafe-path``.
-    """
-    geometry = metainfo.geometry
-    pads = pad_flags(metainfo)
-    try:
-        sub_parts = paths.split_relative(sub, allow_empty=True)
-    except paths.UnsafePathError as exc:
-        raise WireError(ErrorCode.UNSAFE_PATH, f"save_sub_path: {exc}") from None
-    if len(entries) == len(geometry.files):
-        targets = list(range(len(geometry.files)))
-    else:
-        targets = [i for i, pad in enumerate(pads) if not pad]
-        if len(entries) != len(targets):
-            raise WireError(
-                ErrorCode.BAD_REQUEST,
-                f"file list has {len(entries)} entries, the torrent has {len(targets)} files",
-            )
-    by_geometry: dict[int, tuple[int, FileMeta]] = {}
-    for request_index, (entry, gi) in enumerate(zip(entries, targets, strict=True)):
-        tf = geometry.files[gi]
-        if entry.size != tf.size:
-            raise WireError(
-                ErrorCode.BAD_REQUEST,
-                f"file {request_index} size {entry.size} differs from the torrent's {tf.size}",
-            )
-        by_geometry[gi] = (request_index, entry)
-    files: list[DataFile] = []
-    rels: list[paths.Parts] = []
-    for tf in geometry.files:
-        if tf.index not in by_geometry:
-            files.append(
-                DataFile(
-                    index=tf.index,
-                    request_index=-1,
-                    parts=(),
-                    size=tf.size,
-                    offset=tf.offset,
-                    selected=False,
-                    pad=True,
-                    status=FileStatus.SKIPPED,
-                )
-            )
-            continue
-        request_index, entry = by_geometry[tf.index]
-        try:
-            rel = paths.split_relative(entry.path)
-        except paths.UnsafePathError as exc:
-            raise WireError(ErrorCode.UNSAFE_PATH, f"file {request_index}: {exc}") from None
-        pad = pads[tf.index]
-        if not pad:
-            rels.append(rel)
-        files.append(
-            DataFile(
-                index=tf.index,
-                request_index=request_index,
-                parts=sub_parts + rel,
-                size=tf.size,
-                offset=tf.offset,
-                selected=entry.selected and not pad,
-                pad=pad,
-                device=entry.device,
-                inode=entry.inode,
-                status=FileStatus.STREAMING if entry.selected and not pad else FileStatus.SKIPPED,
-            )
-        )
-    try:
-        paths.check_layout(sub_parts, rels)
-    except paths.UnsafePathError as exc:
-        raise WireError(ErrorCode.UNSAFE_PATH, str(exc)) from None
-    return files
-
-
-# --- blocking helpers (run in threads) --------------------------------------------------------
-
-
-@attrs.frozen
-class FileProbe:
-    final_size: int | None
-    final_nlink: int
-    partial_size: int | None
-
-
-def _probe(root: Path, f: DataFile) -> FileProbe:
-    final = paths.lstat(root, f.parts)
-    partial = paths.lstat(root, paths.partial_parts(f.parts))
-    for st in (final, partial):
-        if st is not None and stat.S_ISLNK(st.st_mode):
-            raise paths.UnsafePathError(f"symlink at {f.path!r}")
-    return FileProbe(
-        final_size=final.st_size if final is not None and stat.S_ISREG(final.st_mode) else None,
-        final_nlink=final.st_nlink if final is not None else 0,
-        partial_size=(
-            partial.st_size if partial is not None and stat.S_ISREG(partial.st_mode) else None
-        ),
-    )
-
-
-def _create_empty(root: Path, parts: paths.Parts) -> None:
-    fd = paths.open_file(root, parts, os.O_WRONLY | os.O_CREAT, create_dirs=True)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def open_for_write(root: Path, f: DataFile) -> int:
-    """Open (creating parents and the file) ``<path>.partial`` and size it to the file's size,
-    sparse. A longer stale file is cut to size."""
-    fd = paths.open_file(
-        root, paths.partial_parts(f.parts), os.O_RDWR | os.O_CREAT, create_dirs=True
-    )
-    try:
-        if os.fstat(fd).st_size != f.size:
-            os.ftruncate(fd, f.size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-@attrs.frozen
-class ReadSpan:
-    parts: paths.Parts | None  # None: a padding file, read as zeros
-    file_offset: int
-    length: int
-
-
-@attrs.frozen
-class PieceCheck:
-    index: int
-    expected: bytes
-    spans: tuple[ReadSpan, ...]
-
-
-def verify_pieces(
-    root: Path, checks: Sequence[PieceCheck], *, drop_cache: bool = False
-) -> set[int]:
-    """Read and SHA-1 each piece from disk; return the indices that match. Each file is
-    ``fdatasync``'ed before it is read (see :func:`_open_synced`); unreadable, unsyncable or
-    short data counts as a mismatch. With ``drop_cache`` the page cache of each file is dropped
-    first, so the bytes come from the disk."""
-    ok: set[int] = set()
-    fds: dict[paths.Parts, int | None] = {}
-    buf = bytearray(max((sum(s.length for s in c.spans) for c in checks), default=0))
-    try:
-        for check in checks:
-            view = memoryview(buf)
-            pos = 0
-            good = True
-            for span in check.spans:
-                chunk = view[pos : pos + span.length]
-                if span.parts is None:
-                    chunk[:] = bytes(span.length)
-                else:
-                    if span.parts not in fds:
-                        fds[span.parts] = _open_synced(root, span.parts, drop_cache)
-                    fd_or_none = fds[span.parts]
-                    if fd_or_none is None or not _pread_exact(fd_or_none, chunk, span.file_offset):
-                        good = False
-                        break
-                pos += span.length
-            if good and hashlib.sha1(view[:pos]).digest() == check.expected:
-                ok.add(check.index)
-    finally:
-        for open_fd in fds.values():
-            if open_fd is not None:
-                os.close(open_fd)
-    return ok
-
-
-def _open_synced(root: Path, parts: paths.Parts, drop_cache: bool) -> int | None:
-    """Open a file for a verification read, after making its bytes durable: a piece proven
-    here gets its bit persisted, and the bytes may still be only in the page cache (a file left
-    by an abort, a resync or a killed process). ``fdatasync`` also makes ``DONTNEED`` effective
-    (dirty pages are not dropped). None when it cannot be opened or synced."""
-    try:
-        fd = paths.open_file(root, parts, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        os.fdatasync(fd)
-        if drop_cache:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _pread_exact(fd: int, into: memoryview, offset: int) -> bool:
-    while into:
-        try:
-            n = os.preadv(fd, [into], offset)
-        except OSError:
-            return False
-        if n <= 0:
-            return False
-        into = into[n:]
-        offset += n
-    return True
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -354,15 +90,7 @@ class Store:
         self.dry_run = dry_run
         self.registry = registry if registry is not None else HardlinkRegistry()
         self.torrents: dict[str, TorrentState] = {}
-        # Which tracked torrent writes which name (final and .partial): two torrents laid out
-        # at the same names would overwrite each other's pieces (spec §14.18).
-        self._owner: dict[paths.Parts, str] = {}
-        self._owned: dict[str, list[paths.Parts]] = {}
-        # Which finalized torrents' files (from their .finalized markers) are at which name:
-        # never scanned, renamed, written or deleted on another torrent's behalf. A set, since
-        # markers written by older versions may overlap.
-        self._final_owners: dict[paths.Parts, set[str]] = {}
-        self._final_owned: dict[str, list[paths.Parts]] = {}  # finalized hash -> its files
+        self.names = NameClaims()  # which torrent may write which name (see .names)
         self._locks: dict[str, trio.Lock] = {}
         self.read_limiter = trio.CapacityLimiter(SCAN_READ_LIMIT)
         self._nursery: trio.Nursery | None = None
@@ -416,6 +144,30 @@ class Store:
     def has_marker(self, info_hash: str) -> bool:
         return (self.meta_dir(info_hash) / FINALIZED_NAME).exists()
 
+    def copy_problem(self, marker: FinalizedMarker) -> str | None:
+        """Why the finalized copy of ``marker``'s torrent is not whole on disk right now, or
+        None when every file it lists is a regular file of the recorded size (blocking).
+
+        This is what stands between a hand-off and the loss of the last copy: qBittorrent
+        keeps showing a stopped torrent at progress 1.0 after its files were deleted, so only
+        a look at the files themselves tells that the copy is gone."""
+        if not marker.files:
+            return "the .finalized marker lists no files (written by an older version)"
+        if marker.released:
+            return f"file {marker.released[0]!r} was deleted and its name given to another torrent"
+        for f in marker.files:
+            parts = _split(f.path)
+            if parts is None:
+                return f"unusable path {f.path!r} in the .finalized marker"
+            try:
+                size = paths.regular_size(self.root, parts)
+            except (OSError, paths.UnsafePathError) as exc:
+                return f"file {f.path!r} cannot be checked: {exc}"
+            if size != f.size:
+                what = "missing" if size is None else f"{size} bytes, not {f.size}"
+                return f"file {f.path!r} is {what}"
+        return None
+
     # -- creation and recovery --------------------------------------------------------------------
 
     async def create(self, meta: TorrentMeta, metainfo: Metainfo, *, fresh: bool) -> TorrentState:
@@ -428,12 +180,12 @@ class Store:
         """
         files = build_files(metainfo, meta.files, meta.save_sub_path)
         if not self.dry_run:
-            await self._release_vanished(meta.info_hash, files)
+            await self.release_vanished(meta.info_hash, files)
         self._claim_paths(meta.info_hash, files)
         try:
             return await self._create(meta, metainfo, files, fresh=fresh)
         except BaseException:
-            self._release_paths(meta.info_hash)
+            self.names.release(meta.info_hash)
             raise
 
     async def _create(
@@ -457,6 +209,14 @@ class Store:
             return state
         try:
             to_scan = await trio.to_thread.run_sync(self._prepare, state, fresh)
+        except ConflictError as exc:
+            log.warning(
+                "event=ownership_conflict hash=%s path=%s error=%s",
+                state.info_hash,
+                paths_kv(exc.parts),
+                paths_kv(str(exc)),
+            )
+            raise WireError(ErrorCode.CONFLICT, str(exc)) from None
         except paths.UnsafePathError as exc:
             raise WireError(ErrorCode.UNSAFE_PATH, str(exc)) from None
         except OSError as exc:
@@ -473,47 +233,23 @@ class Store:
                     self.on_file_complete(state, f)
         return state
 
+    def check_claims(self, info_hash: str, files: Sequence[DataFile]) -> None:
+        """Raise ``unsafe-path`` naming the tracked or finalized torrent that owns one of the
+        names ``files`` write (see :mod:`.names`). Run before a request acts."""
+        self.names.check(info_hash, _selected_parts(files), self.has_marker)
+
     def _claim_paths(self, info_hash: str, files: Sequence[DataFile]) -> None:
         """Reserve the names ``files`` write (before anything is created), or raise
         ``unsafe-path`` naming the tracked or finalized torrent that owns one of them."""
-        names = _names(f.parts for f in files if f.selected and f.parts)
-        for name in names:
-            owner = self._owner.get(name)
-            if owner is not None and owner != info_hash:
-                raise WireError(
-                    ErrorCode.UNSAFE_PATH,
-                    f"file {'/'.join(name)!r} is already being synced by torrent {owner}",
-                )
-            for final_owner in sorted(self._final_owners.get(name, ())):
-                if final_owner == info_hash:
-                    continue
-                if not self.has_marker(final_owner):
-                    # The operator removed the marker: that torrent's files are no longer ours
-                    # to protect.
-                    log.info(
-                        "event=finalized_owner_released hash=%s reason=marker_gone", final_owner
-                    )
-                    self.release_finalized(final_owner)
-                    continue
-                raise WireError(
-                    ErrorCode.UNSAFE_PATH,
-                    f"file {'/'.join(name)!r} belongs to finalized torrent {final_owner} "
-                    "(qBittorrent seeds from it; it is never replaced): use another sub path",
-                )
-        self._release_paths(info_hash)
-        for name in names:
-            self._owner[name] = info_hash
-        self._owned[info_hash] = names
+        self.check_claims(info_hash, files)
+        self.names.claim(info_hash, _selected_parts(files))
 
-    async def _release_vanished(self, info_hash: str, files: Sequence[DataFile]) -> None:
+    async def release_vanished(self, info_hash: str, files: Sequence[DataFile]) -> None:
         """Release the names ``files`` would take from finalized torrents whose files at
         those names are gone from disk (see the module docstring). Names whose file is still
         there are left owned; :meth:`_claim_paths` refuses them."""
-        names = set(_names(f.parts for f in files if f.selected and f.parts))
-        owners = sorted(
-            {o for name in names for o in self._final_owners.get(name, ()) if o != info_hash}
-        )
-        for owner in owners:
+        names = set(names_of(_selected_parts(files)))
+        for owner in self.names.finalized_owners(_selected_parts(files), info_hash):
             await self._release_vanished_of(owner, names)
 
     async def _release_vanished_of(self, owner: str, wanted: set[paths.Parts]) -> None:
@@ -529,7 +265,7 @@ class Store:
                 ErrorCode.BUSY, f"finalized torrent {owner} owning these names is busy: retry"
             )
         try:
-            finals = self._final_owned.get(owner)
+            finals = self.names.finalized_files(owner)
             if not finals:
                 return  # released while we waited
             try:
@@ -574,7 +310,10 @@ class Store:
             return None  # removed meanwhile, as above
         dropped = set(released)
         kept = tuple(f for f in marker.files if _split(f.path) not in dropped)
-        atomic_write(mdir, FINALIZED_NAME, dump_json(attrs.evolve(marker, files=kept)))
+        gave = marker.released + tuple("/".join(p) for p in released)
+        atomic_write(
+            mdir, FINALIZED_NAME, dump_json(attrs.evolve(marker, files=kept, released=gave))
+        )
         return released, [p for p in finals if p not in dropped]
 
     def _present(self, parts: paths.Parts) -> bool:
@@ -588,43 +327,21 @@ class Store:
                 return True
         return False
 
-    def _release_paths(self, info_hash: str) -> None:
-        for name in self._owned.pop(info_hash, ()):
-            if self._owner.get(name) == info_hash:
-                del self._owner[name]
-
     def own_finalized(self, info_hash: str, files: Sequence[paths.Parts]) -> None:
-        """Record that finalized torrent ``info_hash`` has its files at ``files`` (their
-        ``.partial`` twins are owned too: writing one would be renamed over the file)."""
-        self.release_finalized(info_hash)
-        for name in _names(files):
-            self._final_owners.setdefault(name, set()).add(info_hash)
-        self._final_owned[info_hash] = list(files)
+        self.names.own_finalized(info_hash, files)
 
     def own_finalized_state(self, state: TorrentState) -> None:
-        self.own_finalized(state.info_hash, _marker_parts(state))
+        self.names.own_finalized(state.info_hash, _marker_parts(state))
 
     def release_finalized(self, info_hash: str) -> None:
-        """Forget the names of finalized torrent ``info_hash`` (its marker is gone)."""
-        for name in _names(self._final_owned.pop(info_hash, ())):
-            owners = self._final_owners.get(name)
-            if owners is not None:
-                owners.discard(info_hash)
-                if not owners:
-                    del self._final_owners[name]
+        self.names.release_finalized(info_hash)
 
     def foreign_owner(self, name: paths.Parts, info_hash: str) -> str | None:
-        """Another torrent (tracked or finalized) that owns ``name``, if any."""
-        owner = self._owner.get(name)
-        if owner is not None and owner != info_hash:
-            return owner
-        others = self._final_owners.get(name, set()) - {info_hash}
-        return min(others) if others else None
+        return self.names.foreign_owner(name, info_hash)
 
     def start_scan(self, state: TorrentState, files: set[int]) -> None:
         """Verify the given files' unwritten pieces in the background (phase SCANNING)."""
-        state.phase = Phase.SCANNING
-        state.scan_done = trio.Event()
+        state.begin_scan()
         self.spawn(state, lambda: self._scan(state, files), "scan")
 
     def ensure_scanned(self, state: TorrentState) -> None:
@@ -635,102 +352,7 @@ class Store:
                 self.start_scan(state, existing)
 
     def _prepare(self, state: TorrentState, fresh: bool) -> set[int]:
-        """Blocking part of :meth:`create`: state directory, file probes, empty files.
-        Returns the files whose bytes on disk must be scanned."""
-        to_scan: set[int] = set()
-        root = self.root
-        selected = [f for f in state.files if f.selected]
-        paths.precheck_no_symlinks(root, [f.parts for f in selected])
-        mdir = state.meta_dir
-        if fresh:
-            if mdir.exists():
-                shutil.rmtree(mdir)
-            mdir.mkdir(parents=True, mode=0o755)
-            atomic_write(mdir, TORRENT_NAME, state.metainfo.raw)
-            atomic_write(mdir, META_NAME, dump_json(state.meta))
-        else:
-            raw = read_optional(mdir / PIECES_NAME)
-            if raw is not None:
-                state.written, state.unverified = decode_pieces(raw, state.num_pieces)
-            for leftover in mdir.glob(TMP_PREFIX + "*"):
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-        geometry = state.geometry
-        cleared = 0
-        for f in selected:
-            if f.size == 0:
-                # B3: a selected empty file exists from the start and is never streamed.
-                if paths.regular_size(root, f.parts) != 0:
-                    _create_empty(root, f.parts)
-                f.status = FileStatus.COMPLETE
-                continue
-            probe = _probe(root, f)
-            pieces = geometry.file_pieces(f.index)
-            if probe.final_size == f.size:
-                all_set = all(state.written[i] for i in pieces)
-                if all_set and not fresh:
-                    f.status = FileStatus.COMPLETE
-                else:
-                    f.status = FileStatus.EXISTING
-                    to_scan.add(f.index)
-            elif probe.partial_size is not None:
-                f.status = FileStatus.STREAMING
-                if fresh and probe.partial_size == f.size:
-                    to_scan.add(f.index)
-                elif probe.partial_size != f.size and not fresh:
-                    cleared += state.clear_pieces(pieces)
-            else:
-                f.status = FileStatus.STREAMING
-                if not fresh:
-                    cleared += state.clear_pieces(pieces)
-                elif probe.final_size is None and self._try_link(state, f):
-                    f.status = FileStatus.EXISTING
-                    f.linked = True
-                    to_scan.add(f.index)
-        if cleared:
-            metrics.stale_bitmap_pieces_cleared.inc(cleared)
-            log.warning(
-                "event=stale_pieces_cleared hash=%s pieces=%d reason=data_file_missing_or_short",
-                state.info_hash,
-                cleared,
-            )
-        return to_scan
-
-    def _try_link(self, state: TorrentState, f: DataFile) -> bool:
-        """Hardlink ``f`` to an already verified file with the same source (device, inode)."""
-        if not (f.device or f.inode):
-            return False
-        source = self.registry.lookup(f.device, f.inode, f.size, self.root)
-        if source is None or source == f.parts:
-            return False
-        try:
-            with (
-                paths.open_parent(self.root, source, create=False) as sfd,
-                paths.open_parent(self.root, f.parts, create=True) as dfd,
-            ):
-                if os.fstat(sfd).st_dev != os.fstat(dfd).st_dev:
-                    return False
-                os.link(
-                    source[-1], f.parts[-1], src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False
-                )
-        except (OSError, paths.UnsafePathError) as exc:
-            metrics.hardlink_errors.labels("destination").inc()
-            log.info(
-                "event=hardlink_failed hash=%s file=%s source=%s error=%s",
-                state.info_hash,
-                paths_kv(f.parts),
-                paths_kv(source),
-                paths_kv(str(exc)),
-            )
-            return False
-        metrics.hardlinks_created.inc()
-        log.info(
-            "event=hardlinked hash=%s file=%s source=%s",
-            state.info_hash,
-            paths_kv(f.parts),
-            paths_kv(source),
-        )
-        return True
+        return prepare(self.root, self.registry, state, fresh)
 
     def _scan_candidates(self, state: TorrentState, files: set[int]) -> list[int]:
         """Unwritten pieces touching one of ``files`` (found on disk, to be verified)."""
@@ -767,15 +389,9 @@ class Store:
                     proven |= await trio.to_thread.run_sync(
                         verify_pieces, self.root, checks[start : start + batch]
                     )
-            for i in proven:
-                state.written[i] = True
-                state.unverified[i] = False
+            state.mark_proven(proven)
             if proven:
                 metrics.pieces_found_on_disk.inc(len(proven))
-                state.version += 1
-                state.touched.update(
-                    f.index for f in state.files if f.status is not FileStatus.SKIPPED
-                )
             failed = {c.index for c in checks} - proven
             await self._settle_existing(state, failed)
             state.recount_remaining()
@@ -787,13 +403,18 @@ class Store:
                 state.missing_count(),
             )
             await self.flush(state)
+        except ConflictError as exc:
+            state.conflict = str(exc)
+            log.warning(
+                "event=ownership_conflict hash=%s path=%s error=%s",
+                state.info_hash,
+                paths_kv(exc.parts),
+                paths_kv(str(exc)),
+            )
         except (OSError, paths.UnsafePathError) as exc:
             log.error("event=scan_failed hash=%s error=%s", state.info_hash, paths_kv(str(exc)))
         finally:
-            if state.phase is Phase.SCANNING:
-                state.phase = Phase.ACTIVE
-            if state.scan_done is not None:
-                state.scan_done.set()
+            state.end_scan()
         if state.phase is Phase.ACTIVE and self.on_file_complete is not None:
             for f in state.files:
                 if f.status is FileStatus.STREAMING and f.remaining == 0:
@@ -803,7 +424,7 @@ class Store:
         """Files whose working path holds a full-size regular file right now."""
         out: set[int] = set()
         for f in state.files:
-            if f.pad or f.size == 0:
+            if f.pad or f.size == 0 or f.created_empty:
                 continue
             parts = f.working_parts if f.status is not FileStatus.SKIPPED else f.parts
             try:
@@ -822,6 +443,31 @@ class Store:
         for f in state.files:
             if f.status is not FileStatus.EXISTING:
                 continue
+            if f.foreign:
+                # Not ours: adopted only when every piece it covers is proven; never changed.
+                pieces = state.geometry.file_pieces(f.index)
+                unproven = sum(1 for i in pieces if not state.written[i])
+                if unproven:
+                    state.conflict = (
+                        f"{f.path!r} exists, was not created by qbsync and {unproven} of its "
+                        f"{len(pieces)} pieces could not be verified: it is left untouched"
+                    )
+                    log.warning(
+                        "event=ownership_conflict hash=%s path=%s unverified_pieces=%d",
+                        state.info_hash,
+                        paths_kv(f.parts),
+                        unproven,
+                    )
+                    continue
+                f.status = FileStatus.COMPLETE
+                state.ledger.adopted.add(f.parts)
+                log.info(
+                    "event=user_file_adopted hash=%s path=%s note=%s",
+                    state.info_hash,
+                    paths_kv(f.parts),
+                    paths_kv("verified; it stays the user's file and is never deleted"),
+                )
+                continue
             if not failed.intersection(state.geometry.file_pieces(f.index)):
                 f.status = FileStatus.COMPLETE
                 continue
@@ -834,25 +480,15 @@ class Store:
             await trio.to_thread.run_sync(self._demote, state, f)
 
     def _demote(self, state: TorrentState, f: DataFile) -> None:
-        """An EXISTING file failed verification: stream what is missing (blocking)."""
-        root = self.root
-        st = paths.lstat(root, f.parts)
-        shared = f.linked or (st is not None and st.st_nlink > 1)
-        if shared:
-            # Writing into it would also change the other names of the inode: drop our name and
-            # stream the whole file (B7: every piece touching it is cleared).
-            paths.unlink(root, f.parts)
-            state.clear_pieces(state.geometry.file_pieces(f.index))
-        else:
-            paths.unlink(root, paths.partial_parts(f.parts))
-            paths.rename(root, f.parts, paths.partial_parts(f.parts))
-        f.status = FileStatus.STREAMING
-        f.linked = False
+        """A file of ours at its final name failed verification: stream what is missing
+        (blocking). Only files this torrent created are touched (:class:`ConflictError`
+        otherwise)."""
+        demote_file(self.root, state, f)
         log.info(
             "event=existing_file_demoted hash=%s file=%s shared=%s",
             state.info_hash,
             paths_kv(f.parts),
-            str(shared).lower(),
+            str(f.linked).lower(),
         )
 
     async def recover(self) -> int:
@@ -985,7 +621,7 @@ class Store:
         if f.fd is None:
             async with f.open_lock:
                 if f.fd is None and not f.unavailable() and state.is_in(Phase.ACTIVE):
-                    f.fd = await trio.to_thread.run_sync(open_for_write, self.root, f)
+                    f.fd = await trio.to_thread.run_sync(open_for_write, self.root, state, f)
         fd = f.fd
         if f.unavailable() or fd is None or not state.is_in(Phase.ACTIVE):
             return None
@@ -1024,10 +660,10 @@ class Store:
 
     def untrack(self, state: TorrentState) -> None:
         """Stop tracking ``state`` without waiting (used by its own tasks)."""
-        state.phase = Phase.CLOSED
+        state.close()
         if self.torrents.get(state.info_hash) is state:
             del self.torrents[state.info_hash]
-            self._release_paths(state.info_hash)
+            self.names.release(state.info_hash)
 
     async def forget(self, state: TorrentState) -> None:
         """Stop tracking ``state``: cancel and await its background work, close its files.
@@ -1036,19 +672,28 @@ class Store:
         await state.cancel_tasks()
         await self.close_all(state, sync=False)
 
-    async def wipe_state_dir(self, info_hash: str) -> None:
+    async def wipe_state_dir(self, info_hash: str, *, keep_ledger: bool = False) -> None:
         """Delete ``<data>/.qbsync/<hash>`` (data files are not touched). A ``.finalized``
-        marker goes with it, and so does the ownership of that torrent's names."""
+        marker goes with it, and so does the claim on that torrent's names. With
+        ``keep_ledger`` (a resync: the data files stay) the record of which files qbsync
+        created is kept."""
         mdir = self.meta_dir(info_hash)
-        await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
+        if keep_ledger:
+            await trio.to_thread.run_sync(lambda: clear_state_dir(mdir, keep=OWNED_NAME))
+        else:
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
         self.release_finalized(info_hash)
 
-    async def delete_data(self, files: Sequence[tuple[paths.Parts, int]], *, info_hash: str) -> int:
+    async def delete_data(
+        self, files: Sequence[tuple[paths.Parts, int]], *, info_hash: str, ledger: Ledger
+    ) -> int:
         """Delete the final and ``.partial`` names of ``files`` (parts, sub-path depth) under
-        the data root only, then their emptied directories (never the sub path itself).
+        the data root, then the emptied directories this torrent created.
 
-        Names another torrent owns (tracked, or finalized and seeded by qBittorrent) are
-        skipped: ``files`` may come from a stale ``meta.json`` that lists them."""
+        Proof for each deletion: the name holds a file this torrent created (its device and
+        inode are in ``ledger``) and no other torrent owns the name (tracked, or finalized and
+        seeded by qBittorrent). Anything else — a user's file, an adopted file, a file put
+        there after ours was removed — is left alone and logged."""
         targets: list[paths.Parts] = []
         for parts, _ in files:
             for target in (parts, paths.partial_parts(parts)):
@@ -1067,8 +712,14 @@ class Store:
             removed = 0
             for target in targets:
                 try:
-                    if paths.unlink(self.root, target):
+                    if ledger.unlink(self.root, target):
                         removed += 1
+                    elif paths.lstat(self.root, target) is not None:
+                        log.warning(
+                            "event=delete_skipped hash=%s file=%s reason=not_created_by_qbsync",
+                            info_hash,
+                            paths_kv(target),
+                        )
                 except (OSError, paths.UnsafePathError) as exc:
                     log.warning(
                         "event=delete_failed file=%s error=%s",
@@ -1076,7 +727,7 @@ class Store:
                         paths_kv(str(exc)),
                     )
             for parts, keep in files:
-                paths.remove_empty_dirs(self.root, parts, keep=keep)
+                ledger.remove_empty_dirs(self.root, parts, keep=keep)
             return removed
 
         return await trio.to_thread.run_sync(run)
@@ -1099,8 +750,9 @@ class Store:
         def run() -> None:
             mdir = state.meta_dir
             atomic_write(mdir, FINALIZED_NAME, dump_json(marker))
+            state.ledger.save(mdir)
             for entry in mdir.iterdir():
-                if entry.name != FINALIZED_NAME:
+                if entry.name not in (FINALIZED_NAME, OWNED_NAME):
                     with contextlib.suppress(OSError):
                         entry.unlink()
 
@@ -1136,9 +788,8 @@ def new_meta(info_hash: str, name: str, sub: str, files: Sequence[FileMeta]) -> 
     )
 
 
-def _names(files: Iterable[paths.Parts]) -> list[paths.Parts]:
-    """The names a file set occupies: each final name and its ``.partial`` twin."""
-    return [name for parts in files for name in (parts, paths.partial_parts(parts))]
+def _selected_parts(files: Iterable[DataFile]) -> list[paths.Parts]:
+    return [f.parts for f in files if f.selected and f.parts]
 
 
 def _marker_parts(state: TorrentState) -> list[paths.Parts]:
@@ -1196,9 +847,3 @@ def _sync_and_close(fd: int, sync: bool) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-def paths_kv(value: paths.Parts | str) -> str:
-    from ..log import kv
-
-    return kv("/".join(value) if isinstance(value, tuple) else value)

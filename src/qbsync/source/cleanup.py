@@ -3,7 +3,8 @@
 A *handoff* of one torrent is: stop it on the source, start it on the destination
 (``StartTorrent`` with ``--source-removed-tag``), delete it from the source with its files.
 In that order, so the two never seed at once and the torrent never ends up seeded by nobody:
-if the destination cannot start it, the source is resumed (docs/design-decisions.md#handoff-order).
+if the destination does not confirm (``started=True``) that it seeds a verified, complete copy,
+the source is resumed and keeps its files: nothing is deleted on any doubt.
 
 Cleanup runs in an orchestrator cycle while qBittorrent's free space (``server_state`` of the
 monitor's feed: no extra request) is below ``--min-space``. Candidates are synced torrents
@@ -17,8 +18,8 @@ estimated, not re-read) reaches ``--min-space``.
 
 The drain (SIGTERM, gated by the pod annotation, see :mod:`qbsync.k8s`) is one pass in
 *draining* mode: free space, seeding time and the exclude-cleanup tag are ignored; the synced
-tag and the completion cache are still required. It reads a fresh torrent list
-(docs/design-decisions.md#fresh-torrent-list-for-drain).
+tag and the completion cache are still required. It reads a fresh torrent list (a cached one
+could name torrents already gone).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import trio
 from .. import metrics
 from ..log import kv
 from ..qb import QB, QBError, split_tags
-from ..wire.errors import WireError
-from ..wire.messages import StartTorrent
+from ..wire.errors import ErrorCode, WireError
+from ..wire.messages import StartResult, StartTorrent
 from .cache import CompletionCache
 from .paths import PathMapper, content_parent
 
@@ -146,6 +147,7 @@ class Cleanup:
         source_removed_tag: str,
         exclude_cleanup_tag: str,
         dry_run: bool,
+        syncing: Callable[[str], bool] = lambda h: False,
     ) -> None:
         self.qb = qb
         self.request = request  # ConnectionPool.request
@@ -157,6 +159,7 @@ class Cleanup:
         self.source_removed_tag = source_removed_tag
         self.exclude_cleanup_tag = exclude_cleanup_tag
         self.dry_run = dry_run
+        self.syncing = syncing  # a torrent being (re-)synced is never a candidate
         self._lock = trio.Lock()  # at most one pass (cleanup or drain) at a time
 
     async def run_pass(
@@ -233,7 +236,7 @@ class Cleanup:
         out: list[Candidate] = []
         for info in torrents:
             h = str(info.get("hash") or "")
-            if h not in self.cache:
+            if h not in self.cache or self.syncing(h):
                 continue
             tags = split_tags(str(info.get("tags") or ""))
             if not draining and self.exclude_cleanup_tag and self.exclude_cleanup_tag in tags:
@@ -312,17 +315,40 @@ class Cleanup:
 
     async def start_on_destination(self, h: str, *, then: str) -> bool:
         """``StartTorrent`` with ``--source-removed-tag``: the destination seeds ``h`` from now
-        on. False (logged, with what the caller does ``then``) when the destination could not
-        start it; every handoff path shares this step and its log line."""
+        on. True only when the destination answered ``started=True``, which it does only after
+        checking its ``.finalized`` marker, the files' sizes and qBittorrent's progress, and
+        seeing qBittorrent seed it. Anything else (``started=False``, an error, a timeout) is a
+        refusal: counted in ``handoff_refused_total{reason}``, logged with what the caller does
+        ``then``, and the caller keeps its copy. When the destination says its copy is gone
+        (``not-found``), the completion cache entry is dropped so the torrent is synced again
+        instead of being offered for hand-off forever."""
+        reason = ""
+        detail = ""
         try:
-            await self.request(StartTorrent(h, tag=self.source_removed_tag), within=HANDOFF_TIMEOUT)
-        except WireError as exc:
-            log.warning(
-                "event=handoff_failed hash=%s step=start code=%s then=%s error=%s",
-                h,
-                exc.code.value,
-                then,
-                kv(str(exc)),
+            result = await self.request(
+                StartTorrent(h, tag=self.source_removed_tag), within=HANDOFF_TIMEOUT
             )
-            return False
-        return True
+        except WireError as exc:
+            reason, detail = exc.code.value, str(exc)
+        except (OSError, trio.TooSlowError) as exc:
+            reason, detail = "error", f"{type(exc).__name__}: {exc}"
+        else:
+            if isinstance(result, StartResult) and result.started is True:
+                return True
+            reason, detail = "not-started", "destination answered started=false"
+        metrics.handoff_refused.labels(reason).inc()
+        log.warning(
+            "event=handoff_refused hash=%s step=start reason=%s then=%s error=%s",
+            h,
+            reason,
+            then,
+            kv(detail),
+        )
+        if reason == ErrorCode.NOT_FOUND.value and h in self.cache:
+            await self.cache.remove(h)
+            log.warning(
+                "event=completion_forgotten hash=%s reason=destination_copy_missing "
+                "action=sync_again",
+                h,
+            )
+        return False

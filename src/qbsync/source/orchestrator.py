@@ -187,6 +187,7 @@ class Orchestrator:
             source_removed_tag=config.source_removed_tag,
             exclude_cleanup_tag=config.exclude_cleanup_tag,
             dry_run=config.dry_run,
+            syncing=lambda h: h in self.registry,  # being (re-)synced: never handed off
         )
         monitor.on_update = self.on_update
         monitor.on_removed = self.on_removed
@@ -450,6 +451,7 @@ class Orchestrator:
                 kv(fp),
             )
             metrics.file_selection_resyncs.inc()
+            await self._untag_synced(h)
             await self._track(h, info, resync=True, files=files, torrent_file=t.meta.torrent_file)
             return
         stored = self.cache.get(h)
@@ -469,6 +471,7 @@ class Orchestrator:
             self._dry("resync", h, reason="selection_changed")
             return
         await self.cache.remove(h)
+        await self._untag_synced(h)
         await self._track(h, info, resync=True, files=files)
 
     # -- 4. discovery -----------------------------------------------------------------------
@@ -783,6 +786,20 @@ class Orchestrator:
             self._dry("tag", h, tag=kv(tag))
             return
         await add_tag(self.qb, h, tag)
+
+    async def _untag_synced(self, h: str) -> None:
+        """A resync starts: ``synced`` no longer holds until it finishes (it is set again by
+        the sync's end), and nothing hands off a torrent whose tag is gone."""
+        tag = self.config.synced_tag
+        if not tag or self.dry_run:
+            return
+        try:
+            await self.qb.remove_tags(h, [tag])
+        except QBError as exc:
+            metrics.tag_application_errors.labels("source").inc()
+            log.warning(
+                "event=untag_failed hash=%s tag=%s code=qb-error error=%s", h, kv(tag), kv(str(exc))
+            )
 
     def _dry(self, action: str, h: str, **fields: str) -> None:
         key = (action, h)

@@ -31,7 +31,7 @@ from .. import __version__, metrics, systemd
 from ..config import SourceConfig, redacted
 from ..httpserver import Health, serve_http
 from ..k8s import drain_decision
-from ..log import kv
+from ..log import kv, redact_url
 from ..qb import QB, QBError
 from .cache import CompletionCache
 from .monitor import Monitor
@@ -146,7 +146,7 @@ async def _main(config: SourceConfig) -> int:
                     mapper = PathMapper.from_preferences(config.data, prefs)
                     log.info(
                         "event=qbittorrent_connected url=%s save_path=%s temp_path=%s data=%s",
-                        kv(config.qb_url),
+                        kv(redact_url(config.qb_url)),
                         kv(mapper.qb_default),
                         kv(mapper.qb_temp),
                         kv(str(config.data)),

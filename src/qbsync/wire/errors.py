@@ -18,6 +18,7 @@ class ErrorCode(enum.StrEnum):
     FINALIZING = "finalizing"  # torrent is being finalized: retry later
     BAD_REQUEST = "bad-request"  # request failed validation (index, offset, geometry, ...)
     UNSAFE_PATH = "unsafe-path"  # a file path would escape --data
+    CONFLICT = "conflict"  # a wanted name holds a file qbsync did not create and cannot adopt
     NOT_FOUND = "not-found"  # finalize/abort/start for a torrent the destination does not have
     INCOMPLETE = "incomplete"  # finalize with pieces still missing: resync
     BUSY = "busy"  # a concurrent operation on the same torrent: retry later

@@ -40,7 +40,7 @@ _HASH_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 
 def valid_info_hash(value: str) -> bool:
-    return bool(_HASH_RE.match(value))
+    return isinstance(value, str) and _HASH_RE.fullmatch(value) is not None
 
 
 class Role(enum.StrEnum):

@@ -1,0 +1,83 @@
+"""Secrets: a token that is too short or a placeholder from the examples is refused at start
+(exit 2, one line naming both flags and the environment variables); no token keeps working
+with a loud warning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from qbsync import cli
+from qbsync.config import DestinationConfig, resolve
+from qbsync.destination.runner import _warn_unauthenticated, is_loopback
+from qbsync.log import redact_url
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+@pytest.mark.parametrize("role", ["source", "destination"])
+@pytest.mark.parametrize("token", ["x", "fifteen-bytes!!", "change-me", "CHANGE-ME "])
+def test_weak_tokens_exit_2_with_one_line(
+    role: str, token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the fix a 1-byte token and the examples' ``change-me`` were accepted."""
+    args = [role, "--data", str(tmp_path), "--auth-token", token, "--print-config"]
+    if role == "source":
+        args += ["--destination-addr", "127.0.0.1:1", "--qb-url", "http://127.0.0.1:1"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    env = f"QBSYNC_{role.upper()}_AUTH_TOKEN"
+    for part in ("--auth-token", "--auth-token-file", env, env + "_FILE", "openssl rand"):
+        assert part in err
+
+
+def test_token_file_is_checked_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "token"
+    f.write_text("short\n")
+    assert cli.main(["destination", "--data", str(tmp_path), "--auth-token-file", str(f)]) == 2
+    assert "shorter than 16 bytes" in capsys.readouterr().err
+
+
+def test_strong_token_and_no_token_are_accepted(tmp_path: Path) -> None:
+    ok = resolve("destination", {"data": str(tmp_path), "auth_token": "a" * 16}, env={})
+    assert isinstance(ok, DestinationConfig) and ok.auth_token == "a" * 16
+    none = resolve("destination", {"data": str(tmp_path)}, env={})
+    assert isinstance(none, DestinationConfig) and none.auth_token == ""
+
+
+def test_no_token_on_an_exposed_listener_warns_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = resolve("destination", {"data": str(tmp_path), "listen": ":50051"}, env={})
+    assert isinstance(config, DestinationConfig)
+    with caplog.at_level(logging.WARNING):
+        _warn_unauthenticated(config)
+    assert "event=auth_disabled" in caplog.text and "exposed=true" in caplog.text
+    assert "openssl rand -hex 32" in caplog.text
+    assert not is_loopback("") and not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+
+
+@pytest.mark.parametrize(
+    "example",
+    ["source.env.example", "destination.env.example", "kubernetes/secret.example.yaml"],
+)
+def test_examples_say_how_to_generate_a_token(example: str) -> None:
+    text = (DEPLOY / example).read_text()
+    if "change-me" in text:
+        assert "openssl rand -hex 32" in text and "refuses to start" in text
+
+
+def test_qb_url_credentials_never_reach_the_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "http://admin:hunter2@127.0.0.1:8080"
+    assert redact_url(url) == "http://admin:***@127.0.0.1:8080"
+    assert redact_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
+    args = ["destination", "--data", str(tmp_path), "--qb-url", url, "--print-config"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "admin:***@127.0.0.1" in out

@@ -1,0 +1,136 @@
+"""StartTorrent (the hand-off) checks, in process: the destination answers ``started=True``
+only for a torrent it verified itself (``.finalized`` marker), whose files are all on disk at
+their sizes, that qBittorrent reports whole, and that qBittorrent is then seen seeding.
+
+The qBittorrent here is a recording fake (these are the pure decision rules); the same paths
+run against a real qbittorrent-nox in tests/integration/test_source_handoff.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from qbsync.destination import server as server_module
+from qbsync.wire import ErrorCode, Finalize, StartTorrent, SyncStatus, WireError
+from tests.test_destination_server import complete
+from tests.test_destination_writer import build, torrent
+
+
+class FakeQB:
+    """Lists torrents with a state and progress; ``start`` moves them to ``after_start``."""
+
+    def __init__(self, state: str = "stoppedUP", progress: float = 1.0) -> None:
+        self.info: dict[str, dict[str, Any]] = {}
+        self.state, self.progress = state, progress
+        self.after_start = "stalledUP"
+        self.calls: list[tuple[str, str]] = []
+
+    def register(self, h: str) -> None:
+        self.info[h] = {"hash": h, "state": self.state, "progress": self.progress}
+
+    async def torrent(self, h: str) -> dict[str, Any] | None:
+        return self.info.get(h)
+
+    async def start(self, h: str) -> None:
+        self.calls.append(("start", h))
+        self.info[h]["state"] = self.after_start
+
+    async def stop(self, h: str) -> None:
+        self.calls.append(("stop", h))
+        self.info[h]["state"] = "stoppedUP"
+
+    async def add_tags(self, h: str, tags: list[str]) -> None:
+        self.calls.append(("tag:" + ",".join(tags), h))
+
+    async def delete(self, h: str, *, delete_files: bool) -> None:
+        assert not delete_files  # qbsync never asks qBittorrent to delete data
+        self.calls.append(("delete", h))
+        self.info.pop(h, None)
+
+
+async def finalized(tmp_path: Path, nursery: trio.Nursery) -> Any:
+    t = torrent(tmp_path)
+    d = build(tmp_path, nursery)
+    await complete(d, t)
+    assert (await d.server.finalize(Finalize(t.info_hash))).status == SyncStatus.COMPLETE
+    qb = FakeQB()
+    qb.register(t.info_hash)
+    d.server.qb = qb  # type: ignore[assignment]
+    return t, d, qb
+
+
+async def refused(d: Any, h: str) -> WireError:
+    with pytest.raises(WireError) as err:
+        await d.server.start(StartTorrent(h, tag="source-removed"))
+    return err.value
+
+
+async def test_start_only_for_a_verified_complete_copy(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t, d, qb = await finalized(tmp_path, nursery)
+    assert (await d.server.start(StartTorrent(t.info_hash, tag="source-removed"))).started
+    assert qb.calls == [("start", t.info_hash), ("tag:source-removed", t.info_hash)]
+
+
+async def test_start_refused_when_files_are_gone_although_qbittorrent_says_complete(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """qBittorrent shows a stopped torrent at progress 1.0 after its files were deleted: the
+    destination looks at the files itself. Before the fix it started it (``started=True``)."""
+    t, d, qb = await finalized(tmp_path, nursery)
+    victim = next(p for p in (d.root / "payload").rglob("*") if p.stat().st_size)
+    victim.unlink()
+    err = await refused(d, t.info_hash)
+    assert err.code == ErrorCode.NOT_FOUND and victim.name in err.message
+    assert qb.calls == []  # nothing started
+    # A truncated file is just as bad.
+    victim.write_bytes(b"x")
+    assert (await refused(d, t.info_hash)).code == ErrorCode.NOT_FOUND
+
+
+async def test_start_refused_for_a_torrent_qbsync_never_verified(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Any torrent the destination qBittorrent lists used to be started and tagged."""
+    d = build(tmp_path, nursery)
+    qb = FakeQB()
+    foreign = "cd" * 20
+    qb.register(foreign)
+    d.server.qb = qb  # type: ignore[assignment]
+    assert (await refused(d, foreign)).code == ErrorCode.NOT_FOUND
+    assert qb.calls == []
+
+
+async def test_start_refused_unless_qbittorrent_reports_whole_then_seeding(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "START_CONFIRM_TIMEOUT", 0.3)  # keep the test short
+    t, d, qb = await finalized(tmp_path, nursery)
+    h = t.info_hash
+    qb.info[h]["progress"] = 0.5
+    assert (await refused(d, h)).code == ErrorCode.VERIFY_FAILED
+    qb.info[h]["progress"] = 1.0
+    qb.info[h]["state"] = "missingFiles"
+    assert (await refused(d, h)).code == ErrorCode.NOT_FOUND
+    assert qb.calls == []
+    # Started, but qBittorrent finds the files missing: stopped again and refused.
+    qb.info[h]["state"] = "stoppedUP"
+    qb.after_start = "missingFiles"
+    assert (await refused(d, h)).code == ErrorCode.NOT_FOUND
+    assert qb.calls == [("start", h), ("stop", h)]
+    # Started, never seeding: refused after the confirmation window, stopped again.
+    qb.calls.clear()
+    qb.after_start = "checkingUP"
+    assert (await refused(d, h)).code == ErrorCode.VERIFY_FAILED
+    assert qb.calls == [("start", h), ("stop", h)]
+
+
+async def test_dry_run_start_answers_not_started(tmp_path: Path, nursery: trio.Nursery) -> None:
+    t, d, qb = await finalized(tmp_path, nursery)
+    d.server.dry_run = True
+    assert not (await d.server.start(StartTorrent(t.info_hash))).started
+    assert qb.calls == []

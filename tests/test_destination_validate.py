@@ -1,0 +1,71 @@
+"""Validate, then act: a request that is refused changes nothing, and Resync / Abort /
+StartTorrent act only on hashes qbsync has state or a ``.finalized`` marker for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from qbsync.destination.state import FINALIZED_NAME
+from qbsync.wire import Abort, ErrorCode, StartTorrent, SyncStatus, WireError
+from tests.test_destination_handoff import FakeQB, finalized
+from tests.test_destination_writer import build, torrent
+
+
+class RecordingQB(FakeQB):
+    pass
+
+
+async def test_bogus_resync_of_a_finalized_torrent_changes_nothing(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Before the fix ``InitTorrent(resync=True)`` wiped the marker and removed the torrent
+    from the destination qBittorrent before the request was validated."""
+    t, d, _ = await finalized(tmp_path, nursery)
+    qb = RecordingQB()
+    qb.register(t.info_hash)
+    d.server.qb = qb
+    marker = d.root / ".qbsync" / t.info_hash / FINALIZED_NAME
+    for bad in (
+        t.init_msg(resync=True, torrent=b"d4:infoi1ee"),  # not a torrent
+        t.init_msg(resync=True, names=["../escape", *[r for r, _ in t.files][1:]]),
+    ):
+        with pytest.raises(WireError) as err:
+            await d.server.init(bad)
+        assert err.value.code in (ErrorCode.BAD_REQUEST, ErrorCode.UNSAFE_PATH)
+        assert marker.is_file()
+        assert qb.calls == []
+    assert (await d.server.init(t.init_msg())).status == SyncStatus.COMPLETE
+
+
+async def test_resync_of_a_torrent_qbsync_never_managed_leaves_qbittorrent_alone(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = torrent(tmp_path)
+    d = build(tmp_path, nursery)
+    qb = RecordingQB()
+    qb.state = "downloading"
+    qb.progress = 0.3
+    qb.register(t.info_hash)  # the user's own torrent in the destination qBittorrent
+    d.server.qb = qb  # type: ignore[assignment]
+    result = await d.init(t, resync=True)
+    assert result.status == SyncStatus.READY
+    assert ("delete", t.info_hash) not in qb.calls
+
+
+async def test_abort_and_start_of_unknown_hashes_do_nothing(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    d = build(tmp_path, nursery)
+    qb = RecordingQB()
+    h = "ef" * 20
+    qb.register(h)
+    d.server.qb = qb  # type: ignore[assignment]
+    assert not (await d.server.abort(Abort(h, delete_files=True))).existed
+    with pytest.raises(WireError) as err:
+        await d.server.start(StartTorrent(h, tag="x"))
+    assert err.value.code == ErrorCode.NOT_FOUND
+    assert qb.calls == []
+    assert not (d.root / ".qbsync" / h).exists()
