@@ -280,29 +280,31 @@ async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path):
     """A selection change re-syncs a synced torrent: ``synced`` no longer holds, so it is
     removed first (a hand-off must not pick the torrent while the destination re-verifies
     it), and the torrent is tracked, so cleanup skips it too."""
-    from tests.test_source_orchestrator import H, torrent
+    from qbsync.wire.messages import InitResult, InitTorrent, SyncStatus
     from tests.test_source_orchestrator import make as make_orchestrator
+    from tests.test_source_orchestrator import on_disk
 
     events: list[tuple[str, str]] = []
 
-    class TaggingQB:
-        async def files(self, h: str) -> list[dict[str, Any]]:
-            return [{"index": 0, "name": "x", "size": 1, "priority": 1}]
+    def init(msg: InitTorrent) -> InitResult:
+        events.append(("resync" if msg.resync else "init", msg.info_hash))
+        return InitResult(SyncStatus.READY)
 
-        async def remove_tags(self, h: str, tags: list[str]) -> None:
-            events.append(("untag:" + ",".join(tags), h))
+    torrents = on_disk(tmp_path, "t0", state="stalledUP", progress=1, tags="synced")
+    (h,) = torrents
+    rig = make_orchestrator(tmp_path, torrents, {InitTorrent: init})
 
-    info = torrent(H[0], state="stalledUP", progress=1, tags="synced")
-    orch, _, _, _, _ = make_orchestrator(tmp_path, {H[0]: info}, {})
-    orch.qb = cast(Any, TaggingQB())
-    orch.cache.load()
-    await orch.cache.put(H[0], "an-older-selection")
+    async def remove_tags(info_hash: str, tags: list[str]) -> None:
+        events.append(("untag:" + ",".join(tags), info_hash))
 
-    async def fake_track(h: str, _info: dict[str, Any], **kw: Any) -> None:
-        events.append(("track", h))
-        assert kw["resync"] is True
+    rig.qb.remove_tags = remove_tags  # type: ignore[method-assign]
+    rig.orch.cache.load()
+    await rig.orch.cache.put(h, "an-older-selection")
 
-    orch._track = fake_track
-    await orch._check_selection(H[0], info)
-    assert events == [("untag:synced", H[0]), ("track", H[0])]
-    assert H[0] not in orch.cache
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.pool.run)
+        await rig.orch._check_selection(h, torrents[h].info)
+        nursery.cancel_scope.cancel()
+    assert events == [("untag:synced", h), ("resync", h)]
+    assert h not in rig.orch.cache
+    assert rig.registry.get(h) is not None  # tracked: cleanup's candidates skip it
