@@ -374,6 +374,13 @@ DESTINATION_OPTIONS: tuple[Option, ...] = (
         check=_non_negative,
     ),
     Option(
+        "recheck",
+        "Have qBittorrent recheck every byte even when all files are selected",
+        "false",
+        _parse_bool,
+        is_flag=True,
+    ),
+    Option(
         "stream_workers",
         "Concurrent piece writers (0 = auto: 8)",
         "0",
@@ -460,6 +467,7 @@ class DestinationConfig:
     qb_password: str = attrs.field(repr=False)
     poll_interval: float
     poll_timeout: float
+    recheck: bool
     stream_workers: int
     max_stream_buffer: int  # MiB
     synced_tag: str

@@ -86,6 +86,7 @@ SYNCABLE_STATES = frozenset(
     }
 )
 MAX_FINALIZE_FAILURES = 3
+FINALIZE_REPOLL = 0.25  # seconds between Finalize requests answered "verifying"
 MAINTENANCE_EVERY = 50  # cycles' worth of --sleep
 MIN_CYCLE_GAP = 0.2  # seconds between event-driven cycles
 PROBE_TIMEOUT = 30.0
@@ -645,7 +646,8 @@ class Orchestrator:
             return True
         if result.status == SyncStatus.VERIFYING:
             t.finalize_polls += 1
-            t.next_finalize_at = now + min(self.config.sleep, 0.25 * 2 ** min(t.finalize_polls, 5))
+            # Each Finalize already waits on the destination for the job; ask again at once.
+            t.next_finalize_at = now + min(self.config.sleep, FINALIZE_REPOLL)
             if t.finalize_polls == 1:
                 log.info("event=finalize_verifying hash=%s", h)
             return True
