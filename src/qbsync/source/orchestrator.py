@@ -588,6 +588,7 @@ class Orchestrator:
                 _code(exc),
                 kv(str(exc)),
             )
+        self.monitor.request_poll(t)  # learn its ready pieces now, not at the next tick
         return t
 
     # -- 5. finalize ------------------------------------------------------------------------
