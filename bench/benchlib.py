@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,7 @@ class Stack:
         self.qbs: list[QBInstance] = []
         self.procs: list[QbsyncProcess] = []
         self.others: list[subprocess.Popen[bytes]] = []
+        self.spies: list[subprocess.Popen[bytes]] = []
         self.token = secrets.token_hex(16)
 
     def qb(self, name: str, **kw: Any) -> QBInstance:
@@ -232,7 +234,26 @@ class Stack:
         wait_until(listening, 10, 0.05, "rsync daemon listening")
         return port
 
+    def profile(self, pid: int, out: Path) -> None:
+        """Sample ``pid`` with py-spy (``pip install -e '.[bench]'``) until the stack closes;
+        collapsed stacks, threads and idle frames included, written to ``out``."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        proc = subprocess.Popen(
+            [
+                *(spy, "record", "--pid", str(pid), "--format", "raw", "--threads", "--idle"),
+                *("--rate", "200", "--nonblocking", "-o", str(out)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.spies.append(proc)
+
     def close(self) -> None:
+        for spy in self.spies:  # SIGINT makes py-spy write its output
+            with contextlib.suppress(Exception):
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
         for proc in reversed(self.procs):
             with contextlib.suppress(Exception):
                 proc.stop()

@@ -79,6 +79,11 @@ def main() -> int:
     ap.add_argument("--piece-mib", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        help="record both daemons with py-spy (collapsed stacks) into this directory",
+    )
     ap.add_argument("--source-arg", action="append", default=[], help="extra qbsync source flag")
     ap.add_argument("--dest-arg", action="append", default=[], help="extra destination flag")
     args = ap.parse_args()
@@ -93,6 +98,9 @@ def main() -> int:
         rport = s.rsync_daemon({"src": src.save_path})
         dproc, dport, dhealth = s.destination(dst, *args.dest_arg)
         sproc, _ = s.source(src, dport, *args.source_arg)
+        if args.profile:
+            for role, proc in (("source", sproc), ("destination", dproc)):
+                s.profile(proc.pid, args.profile / f"{role}.txt")
         print(
             f"payload {args.size_mib} MiB in {len(files)} files, {args.piece_mib} MiB pieces, "
             f"{args.rounds} rounds; work dir {s.root}",

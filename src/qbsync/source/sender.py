@@ -48,7 +48,7 @@ log = logging.getLogger("qbsync.source.sender")
 
 MAX_PIECE_FAILURES = 5
 INIT_TIMEOUT = 60.0
-DEFAULT_INFLIGHT_BYTES = 256 * MiB
+DEFAULT_INFLIGHT_BYTES = 64 * MiB  # read-ahead: enough to fill 8 connections' windows
 
 
 class NotReady(Exception):
@@ -236,7 +236,7 @@ class Senders:
                     wait = self.bucket.reserve(size, trio.current_time())
                     if wait > 0:
                         await trio.sleep(wait)
-                conn = await self.pool.pick()
+                conn = await self.pool.pick(nbytes=size)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._deliver, t, index, conn, buf, view, reserved)
                 handed_over = True
@@ -295,6 +295,7 @@ class Senders:
         finally:
             self.inflight -= 1
             metrics.inflight_pieces.set(self.inflight)
+            self.pool.unassign(conn, len(view))
             self.reader.release(buf, view)
             self.budget.release(reserved)
 
