@@ -315,6 +315,7 @@ class Senders:
         first = t.tracker.first_seen.pop(index, None)
         if first is not None:
             metrics.piece_lag.observe(now - first)
+        log.debug("event=piece_acked hash=%s piece=%d", t.info_hash, index)  # bench/lag.py
         if t.tracker.complete:
             log.info("event=torrent_streamed hash=%s pieces=%d", t.info_hash, t.tracker.num_pieces)
             self.registry.notify_changed()
