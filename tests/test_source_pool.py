@@ -129,6 +129,8 @@ async def test_pick_counts_pieces_queued_behind_a_connection(autojump_clock):
         assert pool.queued_bytes(a) == pool.queued_bytes(b) == 100
         pool.unassign(a, 100)
         assert await pool.pick(nbytes=100) is a
+        pool.unassign(a, 100)
+        pool.unassign(b, 100)
         a.credit = 10_000  # b can take more now
         assert await pool.pick(nbytes=100) is b
         nursery.cancel_scope.cancel()

@@ -17,9 +17,11 @@ connection can carry rather than by what was assigned long ago.
 
 Scaling (``--min-connections`` .. ``--max-connections``): every :data:`SCALE_INTERVAL` the
 pool looks at whether every connection had a piece waiting on it most of the time (for the
-destination's credit, or for the socket: the connections were the bottleneck). If so it
-opens one more connection and keeps it only if throughput rose by at least
-:data:`MIN_GAIN`; otherwise it closes it and waits :data:`COOLDOWN` before trying again.
+destination's credit, or for the socket: the connections were the bottleneck). After two
+such intervals in a row it opens one more connection and keeps it only if the mean throughput
+over :data:`JUDGE_INTERVALS` intervals after it connected is at least :data:`MIN_GAIN` above
+the mean before; otherwise it closes it and waits :data:`COOLDOWN` before trying again (if the
+work ran out meanwhile there is nothing to judge and it stays).
 Connections above the minimum are closed after :data:`IDLE_AFTER` seconds without traffic.
 On loopback and LAN one connection already saturates, so the pool stays at the minimum
 there; the extra connections pay off on long fat links, where one TCP window is the limit.
@@ -51,8 +53,10 @@ SCALE_INTERVAL = 1.0
 SAMPLE_INTERVAL = 0.1
 MIN_GAIN = 0.10
 COOLDOWN = 60.0
+JUDGE_INTERVALS = 3  # a trial compares mean throughput over this many intervals before/after
+TRIAL_MAX = 12  # intervals a trial connection gets to connect before it is judged anyway
 IDLE_AFTER = 60.0
-QUEUE_AHEAD = 2  # pieces that may wait on one connection before pick() waits for room
+QUEUE_AHEAD = 1  # pieces that may wait on one connection before pick() waits for room
 ROOM_POLL = 0.005  # seconds; re-look for room this often while every connection is full
 RETIRE_GRACE = 30.0  # how long a retiring connection may finish its in-flight pieces
 
@@ -287,7 +291,10 @@ class ConnectionPool:
         """Stop sending new pieces on ``slot``, let its in-flight ones finish, close it."""
         slot.retiring = True
         with trio.move_on_after(RETIRE_GRACE):
-            while _busy(slot):  # noqa: ASYNC110  (polled: the wire has no "drained" event)
+            # Pieces already given to it (in flight or queued for its credit) go out first.
+            while _busy(slot) or (  # noqa: ASYNC110  (polled: the wire has no "drained" event)
+                slot.conn is not None and self._assigned.get(id(slot.conn), 0) > 0
+            ):
                 await trio.sleep(0.1)
         if slot.scope is not None:
             slot.scope.cancel()
@@ -380,6 +387,9 @@ class ConnectionPool:
     async def _scaler(self) -> None:
         cooldown_until = 0.0
         trial: tuple[_Slot, float] | None = None  # (added slot, throughput before)
+        trial_age = trial_connected = 0  # intervals since it was added / until it connected
+        history: list[float] = []  # throughput of the last JUDGE_INTERVALS intervals
+        starved_run = 0  # consecutive intervals in which the connections were the bottleneck
         last_bytes = self.bytes_acked
         last_time = trio.current_time()
         last_traffic = last_time
@@ -396,14 +406,35 @@ class ConnectionPool:
             throughput = (self.bytes_acked - last_bytes) / max(1e-6, now - last_time)
             last_bytes, last_time = self.bytes_acked, now
             metrics.transfer_throughput.set(throughput)
+            history = [*history[-(JUDGE_INTERVALS - 1) :], throughput]
+            starved_run = starved_run + 1 if starved > samples // 2 else 0
             if throughput > 0:
                 last_traffic = now
             active = [s for s in self._slots if not s.retiring]
             if trial is not None:
+                trial_age += 1
+                # Judge the new connection on a whole interval after the one it connected in
+                # (that one is not a fair sample); give up waiting for it to connect after a
+                # few intervals.
+                connected = trial[0].conn is not None
+                if trial_age < TRIAL_MAX and (
+                    not connected or trial_age - trial_connected < 1 + JUDGE_INTERVALS
+                ):
+                    if connected and not trial_connected:
+                        trial_connected = trial_age
+                    continue
+            if trial is not None:
                 slot, before = trial
                 trial = None
-                gain = (throughput - before) / before if before > 0 else 0.0
-                if gain < MIN_GAIN and slot in self._slots:
+                after = sum(history[-JUDGE_INTERVALS:]) / JUDGE_INTERVALS
+                gain = (after - before) / before if before > 0 else 0.0
+                if starved == 0 and self._queue_depth() == 0:
+                    # The work ran out meanwhile: nothing to judge it by. It stays until it
+                    # has been idle for IDLE_AFTER, like any connection above the minimum.
+                    log.info(
+                        "event=connection_scale_kept reason=no_demand connections=%d", len(active)
+                    )
+                elif gain < MIN_GAIN and slot in self._slots:
                     log.info(
                         "event=connection_scale direction=down reason=no_gain gain=%.2f "
                         "connections=%d",
@@ -414,16 +445,17 @@ class ConnectionPool:
                     self._nursery_start(self._retire, slot)
                     cooldown_until = now + COOLDOWN
                     continue
-                log.info("event=connection_scale_kept gain=%.2f connections=%d", gain, len(active))
+                else:
+                    log.info(
+                        "event=connection_scale_kept gain=%.2f connections=%d", gain, len(active)
+                    )
             if self.max_connections <= self.min_connections:
                 continue
-            if (
-                starved > samples // 2
-                and len(active) < self.max_connections
-                and now >= cooldown_until
-            ):
+            if starved_run >= 2 and len(active) < self.max_connections and now >= cooldown_until:
                 new = self._add_slot()
-                trial = (new, throughput)
+                recent = history[-min(starved_run, JUDGE_INTERVALS) :]
+                before = sum(recent) / len(recent)
+                trial, trial_age, trial_connected = (new, before), 0, 0
                 metrics.connection_scale_events.labels("up").inc()
                 log.info(
                     "event=connection_scale direction=up reason=credit_starved "
