@@ -168,6 +168,7 @@ class Stack:
         dest_port: int,
         *extra: str,
         env: Mapping[str, str] | None = None,
+        state_dir: Path | None = None,
     ) -> tuple[QbsyncProcess, int]:
         health = free_port()
         proc = QbsyncProcess(
@@ -179,7 +180,7 @@ class Stack:
                 "--destination-addr",
                 f"127.0.0.1:{dest_port}",
                 "--state-dir",
-                str(self.root / f"source-state-{len(self.procs)}"),
+                str(state_dir or self.root / f"source-state-{len(self.procs)}"),
                 "--health-addr",
                 f"127.0.0.1:{health}",
                 "--auth-token",
