@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import secrets
 import shutil
@@ -30,7 +31,6 @@ from tests.qbharness import (
     QbsyncProcess,
     _stop_process,
     free_port,
-    make_payload,
     make_torrent,
     wait_until,
 )
@@ -279,9 +279,24 @@ def stack(keep: bool = False) -> Iterator[Stack]:
         s.close()
 
 
+def write_payload(root: Path, files: Mapping[str, int], seed: int) -> None:
+    """Pseudo-random files under ``root``, written in 64 MiB chunks (``random.randbytes``
+    cannot make more than 256 MiB at once)."""
+    for rel, size in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(f"{seed}:{rel}")
+        with open(path, "wb") as fh:
+            left = size
+            while left:
+                n = min(left, 64 * MiB)
+                fh.write(rng.randbytes(n))
+                left -= n
+
+
 def new_torrent(where: Path, files: Mapping[str, int], piece: int, seed: int) -> tuple[bytes, str]:
     """Write a payload directory ``where`` and return its ``.torrent`` and info-hash."""
-    make_payload(where, files, seed)
+    write_payload(where, files, seed)
     return make_torrent(where, piece)
 
 
