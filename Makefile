@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit fuzz integration qbittorrent venv clean bench
+.PHONY: test lint typecheck unit fuzz integration qbittorrent venv clean bench bench-wire \
+	bench-throughput bench-lag bench-wan bench-scale
 
 venv: $(STAMP)
 
@@ -46,8 +47,24 @@ integration: venv qbittorrent
 test: venv qbittorrent lint typecheck
 	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q --durations=15 tests
 
-bench: venv
-	$(BIN)/python bench/wire_throughput.py
+# End-to-end benchmarks: real qbittorrent-nox (and rsync) on 127.0.0.1; each ends in one
+# `RESULT key=value ...` line. BENCH_ARGS passes flags (e.g. BENCH_ARGS="--size-mib 1024").
+bench: bench-wire bench-throughput bench-lag bench-wan bench-scale
+
+bench-wire: venv
+	$(BIN)/python bench/wire_throughput.py $(BENCH_ARGS)
+
+bench-throughput: venv qbittorrent
+	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
+
+bench-lag: venv qbittorrent
+	$(BIN)/python -m bench.lag $(BENCH_ARGS)
+
+bench-wan: venv qbittorrent
+	$(BIN)/python -m bench.wan $(BENCH_ARGS)
+
+bench-scale: venv qbittorrent
+	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -9,6 +9,7 @@ import trio
 
 from qbsync.source.pool import (
     HEALTHY_AFTER,
+    QUEUE_AHEAD,
     ConnectionPool,
     DestinationUnavailable,
     describe_error,
@@ -18,6 +19,7 @@ from qbsync.wire.messages import Abort, AbortResult
 from tests.source_fakes import FakeConn, FakeConnector
 
 H = "ab" * 20
+MB = 1_000_000
 
 
 async def test_auth_failure_retries_with_backoff_then_connects(autojump_clock, caplog):
@@ -109,6 +111,75 @@ async def test_pick_prefers_least_loaded(autojump_clock):
         b.inflight_bytes = 20
         assert await pool.pick() is a
         nursery.cancel_scope.cancel()
+
+
+async def test_pick_counts_pieces_queued_behind_a_connection(autojump_clock):
+    """Pieces assigned but not written yet (waiting for credit) count as load: pieces
+    alternate, and a connection with more credit left takes the next one."""
+    a, b = FakeConn(), FakeConn()
+    it = iter([a, b])
+    pool = ConnectionPool(
+        FakeConnector(lambda n: next(it)), address="d:1", min_connections=2, max_connections=2
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        while pool.connected < 2:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        first = await pool.pick(nbytes=100)
+        second = await pool.pick(nbytes=100)
+        assert {first, second} == {a, b}
+        assert pool.queued_bytes(a) == pool.queued_bytes(b) == 100
+        pool.unassign(a, 100)
+        assert await pool.pick(nbytes=100) is a
+        pool.unassign(a, 100)
+        pool.unassign(b, 100)
+        a.credit = 10_000  # b can take more now
+        assert await pool.pick(nbytes=100) is b
+        nursery.cancel_scope.cancel()
+
+
+async def test_pick_waits_while_every_connection_has_a_queue(autojump_clock):
+    """A piece is bound to a connection only when one has room: not a whole torrent at once."""
+    a = FakeConn()
+    pool = ConnectionPool(FakeConnector(lambda n: a), address="d:1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        while pool.connected < 1:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        for _ in range(QUEUE_AHEAD):
+            await pool.pick(nbytes=100)
+        with trio.move_on_after(5) as scope:
+            await pool.pick(nbytes=100)
+        assert scope.cancelled_caught
+        pool.unassign(a, 100)
+        with trio.fail_after(1):
+            assert await pool.pick(nbytes=100) is a
+        nursery.cancel_scope.cancel()
+
+
+async def test_scales_to_max_while_pieces_queue_on_every_connection(autojump_clock, caplog):
+    """Window-limited path: every connection has pieces waiting on it (the queue itself is
+    empty because senders hold the pieces), each new connection adds throughput."""
+    caplog.set_level(logging.INFO, logger="qbsync.source.pool")
+    connector = FakeConnector(lambda n: FakeConn())
+    pool = ConnectionPool(connector, address="d:1", min_connections=2, max_connections=5)
+
+    async def queue_on_each() -> None:
+        while True:
+            for c in pool.connections():
+                if pool.queued_bytes(c) < 10 * MB:
+                    pool._assigned[id(c)] = pool._assigned.get(id(c), 0) + 1_000_000
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        nursery.start_soon(_feed, pool, True)
+        nursery.start_soon(queue_on_each)
+        await trio.sleep(30)
+        connected = pool.connected
+        nursery.cancel_scope.cancel()
+    assert connected == 5
+    assert not [r for r in caplog.records if "reason=no_gain" in r.message]
 
 
 def test_describe_error_unwraps_groups_and_keeps_cancellation():

@@ -415,6 +415,12 @@ class DestinationConfig:
         _parse_float,
         check=_non_negative,
     )
+    recheck: bool = option(
+        "Have qBittorrent recheck every byte even when all files are selected",
+        "false",
+        _parse_bool,
+        is_flag=True,
+    )
     stream_workers: int = option(
         "Concurrent piece writers (0 = auto: 8)",
         "0",

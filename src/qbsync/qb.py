@@ -300,6 +300,35 @@ class QB:
     async def start(self, info_hash: str) -> None:
         await self.call("torrents_start", lambda c: c.torrents_start(torrent_hashes=info_hash))
 
+    async def add_torrent(
+        self,
+        torrent: bytes,
+        *,
+        info_hash: str,
+        save_path: str,
+        category: str = "",
+        tags: list[str] | None = None,
+        skip_checking: bool,
+    ) -> None:
+        """Add a ``.torrent`` *stopped*, with ``contentLayout=Original`` and automatic torrent
+        management off. ``skip_checking`` marks every piece as present without reading the
+        files: only for data this process has already verified piece by piece. The single
+        place an add goes through, so the name of that parameter can follow the version."""
+        await self.call(
+            "torrents_add",
+            lambda c: c.torrents_add(
+                torrent_files={f"{info_hash}.torrent": torrent},
+                save_path=save_path,
+                category=category or None,
+                tags=list(tags or ()) or None,
+                is_paused=True,
+                content_layout="Original",
+                use_auto_torrent_management=False,
+                is_sequential_download=False,
+                is_skip_checking=skip_checking,
+            ),
+        )
+
     async def recheck(self, info_hash: str) -> None:
         await self.call("torrents_recheck", lambda c: c.torrents_recheck(torrent_hashes=info_hash))
 

@@ -126,16 +126,17 @@ async def test_partial_selection_selected_files_verified_priorities_persist(
 async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
     tmp_path: Path, qb_factory, qbsync_factory
 ) -> None:
-    """qBittorrent's recheck is the final judge: a piece damaged on disk after it was written
-    is cleared and asked for again (``incomplete``), then the torrent finalizes. The source's
-    copy of qbsync's own tags (a re-syncing source torrent still carries ``synced``) is never
-    copied: ``synced`` shows only once the recheck passed, ``source-removed`` only on a
-    hand-off. Before the fix both were copied at the add, before any check."""
+    """With ``--recheck``, qBittorrent's recheck is the final judge: a piece damaged on disk
+    after it was written is cleared and asked for again (``incomplete``), then the torrent
+    finalizes. The source's copy of qbsync's own tags (a re-syncing source torrent still
+    carries ``synced``) is never copied: ``synced`` shows only once the recheck passed,
+    ``source-removed`` only on a hand-off. Before the fix both were copied at the add, before
+    any check."""
     qb = qb_factory("dst")
     payload = make_payload(tmp_path / "src" / "payload", {"a.bin": 400_000, "b.bin": 300_000})
     t = LocalTorrent.create(payload, 64 * KiB)
     data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
+    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args(), extra=["--recheck"])
     async with dest.client() as client:
         ready = await client.init_ready(t)
         await client.send(t, needed_indices(ready, t.num_pieces))

@@ -17,8 +17,12 @@ Per torrent (the source's Finalize): a synchronous completeness check, then a ba
    ``contentLayout=Original`` (the on-disk layout is exactly the names the source sent, and
    renames any file whose name qBittorrent derives differently); sets priority 0 on deselected
    files and reads the priorities back until they stick (qBittorrent may silently drop the
-   call on a freshly added stopped torrent); forces a recheck and polls every
-   ``--poll-interval`` up to ``--poll-timeout`` (0 = 10 min + 1 min/GiB, at most 6 h);
+   call on a freshly added stopped torrent). When every file is selected and ``--recheck`` is
+   off, every file's presence and size is checked and the add skips qBittorrent's hash check
+   (every piece was SHA-1-checked before it was written): the torrent is complete in
+   qBittorrent at once. Otherwise it forces a recheck and polls (every 0.25 s for the first
+   minute, then every ``--poll-interval``) up to ``--poll-timeout`` (0 = 10 min + 1 min/GiB,
+   at most 6 h);
 3. judges: every piece that lies entirely in selected files must pass. Pieces that touch a
    deselected file cannot pass in qBittorrent (it does not have those bytes) and are excused;
    they were SHA-1-checked here when the source had the bytes, and recorded as unverified
@@ -66,6 +70,10 @@ log = logging.getLogger("qbsync.destination.finalizer")
 PRIORITY_BUDGET = 30.0  # seconds to get deselected priorities to stick
 PRIORITY_BACKOFF = (0.5, 5.0)
 LISTED_TIMEOUT = 15.0  # after an add, wait this long for the torrent to be listed
+READY_POLL = 0.1  # seconds between looks at a torrent added with skip-checking
+READY_TIMEOUT = 10.0  # ... before falling back to a full recheck
+QUICK_POLL = 0.25  # recheck polls in the first QUICK_POLL_WINDOW seconds
+QUICK_POLL_WINDOW = 60.0
 VERIFY_BATCH = 32
 
 
@@ -95,6 +103,7 @@ class FinalizerSettings:
     poll_interval: float = 2.0
     poll_timeout: float = 300.0  # 0 = scaled by size
     synced_tag: str = "synced"
+    recheck: bool = False  # --recheck: full qBittorrent recheck even when every file is selected
 
     def copied_tags(self, tags: tuple[str, ...] | list[str]) -> list[str]:
         """The source's tags minus qbsync's own (see :data:`QBSYNC_TAGS`)."""
@@ -240,7 +249,8 @@ class Finalizer:
         else:
             qb_state, failed = await self._register(state, request)
             if failed:
-                await self._recover(state, failed, "qbittorrent recheck")
+                by = "size check" if qb_state == "files_changed" else "qbittorrent recheck"
+                await self._recover(state, failed, by)
 
         await self.store.write_marker(state)
         self.store.untrack(state)
@@ -367,37 +377,72 @@ class Finalizer:
         base = str(self.settings.qb_save_path)
         return posixpath.join(base, sub) if sub else base
 
+    def skip_check(self, state: TorrentState) -> bool:
+        """The seeding-ready fast path applies: every file selected and no ``--recheck``.
+
+        Every piece was SHA-1-checked against a ``.torrent`` whose info-hash matched before it
+        was written (or, for data found on disk, by the scan), and each file was fsync'd before
+        its rename, so a qBittorrent recheck would only read every byte again to learn what is
+        already proven. A partial selection has boundary pieces qBittorrent must judge itself.
+        """
+        if self.settings.recheck:
+            return False
+        return all(f.selected or f.pad for f in state.files)
+
+    def _wrong_sizes(self, state: TorrentState) -> tuple[list[int], list[str]]:
+        """Check every selected file is present with its size before skipping the recheck.
+        Returns the pieces of files that are not, and their names (for the log)."""
+        failed: set[int] = set()
+        names: list[str] = []
+        for f in state.files:
+            if f.pad or not f.selected:
+                continue
+            if paths.regular_size(self.store.root, f.parts) != f.size:
+                names.append("/".join(f.parts))
+                failed.update(state.geometry.file_pieces(f.index))
+        return sorted(failed), names
+
     async def _register(self, state: TorrentState, request: Finalize) -> tuple[str, list[int]]:
-        """Add (or reuse) the torrent in the destination qBittorrent and have it rechecked.
-        Returns qBittorrent's final state and the pieces that failed the recheck."""
+        """Add (or reuse) the torrent in the destination qBittorrent and have it checked.
+        Returns qBittorrent's final state and the pieces that failed.
+
+        Fast path (:meth:`skip_check`): files' presence and sizes are checked, the torrent is
+        added with skip-checking and is complete in qBittorrent at once. Otherwise (``--recheck``,
+        a partial selection, or an add that qBittorrent did not take as complete) qBittorrent
+        rechecks every byte."""
         qb = self.qb
         assert qb is not None
         h = state.info_hash
         tags = self.settings.copied_tags(request.tags)
+        skip = self.skip_check(state)
+        if skip:
+            failed, names = await trio.to_thread.run_sync(self._wrong_sizes, state)
+            if failed:
+                log.warning(
+                    "event=finalize_files_changed hash=%s files=%s",
+                    h,
+                    paths_kv(",".join(names[:10])),
+                )
+                return "files_changed", failed
         existing = await qb.torrent(h)
         if existing is None:
             if request.category:
                 await self._ensure_category(request.category)
-            await qb.call(
-                "torrents_add",
-                lambda c: c.torrents_add(
-                    torrent_files={f"{h}.torrent": state.metainfo.raw},
-                    save_path=self.qb_save_path(state),
-                    category=request.category or None,
-                    tags=tags or None,
-                    is_paused=True,
-                    content_layout="Original",
-                    use_auto_torrent_management=False,
-                    is_sequential_download=False,
-                    is_skip_checking=False,
-                ),
+            await qb.add_torrent(
+                state.metainfo.raw,
+                info_hash=h,
+                save_path=self.qb_save_path(state),
+                category=request.category,
+                tags=tags,
+                skip_checking=skip,
             )
             await self._wait_listed(h)
             log.info(
-                "event=qb_added hash=%s save_path=%s category=%s",
+                "event=qb_added hash=%s save_path=%s category=%s skip_checking=%s",
                 h,
                 paths_kv(self.qb_save_path(state)),
                 paths_kv(request.category),
+                str(skip).lower(),
             )
         else:
             await qb.stop(h)
@@ -408,7 +453,11 @@ class Finalizer:
                 await qb.add_tags(h, tags)
         await self._align_names(state)
         await self._apply_priorities(state)
-        qb_state, failed = await self._recheck(state)
+        ready = await self._seeding_ready(state) if skip else None
+        if ready is not None:
+            qb_state, failed = ready, []
+        else:
+            qb_state, failed = await self._recheck(state)
         try:
             await qb.stop(h)  # it is stopped already; make sure (source seeds until hand-off)
         except QBError as exc:
@@ -420,6 +469,41 @@ class Finalizer:
                 metrics.tag_application_errors.labels("destination").inc()
                 log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
         return qb_state, failed
+
+    async def _seeding_ready(self, state: TorrentState) -> str | None:
+        """After a skip-checking add: wait (polling every :data:`READY_POLL` s) until
+        qBittorrent lists the torrent complete with every piece present. Returns its state, or
+        ``None`` when it does not get there within :data:`READY_TIMEOUT` (for example a torrent
+        that was already in qBittorrent, added without skip-checking): the caller rechecks."""
+        qb = self.qb
+        assert qb is not None
+        h = state.info_hash
+        must_pass = self.must_pass(state)
+        polls = 0
+        last = ""
+        with trio.move_on_after(READY_TIMEOUT):
+            while True:
+                polls += 1
+                info = await qb.torrent(h)
+                if info is None:
+                    raise WireError(ErrorCode.QB_ERROR, "torrent disappeared after add")
+                last = str(info.get("state", ""))
+                if last not in CHECKING_STATES and last not in ERROR_STATES:
+                    if float(info.get("progress", 0.0)) >= 1.0:
+                        states = await qb.piece_states(h)
+                        if all(i < len(states) and states[i] == 2 for i in must_pass):
+                            log.info(
+                                "event=qb_seeding_ready hash=%s state=%s polls=%d",
+                                h,
+                                last,
+                                polls,
+                            )
+                            return last
+                    else:
+                        break  # not taken as complete (added before, without skip-checking)
+                await trio.sleep(READY_POLL)
+        log.info("event=qb_skip_check_not_complete hash=%s state=%s action=recheck", h, last)
+        return None
 
     async def _ensure_category(self, category: str) -> None:
         """qBittorrent may drop an unknown category on add: create it first (best effort)."""
@@ -536,7 +620,10 @@ class Finalizer:
         last_state, last_progress, polls = "", 0.0, 0
         with trio.move_on_after(budget):
             while True:
-                await trio.sleep(interval)
+                # Quick looks while a small torrent's recheck is likely to end any moment, then
+                # the configured interval for long ones.
+                quick = trio.current_time() - t0 < QUICK_POLL_WINDOW
+                await trio.sleep(min(interval, QUICK_POLL) if quick else interval)
                 polls += 1
                 now = trio.current_time()
                 info = await qb.torrent(h)

@@ -79,6 +79,7 @@ class Daemon:
                 qb_save_path=config.qb_save_path,
                 poll_interval=config.poll_interval,
                 poll_timeout=config.poll_timeout,
+                recheck=config.recheck,
                 synced_tag=config.synced_tag,
             ),
         )

@@ -39,6 +39,7 @@ read-only request) and logs ``event=dry_run action=...`` for what it would do.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -62,7 +63,7 @@ from ..wire.messages import (
 from .cache import CompletionCache, fingerprint
 from .cleanup import Cleanup, add_tag
 from .codes import Code, SkipReason, SourceCode
-from .meta import MetaError, build_meta
+from .meta import MetaError, SourceMeta, build_meta
 from .monitor import MaindataUpdate, Monitor
 from .paths import PathMapper
 from .pool import ConnectionPool, DestinationUnavailable
@@ -88,6 +89,7 @@ SYNCABLE_STATES = frozenset(
     }
 )
 MAX_FINALIZE_FAILURES = 3
+FINALIZE_REPOLL = 0.25  # seconds between Finalize requests answered "verifying"
 MAINTENANCE_EVERY = 50  # cycles' worth of --sleep
 MIN_CYCLE_GAP = 0.2  # seconds between event-driven cycles
 PROBE_TIMEOUT = 30.0
@@ -125,6 +127,30 @@ def skip_reason(
     if progress <= 0:
         return SkipReason.NO_PROGRESS
     return None
+
+
+class HardlinkWait(Exception):
+    """Not tracked yet: shares a file with ``blocker``, which is being synced."""
+
+    def __init__(self, blocker: str) -> None:
+        super().__init__(blocker)
+        self.blocker = blocker
+
+
+def _link_ids(meta: SourceMeta) -> frozenset[tuple[int, int]]:
+    """(device, inode) of the torrent's selected, non-empty files that have other links."""
+    return frozenset(
+        (e.device, e.inode)
+        for e in meta.file_entries()
+        if e.selected and e.size > 0 and (e.device or e.inode) and _nlink(meta, e.path) > 1
+    )
+
+
+def _nlink(meta: SourceMeta, name: str) -> int:
+    try:
+        return os.stat(meta.local_dir / name).st_nlink
+    except OSError:
+        return 1
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -170,6 +196,8 @@ class Orchestrator:
         self._removed: set[str] = set()
         self._size_changed: set[str] = set()
         self._probe_retry_at: dict[str, float] = {}
+        self._link_ids: dict[str, frozenset[tuple[int, int]]] = {}  # see _hardlink_gate
+        self._link_waiting: dict[str, str] = {}  # waiting hash -> the tracked hash it waits on
         self._dry_logged: set[tuple[str, str]] = set()
         self._orphans: set[str] = set()  # tracked, fully streamed, removed from the source
         self._pending_aborts: set[str] = set()  # aborts that failed while unreachable
@@ -476,8 +504,31 @@ class Orchestrator:
 
     # -- 4. discovery -----------------------------------------------------------------------
 
+    def _hardlink_gate(self, h: str, ids: frozenset[tuple[int, int]]) -> None:
+        """Hard links: a torrent sharing a file (same device and inode here) with a torrent
+        that is being synced waits until that one is finalized, so the destination links the
+        shared file from the finalized copy instead of receiving and storing it twice. Only
+        torrents already tracked can block, and a waiting torrent is not tracked, so nothing
+        waits on itself or in a circle; a blocker that fails or is removed is untracked too."""
+        self._link_ids[h] = ids
+        if not ids:
+            return
+        for t in self.registry.all():
+            if t.info_hash != h and t.active and self._link_ids.get(t.info_hash, frozenset()) & ids:
+                raise HardlinkWait(t.info_hash)
+
+    def _release_link_waiters(self) -> None:
+        for h, blocker in list(self._link_waiting.items()):
+            if blocker not in self.registry:
+                del self._link_waiting[h]
+                self._probe_retry_at.pop(h, None)
+        for h in list(self._link_ids):
+            if h not in self.registry and h not in self._link_waiting:
+                del self._link_ids[h]
+
     async def _discover(self) -> None:
         now = trio.current_time()
+        self._release_link_waiters()
         candidates = [
             info
             for h, info in self.monitor.torrents.items()
@@ -527,6 +578,10 @@ class Orchestrator:
                 continue
             try:
                 await self._track(h, current)
+            except HardlinkWait as wait:
+                log.info("event=hardlink_group_wait hash=%s waiting_for=%s", h, wait.blocker)
+                self._probe_retry_at[h] = float("inf")  # until the blocker is no longer tracked
+                self._link_waiting[h] = wait.blocker
             except MetaError as exc:
                 log.error(
                     "event=torrent_unsupported hash=%s code=bad-request error=%s", h, kv(str(exc))
@@ -563,6 +618,8 @@ class Orchestrator:
         if torrent_file is None:
             torrent_file = await self.qb.export(h)
         meta = await trio.to_thread.run_sync(build_meta, h, info, files, torrent_file, self.mapper)
+        if not resync:
+            self._hardlink_gate(h, await trio.to_thread.run_sync(_link_ids, meta))
         tracker = PieceTracker(meta.num_pieces, meta.mask)
         completion = float(info.get("completion_on") or 0)
         since = completion if completion > 0 else time.time()
@@ -594,6 +651,7 @@ class Orchestrator:
                 _code(exc),
                 kv(str(exc)),
             )
+        self.monitor.request_poll(t)  # learn its ready pieces now, not at the next tick
         return t
 
     # -- 5. finalize ------------------------------------------------------------------------
@@ -652,11 +710,14 @@ class Orchestrator:
             return True
         if result.status == SyncStatus.VERIFYING:
             t.finalize_polls += 1
-            t.next_finalize_at = now + min(self.config.sleep, 0.25 * 2 ** min(t.finalize_polls, 5))
+            # Each Finalize already waits on the destination for the job; ask again at once.
+            t.next_finalize_at = now + min(self.config.sleep, FINALIZE_REPOLL)
             if t.finalize_polls == 1:
                 log.info("event=finalize_verifying hash=%s", h)
             return True
         await self._mark_synced(t, info, result)
+        if self._link_waiting:
+            self.wake()  # torrents sharing its files can start now (see _hardlink_gate)
         return True
 
     async def _finalize_failed(self, t: Tracked, exc: WireError) -> None:

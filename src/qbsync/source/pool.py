@@ -10,11 +10,18 @@ A failed handshake is logged with its stable code: a wrong token logs ``code=aut
 at error level on every attempt (rate-limited to the backoff), transfers nothing, and keeps
 retrying, so fixing the token on the destination heals the source without a restart.
 
+Senders get a connection with :meth:`ConnectionPool.pick` just before a piece can go: the one
+that can take the most now (credit minus pieces already queued on it), and only once some
+connection has fewer than :data:`QUEUE_AHEAD` pieces waiting, so pieces spread by what each
+connection can carry rather than by what was assigned long ago.
+
 Scaling (``--min-connections`` .. ``--max-connections``): every :data:`SCALE_INTERVAL` the
-pool looks at whether senders had pieces to send while every connection was out of credit
-(the destination's flow-control window, i.e. the connections were the bottleneck). If so it
-opens one more connection and keeps it only if throughput rose by at least
-:data:`MIN_GAIN`; otherwise it closes it and waits :data:`COOLDOWN` before trying again.
+pool looks at whether every connection had a piece waiting on it most of the time (for the
+destination's credit, or for the socket: the connections were the bottleneck). After two
+such intervals in a row it opens one more connection and keeps it only if the mean throughput
+over :data:`JUDGE_INTERVALS` intervals after it connected is at least :data:`MIN_GAIN` above
+the mean before; otherwise it closes it and waits :data:`COOLDOWN` before trying again (if the
+work ran out meanwhile there is nothing to judge and it stays).
 Connections above the minimum are closed after :data:`IDLE_AFTER` seconds without traffic.
 On loopback and LAN one connection already saturates, so the pool stays at the minimum
 there; the extra connections pay off on long fat links, where one TCP window is the limit.
@@ -43,11 +50,15 @@ log = logging.getLogger("qbsync.source.pool")
 
 HEALTHY_AFTER = 10.0  # a connection up this long resets the reconnect backoff
 RECONNECT_BASE = 0.5
-SCALE_INTERVAL = 5.0
+SCALE_INTERVAL = 1.0
 SAMPLE_INTERVAL = 0.1
 MIN_GAIN = 0.10
 COOLDOWN = 60.0
+JUDGE_INTERVALS = 3  # a trial compares mean throughput over this many intervals before/after
+TRIAL_MAX = 12  # intervals a trial connection gets to connect before it is judged anyway
 IDLE_AFTER = 60.0
+QUEUE_AHEAD = 1  # pieces that may wait on one connection before pick() waits for room
+ROOM_POLL = 0.005  # seconds; re-look for room this often while every connection is full
 RETIRE_GRACE = 30.0  # how long a retiring connection may finish its in-flight pieces
 
 
@@ -154,6 +165,8 @@ class ConnectionPool:
         self._slots: list[_Slot] = []
         self._next_id = 0
         self._available = trio.Event()
+        self._room = trio.Event()  # set when an assigned piece finishes
+        self._assigned: dict[int, int] = {}  # id(connection) -> bytes assigned, not yet done
         self.generation = 0  # +1 each time the pool goes from no connection to some
         self.last_error: tuple[Code, str] | None = None
         self.bytes_acked = 0
@@ -171,24 +184,62 @@ class ConnectionPool:
     def connections(self) -> list[Connection]:
         return [s.conn for s in self._slots if s.conn is not None and not s.conn.closed]
 
-    async def pick(self, within: float = float("inf")) -> Connection:
-        """The least-loaded open connection (by bytes in flight); waits up to ``within``
-        seconds for one to exist, then raises :class:`DestinationUnavailable`."""
+    def queued_bytes(self, conn: Connection) -> int:
+        """Bytes of pieces assigned to ``conn`` that it has not started writing yet (waiting
+        for credit, or for the socket)."""
+        return max(0, self._assigned.get(id(conn), 0) - conn.inflight_bytes)
+
+    def _headroom(self, conn: Connection) -> int:
+        """What ``conn`` can take now: its credit minus what already waits for it."""
+        return conn.credit - self.queued_bytes(conn)
+
+    async def pick(self, within: float = float("inf"), *, nbytes: int = 0) -> Connection:
+        """The open connection that can take the most now (credit minus pieces already
+        queued on it; then fewest bytes queued + in flight); waits up to ``within`` seconds
+        for one to exist, then raises :class:`DestinationUnavailable`.
+
+        ``nbytes`` > 0 assigns a piece of that size to the connection until
+        :meth:`unassign`, and first waits until some connection has fewer than
+        :data:`QUEUE_AHEAD` pieces queued: a piece is bound to a connection only shortly
+        before it can go, so a fast connection is not left idle while a slow one holds a
+        long queue (and the scaler sees that every connection has work waiting)."""
         with trio.move_on_after(within):
             while True:
                 best: Connection | None = None
+                best_key = (0, 0)
                 for s in self._slots:
                     c = s.conn
                     if c is None or c.closed or s.retiring:
                         continue
-                    if best is None or c.inflight_bytes < best.inflight_bytes:
-                        best = c
-                if best is not None:
+                    key = (-self._headroom(c), self.queued_bytes(c) + c.inflight_bytes)
+                    if best is None or key < best_key:
+                        best, best_key = c, key
+                if best is not None and (
+                    not nbytes or self.queued_bytes(best) < QUEUE_AHEAD * max(nbytes, 1)
+                ):
+                    if nbytes:
+                        self._assigned[id(best)] = self._assigned.get(id(best), 0) + nbytes
                     return best
-                if self._available.is_set():
-                    self._available = trio.Event()
-                await self._available.wait()
+                if best is None:
+                    if self._available.is_set():
+                        self._available = trio.Event()
+                    await self._available.wait()
+                else:
+                    if self._room.is_set():
+                        self._room = trio.Event()
+                    # Acks set ``_room``; a write starting does not, hence the short timeout.
+                    with trio.move_on_after(ROOM_POLL):
+                        await self._room.wait()
         raise DestinationUnavailable()
+
+    def unassign(self, conn: Connection, nbytes: int) -> None:
+        """A piece given out by ``pick(nbytes=...)`` was acknowledged or failed."""
+        left = self._assigned.get(id(conn), 0) - nbytes
+        if left > 0:
+            self._assigned[id(conn)] = left
+        else:
+            self._assigned.pop(id(conn), None)
+        self._room.set()
 
     async def request(self, msg: RequestMessage[R], *, within: float = 30.0) -> R:
         """Send one control request; retried once on another connection if the first one
@@ -233,7 +284,10 @@ class ConnectionPool:
         """Stop sending new pieces on ``slot``, let its in-flight ones finish, close it."""
         slot.retiring = True
         with trio.move_on_after(RETIRE_GRACE):
-            while _busy(slot):  # noqa: ASYNC110  (polled: the wire has no "drained" event)
+            # Pieces already given to it (in flight or queued for its credit) go out first.
+            while _busy(slot) or (  # noqa: ASYNC110  (polled: the wire has no "drained" event)
+                slot.conn is not None and self._assigned.get(id(slot.conn), 0) > 0
+            ):
                 await trio.sleep(0.1)
         if slot.scope is not None:
             slot.scope.cancel()
@@ -324,6 +378,9 @@ class ConnectionPool:
     async def _scaler(self) -> None:
         cooldown_until = 0.0
         trial: tuple[_Slot, float] | None = None  # (added slot, throughput before)
+        trial_age = trial_connected = 0  # intervals since it was added / until it connected
+        history: list[float] = []  # throughput of the last JUDGE_INTERVALS intervals
+        starved_run = 0  # consecutive intervals in which the connections were the bottleneck
         last_bytes = self.bytes_acked
         last_time = trio.current_time()
         last_traffic = last_time
@@ -334,24 +391,41 @@ class ConnectionPool:
                 await trio.sleep(SAMPLE_INTERVAL)
                 conns = [s.conn for s in self._slots if s.conn is not None and not s.retiring]
                 samples += 1
-                if (
-                    conns
-                    and self._queue_depth() > 0
-                    and all(c.credit < self._piece_hint or c.closed for c in conns)
-                ):
+                if conns and all(self._saturated(c) for c in conns):
                     starved += 1
             now = trio.current_time()
             throughput = (self.bytes_acked - last_bytes) / max(1e-6, now - last_time)
             last_bytes, last_time = self.bytes_acked, now
             metrics.transfer_throughput.set(throughput)
+            history = [*history[-(JUDGE_INTERVALS - 1) :], throughput]
+            starved_run = starved_run + 1 if starved > samples // 2 else 0
             if throughput > 0:
                 last_traffic = now
             active = [s for s in self._slots if not s.retiring]
             if trial is not None:
+                trial_age += 1
+                # Judge the new connection on a whole interval after the one it connected in
+                # (that one is not a fair sample); give up waiting for it to connect after a
+                # few intervals.
+                connected = trial[0].conn is not None
+                if trial_age < TRIAL_MAX and (
+                    not connected or trial_age - trial_connected < 1 + JUDGE_INTERVALS
+                ):
+                    if connected and not trial_connected:
+                        trial_connected = trial_age
+                    continue
+            if trial is not None:
                 slot, before = trial
                 trial = None
-                gain = (throughput - before) / before if before > 0 else 0.0
-                if gain < MIN_GAIN and slot in self._slots:
+                after = sum(history[-JUDGE_INTERVALS:]) / JUDGE_INTERVALS
+                gain = (after - before) / before if before > 0 else 0.0
+                if starved == 0 and self._queue_depth() == 0:
+                    # The work ran out meanwhile: nothing to judge it by. It stays until it
+                    # has been idle for IDLE_AFTER, like any connection above the minimum.
+                    log.info(
+                        "event=connection_scale_kept reason=no_demand connections=%d", len(active)
+                    )
+                elif gain < MIN_GAIN and slot in self._slots:
                     log.info(
                         "event=connection_scale direction=down reason=no_gain gain=%.2f "
                         "connections=%d",
@@ -362,16 +436,17 @@ class ConnectionPool:
                     self._nursery_start(self._retire, slot)
                     cooldown_until = now + COOLDOWN
                     continue
-                log.info("event=connection_scale_kept gain=%.2f connections=%d", gain, len(active))
+                else:
+                    log.info(
+                        "event=connection_scale_kept gain=%.2f connections=%d", gain, len(active)
+                    )
             if self.max_connections <= self.min_connections:
                 continue
-            if (
-                starved > samples // 2
-                and len(active) < self.max_connections
-                and now >= cooldown_until
-            ):
+            if starved_run >= 2 and len(active) < self.max_connections and now >= cooldown_until:
                 new = self._add_slot()
-                trial = (new, throughput)
+                recent = history[-min(starved_run, JUDGE_INTERVALS) :]
+                before = sum(recent) / len(recent)
+                trial, trial_age, trial_connected = (new, before), 0, 0
                 metrics.connection_scale_events.labels("up").inc()
                 log.info(
                     "event=connection_scale direction=up reason=credit_starved "
@@ -387,6 +462,14 @@ class ConnectionPool:
                     len(active) - 1,
                 )
                 self._nursery_start(self._retire, slot)
+
+    def _saturated(self, c: Connection) -> bool:
+        """``c`` is the bottleneck right now: a piece is waiting on it (for credit or for the
+        socket), or it is out of credit while pieces wait in the queue."""
+        if c.closed:
+            return True
+        hint = self._piece_hint
+        return self.queued_bytes(c) >= hint or (c.credit < hint and self._queue_depth() > 0)
 
     def _nursery_start(self, fn: Callable[[_Slot], Any], slot: _Slot) -> None:
         assert self._nursery is not None

@@ -140,7 +140,7 @@ def _open_either(path: Path) -> int:
 class BufferPool:
     """Reusable piece buffers, so steady streaming allocates nothing per piece."""
 
-    def __init__(self, keep: int = 32) -> None:
+    def __init__(self, keep: int = 16) -> None:
         self.keep = keep
         self._free: dict[int, list[bytearray]] = {}
 

@@ -48,7 +48,7 @@ log = logging.getLogger("qbsync.source.sender")
 
 MAX_PIECE_FAILURES = 5
 INIT_TIMEOUT = 60.0
-DEFAULT_INFLIGHT_BYTES = 256 * MiB
+DEFAULT_INFLIGHT_BYTES = 64 * MiB  # read-ahead: enough to fill 8 connections' windows
 
 
 class NotReady(Exception):
@@ -236,7 +236,7 @@ class Senders:
                     wait = self.bucket.reserve(size, trio.current_time())
                     if wait > 0:
                         await trio.sleep(wait)
-                conn = await self.pool.pick()
+                conn = await self.pool.pick(nbytes=size)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._deliver, t, index, conn, buf, view, reserved)
                 handed_over = True
@@ -295,6 +295,7 @@ class Senders:
         finally:
             self.inflight -= 1
             metrics.inflight_pieces.set(self.inflight)
+            self.pool.unassign(conn, len(view))
             self.reader.recycle(buf, view)
             self.budget.release(reserved)
 
@@ -314,6 +315,7 @@ class Senders:
         first = t.tracker.first_seen.pop(index, None)
         if first is not None:
             metrics.piece_lag.observe(now - first)
+        log.debug("event=piece_acked hash=%s piece=%d", t.info_hash, index)  # bench/lag.py
         if t.tracker.complete:
             log.info("event=torrent_streamed hash=%s pieces=%d", t.info_hash, t.tracker.num_pieces)
             self.registry.notify_changed()

@@ -1,0 +1,324 @@
+"""Shared pieces of the end-to-end benchmarks: real qbittorrent-nox and qbsync processes on
+127.0.0.1, an rsync daemon, metric scraping, peak RSS.
+
+The benchmarks reuse the integration tests' harness (``tests/qbharness.py``), so they run
+from a fresh clone with ``make bench-...`` (which creates the virtualenv) and need only
+``qbittorrent-nox`` and ``rsync`` installed. Every process started here is stopped by its own
+PID when the :class:`Stack` closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.qbharness import (
+    QBInstance,
+    QbsyncProcess,
+    _stop_process,
+    free_port,
+    make_torrent,
+    wait_until,
+)
+
+MiB = 1024 * 1024
+KiB = 1024
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """``VmHWM`` (peak resident set) of a running process, in MB (MiB)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """Sum of the samples of ``qbsync_<name>`` (matching ``labels``) on a daemon's /metrics."""
+    full = name if name.startswith("qbsync_") else f"qbsync_{name}"
+    total = 0.0
+    for line in scrape(port).splitlines():
+        m = _SAMPLE.match(line)
+        if not m or m.group(1) != full:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if labels and any(got.get(k) != v for k, v in labels.items()):
+            continue
+        total += float(m.group(3))
+    return total
+
+
+def metric_by_label(port: int, name: str, label: str) -> dict[str, float]:
+    full = name if name.startswith("qbsync_") else f"qbsync_{name}"
+    out: dict[str, float] = {}
+    for line in scrape(port).splitlines():
+        m = _SAMPLE.match(line)
+        if not m or m.group(1) != full:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        out[got.get(label, "")] = out.get(label, 0.0) + float(m.group(3))
+    return out
+
+
+def split_files(
+    total: int, names: Sequence[str] = ("a.bin", "sub/b.bin", "c.bin")
+) -> dict[str, int]:
+    """``total`` bytes over a few files of uneven sizes (none piece-aligned)."""
+    shares = [0.5, 0.3]
+    sizes = [int(total * s) - 12345 * (i + 1) for i, s in enumerate(shares)]
+    sizes.append(total - sum(sizes))
+    return dict(zip(names, sizes, strict=True))
+
+
+def tags(inst: QBInstance, info_hash: str) -> set[str]:
+    info = inst.info(info_hash)
+    if not info:
+        return set()
+    return {t.strip() for t in str(info.get("tags") or "").split(",") if t.strip()}
+
+
+class Stack:
+    """Processes of one benchmark run under one temporary directory."""
+
+    def __init__(self, root: Path | None = None, keep: bool = False) -> None:
+        self.root = root or Path(tempfile.mkdtemp(prefix="qbsync-bench-"))
+        self.keep = keep
+        self.qbs: list[QBInstance] = []
+        self.procs: list[QbsyncProcess] = []
+        self.others: list[subprocess.Popen[bytes]] = []
+        self.spies: list[subprocess.Popen[bytes]] = []
+        self.token = secrets.token_hex(16)
+
+    def qb(self, name: str, **kw: Any) -> QBInstance:
+        inst = QBInstance(
+            name, self.root / f"qb-{name}", refresh_ms=kw.pop("refresh_ms", 250), **kw
+        )
+        self.qbs.append(inst)
+        return inst
+
+    def destination(
+        self, dst: QBInstance, *extra: str, env: Mapping[str, str] | None = None
+    ) -> tuple[QbsyncProcess, int, int]:
+        port, health = free_port(), free_port()
+        while health == port:
+            health = free_port()
+        proc = QbsyncProcess(
+            "destination",
+            [
+                "--data",
+                str(dst.save_path),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--health-addr",
+                f"127.0.0.1:{health}",
+                "--auth-token",
+                self.token,
+                *dst.qbsync_args(),
+                *extra,
+            ],
+            env,
+            self.root / f"qbsync-destination-{len(self.procs)}.log",
+        )
+        self.procs.append(proc)
+        proc.start()
+        proc.wait_for_log("event=destination_ready", timeout=60)
+        return proc, port, health
+
+    def source(
+        self,
+        src: QBInstance,
+        dest_port: int,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+        state_dir: Path | None = None,
+    ) -> tuple[QbsyncProcess, int]:
+        health = free_port()
+        proc = QbsyncProcess(
+            "source",
+            [
+                "--data",
+                str(src.save_path),
+                *src.qbsync_args(),
+                "--destination-addr",
+                f"127.0.0.1:{dest_port}",
+                "--state-dir",
+                str(state_dir or self.root / f"source-state-{len(self.procs)}"),
+                "--health-addr",
+                f"127.0.0.1:{health}",
+                "--auth-token",
+                self.token,
+                *extra,
+            ],
+            env,
+            self.root / f"qbsync-source-{len(self.procs)}.log",
+        )
+        self.procs.append(proc)
+        proc.start()
+        proc.wait_for_log("event=started", timeout=60)
+        return proc, health
+
+    def rsync_daemon(self, modules: Mapping[str, Path]) -> int:
+        """``rsync --daemon`` on 127.0.0.1 and a free port, read-only modules; returns the port."""
+        port = free_port()
+        conf = self.root / "rsyncd.conf"
+        lines = [
+            "use chroot = no",
+            "read only = yes",
+            f"pid file = {self.root / 'rsyncd.pid'}",
+            f"log file = {self.root / 'rsyncd.log'}",
+        ]
+        if os.getuid() == 0:  # the default "nobody" cannot enter mkdtemp()'s 0700 directory
+            lines += ["uid = root", "gid = root"]
+        for name, path in modules.items():
+            lines += [f"[{name}]", f"path = {path}"]
+        conf.write_text("\n".join(lines) + "\n")
+        proc = subprocess.Popen(
+            [
+                "rsync",
+                "--daemon",
+                "--no-detach",
+                f"--config={conf}",
+                "--address=127.0.0.1",
+                f"--port={port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.others.append(proc)
+
+        def listening() -> bool:
+            with contextlib.suppress(OSError):
+                import socket
+
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return True
+            return False
+
+        wait_until(listening, 10, 0.05, "rsync daemon listening")
+        return port
+
+    def profile(self, pid: int, out: Path) -> None:
+        """Sample ``pid`` with py-spy (``pip install -e '.[bench]'``) until the stack closes;
+        collapsed stacks, threads and idle frames included, written to ``out``."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        proc = subprocess.Popen(
+            [
+                *(spy, "record", "--pid", str(pid), "--format", "raw", "--threads", "--idle"),
+                *("--rate", "200", "--nonblocking", "-o", str(out)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.spies.append(proc)
+
+    def close(self) -> None:
+        for spy in self.spies:  # SIGINT makes py-spy write its output
+            with contextlib.suppress(Exception):
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
+        for proc in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                proc.stop()
+        for other in self.others:
+            with contextlib.suppress(Exception):
+                _stop_process(other, 10)
+        for inst in self.qbs:
+            with contextlib.suppress(Exception):
+                inst.stop()
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            print(f"kept {self.root}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stack(keep: bool = False) -> Iterator[Stack]:
+    s = Stack(keep=keep)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def write_payload(root: Path, files: Mapping[str, int], seed: int) -> None:
+    """Pseudo-random files under ``root``, written in 64 MiB chunks (``random.randbytes``
+    cannot make more than 256 MiB at once)."""
+    for rel, size in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(f"{seed}:{rel}")
+        with open(path, "wb") as fh:
+            left = size
+            while left:
+                n = min(left, 64 * MiB)
+                fh.write(rng.randbytes(n))
+                left -= n
+
+
+def new_torrent(where: Path, files: Mapping[str, int], piece: int, seed: int) -> tuple[bytes, str]:
+    """Write a payload directory ``where`` and return its ``.torrent`` and info-hash."""
+    write_payload(where, files, seed)
+    return make_torrent(where, piece)
+
+
+def add_complete(inst: QBInstance, torrent: bytes, info_hash: str, save_path: Path) -> None:
+    """Add a torrent whose data is already in ``save_path`` as complete (skip-checking): the
+    moment it is listed is the moment it "completes" on that qBittorrent."""
+    result = inst.api.torrents_add(
+        torrent_files={f"{info_hash}.torrent": torrent},
+        save_path=str(save_path),
+        is_skip_checking=True,
+        content_layout="Original",
+    )
+    if result != "Ok.":
+        raise RuntimeError(f"torrents_add returned {result!r}")
+
+
+def poll(pred: Any, timeout: float, interval: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
