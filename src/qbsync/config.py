@@ -198,6 +198,12 @@ def _tag_ok(v: str) -> str | None:
 _COMMON_QB = (
     Option("qb_username", "qBittorrent WebUI username", ""),
     Option("qb_password", "qBittorrent WebUI password", "", secret=True),
+    Option(
+        "qb_api_key",
+        "qBittorrent 5.2+ WebUI API key (sent as a Bearer token instead of logging in)",
+        "",
+        secret=True,
+    ),
 )
 _COMMON_TAIL = (
     Option(
@@ -418,6 +424,7 @@ class SourceConfig:
     qb_url: str
     qb_username: str
     qb_password: str = attrs.field(repr=False)
+    qb_api_key: str = attrs.field(repr=False)
     destination_addr: HostPort
     min_space: float  # GiB
     min_seeding_time: int  # seconds
@@ -458,6 +465,7 @@ class DestinationConfig:
     qb_url: str
     qb_username: str
     qb_password: str = attrs.field(repr=False)
+    qb_api_key: str = attrs.field(repr=False)
     poll_interval: float
     poll_timeout: float
     stream_workers: int

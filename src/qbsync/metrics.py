@@ -53,6 +53,11 @@ qb_client_retries = _c("qb_client_retries_total", "qBittorrent API retries", ("m
 qb_circuit_open = _g(
     "qb_circuit_breaker_open", "1 while the qBittorrent circuit breaker is open", ("mode",)
 )
+qb_webapi_info = _g(
+    "qb_webapi_info",
+    "Always 1; labels carry the Web API version each qBittorrent session detected",
+    ("mode", "version"),
+)
 active_torrents = _g("active_torrents", "Torrents being synced", ("mode",))
 sync_outcomes = _c("sync_outcomes_total", "Terminal sync outcomes", ("mode", "result", "selection"))
 bytes_synced = _c(

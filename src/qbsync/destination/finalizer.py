@@ -359,19 +359,14 @@ class Finalizer:
         if existing is None:
             if request.category:
                 await self._ensure_category(request.category)
-            await qb.call(
-                "torrents_add",
-                lambda c: c.torrents_add(
-                    torrent_files={f"{h}.torrent": state.metainfo.raw},
-                    save_path=self.qb_save_path(state),
-                    category=request.category or None,
-                    tags=list(request.tags) or None,
-                    is_paused=True,
-                    content_layout="Original",
-                    use_auto_torrent_management=False,
-                    is_sequential_download=False,
-                    is_skip_checking=False,
-                ),
+            await qb.add_torrent(
+                state.metainfo.raw,
+                filename=f"{h}.torrent",
+                save_path=self.qb_save_path(state),
+                category=request.category or None,
+                tags=list(request.tags),
+                stopped=True,
+                skip_checking=False,
             )
             await self._wait_listed(h)
             log.info(

@@ -65,7 +65,13 @@ class Daemon:
     def __init__(self, config: DestinationConfig) -> None:
         self.config = config
         self.qb = (
-            QB(config.qb_url, config.qb_username, config.qb_password, mode="destination")
+            QB(
+                config.qb_url,
+                config.qb_username,
+                config.qb_password,
+                mode="destination",
+                api_key=config.qb_api_key,
+            )
             if config.qb_url
             else None
         )

@@ -81,7 +81,13 @@ async def _main(config: SourceConfig) -> int:
     _check_state_dir(config.state_dir, config.dry_run)
 
     health = Health()
-    qb = QB(config.qb_url, config.qb_username, config.qb_password, mode="source")
+    qb = QB(
+        config.qb_url,
+        config.qb_username,
+        config.qb_password,
+        mode="source",
+        api_key=config.qb_api_key,
+    )
     registry = Registry()
     reader = PieceReader()
     pool = ConnectionPool(
