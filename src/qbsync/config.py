@@ -205,6 +205,42 @@ _COMMON_QB = (
         secret=True,
     ),
 )
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated option value as its items (blanks dropped)."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _parse_url_list(raw: str) -> str:
+    return ",".join(_parse_url(u) for u in split_list(raw))
+
+
+def _parse_str_list(raw: str) -> str:
+    return ",".join(split_list(raw))
+
+
+# Sonarr/Radarr (qbsync.arr): comma-separated lists, the n-th key belongs to the n-th URL.
+_ARR = (
+    Option(
+        "arr_url",
+        "Sonarr/Radarr base URLs, comma-separated (source: skip downloads they marked failed "
+        "or ignored; destination: ask them to import finished torrents)",
+        "",
+        _parse_url_list,
+        metavar="URL[,URL...]",
+    ),
+    Option(
+        "arr_api_key",
+        "API keys for --arr-url, comma-separated in the same order",
+        "",
+        _parse_str_list,
+        secret=True,
+        metavar="KEY[,KEY...]",
+    ),
+)
+
+
 _COMMON_TAIL = (
     Option(
         "health_addr",
@@ -345,6 +381,7 @@ SOURCE_OPTIONS: tuple[Option, ...] = (
         _parse_optional_path,
         metavar="PATH",
     ),
+    *_ARR,
     *_COMMON_TAIL,
 )
 
@@ -406,6 +443,7 @@ DESTINATION_OPTIONS: tuple[Option, ...] = (
     Option(
         "tls_key", "TLS private key (PEM) for --tls-cert", "", _parse_optional_path, metavar="PATH"
     ),
+    *_ARR,
     *_COMMON_TAIL,
 )
 
@@ -449,6 +487,8 @@ class SourceConfig:
     dry_run: bool
     auth_token: str = attrs.field(repr=False)
     auth_token_file: Path | None
+    arr_url: str = ""  # comma-separated; see split_list
+    arr_api_key: str = attrs.field(default="", repr=False)
 
     role: Role = "source"
 
@@ -478,6 +518,8 @@ class DestinationConfig:
     dry_run: bool
     auth_token: str = attrs.field(repr=False)
     auth_token_file: Path | None
+    arr_url: str = ""  # comma-separated; see split_list
+    arr_api_key: str = attrs.field(default="", repr=False)
 
     role: Role = "destination"
 
@@ -576,6 +618,14 @@ def resolve(
         if not token:
             raise ConfigError(f"{where}: {str(path)!r} is empty")
         values["auth_token"] = token
+
+    arr_urls, arr_keys = split_list(values["arr_url"]), split_list(values["arr_api_key"])
+    if len(arr_urls) != len(arr_keys):
+        raise ConfigError(
+            f"--arr-url has {len(arr_urls)} URL(s) but --arr-api-key has "
+            f"{len(arr_keys)} key(s): give one key per URL, in the same order "
+            f"({_option(role, 'arr_url').env(role)} / {_option(role, 'arr_api_key').env(role)})"
+        )
 
     if role == "source":
         if values["min_connections"] > values["max_connections"]:

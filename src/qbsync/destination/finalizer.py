@@ -51,6 +51,7 @@ import attrs
 import trio
 
 from .. import metrics, paths
+from ..arr import ArrSet
 from ..config import GiB
 from ..qb import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
 from ..wire.errors import ErrorCode, WireError
@@ -94,6 +95,7 @@ class Finalizer:
         self.qb = qb
         self.settings = settings
         self.slot = trio.CapacityLimiter(1)  # one torrent verified/added at a time
+        self.arr: ArrSet | None = None  # Sonarr/Radarr to ask for an import once synced
 
     # -- per-file early finalize -------------------------------------------------------------
 
@@ -233,6 +235,9 @@ class Finalizer:
             selection,
             unverified,
         )
+        if self.arr:  # verified and in place: now *arr may import it (never raises)
+            content = posixpath.join(self.qb_save_path(state), state.meta.name)
+            await self.arr.import_synced(state.info_hash, content)
         message = f"finalized ({qb_state})"
         if unverified:
             message += f"; {unverified} boundary pieces could not be hash-checked"

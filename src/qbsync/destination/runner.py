@@ -34,6 +34,7 @@ from pathlib import Path
 import trio
 
 from .. import __version__, metrics, systemd
+from ..arr import ArrSet
 from ..config import DestinationConfig, redacted
 from ..httpserver import Health, serve_http
 from ..qb import QB
@@ -86,6 +87,9 @@ class Daemon:
                 poll_timeout=config.poll_timeout,
                 synced_tag=config.synced_tag,
             ),
+        )
+        self.finalizer.arr = ArrSet.from_config(
+            config.arr_url, config.arr_api_key, mode="destination"
         )
         self.writer = Writer(
             self.store, workers=config.stream_workers, on_file_complete=self.finalizer.file_complete

@@ -1,0 +1,191 @@
+"""Sonarr/Radarr contract tests: qbsync.arr against loopback v3 servers (tests/fakearr.py),
+then through the source orchestrator's discovery and the destination finalizer."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from qbsync.arr import ArrSet, download_id
+from qbsync.config import ConfigError, resolve
+from qbsync.wire import ErrorCode, Finalize, InitResult, InitTorrent, SyncStatus
+from tests.fakearr import serve_fake_arr
+from tests.test_destination_writer import build, torrent
+from tests.test_source_orchestrator import H, make
+from tests.test_source_orchestrator import torrent as qb_torrent
+from tests.wireclient import needed_indices
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_download_id_is_the_upper_case_info_hash() -> None:
+    assert download_id("abcdef0123" * 4) == "ABCDEF0123" * 4
+
+
+def test_config_pairs_urls_and_keys() -> None:
+    base = {"data": "/d", "qb_url": "http://q:1", "destination_addr": "h:1"}
+    config = resolve(
+        "source",
+        {**base, "arr_url": "http://sonarr:8989/, http://radarr:7878", "arr_api_key": "a,b"},
+        env={},
+    )
+    assert config.arr_url == "http://sonarr:8989,http://radarr:7878"
+    arr = ArrSet.from_config(config.arr_url, config.arr_api_key, mode="source")
+    assert [(a.url, a.api_key) for a in arr.instances] == [
+        ("http://sonarr:8989", "a"),
+        ("http://radarr:7878", "b"),
+    ]
+    with pytest.raises(ConfigError, match="one key per URL"):
+        resolve("source", {**base, "arr_url": "http://s:1,http://r:2", "arr_api_key": "a"}, {})
+    with pytest.raises(ConfigError, match="--arr-url"):
+        resolve("destination", {"data": "/d", "arr_url": "ftp://x", "arr_api_key": "a"}, {})
+    assert not ArrSet.from_config("", "", mode="source")  # not configured: nothing runs
+
+
+async def test_history_failed_or_ignored_rejects(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    h_failed, h_ignored, h_ok = "a" * 40, "b" * 40, "c" * 40
+    with serve_fake_arr("Sonarr") as sonarr, serve_fake_arr("Radarr", "rk") as radarr:
+        sonarr.history = {
+            h_failed.upper(): ["downloadFailed", "grabbed"],
+            h_ok.upper(): ["grabbed"],
+        }
+        radarr.history = {h_ignored.upper(): ["downloadIgnored", "grabbed"]}
+        arr = ArrSet([sonarr.url, radarr.url], ["arr-key", "rk"], mode="source")
+        assert await arr.rejected(h_failed, "show") == f"downloadFailed in {sonarr.url} history"
+        assert await arr.rejected(h_ignored) == f"downloadIgnored in {radarr.url} history"
+        assert await arr.rejected(h_ok) is None
+        q = sonarr.requests[0]
+        assert (q.method, q.path, q.api_key) == ("GET", "/api/v3/history", "arr-key")
+        assert q.query["downloadId"] == h_failed.upper()
+        assert "event=arr_skip" in caplog.text and "show" in caplog.text
+        # Verdicts are reused: discovery does not ask every cycle.
+        before = len(sonarr.requests) + len(radarr.requests)
+        assert await arr.rejected(h_failed) is not None and await arr.rejected(h_ok) is None
+        assert len(sonarr.requests) + len(radarr.requests) == before
+
+
+async def test_unreachable_or_refusing_arr_never_blocks_a_sync(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    with serve_fake_arr("Sonarr", "right") as sonarr:
+        sonarr.history = {"A" * 40: ["downloadFailed"]}
+        wrong_key = ArrSet([sonarr.url], ["wrong"], mode="source")
+        assert await wrong_key.rejected("a" * 40) is None
+        assert sonarr.requests[-1].status == 401
+    down = ArrSet([_closed_port_url()], ["k"], mode="source")
+    assert await down.rejected("a" * 40) is None
+    lines = [r.getMessage() for r in caplog.records if "arr_unreachable" in r.getMessage()]
+    assert len(lines) == 2 and all("action=sync_anyway" in line for line in lines)
+    assert "HTTP 401" in lines[0] and "unreachable" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("app", "command"), [("Sonarr", "DownloadedEpisodesScan"), ("Radarr", "DownloadedMoviesScan")]
+)
+async def test_import_asks_only_the_instance_that_knows_the_download(
+    app: str, command: str
+) -> None:
+    h = "d" * 40
+    with serve_fake_arr(app) as owner, serve_fake_arr("Sonarr") as other:
+        owner.history = {h.upper(): ["grabbed"]}
+        arr = ArrSet([other.url, owner.url], ["arr-key", "arr-key"], mode="destination")
+        assert await arr.import_synced(h, "/downloads/tv/Show.S01E01")
+        assert owner.commands() == [
+            {
+                "name": command,
+                "path": "/downloads/tv/Show.S01E01",
+                "downloadClientId": h.upper(),
+                "importMode": "Copy",
+            }
+        ]
+        assert other.commands() == []  # its history does not know the download
+        posts = [r for r in owner.requests if r.method == "POST"]
+        assert posts[0].status == 201
+        # Nobody knows it: no command anywhere.
+        assert not await arr.import_synced("e" * 40, "/x")
+        assert len(owner.commands()) == 1 and other.commands() == []
+
+
+async def test_discovery_skips_rejected_and_syncs_when_arr_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The orchestrator's discovery: a download Sonarr marked failed is never probed or
+    tracked; one it does not reject is; with *arr down, everything syncs."""
+    caplog.set_level(logging.INFO)
+    torrents = {H[0]: qb_torrent(H[0]), H[1]: qb_torrent(H[1])}
+
+    def probe(msg: InitTorrent) -> InitResult:
+        return InitResult(SyncStatus.READY, pieces_have_count=0)
+
+    with serve_fake_arr("Sonarr") as sonarr:
+        sonarr.history = {H[0].upper(): ["downloadFailed"], H[1].upper(): ["grabbed"]}
+        flags = {"arr_url": sonarr.url, "arr_api_key": "arr-key"}
+        orch, _, pool, _, _ = make(tmp_path, torrents, {"InitTorrent": probe}, **flags)
+        orch.cache.load()
+        tracked: list[str] = []
+
+        async def fake_track(h: str, info: dict[str, Any], **kw: Any) -> None:
+            tracked.append(h)
+
+        orch._track = fake_track
+        await orch.cycle()
+        assert tracked == [H[1]]
+        assert [m.info_hash for m in pool.requests] == [H[1]]
+        assert f"event=arr_skip hash={H[0]}" in caplog.text
+
+    orch2, *_ = make(
+        tmp_path / "2",
+        torrents,
+        {"InitTorrent": probe},
+        arr_url=_closed_port_url(),
+        arr_api_key="k",
+    )
+    orch2.cache.load()
+    tracked2: list[str] = []
+
+    async def fake_track2(h: str, info: dict[str, Any], **kw: Any) -> None:
+        tracked2.append(h)
+
+    orch2._track = fake_track2
+    await orch2.cycle()
+    assert sorted(tracked2) == [H[0], H[1]]  # synced anyway
+    assert "action=sync_anyway" in caplog.text
+
+
+async def test_finalizer_requests_import_after_verified_finalize(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    t = torrent(tmp_path)
+    d = build(tmp_path, nursery)
+    with serve_fake_arr("Sonarr") as sonarr:
+        sonarr.history = {t.info_hash.upper(): ["grabbed"]}
+        d.finalizer.arr = ArrSet([sonarr.url], ["arr-key"], mode="destination")
+        ready = await d.init(t)
+        for i in needed_indices(ready, t.num_pieces):
+            assert await d.piece(t, i) == ErrorCode.OK
+        assert sonarr.commands() == []  # nothing before the finalize
+        with trio.fail_after(30):
+            while True:
+                result = await d.server.finalize(Finalize(t.info_hash, category="", tags=()))
+                if result.status != SyncStatus.VERIFYING:
+                    break
+                await trio.sleep(0.02)
+        assert result.status == SyncStatus.COMPLETE
+        (cmd,) = sonarr.commands()
+        assert cmd["name"] == "DownloadedEpisodesScan"
+        assert cmd["downloadClientId"] == t.info_hash.upper()
+        assert cmd["path"] == str(d.root / "payload")
+        assert (d.root / "payload" / "a.bin").read_bytes() == (
+            t.base / "payload" / "a.bin"
+        ).read_bytes()
