@@ -106,6 +106,16 @@ async def test_api_key_is_a_bearer_token_and_never_logs_in(
         assert "403" in str(err.value) and not err.value.transient
 
 
+async def test_api_key_against_5_0_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    """5.0 has no API keys: the Bearer header is ignored (here the server has no password, as
+    with the WebUI's localhost bypass, so calls still succeed), and qbsync says so."""
+    with serve_fake_qb("5.0") as fake:
+        qb = QB(fake.url, mode="source", api_key="k-123", max_threads=1)
+        await qb.stop("a" * 40)
+        assert "event=qb_api_key_unsupported" in caplog.text and "k-123" not in caplog.text
+    assert not WebApi(parse_version("2.11.2")).api_keys and WebApi((2, 15, 1)).api_keys
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 async def test_add_sends_only_the_names_this_version_reads(profile: str) -> None:
     with serve_fake_qb(profile) as fake:

@@ -105,6 +105,10 @@ class WebApi:
         return "seedMode" if self.version >= (2, 16, 0) else "skip_checking"
 
     @property
+    def api_keys(self) -> bool:
+        return self.version >= (2, 14, 1)
+
+    @property
     def add_returns_json(self) -> bool:
         return self.version >= (2, 14, 0)
 
@@ -257,6 +261,17 @@ class QB:
                     api.skip_checking_param,
                     "api_key" if self._api_key else "password" if self._username else "none",
                 )
+                if self._api_key and not api.api_keys:
+                    # Older servers ignore the Bearer header; with the WebUI's localhost bypass
+                    # they would even answer as if it had been accepted.
+                    log.warning(
+                        "event=qb_api_key_unsupported mode=%s url=%s webapi=%s reason=%s",
+                        self.mode,
+                        self.url,
+                        api.text,
+                        "API keys need qBittorrent 5.2 (Web API 2.14.1); use a username and "
+                        "password",
+                    )
         return api
 
     def _run(self, fn: Callable[[qbittorrentapi.Client], T]) -> T:
