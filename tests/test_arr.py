@@ -31,6 +31,25 @@ def test_download_id_is_the_upper_case_info_hash() -> None:
     assert download_id("abcdef0123" * 4) == "ABCDEF0123" * 4
 
 
+def test_arr_flags_repeat_or_take_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from qbsync import cli
+
+    argv = ["destination", "--data", "/d", "--print-config"]
+    repeated = [
+        *argv,
+        "--arr-url", "http://sonarr:8989", "--arr-api-key", "k1",
+        "--arr-url", "http://radarr:7878", "--arr-api-key", "k2",
+    ]  # fmt: skip
+    assert cli.main(repeated) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arr_url"] == "http://sonarr:8989,http://radarr:7878"
+    assert out["arr_api_key"] == "***"
+    assert cli.main([*argv, "--arr-url", "http://a:1,http://b:2", "--arr-api-key", "x"]) == 2
+    assert "one key per URL" in capsys.readouterr().err
+
+
 def test_config_pairs_urls_and_keys() -> None:
     base = {"data": "/d", "qb_url": "http://q:1", "destination_addr": "h:1"}
     config = resolve(

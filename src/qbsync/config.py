@@ -220,19 +220,21 @@ def _parse_str_list(raw: str) -> str:
     return ",".join(split_list(raw))
 
 
-# Sonarr/Radarr (qbsync.arr): comma-separated lists, the n-th key belongs to the n-th URL.
+# Sonarr/Radarr (qbsync.arr): comma-separated lists, the n-th key belongs to the n-th URL. The
+# flags may also be repeated (``--arr-url A --arr-url B``): the CLI joins them with commas.
+REPEATABLE = frozenset({"arr_url", "arr_api_key"})
 _ARR = (
     Option(
         "arr_url",
-        "Sonarr/Radarr base URLs, comma-separated (source: skip downloads they marked failed "
-        "or ignored; destination: ask them to import finished torrents)",
+        "Sonarr/Radarr base URLs, comma-separated or the flag repeated (source: skip downloads "
+        "they marked failed or ignored; destination: ask them to import finished torrents)",
         "",
         _parse_url_list,
         metavar="URL[,URL...]",
     ),
     Option(
         "arr_api_key",
-        "API keys for --arr-url, comma-separated in the same order",
+        "API keys for --arr-url in the same order, comma-separated or the flag repeated",
         "",
         _parse_str_list,
         secret=True,
