@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import pytest
 
+from tests.integration.conftest import SeededFactory
 from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
     Rig,
     rig_factory_fixture,
@@ -189,20 +190,31 @@ def _drain_after_sync(rig: Rig, env: dict[str, str], *extra: str) -> tuple[str, 
 
 
 def test_annotation_true_in_cluster_hands_off_every_synced_torrent(
-    rig: Rig, api_server: ApiServerFactory, tmp_path: Path
+    rig: Rig, api_server: ApiServerFactory, tmp_path: Path, seeded_torrent: SeededFactory
 ) -> None:
     api = api_server("true")
-    log, code = _drain_after_sync(rig, in_cluster_env(tmp_path, api))
-    assert code == 0
+    second = seeded_torrent(
+        {"x.bin": 300_000}, piece_size=64 * 1024, name="second", seeder=rig.seeded.seeder
+    )
+    source, _ = rig.start_source("--min-space", "0", env=in_cluster_env(tmp_path, api))
+    rig.add_to_source(download_limit=None)
+    second.add_to(rig.src_qb)
+    both = (rig.info_hash, second.info_hash)
+    wait_until(lambda: all("synced" in tags_of(rig.src_qb, h) for h in both), 90, 0.2, "synced")
+    source.signal(signal.SIGTERM)
+    assert source.wait(60) == 0
+    log = source.log_text()
     assert f"kube_config=in-cluster:{tmp_path / 'serviceaccount'}" in log
     assert f'event=drain_start reason="annotation {ANNOTATION}=true on pod {POD}"' in log
-    assert "event=drain_done handed_off=1" in log
+    assert "event=drain_done handed_off=2" in log
     ((path, authorization),) = api.requests
     assert path == f"/api/v1/namespaces/{NAMESPACE}/pods/{POD}"
     assert authorization.lower() == f"bearer {api.token}"  # the service-account token
-    assert rig.src_qb.info(rig.info_hash) is None  # removed from the source
-    assert "source-removed" in tags_of(rig.dst_qb, rig.info_hash)
+    for h in (rig.info_hash, second.info_hash):
+        assert rig.src_qb.info(h) is None  # removed from the source
+        assert "source-removed" in tags_of(rig.dst_qb, h)
     rig.assert_identical()
+    assert (rig.dst_data / "second" / "x.bin").read_bytes() == second.expected_bytes("x.bin")
 
 
 def test_annotation_true_through_kubeconfig_outside_a_cluster(
