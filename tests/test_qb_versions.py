@@ -145,6 +145,21 @@ async def test_add_sends_only_the_names_this_version_reads(profile: str) -> None
         assert ids == ([t.hash] if profile != "5.0" else None)  # 5.2+ answers JSON with ids
 
 
+def test_library_alone_asks_every_call_and_sends_both_names() -> None:
+    """What qbittorrent-api does without qb.py's mapping (the reason qb.py names these calls
+    itself). If a library upgrade changes this, revisit qb.py's docstring."""
+    import qbittorrentapi
+
+    with serve_fake_qb("5.3") as fake:
+        c = qbittorrentapi.Client(host=fake.url, FORCE_SCHEME_FROM_HOST=True)
+        c.torrents_stop(torrent_hashes="a" * 40)
+        c.torrents_stop(torrent_hashes="a" * 40)
+        assert fake.paths() == ["app/webapiVersion", "torrents/stop"] * 2
+        c.torrents_add(torrent_files=_torrent_bytes(), is_stopped=True, is_skip_checking=True)
+        (add,) = fake.calls("torrents/add")
+        assert {"paused", "stopped", "skip_checking", "seedMode"} <= set(add.fields)
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 async def test_version_asked_once_per_session_and_stop_start_names(profile: str) -> None:
     with serve_fake_qb(profile) as fake:
