@@ -49,7 +49,7 @@ def test_webapi_names_by_version() -> None:
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-async def test_password_login_cookie_and_state_names(profile: str) -> None:
+async def test_password_login_cookie_and_state_names(profile: str, tmp_path: Path) -> None:
     with serve_fake_qb(profile, username="admin", password="s3cret") as fake:
         qb = QB(fake.url, "admin", "s3cret", mode="source", max_threads=1)
         assert await qb.web_api_version() == fake.api_version
@@ -64,7 +64,7 @@ async def test_password_login_cookie_and_state_names(profile: str) -> None:
         assert last.status == 200 and f"{fake.cookie_name}=" in last.cookie
         # A stopped torrent is reported with 5.x state names.
         await qb.add_torrent(
-            _torrent_bytes(),
+            _torrent_bytes(tmp_path),
             filename="x.torrent",
             save_path="/downloads",
             category=None,
@@ -117,10 +117,10 @@ async def test_api_key_against_5_0_is_flagged(caplog: pytest.LogCaptureFixture) 
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-async def test_add_sends_only_the_names_this_version_reads(profile: str) -> None:
+async def test_add_sends_only_the_names_this_version_reads(profile: str, tmp_path: Path) -> None:
     with serve_fake_qb(profile) as fake:
         qb = QB(fake.url, mode="destination", max_threads=1)
-        raw = _torrent_bytes()
+        raw = _torrent_bytes(tmp_path)
         ids = await qb.add_torrent(
             raw,
             filename="t.torrent",
@@ -145,7 +145,7 @@ async def test_add_sends_only_the_names_this_version_reads(profile: str) -> None
         assert ids == ([t.hash] if profile != "5.0" else None)  # 5.2+ answers JSON with ids
 
 
-def test_library_alone_asks_every_call_and_sends_both_names() -> None:
+def test_library_alone_asks_every_call_and_sends_both_names(tmp_path: Path) -> None:
     """What qbittorrent-api does without qb.py's mapping (the reason qb.py names these calls
     itself). If a library upgrade changes this, revisit qb.py's docstring."""
     import qbittorrentapi
@@ -155,7 +155,9 @@ def test_library_alone_asks_every_call_and_sends_both_names() -> None:
         c.torrents_stop(torrent_hashes="a" * 40)
         c.torrents_stop(torrent_hashes="a" * 40)
         assert fake.paths() == ["app/webapiVersion", "torrents/stop"] * 2
-        c.torrents_add(torrent_files=_torrent_bytes(), is_stopped=True, is_skip_checking=True)
+        c.torrents_add(
+            torrent_files=_torrent_bytes(tmp_path), is_stopped=True, is_skip_checking=True
+        )
         (add,) = fake.calls("torrents/add")
         assert {"paused", "stopped", "skip_checking", "seedMode"} <= set(add.fields)
 
@@ -193,11 +195,8 @@ async def test_version_asked_again_after_connection_loss(
         assert old.paths() == ["app/webapiVersion", "torrents/pause", "torrents/resume"]
 
 
-def _torrent_bytes(tmp: Path | None = None) -> bytes:
-    import tempfile
-
-    base = Path(tempfile.mkdtemp()) if tmp is None else tmp
-    return LocalTorrent.create(make_payload(base / "p", {"a.bin": 40_000}), 16 * KiB).torrent
+def _torrent_bytes(tmp: Path) -> bytes:
+    return LocalTorrent.create(make_payload(tmp / "p", {"a.bin": 40_000}), 16 * KiB).torrent
 
 
 PEER = Peer("test", 1)
