@@ -16,17 +16,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# qbittorrent-nox is a Debian package; integration tests need the real binary.
+# Debian packages the tests need: qbittorrent-nox (integration tests run the real binary) and
+# systemd (tests/test_systemd_units.py runs systemd-analyze verify on deploy/*.service).
+APT_PACKAGES := qbittorrent-nox systemd
+
 qbittorrent:
-	@command -v qbittorrent-nox >/dev/null 2>&1 || { \
+	@command -v qbittorrent-nox >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing qbittorrent-nox with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qbittorrent-nox >/dev/null; \
+	    echo "installing $(APT_PACKAGES) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	  else \
-	    echo "qbittorrent-nox is missing: install it (Debian/Ubuntu: sudo apt-get install qbittorrent-nox) and re-run make test" >&2; \
+	    echo "qbittorrent-nox or systemd-analyze is missing: install them (Debian/Ubuntu: sudo apt-get install $(APT_PACKAGES)) and re-run make test" >&2; \
 	    exit 1; \
 	  fi; }
 	@qbittorrent-nox --version
+	@systemd-analyze --version | head -1
 
 lint: venv
 	$(BIN)/ruff check src tests bench

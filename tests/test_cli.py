@@ -156,10 +156,16 @@ def test_print_config_redacts_secrets(tmp_path: Path) -> None:
         "--qb-password", "hunter2",
         "--dry-run",
         "--print-config",
-        env={"QBSYNC_SOURCE_AUTH_TOKEN_FILE": str(token), "HTTP_PORT": "9090"},
+        env={
+            "QBSYNC_SOURCE_AUTH_TOKEN_FILE": str(token),
+            "HTTP_PORT": "9090",
+            "QBSYNC_SOURCE_QB_API_KEY": "api-key-secret",
+        },
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout and "token-from-file-0123" not in result.stdout
+    assert "api-key-secret" not in result.stdout + result.stderr
+    assert json.loads(result.stdout)["qb_api_key"] == "***"
     data = json.loads(result.stdout)
     assert data["qb_password"] == "***" and data["auth_token"] == "***"
     assert data["qb_username"] == ""

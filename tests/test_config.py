@@ -349,9 +349,18 @@ def test_hostport_str() -> None:
 def test_redacted_hides_secrets(tmp_path: Path) -> None:
     token = tmp_path / "t"
     token.write_text("file-token-0123456789")
-    s = src(qb_password="hunter2", auth_token="tok-0123456789abcdef", qb_username="admin")
+    s = src(
+        qb_password="hunter2",
+        auth_token="tok-0123456789abcdef",
+        qb_username="admin",
+        qb_api_key="k3y",
+    )
     out = redacted(s)
     assert out["qb_password"] == "***" and out["auth_token"] == "***"
+    assert out["qb_api_key"] == "***" and "k3y" not in repr(s)
+    arr = dst(arr_url="http://sonarr:8989", arr_api_key="arr-secret")
+    assert redacted(arr)["arr_api_key"] == "***" and "arr-secret" not in repr(arr)
+    assert redacted(arr)["arr_url"] == "http://sonarr:8989"
     assert out["qb_username"] == "admin" and out["role"] == "source"
     assert "hunter2" not in repr(s) and "tok'" not in repr(s)
     assert redacted(src())["qb_password"] == ""

@@ -210,13 +210,17 @@ async def test_dry_run_changes_nothing(tmp_path):
     assert qb.calls == [] and started == []
 
 
-async def test_drain_gate_fails_closed():
+async def test_drain_gate_fails_closed(tmp_path: Path) -> None:
     assert (await drain_decision("")).drain  # empty annotation: unconditional
-    missing = await drain_decision("qbsync/drain", env={})
+    home = {"HOME": str(tmp_path)}  # no ~/.kube/config there
+    nothing = await drain_decision("qbsync/drain", env={**home, "POD_NAME": "p"})
+    assert not nothing.drain and "no Kubernetes configuration" in nothing.reason
+    kubeconfig = {**home, "KUBECONFIG": str(tmp_path / "missing")}
+    missing = await drain_decision("qbsync/drain", env=kubeconfig)
     assert not missing.drain and "POD_NAME" in missing.reason
-    # Not in a cluster: the in-cluster config lookup fails, so no drain.
-    outside = await drain_decision("qbsync/drain", env={"POD_NAME": "p", "POD_NAMESPACE": "n"})
-    assert not outside.drain and "lookup failed" in outside.reason
+    # A kubeconfig that cannot be read: the lookup fails, so no drain.
+    broken = await drain_decision("qbsync/drain", env={**kubeconfig, "POD_NAME": "p"})
+    assert not broken.drain and "lookup failed" in broken.reason
 
 
 def _source_config(tmp_path: Path, **flags: str) -> SourceConfig:

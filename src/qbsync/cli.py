@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import ConfigError, Option, Role, options_for, redacted, resolve
+from .config import REPEATABLE, ConfigError, Option, Role, options_for, redacted, resolve
 
 EXIT_CONFIG = 2
 
@@ -45,6 +45,7 @@ def _add_option(parser: argparse.ArgumentParser, role: Role, opt: Option) -> Non
             opt.flag,
             dest=opt.name,
             default=None,
+            action="append" if opt.name in REPEATABLE else "store",
             metavar=opt.metavar or "N"
             if opt.parse.__name__ in ("_parse_int", "_parse_float")
             else opt.metavar or "VALUE",
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     role: Role = args.role
     flags = {opt.name: getattr(args, opt.name) for opt in options_for(role)}
+    for name in REPEATABLE & flags.keys():  # a repeated flag is one comma-separated list
+        if flags[name] is not None:
+            flags[name] = ",".join(flags[name])
     try:
         config = resolve(role, flags)
     except ConfigError as exc:

@@ -239,6 +239,52 @@ def _qb_password() -> Any:
     return option("qBittorrent WebUI password", "", secret=True)
 
 
+def _qb_api_key() -> Any:
+    return option(
+        "qBittorrent 5.2+ WebUI API key (sent as a Bearer token instead of logging in)",
+        "",
+        secret=True,
+    )
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated option value as its items (blanks dropped)."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _parse_url_list(raw: str) -> str:
+    return ",".join(_parse_url(u) for u in split_list(raw))
+
+
+def _parse_str_list(raw: str) -> str:
+    return ",".join(split_list(raw))
+
+
+# Sonarr/Radarr (qbsync.arr): comma-separated lists, the n-th key belongs to the n-th URL. The
+# flags may also be repeated (``--arr-url A --arr-url B``): the CLI joins them with commas.
+REPEATABLE = frozenset({"arr_url", "arr_api_key"})
+
+
+def _arr_url() -> Any:
+    return option(
+        "Sonarr/Radarr base URLs, comma-separated or the flag repeated (source: skip downloads "
+        "they marked failed or ignored; destination: ask them to import finished torrents)",
+        "",
+        _parse_url_list,
+        metavar="URL[,URL...]",
+    )
+
+
+def _arr_api_key() -> Any:
+    return option(
+        "API keys for --arr-url in the same order, comma-separated or the flag repeated",
+        "",
+        _parse_str_list,
+        secret=True,
+        metavar="KEY[,KEY...]",
+    )
+
+
 def _synced_tag() -> Any:
     return option("Tag for synced torrents (empty to disable)", "synced", check=_tag_ok)
 
@@ -288,6 +334,7 @@ class SourceConfig:
     qb_url: str = option("qBittorrent WebUI URL", "", _parse_url, required=True, metavar="URL")
     qb_username: str = _qb_username()
     qb_password: str = _qb_password()
+    qb_api_key: str = _qb_api_key()
     destination_addr: HostPort = option(
         "Destination server address (host:port)",
         "",
@@ -372,6 +419,8 @@ class SourceConfig:
         _parse_optional_path,
         metavar="PATH",
     )
+    arr_url: str = _arr_url()  # comma-separated; see split_list
+    arr_api_key: str = _arr_api_key()
     health_addr: HostPort | None = _health_addr()
     log_level: str = _log_level()
     dry_run: bool = _dry_run()
@@ -402,6 +451,7 @@ class DestinationConfig:
     )
     qb_username: str = _qb_username()
     qb_password: str = _qb_password()
+    qb_api_key: str = _qb_api_key()
     poll_interval: float = option(
         "Verification poll interval (seconds)",
         "2",
@@ -442,6 +492,8 @@ class DestinationConfig:
     tls_key: Path | None = option(
         "TLS private key (PEM) for --tls-cert", "", _parse_optional_path, metavar="PATH"
     )
+    arr_url: str = _arr_url()  # comma-separated; see split_list
+    arr_api_key: str = _arr_api_key()
     health_addr: HostPort | None = _health_addr()
     log_level: str = _log_level()
     dry_run: bool = _dry_run()
@@ -555,6 +607,14 @@ def resolve(
         values["auth_token"] = token
 
     _check_token(role, values.get("auth_token") or "")
+
+    arr_urls, arr_keys = split_list(values["arr_url"]), split_list(values["arr_api_key"])
+    if len(arr_urls) != len(arr_keys):
+        raise ConfigError(
+            f"--arr-url has {len(arr_urls)} URL(s) but --arr-api-key has "
+            f"{len(arr_keys)} key(s): give one key per URL, in the same order "
+            f"({_option(role, 'arr_url').env(role)} / {_option(role, 'arr_api_key').env(role)})"
+        )
 
     if role == "source":
         if values["min_connections"] > values["max_connections"]:

@@ -56,6 +56,23 @@ qb_client_retries = _c("qb_client_retries_total", "qBittorrent API retries", ("m
 qb_circuit_open = _g(
     "qb_circuit_breaker_open", "1 while the qBittorrent circuit breaker is open", ("mode",)
 )
+qb_webapi_info = _g(
+    "qb_webapi_info",
+    "Always 1; labels carry the Web API version each qBittorrent session detected",
+    ("mode", "version"),
+)
+arr_requests = _c(
+    "arr_requests_total",
+    "Sonarr/Radarr API requests by operation and result",
+    ("mode", "operation", "result"),
+)
+arr_torrents_skipped = _c(
+    "arr_torrents_skipped_total",
+    "Source torrents not synced because Sonarr/Radarr marked their download failed or ignored",
+)
+arr_imports = _c(
+    "arr_imports_total", "Sonarr/Radarr import requests after a finalize, by result", ("result",)
+)
 active_torrents = _g("active_torrents", "Torrents being synced", ("mode",))
 sync_outcomes = _c("sync_outcomes_total", "Terminal sync outcomes", ("mode", "result", "selection"))
 bytes_synced = _c(

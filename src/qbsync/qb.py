@@ -6,9 +6,20 @@ qBittorrent instance, and each worker thread owns its own ``Client`` (``requests
 not documented as thread-safe). Calls are abandoned on cancellation so a deadline never waits
 on a hung HTTP request; the request's own socket timeout bounds the abandoned thread.
 
-Version differences are handled here and nowhere else: 4.x's ``paused*`` states are reported
-as 5.x's ``stopped*``, and ``stop``/``start`` map to ``pause``/``resume`` on Web API < 2.11
-(qbittorrent-api does that mapping itself).
+Version differences are handled here and nowhere else. Each connection to a qBittorrent asks
+``app/webapiVersion`` once (again after a connection error) and picks endpoint and parameter
+names from the answer (:class:`WebApi`), never by trying one name and catching the error: a
+renamed *parameter* is silently ignored by qBittorrent, so trial and error cannot even see the
+failure. 4.x's
+``paused*`` states are reported as 5.x's ``stopped*``. Login (5.2 answers 204, or 401 on bad
+credentials, with a ``QBT_SID_<port>`` cookie) and API keys (``Authorization: Bearer``) are
+qbittorrent-api's job; the contract tests in tests/test_qb_versions.py hold it to that.
+
+What qbittorrent-api does by itself, and why qbsync names these calls: its ``torrents_stop``/
+``torrents_start`` ask ``app/webapiVersion`` on *every* call to choose ``stop`` or ``pause``,
+and its ``torrents_add`` sends both ``paused`` and ``stopped``, and both ``skip_checking`` and
+``seedMode``, whatever the version (tests/test_qb_versions.py pins that behaviour). qbsync
+sends only the names the server reads, from one version lookup per connection.
 """
 
 from __future__ import annotations
@@ -21,8 +32,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import attrs
 import qbittorrentapi
 import trio
+from qbittorrentapi.definitions import APINames
 
 from . import liveness, metrics
 from .log import redact_url
@@ -54,6 +67,63 @@ def split_tags(tags: str | None) -> list[str]:
     return [t.strip() for t in (tags or "").split(",") if t.strip()]
 
 
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"2.11.2"`` -> ``(2, 11, 2)``; anything unparsable is ``(0,)`` (oldest behaviour)."""
+    parts: list[int] = []
+    for piece in text.strip().lstrip("v").split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group(0)))
+    return tuple(parts) or (0,)
+
+
+@attrs.frozen
+class WebApi:
+    """The names one qBittorrent speaks, from its Web API version (``app/webapiVersion``).
+
+    Landmarks (qBittorrent -> Web API): 4.5.x = 2.8.19, 5.0.x = 2.11.2, 5.2.x = 2.15.1,
+    5.3.0 = 2.16.2. The renames: ``pause``/``resume`` -> ``stop``/``start`` and the add
+    parameter ``paused`` -> ``stopped`` at 2.11.0 (5.0); ``torrents/add`` answers JSON from
+    2.14.0 (5.2); the add parameter ``skip_checking`` -> ``seedMode`` at 2.16.0 (5.3), the old
+    name being ignored without an error.
+    """
+
+    version: tuple[int, ...]
+
+    @property
+    def text(self) -> str:
+        return ".".join(str(p) for p in self.version)
+
+    @property
+    def stop_method(self) -> str:
+        return "stop" if self.version >= (2, 11, 0) else "pause"
+
+    @property
+    def start_method(self) -> str:
+        return "start" if self.version >= (2, 11, 0) else "resume"
+
+    @property
+    def stopped_param(self) -> str:
+        return "stopped" if self.version >= (2, 11, 0) else "paused"
+
+    @property
+    def skip_checking_param(self) -> str:
+        return "seedMode" if self.version >= (2, 16, 0) else "skip_checking"
+
+    @property
+    def api_keys(self) -> bool:
+        return self.version >= (2, 14, 1)
+
+    @property
+    def add_returns_json(self) -> bool:
+        return self.version >= (2, 14, 0)
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
 class QBError(Exception):
     """A qBittorrent call failed. ``transient`` says whether retrying later may help."""
 
@@ -76,6 +146,8 @@ def _describe(exc: BaseException) -> str:
     """A one-line reason: requests nests the useful part ("[Errno 111] Connection refused")
     several exceptions deep inside a long repr, so pick it out when it is there."""
     text = str(exc)
+    if isinstance(exc, qbittorrentapi.LoginFailed):
+        return "login failed: wrong --qb-username/--qb-password (qBittorrent 5.2+ answers 401)"
     found = _ERRNO_RE.search(text)
     if isinstance(exc, qbittorrentapi.APIConnectionError) and found:
         return f"cannot connect: {found.group(0).strip()}"
@@ -89,12 +161,18 @@ def _classify(exc: BaseException) -> tuple[bool, bool]:
     """(transient, benign_not_found) for an exception raised by qbittorrent-api."""
     if isinstance(exc, qbittorrentapi.NotFound404Error):
         return False, True
-    if isinstance(exc, qbittorrentapi.HTTP5XXError | qbittorrentapi.APIConnectionError):
-        # APIConnectionError covers refused/reset/timeouts; 5xx includes 502/503/504.
-        return True, False
+    if isinstance(exc, qbittorrentapi.LoginFailed):
+        # qbittorrent-api derives it from APIConnectionError, but wrong credentials stay wrong.
+        return False, False
+    if isinstance(exc, qbittorrentapi.HTTP5XXError):
+        return True, False  # 502/503/504 included
     if isinstance(exc, qbittorrentapi.HTTPError):
+        # Checked before APIConnectionError, which qbittorrent-api makes its base class: a 403
+        # (bad API key) or 409 answers the same way on every retry.
         status = getattr(exc, "http_status_code", None)
         return status == 429, False
+    if isinstance(exc, qbittorrentapi.APIConnectionError):
+        return True, False  # refused/reset/timeouts
     text = str(exc).lower()
     transient = any(
         s in text
@@ -121,10 +199,16 @@ class QB:
         *,
         mode: str,
         max_threads: int = 4,
+        api_key: str = "",
     ) -> None:
         self.url = url
         self._username = username
         self._password = password
+        # qBittorrent 5.2+ API key, sent as ``Authorization: Bearer``; never logged.
+        self._api_key = api_key
+        self._webapi: WebApi | None = None
+        self._webapi_lock = threading.Lock()
+        self._detected: str | None = None  # last Web API version logged (one line per change)
         self.mode = mode
         self._limiter = trio.CapacityLimiter(max_threads)
         self._local = threading.local()
@@ -140,6 +224,7 @@ class QB:
             host=self.url,
             username=self._username or None,
             password=self._password or None,
+            api_key=self._api_key or None,
             REQUESTS_ARGS={"timeout": REQUEST_TIMEOUT},
             VERIFY_WEBUI_CERTIFICATE=True,
             # Use the scheme the user gave; otherwise a refused http:// connection makes
@@ -154,6 +239,57 @@ class QB:
         if client is None:
             client = self._local.client = self._new_client()
         return client
+
+    def webapi(self, client: qbittorrentapi.Client) -> WebApi:
+        """The :class:`WebApi` of this qBittorrent, asked once per connection.
+
+        Call only from inside a :meth:`call` function (a worker thread). A connection error
+        forgets it (see :meth:`_run`): the qBittorrent that answers after a restart may be
+        another version, and a stale name would fail silently (renamed parameters) or 404.
+        """
+        with self._webapi_lock:
+            api = self._webapi
+        if api is None:
+            api = WebApi(parse_version(str(client.app_web_api_version())))
+            with self._webapi_lock:
+                self._webapi = api
+            if self._detected != api.text:
+                self._detected = api.text
+                metrics.qb_webapi_info.labels(self.mode, api.text).set(1)
+                log.info(
+                    "event=qb_webapi_detected mode=%s url=%s webapi=%s stop=%s start=%s "
+                    "add_stopped=%s add_skip_checking=%s auth=%s",
+                    self.mode,
+                    self.url,
+                    api.text,
+                    api.stop_method,
+                    api.start_method,
+                    api.stopped_param,
+                    api.skip_checking_param,
+                    "api_key" if self._api_key else "password" if self._username else "none",
+                )
+                if self._api_key and not api.api_keys:
+                    # Older servers ignore the Bearer header; with the WebUI's localhost bypass
+                    # they would even answer as if it had been accepted.
+                    log.warning(
+                        "event=qb_api_key_unsupported mode=%s url=%s webapi=%s reason=%s",
+                        self.mode,
+                        self.url,
+                        api.text,
+                        "API keys need qBittorrent 5.2 (Web API 2.14.1); use a username and "
+                        "password",
+                    )
+        return api
+
+    def _run(self, fn: Callable[[qbittorrentapi.Client], T]) -> T:
+        try:
+            return fn(self._client())
+        except (qbittorrentapi.LoginFailed, qbittorrentapi.HTTPError):
+            raise  # qBittorrent answered: same process, same version
+        except qbittorrentapi.APIConnectionError:
+            with self._webapi_lock:
+                self._webapi = None
+            raise
 
     def _breaker_allows(self) -> bool:
         if self._opened_at is None:
@@ -197,7 +333,7 @@ class QB:
                     with liveness.waiting_on_dependency():
                         async with self._limiter:
                             result = await trio.to_thread.run_sync(
-                                lambda: fn(self._client()), abandon_on_cancel=True
+                                lambda: self._run(fn), abandon_on_cancel=True
                             )
                 except Exception as exc:
                     transient, not_found = _classify(exc)
@@ -294,40 +430,75 @@ class QB:
                 lambda c: c.torrents_remove_tags(tags=tags, torrent_hashes=info_hash),
             )
 
+    def _post(self, c: qbittorrentapi.Client, method: str, **data: str) -> None:
+        c._post(_name=APINames.Torrents, _method=method, data=data)
+
     async def stop(self, info_hash: str) -> None:
-        await self.call("torrents_stop", lambda c: c.torrents_stop(torrent_hashes=info_hash))
+        """``torrents/stop`` (5.0+) or ``torrents/pause`` (4.x), by the session's version."""
+        await self.call(
+            "torrents_stop", lambda c: self._post(c, self.webapi(c).stop_method, hashes=info_hash)
+        )
 
     async def start(self, info_hash: str) -> None:
-        await self.call("torrents_start", lambda c: c.torrents_start(torrent_hashes=info_hash))
+        """``torrents/start`` (5.0+) or ``torrents/resume`` (4.x), by the session's version."""
+        await self.call(
+            "torrents_start",
+            lambda c: self._post(c, self.webapi(c).start_method, hashes=info_hash),
+        )
 
     async def add_torrent(
         self,
         torrent: bytes,
         *,
-        info_hash: str,
+        filename: str,
         save_path: str,
-        category: str = "",
-        tags: list[str] | None = None,
+        category: str | None,
+        tags: list[str],
+        stopped: bool,
         skip_checking: bool,
-    ) -> None:
-        """Add a ``.torrent`` *stopped*, with ``contentLayout=Original`` and automatic torrent
-        management off. ``skip_checking`` marks every piece as present without reading the
-        files: only for data this process has already verified piece by piece. The single
-        place an add goes through, so the name of that parameter can follow the version."""
-        await self.call(
-            "torrents_add",
-            lambda c: c.torrents_add(
-                torrent_files={f"{info_hash}.torrent": torrent},
-                save_path=save_path,
-                category=category or None,
-                tags=list(tags or ()) or None,
-                is_paused=True,
-                content_layout="Original",
-                use_auto_torrent_management=False,
-                is_sequential_download=False,
-                is_skip_checking=skip_checking,
-            ),
-        )
+        content_layout: str = "Original",
+        auto_tmm: bool = False,
+        sequential: bool = False,
+    ) -> list[str] | None:
+        """``torrents/add`` of one ``.torrent`` with each parameter under the name this
+        qBittorrent reads (``paused``/``stopped``, ``skip_checking``/``seedMode``): sending
+        only the other name would be ignored silently (a torrent that starts seeding, or a
+        full recheck). Returns the added ids when qBittorrent says (5.2+ answers JSON), else
+        None. A refusal is logged, not raised: the caller checks the torrent is listed.
+        """
+
+        def run(c: qbittorrentapi.Client) -> list[str] | None:
+            api = self.webapi(c)
+            data = {
+                "savepath": save_path,
+                api.stopped_param: _bool(stopped),
+                api.skip_checking_param: _bool(skip_checking),
+                "contentLayout": content_layout,
+                "autoTMM": _bool(auto_tmm),
+                "sequentialDownload": _bool(sequential),
+            }
+            if category:
+                data["category"] = category
+            if tags:
+                data["tags"] = ",".join(tags)
+            resp = c._post(
+                _name=APINames.Torrents,
+                _method="add",
+                data=data,
+                files={"torrents": (filename, torrent)},
+            )
+            text = str(resp.text)
+            if api.add_returns_json and text.lstrip().startswith("{"):
+                body = resp.json()
+                ids = [str(i) for i in body.get("added_torrent_ids") or []]
+                if not body.get("success_count") and not body.get("pending_count"):
+                    log.warning("event=qb_add_refused url=%s answer=%s", self.url, text[:200])
+                return ids
+            if text.strip() not in ("", "Ok."):
+                log.warning("event=qb_add_refused url=%s answer=%s", self.url, text[:200])
+            return None
+
+        return await self.call("torrents_add", run)
 
     async def recheck(self, info_hash: str) -> None:
         await self.call("torrents_recheck", lambda c: c.torrents_recheck(torrent_hashes=info_hash))

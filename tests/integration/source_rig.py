@@ -146,6 +146,7 @@ class Rig:
         token: str | None = None,
         health_port: int | None = None,
         wait_started: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> tuple[QbsyncProcess, int]:
         port = health_port or free_port()
         proc = self.qbsync_factory(
@@ -177,6 +178,7 @@ class Rig:
                 "2",
                 *extra,
             ],
+            env=env,
         )
         self.sources.append(proc)
         if wait_started:

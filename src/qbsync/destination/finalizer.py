@@ -56,6 +56,7 @@ import attrs
 import trio
 
 from .. import metrics, paths
+from ..arr import ArrSet
 from ..config import GiB
 from ..log import paths_kv
 from ..qb import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
@@ -117,6 +118,7 @@ class Finalizer:
         self.qb = qb
         self.settings = settings
         self.slot = trio.CapacityLimiter(1)  # one torrent verified/added at a time
+        self.arr: ArrSet | None = None  # Sonarr/Radarr to ask for an import once synced
 
     # -- per-file early finalize -------------------------------------------------------------
 
@@ -267,6 +269,9 @@ class Finalizer:
             selection,
             unverified,
         )
+        if self.arr:  # verified and in place: now *arr may import it (never raises)
+            content = posixpath.join(self.qb_save_path(state), state.meta.name)
+            await self.arr.import_synced(state.info_hash, content)
         message = f"finalized ({qb_state})"
         if unverified:
             message += f"; {unverified} boundary pieces could not be hash-checked"
@@ -430,10 +435,11 @@ class Finalizer:
                 await self._ensure_category(request.category)
             await qb.add_torrent(
                 state.metainfo.raw,
-                info_hash=h,
+                filename=f"{h}.torrent",
                 save_path=self.qb_save_path(state),
-                category=request.category,
+                category=request.category or None,
                 tags=tags,
+                stopped=True,
                 skip_checking=skip,
             )
             await self._wait_listed(h)

@@ -35,6 +35,7 @@ from pathlib import Path
 import trio
 
 from .. import __version__, metrics, systemd
+from ..arr import ArrSet
 from ..config import DestinationConfig, redacted
 from ..httpserver import Health, serve_http
 from ..qb import QB
@@ -66,7 +67,13 @@ class Daemon:
     def __init__(self, config: DestinationConfig) -> None:
         self.config = config
         self.qb = (
-            QB(config.qb_url, config.qb_username, config.qb_password, mode="destination")
+            QB(
+                config.qb_url,
+                config.qb_username,
+                config.qb_password,
+                mode="destination",
+                api_key=config.qb_api_key,
+            )
             if config.qb_url
             else None
         )
@@ -82,6 +89,9 @@ class Daemon:
                 recheck=config.recheck,
                 synced_tag=config.synced_tag,
             ),
+        )
+        self.finalizer.arr = ArrSet.from_config(
+            config.arr_url, config.arr_api_key, mode="destination"
         )
         self.writer = Writer(
             self.store, workers=config.stream_workers, on_file_complete=self.finalizer.file_complete

@@ -47,6 +47,8 @@ import attrs
 import trio
 
 from .. import metrics
+from ..arr import RECHECK_AFTER as ARR_RECHECK
+from ..arr import ArrSet
 from ..config import SourceConfig
 from ..httpserver import Health
 from ..log import kv
@@ -204,6 +206,7 @@ class Orchestrator:
         self._last_info: dict[str, dict[str, Any]] = {}
         self._last_timer_cycle = 0.0
         self._last_maintenance = trio.current_time()
+        self.arr = ArrSet.from_config(config.arr_url, config.arr_api_key, mode="source")
         self.cleanup = Cleanup(
             qb=qb,
             request=pool.request,
@@ -543,6 +546,9 @@ class Orchestrator:
         ready: list[tuple[int, str]] = []
         for info in candidates:
             h = str(info["hash"])
+            if self.arr and await self.arr.rejected(h, str(info.get("name") or "")):
+                self._probe_retry_at[h] = now + ARR_RECHECK  # *arr failed/ignored it: no sync
+                continue
             try:
                 result: InitResult = await self.pool.request(
                     InitTorrent(info_hash=h, probe=True), within=PROBE_TIMEOUT

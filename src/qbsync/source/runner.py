@@ -30,7 +30,7 @@ import trio
 from .. import __version__, metrics, systemd
 from ..config import SourceConfig, redacted
 from ..httpserver import Health, serve_http
-from ..k8s import drain_decision
+from ..k8s import drain_decision, kube_source
 from ..log import kv, redact_url
 from ..qb import QB, QBError
 from .cache import CompletionCache
@@ -76,12 +76,23 @@ async def _main(config: SourceConfig) -> int:
         from ..wire import client_ssl_context
 
         ssl_context = client_ssl_context(config.tls_ca)
+    log.info(
+        "event=drain_gate annotation=%s kube_config=%s",
+        kv(config.drain_annotation or "(none: drain unconditionally)"),
+        kv(kube_source().describe() if config.drain_annotation else "unused"),
+    )
     if config.dry_run:
         log.warning("event=dry_run_enabled reason=%s", kv("nothing is sent, tagged or deleted"))
     _check_state_dir(config.state_dir, config.dry_run)
 
     health = Health()
-    qb = QB(config.qb_url, config.qb_username, config.qb_password, mode="source")
+    qb = QB(
+        config.qb_url,
+        config.qb_username,
+        config.qb_password,
+        mode="source",
+        api_key=config.qb_api_key,
+    )
     registry = Registry()
     reader = PieceReader()
     pool = ConnectionPool(
@@ -206,7 +217,9 @@ async def _drain(config: SourceConfig, qb: QB, orchestrator: Orchestrator) -> No
     (docs/design-decisions.md#fresh-torrent-list-for-drain).
     """
     with trio.move_on_after(config.drain_timeout) as scope:
-        decision = await drain_decision(config.drain_annotation)
+        decision = await drain_decision(
+            config.drain_annotation, request_timeout=config.drain_timeout
+        )
         if not decision.drain:
             log.warning("event=drain_skipped reason=%s", kv(decision.reason))
             return
