@@ -5,11 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit fuzz integration qbittorrent venv clean bench
+.PHONY: chromium test lint typecheck unit fuzz integration qbittorrent venv clean bench demo python-venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | python-venv
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -27,6 +27,32 @@ qbittorrent:
 	  fi; }
 	@qbittorrent-nox --version
 
+# A fresh Debian has python3 but not always its venv module (package python3-venv).
+python-venv:
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing python3-venv with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
+	  else \
+	    echo "python3's venv module is missing: install it (Debian/Ubuntu: sudo apt-get install python3-venv)" >&2; \
+	    exit 1; \
+	  fi; }
+
+# The first thing to run: a sample torrent synced between throwaway qBittorrents on 127.0.0.1.
+demo: venv qbittorrent
+	$(BIN)/qbsync demo $(DEMO_ARGS)
+
+# The status page's browser test drives Debian's chromium, headless.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "chromium is missing: install it (Debian: sudo apt-get install chromium) and re-run make test" >&2; \
+	    exit 1; \
+	  fi; }
+
 lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
@@ -40,10 +66,10 @@ unit: venv
 fuzz: venv
 	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q tests/fuzz
 
-integration: venv qbittorrent
+integration: venv qbittorrent chromium
 	$(BIN)/pytest -q tests/integration
 
-test: venv qbittorrent lint typecheck
+test: venv qbittorrent chromium lint typecheck
 	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q --durations=15 tests
 
 bench: venv

@@ -65,6 +65,30 @@ def _parse_float(raw: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(raw: str) -> int:
+    """A byte count: ``1048576``, ``512K``, ``50M``, ``1.5G`` (binary units, like rclone:
+    ``K`` = KiB; a trailing ``B``/``iB`` is accepted, so ``50MiB`` works too), ``off`` = 0."""
+    text = raw.strip().lower()
+    if text == "off":
+        return 0
+    for tail in ("ib", "b"):
+        if len(text) > len(tail) and text.endswith(tail) and text[-len(tail) - 1].isalpha():
+            text = text[: -len(tail)]
+            break
+    unit = text[-1:] if text[-1:].isalpha() else ""
+    number = text[: len(text) - len(unit)]
+    if unit not in _SIZE_UNITS or not number or not all(c.isdigit() or c == "." for c in number):
+        raise ValueError(f"not a size: {raw!r} (examples: 1048576, 512K, 50M, 1.5G, off)")
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"not a size: {raw!r} (examples: 1048576, 512K, 50M, 1.5G, off)") from None
+    return int(value)
+
+
 def _parse_str(raw: str) -> str:
     return raw.strip()
 
