@@ -34,6 +34,7 @@ from pathlib import Path
 import trio
 
 from .. import __version__, metrics, systemd
+from .. import status as status_model
 from ..config import DestinationConfig, redacted
 from ..httpserver import Health, serve_http
 from ..qb import QB
@@ -90,6 +91,7 @@ class Daemon:
         )
         self.budget = ByteBudget(config.max_stream_buffer_bytes)
         self.health = Health()
+        self.status_builder = status_model.StatusBuilder("destination")
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
         if self.qb is not None:
@@ -105,7 +107,14 @@ class Daemon:
         out["buffer_bytes"] = self.budget.used
         out["buffer_limit_bytes"] = self.budget.limit
         out["listen_ports"] = self.listener_ports
-        return out
+        legacy_torrents = out.pop("torrents", [])
+        doc = self.status_builder.document(
+            status_model.destination_daemon(self.budget, self.listener_ports),
+            status_model.destination_torrents(self.store),
+            legacy=out,
+        )
+        status_model.merge_legacy_torrents(doc, legacy_torrents)  # type: ignore[arg-type]
+        return doc
 
     async def flusher(self) -> None:
         """Persist progress every FLUSH_INTERVAL; a failed flush is retried on the next tick."""

@@ -663,6 +663,7 @@ class Orchestrator:
             await self._reinit(t)
             return
         t.finalize_failures += 1
+        t.last_error = (exc.code.value, exc.message or str(exc), time.time())
         t.finalize_polls = 0
         log.warning(
             "event=finalize_failed hash=%s code=%s attempt=%d max=%d error=%s",

@@ -28,11 +28,13 @@ from typing import Any
 import trio
 
 from .. import __version__, metrics, systemd
+from .. import status as status_model
 from ..config import SourceConfig, redacted
 from ..httpserver import Health, serve_http
 from ..k8s import drain_decision
 from ..log import kv
 from ..qb import QB, QBError
+from ..status import StatusBuilder
 from .cache import CompletionCache
 from .monitor import Monitor
 from .orchestrator import Orchestrator
@@ -102,7 +104,8 @@ async def _main(config: SourceConfig) -> int:
     health.add_ready_check("qbittorrent", qb.ping)
     health.add_ready_check("destination", destination_ready)
     status: dict[str, Any] = {}
-    health.set_status_provider(lambda: _status(status, pool, registry))
+    builder = StatusBuilder("source")
+    health.set_status_provider(lambda: _status(status, pool, registry, builder))
 
     signals_seen = 0
     exit_code = EXIT_OK
@@ -267,7 +270,9 @@ def _check_state_dir(path: Path, dry_run: bool) -> None:
         )
 
 
-def _status(parts: dict[str, Any], pool: ConnectionPool, registry: Registry) -> dict[str, Any]:
+def _status(
+    parts: dict[str, Any], pool: ConnectionPool, registry: Registry, builder: StatusBuilder
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "role": "source",
         "version": __version__,
@@ -293,4 +298,5 @@ def _status(parts: dict[str, Any], pool: ConnectionPool, registry: Registry) -> 
     senders: Senders | None = parts.get("senders")
     if senders is not None:
         out["senders"] = senders.status()
-    return out
+    daemon = status_model.source_daemon(pool, registry, senders)
+    return builder.document(daemon, status_model.source_torrents(registry), legacy=out)

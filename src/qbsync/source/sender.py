@@ -29,6 +29,7 @@ the queue length: the queue only holds (hash, index) pairs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -221,6 +222,7 @@ class Senders:
                 buf, view = await self._read(t, index)
             except ReadError as exc:
                 t.read_failures += 1
+                t.last_error = ("io", str(exc), time.time())
                 log.warning(
                     "event=piece_read_failed hash=%s piece=%d code=io error=%s",
                     t.info_hash,
