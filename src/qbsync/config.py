@@ -180,6 +180,11 @@ def _parse_url(raw: str) -> str:
     return v.rstrip("/")
 
 
+def _parse_notify_url(raw: str) -> str:
+    _parse_url(raw)  # same validation; the path is kept exactly as given
+    return raw.strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # Option declarations.
 
@@ -252,6 +257,15 @@ _COMMON_TAIL = (
         "",
         _parse_optional_path,
         metavar="PATH",
+    ),
+    Option(
+        "notify_url",
+        "URL to POST a JSON event to when a torrent is synced, fails or is handed off "
+        "(empty disables it)",
+        "",
+        _parse_notify_url,
+        secret=True,  # webhook URLs often carry their token in the path or query
+        metavar="URL",
     ),
 )
 
@@ -466,6 +480,7 @@ class SourceConfig:
     dry_run: bool
     auth_token: str = attrs.field(repr=False)
     auth_token_file: Path | None
+    notify_url: str = attrs.field(default="", repr=False)
 
     role: Role = "source"
 
@@ -494,6 +509,7 @@ class DestinationConfig:
     dry_run: bool
     auth_token: str = attrs.field(repr=False)
     auth_token_file: Path | None
+    notify_url: str = attrs.field(default="", repr=False)
 
     role: Role = "destination"
 

@@ -62,6 +62,9 @@ finalization_errors = _c("finalization_errors_total", "Failed finalize attempts"
 tag_application_errors = _c(
     "tag_application_errors_total", "Failed tag writes in qBittorrent", ("mode",)
 )
+notifications = _c(
+    "notifications_total", "--notify-url events: sent, failed or dropped", ("event", "result")
+)
 
 # --- wire (both roles) ----------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from typing import Any
 import attrs
 import trio
 
-from .. import metrics, paths
+from .. import metrics, notify, paths
 from ..config import GiB
 from ..qb import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
 from ..wire.errors import ErrorCode, WireError
@@ -89,6 +89,8 @@ class FinalizerSettings:
 
 
 class Finalizer:
+    notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+
     def __init__(self, store: Store, qb: QB | None, settings: FinalizerSettings) -> None:
         self.store = store
         self.qb = qb
@@ -232,6 +234,13 @@ class Finalizer:
             qb_state,
             selection,
             unverified,
+        )
+        self.notifier.emit(
+            "synced",
+            state.info_hash,
+            state.meta.name,
+            size=state.geometry.total_size,
+            path=posixpath.join(self.qb_save_path(state), state.meta.name),
         )
         message = f"finalized ({qb_state})"
         if unverified:

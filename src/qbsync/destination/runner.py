@@ -37,6 +37,7 @@ from .. import __version__, metrics, systemd
 from .. import status as status_model
 from ..config import DestinationConfig, redacted
 from ..httpserver import Health, serve_http
+from ..notify import Notifier
 from ..qb import QB
 from ..wire import DEFAULT_MAX_PIECE, ByteBudget, serve, server_ssl_context
 from .finalizer import Finalizer, FinalizerSettings
@@ -86,6 +87,8 @@ class Daemon:
             self.store, workers=config.stream_workers, on_file_complete=self.finalizer.file_complete
         )
         self.store.on_file_complete = self.finalizer.file_complete
+        self.notifier = Notifier(config.notify_url, "destination")
+        self.finalizer.notifier = self.notifier
         self.server = DestinationServer(
             self.store, self.writer, self.finalizer, qb=self.qb, max_piece=DEFAULT_MAX_PIECE
         )
@@ -196,6 +199,7 @@ async def main(config: DestinationConfig) -> int:
             wire_scope = trio.CancelScope()
             daemon.listener_ports = await nursery.start(daemon.serve_wire, wire_scope)
             nursery.start_soon(daemon.flusher)
+            await nursery.start(daemon.notifier.run)
             nursery.start_soon(daemon.reaper)
             daemon.health.mark_ready()
             systemd.notify("READY=1\nSTATUS=listening")

@@ -44,7 +44,7 @@ from typing import Any
 import attrs
 import trio
 
-from .. import metrics
+from .. import metrics, notify
 from ..config import SourceConfig
 from ..httpserver import Health
 from ..log import kv
@@ -141,6 +141,8 @@ class _Stats:
 
 
 class Orchestrator:
+    notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+
     def __init__(
         self,
         config: SourceConfig,
@@ -735,6 +737,14 @@ class Orchestrator:
         selection = "partial" if t.meta.partial else "full"
         metrics.sync_outcomes.labels("source", "failed", selection).inc()
         self.stats.failed += 1
+        self.notifier.emit(
+            "failed",
+            h,
+            t.name,
+            size=t.meta.selected_size,
+            code=code,
+            message=t.last_error[1] if t.last_error else None,
+        )
         log.error(
             "event=sync_failed hash=%s name=%s code=%s attempts=%d tag=%s",
             h,

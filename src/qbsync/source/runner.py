@@ -33,6 +33,7 @@ from ..config import SourceConfig, redacted
 from ..httpserver import Health, serve_http
 from ..k8s import drain_decision
 from ..log import kv
+from ..notify import Notifier
 from ..qb import QB, QBError
 from ..status import StatusBuilder
 from .cache import CompletionCache
@@ -83,6 +84,7 @@ async def _main(config: SourceConfig) -> int:
     _check_state_dir(config.state_dir, config.dry_run)
 
     health = Health()
+    notifier = Notifier(config.notify_url, "source")
     qb = QB(config.qb_url, config.qb_username, config.qb_password, mode="source")
     registry = Registry()
     reader = PieceReader()
@@ -143,6 +145,7 @@ async def _main(config: SourceConfig) -> int:
                 ports = await outer.start(serve_http, config.health_addr, health)
                 log.info("event=health_listening addr=%s ports=%s", config.health_addr, ports)
             await outer.start(pool.run)
+            await outer.start(notifier.run)
             with main_scope:
                 async with trio.open_nursery() as nursery:
                     prefs = await _wait_for_qb(qb, health)
@@ -167,6 +170,7 @@ async def _main(config: SourceConfig) -> int:
                         health=health,
                     )
                     status["orchestrator"] = orchestrator
+                    orchestrator.notifier = orchestrator.cleanup.notifier = notifier
                     status["monitor"] = monitor
                     await nursery.start(orchestrator.run)
                     await nursery.start(monitor.run)
