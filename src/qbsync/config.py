@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from .source.ratelimit import RateSchedule
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -180,6 +182,22 @@ def _parse_url(raw: str) -> str:
     return v.rstrip("/")
 
 
+def _parse_rate_limit(raw: str) -> int | RateSchedule:
+    """``--rate-limit``: ``1048576``, ``50M``, ``off`` or a timetable ``"08:00,10M 23:00,off"``."""
+    text = raw.strip()
+    try:
+        return int(text, 10)  # plain numbers as before (a negative one fails the check)
+    except ValueError:
+        pass
+    if "," in text or ":" in text:
+        return RateSchedule.parse(text, parse_size)
+    return parse_size(text)
+
+
+def _rate_non_negative(v: int | RateSchedule) -> str | None:
+    return _non_negative(v) if isinstance(v, int) else None
+
+
 def _parse_notify_url(raw: str) -> str:
     _parse_url(raw)  # same validation; the path is kept exactly as given
     return raw.strip()
@@ -292,7 +310,15 @@ SOURCE_OPTIONS: tuple[Option, ...] = (
         check=_non_negative,
     ),
     Option("sleep", "Sleep interval between checks (seconds)", "30", _parse_float, check=_positive),
-    Option("rate_limit", "Max bytes/sec (0 = unlimited)", "0", _parse_int, check=_non_negative),
+    Option(
+        "rate_limit",
+        "Max bytes/sec: a number, a size like 50M, or a timetable like "
+        '"08:00,10M 23:00,off" (0 or off = unlimited)',
+        "0",
+        _parse_rate_limit,
+        check=_rate_non_negative,
+        metavar="RATE",
+    ),
     Option(
         "piece_timeout",
         "Timeout for stale in-flight pieces (seconds)",
@@ -460,7 +486,7 @@ class SourceConfig:
     min_space: float  # GiB
     min_seeding_time: int  # seconds
     sleep: float
-    rate_limit: int  # bytes/s, 0 = unlimited
+    rate_limit: int | RateSchedule  # bytes/s (0 = unlimited) or a timetable
     piece_timeout: float
     reconnect_max_delay: float
     num_senders: int
@@ -653,7 +679,7 @@ def redacted(config: Config) -> dict[str, Any]:
             out[opt.name] = "***" if value else ""
         elif value is None:
             out[opt.name] = None
-        elif isinstance(value, (Path, HostPort)):
+        elif isinstance(value, (Path, HostPort, RateSchedule)):
             out[opt.name] = str(value)
         else:
             out[opt.name] = value

@@ -79,6 +79,7 @@ wire_protocol_errors = _c(
 # --- source ---------------------------------------------------------------------------------
 
 pieces_sent = _c("pieces_sent_total", "Pieces sent to the destination")
+rate_limit = _g("rate_limit_bytes_per_second", "--rate-limit in force now (0 = unlimited)")
 bytes_sent = _c("bytes_sent_total", "Piece payload bytes sent to the destination")
 pieces_acked = _c("pieces_acked_total", "Pieces acknowledged as written")
 pieces_failed = _c("pieces_failed_total", "Piece acks with an error, by code", ("code",))

@@ -41,7 +41,7 @@ from ..log import kv
 from ..wire.errors import RETRYABLE, ConnectionClosed, ErrorCode, WireError
 from ..wire.messages import InitResult, InitTorrent, PieceAck, SyncStatus
 from .pool import Connection, ConnectionPool
-from .ratelimit import MiB, TokenBucket
+from .ratelimit import MiB, RateSchedule, make_limiter
 from .reader import FileMissing, PieceReader, ReadError
 from .state import Registry, Tracked
 
@@ -150,7 +150,7 @@ class Senders:
         *,
         num_senders: int = 4,
         piece_timeout: float = 60.0,
-        rate_limit: int = 0,
+        rate_limit: int | RateSchedule = 0,
         inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
         relocate: Callable[[Tracked], Awaitable[bool]] | None = None,
         retry_base: float = 1.0,
@@ -160,7 +160,7 @@ class Senders:
         self.reader = reader
         self.num_senders = max(1, num_senders)
         self.piece_timeout = piece_timeout
-        self.bucket = TokenBucket(rate_limit, MiB) if rate_limit > 0 else None
+        self.bucket = make_limiter(rate_limit)
         self.budget = ByteBudget(inflight_bytes)
         self._relocate = relocate
         self.retry_base = retry_base  # first retry delay after a retryable failure
