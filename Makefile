@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: chromium test lint typecheck unit fuzz integration qbittorrent venv clean bench demo python-venv
+.PHONY: image-test chromium test lint typecheck unit fuzz integration qbittorrent venv clean bench demo python-venv
 
 venv: $(STAMP)
 
@@ -71,6 +71,10 @@ integration: venv qbittorrent chromium
 
 test: venv qbittorrent chromium lint typecheck
 	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q --durations=15 tests
+
+# Build the container image on a local Debian base and smoke-test it (root; see .ci/image-test).
+image-test: venv
+	.ci/image-test
 
 bench: venv
 	$(BIN)/python bench/wire_throughput.py
