@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,3 +78,34 @@ def test_demo_ctrl_c_stops_every_process_it_started(tmp_path: Path, qb_binary: s
     assert proc.returncode == 130, "".join(lines) + out
     assert "interrupted" in out
     wait_until(lambda: _processes_under(tmp_path) == [], 10, 0.2, "no demo process left")
+
+
+def test_demo_keep_leaves_everything_running_and_says_how_to_reach_it(
+    tmp_path: Path, qb_binary: str
+) -> None:
+    import re
+    import urllib.request
+
+    proc = _demo(tmp_path, "--duration", "0", "--keep")
+    out, _ = proc.communicate(timeout=240)
+    pids: list[int] = []
+    try:
+        assert proc.returncode == 0, out
+        pids = [int(p) for p in re.search(r"stop it all with:\s+kill ([\d ]+)", out)[1].split()]  # type: ignore[index]
+        assert len(pids) == 5  # two qbsync daemons, three qBittorrents
+        for pid in pids:
+            assert Path(f"/proc/{pid}").exists(), (pid, out)
+        status_urls = re.findall(r"status (http://127\.0\.0\.1:\d+/)", out)
+        webuis = re.findall(r"WebUI (http://127\.0\.0\.1:\d+)", out)
+        assert len(status_urls) >= 2 and len(webuis) >= 3, out
+        for url in status_urls[-2:]:  # the --keep block lists both daemons' pages
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert b"<h1>qbsync " in resp.read()
+        with urllib.request.urlopen(f"{webuis[-1]}/api/v2/app/version", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        # The demo's processes, by the PIDs it printed (they outlive the demo by design).
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: _processes_under(tmp_path) == [], 30, 0.2, "kept processes stopped")
