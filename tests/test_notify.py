@@ -155,3 +155,60 @@ def test_notify_url_option_env_and_redaction(role: str) -> None:
     assert redacted(config)["notify_url"] == "***"
     with pytest.raises(ConfigError, match="notify"):
         resolve(role, {**base, "notify_url": "ftp://nope"}, {})  # type: ignore[arg-type]
+
+
+class Recording(Notifier):
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:9/unused", "source")
+        self.calls: list[tuple[str, str, str, dict[str, object]]] = []
+
+    def emit(self, event, info_hash, name, **fields) -> None:
+        self.calls.append((event, info_hash, name, fields))
+
+
+async def test_orchestrator_notifies_failed_for_good_and_status_shows_the_last_error(
+    tmp_path,
+) -> None:
+    """The source's call site: after the third failed finalize the torrent is given up on and
+    ``failed`` is emitted once, with the destination's code and message; while it was being
+    retried, /status showed state ``retrying`` and that error."""
+    from qbsync import status as status_model
+    from qbsync.wire.errors import ErrorCode, WireError
+    from qbsync.wire.messages import InitResult, InitTorrent, SyncStatus
+    from tests.test_source_orchestrator import H, _complete_torrent, _noop, make, torrent
+
+    torrents = {H[0]: torrent(H[0], state="stalledUP", progress=1)}
+    fail = WireError(ErrorCode.VERIFY_FAILED, "recheck stopped at 99%")
+    orch, _, _, _, registry = make(
+        tmp_path,
+        torrents,
+        {"Finalize": fail, "InitTorrent": InitResult(SyncStatus.READY, b"\x00", 0, 1)},
+    )
+    rec = Recording()
+    orch.notifier = rec
+    orch.cache.load()
+    t = _complete_torrent(registry, H[0])
+    t.meta.init_request = lambda resync=False: InitTorrent(H[0])
+    orch._discover = _noop
+    seen_retrying = []
+    with trio.fail_after(30):
+        while H[0] in registry:
+            t.next_finalize_at = 0
+            await orch.cycle()
+            seen_retrying += [s for s in status_model.source_torrents(registry)]
+    assert rec.calls == [
+        (
+            "failed",
+            H[0],
+            t.name,
+            {
+                "size": t.meta.selected_size,
+                "code": "verify-failed",
+                "message": "recheck stopped at 99%",
+            },
+        )
+    ]
+    assert any(
+        s.state == "retrying" and s.last_error is not None and s.last_error.code == "verify-failed"
+        for s in seen_retrying
+    ), seen_retrying

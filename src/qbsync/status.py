@@ -468,29 +468,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str], out: IO[str] | None = None) -> int:
+    """``qbsync status``: 0 when the document was shown (``--watch``: until Ctrl-C), 1 when
+    the daemon could not be read."""
     args = build_parser().parse_args(list(argv))
     out = out or sys.stdout
-    while True:
-        try:
-            doc = fetch(args.url)
-        except (OSError, urllib.error.URLError, ValueError) as exc:
-            print(f"qbsync status: cannot read {args.url}/status: {exc}", file=sys.stderr)
+    try:
+        while True:
+            shown = _show(args, out)
             if not args.watch:
-                return 1
-            doc = None
-        if doc is not None:
-            if args.watch and out.isatty():
-                from rich.console import Console
-
-                Console(file=out).clear()
-            if args.json:
-                out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-            else:
-                render_table(doc, out)
-            out.flush()
-        if not args.watch:
-            return 0
-        try:
+                return 0 if shown else 1
             time.sleep(max(0.2, args.interval))
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:
+        return 0
+
+
+def _show(args: argparse.Namespace, out: IO[str]) -> bool:
+    try:
+        doc = fetch(args.url)
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        print(f"qbsync status: cannot read {args.url}/status: {exc}", file=sys.stderr)
+        return False
+    if args.watch and out.isatty():
+        from rich.console import Console
+
+        Console(file=out).clear()
+    if args.json:
+        out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    else:
+        render_table(doc, out)
+    out.flush()
+    return True

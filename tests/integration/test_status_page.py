@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,24 @@ def test_status_page_json_and_table_against_running_daemons(
     table = qbsync_status("--url", f"http://127.0.0.1:{health}")
     assert table.splitlines()[0].startswith("role: source")
     assert any(line.startswith(rig.seeded.name) for line in table.splitlines()[2:]), table
+    # --watch refreshes until Ctrl-C, which ends it cleanly.
+    watch = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "qbsync.cli", "status"),
+            *("--url", f"http://127.0.0.1:{health}", "--watch", "--interval", "0.2"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert watch.stdout is not None
+    tables = 0
+    while tables < 2:
+        line = watch.stdout.readline()
+        assert line, "qbsync status --watch ended early"
+        tables += line.startswith("role: source")
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(30) == 0
+    watch.stdout.close()
     raw = json.loads(qbsync_status("--url", f"http://127.0.0.1:{rig.dest_health}/", "--json"))
     assert_valid(raw)
     assert raw["role"] == "destination"
