@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+import trio
 
 from qbsync import status
 from qbsync.status import DaemonStatus, ErrorInfo, StatusBuilder, TorrentStatus
@@ -156,3 +157,25 @@ def test_human_bytes(n: float | None, text: str) -> None:
 @pytest.mark.parametrize(("s", "text"), [(None, "-"), (5, "5s"), (65, "1m05s"), (3700, "1h01m")])
 def test_human_seconds(s: float | None, text: str) -> None:
     assert status.human_seconds(s) == text
+
+
+async def test_http_root_serves_the_page_with_a_strict_content_security_policy(
+    nursery: trio.Nursery,
+) -> None:
+    from tests.test_httpserver import request, start
+
+    port, health = await start(nursery)
+    empty = await request(port, "/")
+    assert empty.status == 200 and b"Starting; no status yet." in empty.body
+    b = StatusBuilder("destination")
+    health.set_status_provider(lambda: b.document(DAEMON, [torrent(3)]))
+    page = await request(port, "/")
+    assert page.status == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert page.headers["cache-control"] == "no-store"
+    assert b"<h1>qbsync destination</h1>" in page.body and b"verified 3/100" in page.body
+    head = await request(port, "/", "HEAD")
+    assert head.status == 200 and head.body == b""
+    assert (await request(port, "/?x=1")).status == 200  # a query string is ignored
+    assert (await request(port, "/", "POST", [("Content-Length", "0")])).status == 405
