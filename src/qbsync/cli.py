@@ -66,9 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qbsync {__version__}")
     sub = parser.add_subparsers(dest="role", metavar="{source,destination,demo,status}")
     sub.required = True
-    # Listed here for --help; main() hands their arguments to their own parsers.
-    for name, text in _TOOLS.items():
-        sub.add_parser(name, help=text, add_help=False)
     for role in ("source", "destination"):
         p = sub.add_parser(
             role,
@@ -84,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help='Print the resolved configuration as JSON (secrets as "***") and exit',
         )
+    # Listed here for --help; main() hands their arguments to their own parsers.
+    for name, text in _TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
