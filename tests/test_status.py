@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +180,35 @@ async def test_http_root_serves_the_page_with_a_strict_content_security_policy(
     assert head.status == 200 and head.body == b""
     assert (await request(port, "/?x=1")).status == 200  # a query string is ignored
     assert (await request(port, "/", "POST", [("Content-Length", "0")])).status == 405
+
+
+async def test_destination_torrent_status_after_a_hash_mismatch(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A real destination store and writer: /status counts streamed and verified pieces and
+    shows the last error with its code after a corrupt piece arrives."""
+    from qbsync.wire.errors import ErrorCode
+    from tests.test_destination_writer import initialized
+
+    t, d = await initialized(tmp_path, nursery)
+    [before] = status.destination_torrents(d.store)
+    assert (before.pieces_streamed, before.pieces_verified, before.last_error) == (0, 0, None)
+    assert before.pieces_total == t.num_pieces and before.state == "active"
+    assert await d.piece(t, 1) == ErrorCode.OK
+    bad = bytearray(t.piece(0))
+    bad[0] ^= 1
+    assert await d.piece(t, 0, bytes(bad)) == ErrorCode.HASH_MISMATCH
+    [after] = status.destination_torrents(d.store)
+    assert after.pieces_streamed == 1 and after.pieces_verified <= 1
+    assert after.last_error is not None and after.last_error.code == "hash-mismatch"
+    doc = StatusBuilder("destination").document(
+        status.destination_daemon(_Budget(), [1]),
+        [after],
+    )
+    assert_valid(doc)
+    assert doc["torrents"][0]["last_error"]["message"] == "SHA-1 of piece 0 does not match"
+
+
+class _Budget:
+    used = 0
+    limit = 1

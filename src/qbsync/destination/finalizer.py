@@ -184,6 +184,7 @@ class Finalizer:
             elapsed = time.monotonic() - start
             if job.error is not None:
                 metrics.finalization_errors.labels("destination").inc()
+                state.last_error = (job.error.code.value, job.error.message, time.time())
                 metrics.finalization_duration.labels("failure").observe(elapsed)
                 log.warning(
                     "event=finalize_failed hash=%s code=%s error=%s seconds=%.1f",
