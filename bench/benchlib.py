@@ -29,11 +29,12 @@ from typing import Any
 from tests.qbharness import (
     QBInstance,
     QbsyncProcess,
-    _stop_process,
     free_port,
     make_torrent,
     wait_until,
 )
+
+from qbsync.qbinstance import stop_process
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -260,7 +261,7 @@ class Stack:
                 proc.stop()
         for other in self.others:
             with contextlib.suppress(Exception):
-                _stop_process(other, 10)
+                stop_process(other, 10)
         for inst in self.qbs:
             with contextlib.suppress(Exception):
                 inst.stop()

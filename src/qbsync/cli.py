@@ -24,6 +24,12 @@ _DESCRIPTIONS: dict[Role, str] = {
 }
 
 
+_TOOLS = {
+    "demo": "Sync a sample torrent between throwaway qBittorrents on 127.0.0.1 and show it",
+    "status": "Show a daemon's /status as a table (qbsync status --help)",
+}
+
+
 def _add_option(parser: argparse.ArgumentParser, role: Role, opt: Option) -> None:
     default = f"(default: {opt.default})" if opt.default else "(default: empty)"
     if opt.required:
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sync torrents between two qBittorrent instances, piece by piece.",
     )
     parser.add_argument("--version", action="version", version=f"qbsync {__version__}")
-    sub = parser.add_subparsers(dest="role", metavar="{source,destination}")
+    sub = parser.add_subparsers(dest="role", metavar="{source,destination,demo,status}")
     sub.required = True
     for role in ("source", "destination"):
         p = sub.add_parser(
@@ -76,12 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help='Print the resolved configuration as JSON (secrets as "***") and exit',
         )
+    # Listed here for --help; main() hands their arguments to their own parsers.
+    for name, text in _TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["demo"]:
+        from . import demo
+
+        return demo.main(args_list[1:])
+    if args_list[:1] == ["status"]:
+        from . import status
+
+        return status.main(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     role: Role = args.role
     flags = {opt.name: getattr(args, opt.name) for opt in options_for(role)}
     for name in REPEATABLE & flags.keys():  # a repeated flag is one comma-separated list

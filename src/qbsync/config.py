@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from .log import redact_url
+from .source.ratelimit import RateSchedule
 from .wire.address import HostPort as HostPort  # re-exported: the config type of addresses
 
 GiB = 1024**3
@@ -70,6 +71,30 @@ def _parse_float(raw: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"not a finite number: {raw!r}")
     return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(raw: str) -> int:
+    """A byte count: ``1048576``, ``512K``, ``50M``, ``1.5G`` (binary units, like rclone:
+    ``K`` = KiB; a trailing ``B``/``iB`` is accepted, so ``50MiB`` works too), ``off`` = 0."""
+    text = raw.strip().lower()
+    if text == "off":
+        return 0
+    for tail in ("ib", "b"):
+        if len(text) > len(tail) and text.endswith(tail) and text[-len(tail) - 1].isalpha():
+            text = text[: -len(tail)]
+            break
+    unit = text[-1:] if text[-1:].isalpha() else ""
+    number = text[: len(text) - len(unit)]
+    if unit not in _SIZE_UNITS or not number or not all(c.isdigit() or c == "." for c in number):
+        raise ValueError(f"not a size: {raw!r} (examples: 1048576, 512K, 50M, 1.5G, off)")
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"not a size: {raw!r} (examples: 1048576, 512K, 50M, 1.5G, off)") from None
+    return int(value)
 
 
 def _parse_str(raw: str) -> str:
@@ -212,12 +237,33 @@ def _options_of(cls: type) -> tuple[Option, ...]:
     )
 
 
+def _parse_rate_limit(raw: str) -> int | RateSchedule:
+    """``--rate-limit``: ``1048576``, ``50M``, ``off`` or a timetable ``"08:00,10M 23:00,off"``."""
+    text = raw.strip()
+    try:
+        return int(text, 10)  # plain numbers as before (a negative one fails the check)
+    except ValueError:
+        pass
+    if "," in text or ":" in text:
+        return RateSchedule.parse(text, parse_size)
+    return parse_size(text)
+
+
+def _parse_notify_url(raw: str) -> str:
+    _parse_url(raw)  # same validation; the path is kept exactly as given
+    return raw.strip()
+
+
 def _positive(v: float) -> str | None:
     return None if v > 0 else "must be greater than 0"
 
 
 def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must not be negative"
+
+
+def _rate_non_negative(v: int | RateSchedule) -> str | None:
+    return _non_negative(v) if isinstance(v, int) else None
 
 
 def _tag_ok(v: str) -> str | None:
@@ -282,6 +328,17 @@ def _arr_api_key() -> Any:
         _parse_str_list,
         secret=True,
         metavar="KEY[,KEY...]",
+    )
+
+
+def _notify_url() -> Any:
+    return option(
+        "URL to POST a JSON event to when a torrent is synced, fails or is handed off "
+        "(empty disables it)",
+        "",
+        _parse_notify_url,
+        secret=True,  # webhook URLs often carry their token in the path or query
+        metavar="URL",
     )
 
 
@@ -351,8 +408,13 @@ class SourceConfig:
     sleep: float = option(
         "Sleep interval between checks (seconds)", "30", _parse_float, check=_positive
     )
-    rate_limit: int = option(  # bytes/s
-        "Max bytes/sec (0 = unlimited)", "0", _parse_int, check=_non_negative
+    rate_limit: int | RateSchedule = option(  # bytes/s (0 = unlimited) or a timetable
+        "Max bytes/sec: a number, a size like 50M, or a timetable like "
+        '"08:00,10M 23:00,off" (0 or off = unlimited)',
+        "0",
+        _parse_rate_limit,
+        check=_rate_non_negative,
+        metavar="RATE",
     )
     piece_timeout: float = option(
         "Timeout for stale in-flight pieces (seconds)",
@@ -426,6 +488,7 @@ class SourceConfig:
     dry_run: bool = _dry_run()
     auth_token: str = _auth_token()
     auth_token_file: Path | None = _auth_token_file()
+    notify_url: str = _notify_url()
 
     role: Role = "source"
 
@@ -499,6 +562,7 @@ class DestinationConfig:
     dry_run: bool = _dry_run()
     auth_token: str = _auth_token()
     auth_token_file: Path | None = _auth_token_file()
+    notify_url: str = _notify_url()
 
     role: Role = "destination"
 
@@ -700,7 +764,7 @@ def redacted(config: Config) -> dict[str, Any]:
             out[opt.name] = redact_url(value)
         elif value is None:
             out[opt.name] = None
-        elif isinstance(value, (Path, HostPort)):
+        elif isinstance(value, (Path, HostPort, RateSchedule)):
             out[opt.name] = str(value)
         else:
             out[opt.name] = value

@@ -16,7 +16,10 @@ Endpoints (``GET`` and ``HEAD`` only):
 ``/metrics``
     Prometheus exposition of :mod:`qbsync.metrics`.
 ``/status``
-    JSON from the runner's status provider (404 when none is set).
+    JSON from the runner's status provider (404 when none is set); schema in ``docs/status.md``.
+``/``
+    The same, as a small read-only HTML page rendered here (:func:`qbsync.status.render_html`):
+    no script, no external asset, refreshing itself, readable on a phone.
 
 ``/livez`` and ``/readyz`` answer like the Go reference: ``{"status": "ok" | "unhealthy" |
 "not ready", "checks": {name: "ok" | reason}}`` (``checks`` left out when there are none), with
@@ -219,7 +222,7 @@ def _reason(exc: BaseException) -> str:
 # HTTP plumbing.
 
 ALLOWED_METHODS = (b"GET", b"HEAD")
-ROUTES = ("/healthz", "/livez", "/readyz", "/metrics", "/status")
+ROUTES = ("/healthz", "/livez", "/readyz", "/metrics", "/status", "/")
 JSON = "application/json"
 _REASONS = {
     200: "OK",
@@ -282,6 +285,15 @@ async def _route(health: Health, method: bytes, target: bytes) -> _Response:
     if path == "/metrics":
         body, content_type = metrics.render()
         return _Response(200, body, content_type)
+    if path == "/":
+        from .status import CSP, render_html
+
+        return _Response(
+            200,
+            render_html(health.status()).encode(),
+            "text/html; charset=utf-8",
+            extra_headers=(("Content-Security-Policy", CSP), ("X-Content-Type-Options", "nosniff")),
+        )
     # /status
     status = health.status()
     if status is None:

@@ -82,6 +82,9 @@ finalization_errors = _c("finalization_errors_total", "Failed finalize attempts"
 tag_application_errors = _c(
     "tag_application_errors_total", "Failed tag writes in qBittorrent", ("mode",)
 )
+notifications = _c(
+    "notifications_total", "--notify-url events: sent, failed or dropped", ("event", "result")
+)
 
 # --- wire (both roles) ----------------------------------------------------------------------
 
@@ -96,6 +99,7 @@ wire_protocol_errors = _c(
 # --- source ---------------------------------------------------------------------------------
 
 pieces_sent = _c("pieces_sent_total", "Pieces sent to the destination")
+rate_limit = _g("rate_limit_bytes_per_second", "--rate-limit in force now (0 = unlimited)")
 bytes_sent = _c("bytes_sent_total", "Piece payload bytes sent to the destination")
 pieces_acked = _c("pieces_acked_total", "Pieces acknowledged as written")
 pieces_failed = _c("pieces_failed_total", "Piece acks with an error, by code", ("code",))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -380,3 +381,49 @@ def _v2_files(tree: Any, root: str) -> Iterator[tuple[str, int]]:
             yield f"{root}/{name}", _int(node[b""].get(b"length", 0), "file tree length")
         else:
             yield from _v2_files(node, f"{root}/{name}")
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def create_metainfo(root: Path, piece_length: int, *, name: str | None = None) -> bytes:
+    """A trackerless, non-private v1 ``.torrent`` for the file or directory ``root``.
+
+    ``qbsync demo`` uses it to make its sample torrent without a third-party torrent library:
+    files are listed in sorted path order, pieces run across file boundaries (BEP 3), and the
+    document holds no announce URL, so nothing is ever announced. ``private`` is left out
+    entirely (``private=0`` would be a different info-hash for the same data).
+    """
+    if piece_length <= 0 or piece_length & (piece_length - 1) or piece_length < 16 * 1024:
+        raise ValueError("piece length must be a power of two of at least 16 KiB")
+    if root.is_dir():
+        paths = sorted(p for p in root.rglob("*") if p.is_file())
+        if not paths:
+            raise ValueError(f"{root} holds no files")
+        rel = [p.relative_to(root).parts for p in paths]
+    else:
+        paths, rel = [root], []
+    hashes: list[bytes] = []
+    buf = bytearray()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(piece_length - len(buf)):
+                buf += chunk
+                if len(buf) == piece_length:
+                    hashes.append(hashlib.sha1(buf).digest())
+                    buf.clear()
+    if buf:
+        hashes.append(hashlib.sha1(buf).digest())
+    info: dict[str, Any] = {
+        "name": name or root.name,
+        "piece length": piece_length,
+        "pieces": b"".join(hashes),
+    }
+    if rel:
+        info["files"] = [
+            {"length": p.stat().st_size, "path": list(parts)}
+            for p, parts in zip(paths, rel, strict=True)
+        ]
+    else:
+        info["length"] = root.stat().st_size
+    return bencode({"info": info})

@@ -55,7 +55,7 @@ from typing import Any
 import attrs
 import trio
 
-from .. import metrics, paths
+from .. import metrics, notify, paths
 from ..arr import ArrSet
 from ..config import GiB
 from ..log import paths_kv
@@ -113,6 +113,8 @@ class FinalizerSettings:
 
 
 class Finalizer:
+    notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+
     def __init__(self, store: Store, qb: QB | None, settings: FinalizerSettings) -> None:
         self.store = store
         self.qb = qb
@@ -217,6 +219,7 @@ class Finalizer:
             elapsed = time.monotonic() - start
             if job.error is not None:
                 metrics.finalization_errors.labels("destination").inc()
+                state.last_error = (job.error.code.value, job.error.message, time.time())
                 metrics.finalization_duration.labels("failure").observe(elapsed)
                 log.warning(
                     "event=finalize_failed hash=%s code=%s error=%s seconds=%.1f",
@@ -268,6 +271,13 @@ class Finalizer:
             qb_state,
             selection,
             unverified,
+        )
+        self.notifier.emit(
+            "synced",
+            state.info_hash,
+            state.meta.name,
+            size=state.geometry.total_size,
+            path=posixpath.join(self.qb_save_path(state), state.meta.name),
         )
         if self.arr:  # verified and in place: now *arr may import it (never raises)
             content = posixpath.join(self.qb_save_path(state), state.meta.name)

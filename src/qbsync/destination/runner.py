@@ -35,9 +35,11 @@ from pathlib import Path
 import trio
 
 from .. import __version__, metrics, systemd
+from .. import status as status_model
 from ..arr import ArrSet
 from ..config import DestinationConfig, redacted
 from ..httpserver import Health, serve_http
+from ..notify import Notifier
 from ..qb import QB
 from ..wire import DEFAULT_MAX_PIECE, ByteBudget, serve, server_ssl_context
 from .finalizer import Finalizer, FinalizerSettings
@@ -97,11 +99,14 @@ class Daemon:
             self.store, workers=config.stream_workers, on_file_complete=self.finalizer.file_complete
         )
         self.store.on_file_complete = self.finalizer.file_complete
+        self.notifier = Notifier(config.notify_url, "destination")
+        self.finalizer.notifier = self.notifier
         self.server = DestinationServer(
             self.store, self.writer, self.finalizer, qb=self.qb, max_piece=DEFAULT_MAX_PIECE
         )
         self.budget = ByteBudget(config.max_stream_buffer_bytes, hooks=metrics.WIRE_METRICS)
         self.health = Health()
+        self.status_builder = status_model.StatusBuilder("destination")
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
         if self.qb is not None:
@@ -117,7 +122,14 @@ class Daemon:
         out["buffer_bytes"] = self.budget.used
         out["buffer_limit_bytes"] = self.budget.limit
         out["listen_ports"] = self.listener_ports
-        return out
+        legacy_torrents = out.pop("torrents", [])
+        doc = self.status_builder.document(
+            status_model.destination_daemon(self.budget, self.listener_ports),
+            status_model.destination_torrents(self.store),
+            legacy=out,
+        )
+        status_model.merge_legacy_torrents(doc, legacy_torrents)  # type: ignore[arg-type]
+        return doc
 
     async def flusher(self) -> None:
         """Persist progress every FLUSH_INTERVAL; a failed flush is retried on the next tick."""
@@ -230,6 +242,7 @@ async def main(config: DestinationConfig) -> int:
             wire_scope = trio.CancelScope()
             daemon.listener_ports = await nursery.start(daemon.serve_wire, wire_scope)
             nursery.start_soon(daemon.flusher)
+            await nursery.start(daemon.notifier.run)
             nursery.start_soon(daemon.reaper)
             if not config.auth_token and not is_loopback(config.listen.host):
                 nursery.start_soon(_warn_unauthenticated_hourly, config)

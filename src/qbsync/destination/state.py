@@ -317,6 +317,7 @@ class TorrentState:
     scan_done: trio.Event | None = None
     finalize: Any = None  # the running or finished finalization (finalizer.FinalizeJob)
     dry_seen: Bitfield | None = None  # dry run: pieces received and hash-checked (memory only)
+    last_error: tuple[str, str, float] | None = None  # (code, message, unix time), for /status
     cancel_scopes: set[trio.CancelScope] = attrs.field(factory=set)
     tasks: int = 0
     _tasks_idle: trio.Event | None = None

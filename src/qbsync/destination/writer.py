@@ -170,6 +170,11 @@ class Writer:
     ) -> Outcome:
         if matched is None:
             metrics.piece_hash_failures.inc()
+            state.last_error = (
+                "hash-mismatch",
+                f"SHA-1 of piece {index} does not match",
+                time.time(),
+            )
             log.info(
                 "event=piece_hash_mismatch hash=%s piece=%d code=%s",
                 state.info_hash,

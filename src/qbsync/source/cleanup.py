@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import trio
 
-from .. import metrics
+from .. import metrics, notify
 from ..log import kv
 from ..qb import QB, QBError, split_tags
 from ..wire.errors import ErrorCode, WireError
@@ -134,6 +134,8 @@ class CleanupResult:
 
 
 class Cleanup:
+    notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+
     def __init__(
         self,
         *,
@@ -304,6 +306,7 @@ class Cleanup:
                 "event=handoff_delete_failed hash=%s code=qb-error error=%s", h, kv(str(exc))
             )
         metrics.cleanup_torrents_handed_off.inc()
+        self.notifier.emit("handed_off", h, c.name, size=c.size)
         log.info(
             "event=handed_off hash=%s name=%s bytes=%d tag=%s",
             h,

@@ -46,7 +46,7 @@ from typing import Any
 import attrs
 import trio
 
-from .. import metrics
+from .. import metrics, notify
 from ..arr import RECHECK_AFTER as ARR_RECHECK
 from ..arr import ArrSet
 from ..config import SourceConfig
@@ -171,6 +171,8 @@ class _Stats:
 
 
 class Orchestrator:
+    notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+
     def __init__(
         self,
         config: SourceConfig,
@@ -737,6 +739,7 @@ class Orchestrator:
             await self._reinit(t)
             return
         t.finalize_failures += 1
+        t.last_error = (exc.code.value, exc.message or str(exc), time.time())
         t.finalize_polls = 0
         log.warning(
             "event=finalize_failed hash=%s code=%s attempt=%d max=%d error=%s",
@@ -808,6 +811,14 @@ class Orchestrator:
         selection = "partial" if t.meta.partial else "full"
         metrics.sync_outcomes.labels("source", "failed", selection).inc()
         self.stats.failed += 1
+        self.notifier.emit(
+            "failed",
+            h,
+            t.name,
+            size=t.meta.selected_size,
+            code=code,
+            message=t.last_error[1] if t.last_error else None,
+        )
         log.error(
             "event=sync_failed hash=%s name=%s code=%s attempts=%d tag=%s",
             h,

@@ -28,11 +28,14 @@ from typing import Any
 import trio
 
 from .. import __version__, metrics, systemd
+from .. import status as status_model
 from ..config import SourceConfig, redacted
 from ..httpserver import Health, serve_http
 from ..k8s import drain_decision, kube_source
 from ..log import kv, redact_url
+from ..notify import Notifier
 from ..qb import QB, QBError
+from ..status import StatusBuilder
 from .cache import CompletionCache
 from .monitor import Monitor
 from .orchestrator import Orchestrator
@@ -86,6 +89,7 @@ async def _main(config: SourceConfig) -> int:
     _check_state_dir(config.state_dir, config.dry_run)
 
     health = Health()
+    notifier = Notifier(config.notify_url, "source")
     qb = QB(
         config.qb_url,
         config.qb_username,
@@ -113,7 +117,8 @@ async def _main(config: SourceConfig) -> int:
     health.add_ready_check("qbittorrent", qb.ping)
     health.add_ready_check("destination", destination_ready)
     status: dict[str, Any] = {}
-    health.set_status_provider(lambda: _status(status, pool, registry))
+    builder = StatusBuilder("source")
+    health.set_status_provider(lambda: _status(status, pool, registry, builder))
 
     signals_seen = 0
     exit_code = EXIT_OK
@@ -151,6 +156,7 @@ async def _main(config: SourceConfig) -> int:
                 ports = await outer.start(serve_http, config.health_addr, health)
                 log.info("event=health_listening addr=%s ports=%s", config.health_addr, ports)
             await outer.start(pool.run)
+            await outer.start(notifier.run)
             with main_scope:
                 async with trio.open_nursery() as nursery:
                     prefs = await _wait_for_qb(qb, health)
@@ -175,6 +181,7 @@ async def _main(config: SourceConfig) -> int:
                         health=health,
                     )
                     status["orchestrator"] = orchestrator
+                    orchestrator.notifier = orchestrator.cleanup.notifier = notifier
                     status["monitor"] = monitor
                     await nursery.start(orchestrator.run)
                     await nursery.start(monitor.run)
@@ -281,7 +288,9 @@ def _check_state_dir(path: Path, dry_run: bool) -> None:
         )
 
 
-def _status(parts: dict[str, Any], pool: ConnectionPool, registry: Registry) -> dict[str, Any]:
+def _status(
+    parts: dict[str, Any], pool: ConnectionPool, registry: Registry, builder: StatusBuilder
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "role": "source",
         "version": __version__,
@@ -307,4 +316,5 @@ def _status(parts: dict[str, Any], pool: ConnectionPool, registry: Registry) -> 
     senders: Senders | None = parts.get("senders")
     if senders is not None:
         out["senders"] = senders.status()
-    return out
+    daemon = status_model.source_daemon(pool, registry, senders)
+    return builder.document(daemon, status_model.source_torrents(registry), legacy=out)

@@ -29,6 +29,7 @@ the queue length: the queue only holds (hash, index) pairs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,7 +41,7 @@ from ..log import kv
 from ..wire.errors import RETRYABLE, ConnectionClosed, ErrorCode, WireError
 from ..wire.messages import InitResult, InitTorrent, PieceAck, SyncStatus
 from .pool import Connection, ConnectionPool
-from .ratelimit import MiB, TokenBucket
+from .ratelimit import MiB, RateSchedule, make_limiter
 from .reader import FileMissing, PieceReader, ReadError
 from .state import Registry, Tracked
 
@@ -149,7 +150,7 @@ class Senders:
         *,
         num_senders: int = 4,
         piece_timeout: float = 60.0,
-        rate_limit: int = 0,
+        rate_limit: int | RateSchedule = 0,
         inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
         relocate: Callable[[Tracked], Awaitable[bool]] | None = None,
         retry_base: float = 1.0,
@@ -159,7 +160,7 @@ class Senders:
         self.reader = reader
         self.num_senders = max(1, num_senders)
         self.piece_timeout = piece_timeout
-        self.bucket = TokenBucket(rate_limit, MiB) if rate_limit > 0 else None
+        self.bucket = make_limiter(rate_limit)
         self.budget = InflightBytes(inflight_bytes)
         self._relocate = relocate
         self.retry_base = retry_base  # first retry delay after a retryable failure
@@ -221,6 +222,7 @@ class Senders:
                 buf, view = await self._read(t, index)
             except ReadError as exc:
                 t.read_failures += 1
+                t.last_error = ("io", str(exc), time.time())
                 log.warning(
                     "event=piece_read_failed hash=%s piece=%d code=io error=%s",
                     t.info_hash,

@@ -42,6 +42,7 @@ class Tracked:
     next_finalize_at: float = 0.0  # monotonic
     finalize_started: float = 0.0
     read_failures: int = 0
+    last_error: tuple[str, str, float] | None = None  # (code, message, unix time), for /status
 
     @property
     def name(self) -> str:

@@ -1,0 +1,371 @@
+"""Local qBittorrent instances on 127.0.0.1 with generated, isolated profiles.
+
+``qbsync demo`` and the integration tests both need to start throwaway ``qbittorrent-nox``
+processes that never talk beyond loopback: a default profile would enable DHT, LSD, UPnP and
+a GeoIP download from the internet, so every instance gets a profile written before its first
+start, listens only on 127.0.0.1 with ports from :func:`free_port`, and is stopped by its own
+PID (several copies may run on one machine at once, so nothing here uses a fixed port, a fixed
+path or a broad ``pkill``). The test harness (``tests/qbharness.py``) builds on this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import qbittorrentapi
+
+KiB = 1024
+MiB = 1024 * KiB
+
+QB_USERNAME = "admin"
+# States in which a torrent with all data present is seeding (4.x and 5.x names).
+SEEDING_STATES = frozenset({"stalledUP", "uploading", "queuedUP", "forcedUP"})
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago.
+
+    There is a small race (someone else may take it before we bind it); :class:`QBInstance`
+    retries with new ports when qBittorrent cannot bind, so tests do not flake on it.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(
+    pred: Callable[[], T],
+    timeout: float,
+    interval: float = 0.1,
+    what: str = "",
+    *,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Poll ``pred`` until it returns something truthy and return that value.
+
+    Raises :class:`TimeoutError` naming ``what`` and the last value seen. Exceptions from
+    ``pred`` propagate (a broken predicate must fail the test, not time out) unless they are
+    instances of ``ignore`` -- e.g. ``IndexError`` while a torrent is not listed yet.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            result = pred()
+        except ignore as exc:
+            last = exc
+        else:
+            if result:
+                return result
+            last = result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"timed out after {timeout:g}s waiting for {what or pred!r}; last: {last!r}"
+            )
+        time.sleep(interval)
+
+
+def make_payload(root: Path, files: Mapping[str, int], seed: int = 0) -> Path:
+    """Write deterministic pseudo-random files under ``root`` and return ``root``.
+
+    ``files`` maps relative paths (``"sub/c.bin"``) to sizes. The content depends only on
+    ``seed``, the path and the size, so two calls produce identical bytes (handy to place the
+    "same" data on a destination) and different seeds produce different bytes.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, size in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(f"{seed}:{rel}")
+        path.write_bytes(rng.randbytes(size))
+    return root
+
+
+def qb_password_conf_value(password: str) -> str:
+    """The ``WebUI\\Password_PBKDF2`` value qBittorrent 4.2+ expects (PBKDF2-HMAC-SHA512)."""
+    salt = os.urandom(16)
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 100_000, dklen=64)
+    return f'"@ByteArray({base64.b64encode(salt).decode()}:{base64.b64encode(key).decode()})"'
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM our own child, wait, SIGKILL if it does not go; always reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.wait()
+
+
+class QBInstance:
+    """One real ``qbittorrent-nox`` on 127.0.0.1 with a generated, isolated profile.
+
+    ``LocalHostAuth`` is off unless ``password`` is given, so ``api`` needs no login. With a
+    password, the WebUI requires ``username``/``password`` (``MaxAuthenticationFailCount`` is
+    raised so a test with a wrong password does not ban 127.0.0.1 for an hour).
+    """
+
+    binary = "qbittorrent-nox"  # the executable; a subclass or instance may point elsewhere
+    new_session = False  # start in its own session (a terminal's Ctrl-C does not reach it)
+
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        *,
+        refresh_ms: int = 250,
+        save_path: Path | None = None,
+        temp_path: Path | None = None,
+        incomplete_ext: bool = False,
+        password: str | None = None,
+        start: bool = True,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.root = root
+        self.profile = root / "profile"
+        self.save_path = save_path if save_path is not None else root / "downloads"
+        self.temp_path = temp_path
+        self.incomplete_ext = incomplete_ext
+        self.refresh_ms = refresh_ms
+        self.username: str | None = QB_USERNAME if password is not None else None
+        self.password = password
+        self.start_timeout = start_timeout
+        self.webui_port = 0
+        self.bt_port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+        self._log_offset = 0
+        self.api: qbittorrentapi.Client = None  # type: ignore[assignment]  # set by start()
+        self.save_path.mkdir(parents=True, exist_ok=True)
+        if temp_path is not None:
+            temp_path.mkdir(parents=True, exist_ok=True)
+        if start:
+            self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.webui_port}"
+
+    @property
+    def conf_path(self) -> Path:
+        return self.profile / "qBittorrent" / "config" / "qBittorrent.conf"
+
+    @property
+    def log_path(self) -> Path:
+        """qBittorrent's own log (the process's stdout is in ``<root>/stdout.log``)."""
+        return self.profile / "qBittorrent" / "data" / "logs" / "qbittorrent.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def qbsync_args(self) -> list[str]:
+        """``--qb-url`` (and credentials, if any) for a qbsync process talking to this instance."""
+        args = ["--qb-url", self.url]
+        if self.password is not None:
+            args += ["--qb-username", QB_USERNAME, "--qb-password", self.password]
+        return args
+
+    def _write_conf(self) -> None:
+        # The WebUI always gets a password hash, even with LocalHostAuth off, so there is never
+        # a well-known default password on a listening port.
+        password = self.password if self.password is not None else secrets.token_hex(16)
+        temp = self.temp_path
+        lines = [
+            "[LegalNotice]",
+            "Accepted=true",
+            "",
+            "[Network]",
+            "PortForwardingEnabled=false",
+            "",
+            "[BitTorrent]",
+            f"Session\\Port={self.bt_port}",
+            "Session\\Interface=lo",
+            "Session\\InterfaceName=lo",
+            "Session\\InterfaceAddress=127.0.0.1",
+            "Session\\DHTEnabled=false",
+            "Session\\PeXEnabled=false",
+            "Session\\LSDEnabled=false",
+            "Session\\MultiConnectionsPerIp=true",
+            "Session\\BTProtocol=TCP",
+            f"Session\\RefreshInterval={self.refresh_ms}",
+            "Session\\QueueingSystemEnabled=false",
+            f"Session\\DefaultSavePath={self.save_path}",
+            f"Session\\TempPathEnabled={'true' if temp is not None else 'false'}",
+            *([f"Session\\TempPath={temp}"] if temp is not None else []),
+            f"Session\\AddExtensionToIncompleteFiles={'true' if self.incomplete_ext else 'false'}",
+            "",
+            "[Preferences]",
+            "WebUI\\Enabled=true",
+            "WebUI\\Address=127.0.0.1",
+            f"WebUI\\Port={self.webui_port}",
+            "WebUI\\UseUPnP=false",
+            f"WebUI\\LocalHostAuth={'true' if self.password is not None else 'false'}",
+            f"WebUI\\Username={QB_USERNAME}",
+            f"WebUI\\Password_PBKDF2={qb_password_conf_value(password)}",
+            "WebUI\\MaxAuthenticationFailCount=1000",
+            "WebUI\\CSRFProtection=false",
+            "WebUI\\HostHeaderValidation=false",
+            "Connection\\ResolvePeerCountries=false",
+            "DynDNS\\Enabled=false",
+            "",
+        ]
+        self.conf_path.parent.mkdir(parents=True, exist_ok=True)
+        self.conf_path.write_text("\n".join(lines))
+
+    def start(self) -> None:
+        """Start and wait until the WebUI answers and the BitTorrent port listens.
+
+        The first start picks fresh ports and retries with new ones if another process grabbed
+        one in the meantime; a restart reuses the ports (peers and qbsync know them).
+        """
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        if self.webui_port:
+            self._spawn_and_wait()
+            return
+        for attempt in range(3):
+            self.webui_port, self.bt_port = free_port(), free_port()
+            self._write_conf()
+            try:
+                self._spawn_and_wait()
+                return
+            except _PortInUse:
+                self.stop()
+                if attempt == 2:
+                    raise
+
+    def _spawn_and_wait(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.root / "stdout.log", "ab")  # noqa: SIM115  # closed in stop()
+        # qBittorrent appends to its log across restarts; only look at this run's lines.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.proc = subprocess.Popen(
+            [self.binary, f"--profile={self.profile}"],
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=self.new_session,
+        )
+        self.api = qbittorrentapi.Client(
+            host=self.url,
+            FORCE_SCHEME_FROM_HOST=True,  # no HTTPS probing of a plain-HTTP WebUI
+            username=self.username,
+            password=self.password,
+            REQUESTS_ARGS={"timeout": (2, 30)},
+            DISABLE_LOGGING_DEBUG_OUTPUT=True,
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"qbittorrent-nox {self.name} exited with {self.proc.returncode}; "
+                    f"see {self.root / 'stdout.log'}"
+                )
+            if self._log_has("Web UI: Unable to bind") or self._log_has("Failed to listen"):
+                raise _PortInUse(self.name)
+            try:
+                if self.password is not None:
+                    self.api.auth_log_in()
+                self.api.app_version()
+                break
+            except qbittorrentapi.APIConnectionError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"qbittorrent-nox {self.name} did not answer") from None
+                time.sleep(0.05)
+        # Wait for the BitTorrent listen socket too: a peer added before it exists is refused.
+        wait_until(
+            lambda: self._log_has(f"TCP/{self.bt_port}") or self._log_has("Failed to listen"),
+            self.start_timeout,
+            0.05,
+            f"{self.name} listening on TCP/{self.bt_port}",
+        )
+        if self._log_has("Failed to listen"):
+            raise _PortInUse(self.name)
+        self._check_isolated()
+
+    def _log_has(self, text: str) -> bool:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self._log_offset)
+                return text.encode() in fh.read()
+        except FileNotFoundError:
+            return False
+
+    def _check_isolated(self) -> None:
+        """Refuse to run a test against an instance that would talk beyond loopback."""
+        prefs = self.api.app_preferences()
+        bad = {
+            k: prefs.get(k)
+            for k, want in (
+                ("dht", False),
+                ("pex", False),
+                ("lsd", False),
+                ("upnp", False),
+                ("web_ui_upnp", False),
+                ("resolve_peer_countries", False),
+                ("current_network_interface", "lo"),
+                ("current_interface_address", "127.0.0.1"),
+                ("enable_multi_connections_from_same_ip", True),
+            )
+            if prefs.get(k) != want
+        }
+        if bad:
+            self.stop()
+            raise RuntimeError(f"qbittorrent-nox {self.name} profile not applied: {bad}")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM our own PID, wait, SIGKILL if needed. Idempotent. Returns the exit code."""
+        code = None
+        if self.proc is not None:
+            code = stop_process(self.proc, timeout)
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        return code
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports and profile (torrents and tags persist)."""
+        self.stop()
+        self.start()
+
+    # -- small conveniences used by many tests -------------------------------------------
+
+    def info(self, info_hash: str) -> Any | None:
+        """``torrents_info`` for one hash, or None when the torrent is not listed."""
+        found = self.api.torrents_info(torrent_hashes=info_hash)
+        return found[0] if found else None
+
+    def wait_seeding(self, info_hash: str, timeout: float = 60.0) -> Any:
+        """Wait until the torrent is complete and seeding; return its info."""
+
+        def seeding() -> Any:
+            t = self.info(info_hash)
+            return t if t is not None and t.progress == 1 and t.state in SEEDING_STATES else None
+
+        return wait_until(seeding, timeout, 0.1, f"{self.name} seeding {info_hash}")
+
+    def __repr__(self) -> str:
+        return f"QBInstance({self.name!r}, url={self.url}, bt_port={self.bt_port}, pid={self.pid})"
+
+
+class _PortInUse(RuntimeError):
+    """qBittorrent could not bind a port we picked (someone took it meanwhile)."""

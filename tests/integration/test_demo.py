@@ -1,0 +1,111 @@
+"""``qbsync demo`` end to end: real qbittorrent-nox instances and real qbsync daemons."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.qbharness import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _processes_under(path: Path) -> list[str]:
+    """Command lines of live processes that mention ``path`` (what the demo started there)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmd and state != "Z":
+            found.append(f"{entry.name}: {cmd}")
+    return found
+
+
+def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QBSYNC_")}
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "qbsync.cli", "demo", "--size", "6M", "--files", "3"),
+            *("--piece-size", "64K", "--dir", str(tmp_path), "--timeout", "120", *extra),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def test_demo_syncs_verifies_compares_and_leaves_nothing_running(
+    tmp_path: Path, qb_binary: str
+) -> None:
+    proc = _demo(tmp_path, "--duration", "3")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "verified         yes" in out, out
+    assert "3/3 identical byte for byte" in out, out
+    assert "result           OK" in out, out
+    # Not a terminal: plain progress lines, the last one the verified end state.
+    progress = [line for line in out.splitlines() if "destination streamed" in line]
+    assert progress and progress[-1].endswith("| verified"), out
+    assert _processes_under(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []  # a successful run removes its own work directory
+
+
+def test_demo_ctrl_c_stops_every_process_it_started(tmp_path: Path, qb_binary: str) -> None:
+    proc = _demo(tmp_path, "--duration", "60")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while not any("qbsync source started" in line for line in lines):
+        line = proc.stdout.readline()
+        assert line and time.monotonic() < deadline, "".join(lines)
+        lines.append(line)
+    assert _processes_under(tmp_path), "the demo's processes should be running now"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + out
+    assert "interrupted" in out
+    wait_until(lambda: _processes_under(tmp_path) == [], 10, 0.2, "no demo process left")
+
+
+def test_demo_keep_leaves_everything_running_and_says_how_to_reach_it(
+    tmp_path: Path, qb_binary: str
+) -> None:
+    import re
+    import urllib.request
+
+    proc = _demo(tmp_path, "--duration", "0", "--keep")
+    out, _ = proc.communicate(timeout=240)
+    pids: list[int] = []
+    try:
+        assert proc.returncode == 0, out
+        pids = [int(p) for p in re.search(r"stop it all with:\s+kill ([\d ]+)", out)[1].split()]  # type: ignore[index]
+        assert len(pids) == 5  # two qbsync daemons, three qBittorrents
+        for pid in pids:
+            assert Path(f"/proc/{pid}").exists(), (pid, out)
+        status_urls = re.findall(r"status (http://127\.0\.0\.1:\d+/)", out)
+        webuis = re.findall(r"WebUI (http://127\.0\.0\.1:\d+)", out)
+        assert len(status_urls) >= 2 and len(webuis) >= 3, out
+        for url in status_urls[-2:]:  # the --keep block lists both daemons' pages
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert b"<h1>qbsync " in resp.read()
+        with urllib.request.urlopen(f"{webuis[-1]}/api/v2/app/version", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        # The demo's processes, by the PIDs it printed (they outlive the demo by design).
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: _processes_under(tmp_path) == [], 30, 0.2, "kept processes stopped")
