@@ -17,14 +17,10 @@ REFERENCE = re.compile(r"docs/([\w-]+\.md)(?:#([\w-]+))?")
 FOREIGN = re.compile(
     r"\((?:fix(?:es|ing)? )?[DB]\d{1,2}\b|§\s?\d|\bspec §|source\.md|destination\.md"
 )
-# destination/ is being rewritten by another change (issue 8), which points its references at
-# docs/design-decisions.md; drop this exclusion once that has landed.
-NOT_YET = ("src/qbsync/destination/",)
 
 
 def _sources() -> list[Path]:
-    files = [*ROOT.joinpath("src").rglob("*.py"), *ROOT.joinpath("tests").rglob("*.py")]
-    return [f for f in files if not str(f.relative_to(ROOT)).startswith(NOT_YET)]
+    return [*ROOT.joinpath("src").rglob("*.py"), *ROOT.joinpath("tests").rglob("*.py")]
 
 
 def _anchors(doc: Path) -> set[str]:
