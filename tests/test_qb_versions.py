@@ -202,12 +202,14 @@ def _torrent_bytes(tmp: Path) -> bytes:
 PEER = Peer("test", 1)
 
 
+@pytest.mark.parametrize("recheck", [False, True], ids=["skip-check", "recheck"])
 @pytest.mark.parametrize("profile", PROFILES)
 async def test_finalizer_and_handoff_through_each_version(
-    profile: str, tmp_path: Path, nursery: trio.Nursery
+    profile: str, recheck: bool, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    """The destination finalizer (add stopped, recheck, tag) and the source hand-off (stop on
-    the source, StartTorrent on the destination, delete on the source) against 5.x servers."""
+    """The destination finalizer (add stopped with skip-checking, or with ``--recheck`` a
+    full recheck; tag) and the source hand-off (stop on the source, StartTorrent on the
+    destination, delete on the source) against 5.x servers."""
     files = {"a.bin": 40_000, "d/b.bin": 9_000}
     t = LocalTorrent.create(make_payload(tmp_path / "src" / "payload", files), 16 * KiB)
     with serve_fake_qb(profile) as dst_fake, serve_fake_qb(profile) as src_fake:
@@ -216,7 +218,7 @@ async def test_finalizer_and_handoff_through_each_version(
         store.attach(nursery)
         dst_qb = QB(dst_fake.url, mode="destination")
         finalizer = Finalizer(
-            store, dst_qb, FinalizerSettings(qb_save_path=root, poll_interval=0.02)
+            store, dst_qb, FinalizerSettings(qb_save_path=root, poll_interval=0.02, recheck=recheck)
         )
         writer = Writer(store, workers=2, on_file_complete=finalizer.file_complete)
         store.on_file_complete = finalizer.file_complete
@@ -238,9 +240,9 @@ async def test_finalizer_and_handoff_through_each_version(
         (add,) = dst_fake.calls("torrents/add")
         assert add.fields["stopped"] == "true" and "paused" not in add.fields
         skip = "seedMode" if profile == "5.3" else "skip_checking"
-        assert add.fields[skip] == "false"
+        assert add.fields[skip] == ("false" if recheck else "true")
         assert ({"seedMode", "skip_checking"} - {skip}).isdisjoint(add.fields)
-        assert dst_fake.calls("torrents/recheck")
+        assert bool(dst_fake.calls("torrents/recheck")) == recheck
         d = dst_fake.torrents[t.info_hash]
         assert d.stopped and {"synced", "tv"} <= d.tags  # left stopped: the source still seeds
 

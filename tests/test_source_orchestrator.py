@@ -9,6 +9,7 @@ autojump, so ``--sleep`` cycles, finalize polls and backoffs take no real time.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -180,13 +181,16 @@ async def running(rig: Rig) -> AsyncIterator[None]:
         nursery.cancel_scope.cancel()
 
 
-async def eventually(predicate: Callable[[], object], within: float = 120.0) -> None:
-    """Wait until ``predicate()`` holds. Worker threads (file reads and writes) run in real
-    time while the mock clock jumps ahead whenever every task waits, so these tests wait for
-    outcomes, never for durations; ``within`` (mock seconds) bounds a hang."""
-    with trio.fail_after(within):
-        while not predicate():  # noqa: ASYNC110  (polled: outcomes have no event to wait on)
-            await trio.sleep(0.01)
+async def eventually(predicate: Callable[[], object], within: float = 30.0) -> None:
+    """Wait until ``predicate()`` holds. Worker threads (file reads, layout building) run in
+    real time while the mock clock jumps ahead whenever every task waits, so these tests wait
+    for outcomes, never for durations, and ``within`` bounds a hang in *real* seconds: a mock
+    deadline would pass in a blink while a thread is still working."""
+    give_up = time.monotonic() + within
+    while not predicate():  # polled: outcomes have no event to wait on
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"not true after {within} s: {predicate}")
+        await trio.sleep(0.01)
 
 
 def on_disk(tmp_path: Path, *names: str, **info: Any) -> dict[str, SourceTorrent]:

@@ -198,13 +198,7 @@ class Finalizer:
         except WireError as exc:
             job.error = exc
         except ConflictError as exc:
-            log.warning(
-                "event=ownership_conflict hash=%s path=%s error=%s",
-                state.info_hash,
-                paths_kv(exc.parts),
-                paths_kv(str(exc)),
-            )
-            job.error = WireError(ErrorCode.CONFLICT, str(exc))
+            job.error = exc.logged(state.info_hash)
         except (OSError, paths.UnsafePathError) as exc:
             job.error = WireError(ErrorCode.IO, f"finalizing files: {exc}")
         except QBError as exc:

@@ -27,6 +27,7 @@ filesystem without user extended attributes the inode alone is the proof.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import threading
@@ -35,6 +36,10 @@ from pathlib import Path
 import attrs
 
 from .. import paths
+from ..log import paths_kv
+from ..wire.errors import ErrorCode, WireError
+
+log = logging.getLogger(__name__)
 
 OWNED_NAME = "owned.json"
 XATTR = "user.qbsync.created"
@@ -58,6 +63,17 @@ class ConflictError(Exception):
     def __init__(self, parts: paths.Parts, why: str) -> None:
         super().__init__(f"{'/'.join(parts)!r} {why}")
         self.parts = parts
+
+    def logged(self, info_hash: str) -> WireError:
+        """Log the conflict (``event=ownership_conflict`` names the path) and return the wire
+        error the source is answered with: one place for what every refusal says."""
+        log.warning(
+            "event=ownership_conflict hash=%s path=%s error=%s",
+            info_hash,
+            paths_kv(self.parts),
+            paths_kv(str(self)),
+        )
+        return WireError(ErrorCode.CONFLICT, str(self))
 
 
 @attrs.define

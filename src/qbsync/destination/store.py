@@ -210,13 +210,7 @@ class Store:
         try:
             to_scan = await trio.to_thread.run_sync(self._prepare, state, fresh)
         except ConflictError as exc:
-            log.warning(
-                "event=ownership_conflict hash=%s path=%s error=%s",
-                state.info_hash,
-                paths_kv(exc.parts),
-                paths_kv(str(exc)),
-            )
-            raise WireError(ErrorCode.CONFLICT, str(exc)) from None
+            raise exc.logged(state.info_hash) from None
         except paths.UnsafePathError as exc:
             raise WireError(ErrorCode.UNSAFE_PATH, str(exc)) from None
         except OSError as exc:
@@ -405,12 +399,7 @@ class Store:
             await self.flush(state)
         except ConflictError as exc:
             state.conflict = str(exc)
-            log.warning(
-                "event=ownership_conflict hash=%s path=%s error=%s",
-                state.info_hash,
-                paths_kv(exc.parts),
-                paths_kv(str(exc)),
-            )
+            exc.logged(state.info_hash)
         except (OSError, paths.UnsafePathError) as exc:
             log.error("event=scan_failed hash=%s error=%s", state.info_hash, paths_kv(str(exc)))
         finally:
