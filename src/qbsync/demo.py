@@ -414,8 +414,8 @@ class Demo:
             f"the destination verified ({time.monotonic() - started:.1f} s with set-up)"
         )
         self.say(
-            f"  verified         {'yes' if verified else 'NO'} (the destination qBittorrent "
-            "rechecked every piece: 100%, tagged synced)"
+            f"  verified         {'yes' if verified else 'NO'} (every piece SHA-1-checked on "
+            "arrival; the destination qBittorrent holds it at 100%, tagged synced)"
         )
         self.say(
             f"  files compared   {compared - len(mismatched)}/{compared} identical byte for byte"
@@ -585,8 +585,9 @@ class Demo:
 
 
 def verified_copy(info: Any) -> bool:
-    """The destination qBittorrent holds the whole torrent after its own recheck and qbsync
-    tagged it ``synced`` (the finalizer leaves it stopped: the source seeds until hand-off)."""
+    """The destination qBittorrent holds the whole torrent (added with skip-checking after
+    every piece was verified on arrival, or rechecked with ``--recheck``) and qbsync tagged it
+    ``synced`` (the finalizer leaves it stopped: the source seeds until hand-off)."""
     if info is None:
         return False
     tags = {t.strip() for t in str(info.get("tags") or "").split(",")}
@@ -596,7 +597,7 @@ def verified_copy(info: Any) -> bool:
 
 def _dest_state(info: Any) -> str:
     """What the destination is doing: streaming until qbsync adds the torrent to its
-    qBittorrent, then qBittorrent's recheck, then the finalizer's last steps."""
+    qBittorrent, then qBittorrent's check (if any), then the finalizer's last steps."""
     if info is None:
         return "streaming"
     return "rechecking" if "checking" in str(info.state).lower() else "finalizing"
