@@ -491,12 +491,7 @@ class DestinationServer:
             problem = await trio.to_thread.run_sync(self.store.copy_problem, marker)
             if problem is not None:
                 raise WireError(ErrorCode.NOT_FOUND, f"destination copy incomplete: {problem}")
-            try:
-                info = await qb.torrent(h)
-            except QBError as exc:
-                raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
-            if info is None:
-                raise WireError(ErrorCode.NOT_FOUND, "torrent not in the destination qBittorrent")
+            info = await _listed(qb, h, "torrent not in the destination qBittorrent")
             _check_complete(info, "before start")
             if self.dry_run:
                 log.info("event=dry_run_would_start hash=%s tag=%s", h, paths_kv(req.tag))
@@ -528,12 +523,7 @@ class DestinationServer:
         last = ""
         with trio.move_on_after(START_CONFIRM_TIMEOUT):
             while True:
-                try:
-                    info = await qb.torrent(h)
-                except QBError as exc:
-                    raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
-                if info is None:
-                    raise WireError(ErrorCode.NOT_FOUND, "torrent left qBittorrent while starting")
+                info = await _listed(qb, h, "torrent left qBittorrent while starting")
                 last = str(info.get("state", ""))
                 if last in ACTIVE_SEEDING_STATES:
                     _check_complete(info, "after start")
@@ -618,6 +608,18 @@ class DestinationServer:
 
 def _has_torrent_state(mdir: Path) -> bool:
     return any(e.name != OWNED_NAME for e in mdir.iterdir()) if mdir.is_dir() else False
+
+
+async def _listed(qb: QB, info_hash: str, missing: str) -> dict[str, Any]:
+    """The destination qBittorrent's entry for ``info_hash``; ``not-found`` (with ``missing``)
+    when it lists none, ``qb-error`` when it cannot be asked."""
+    try:
+        info = await qb.torrent(info_hash)
+    except QBError as exc:
+        raise WireError(ErrorCode.QB_ERROR, str(exc)) from None
+    if info is None:
+        raise WireError(ErrorCode.NOT_FOUND, missing)
+    return info
 
 
 def _check_complete(info: dict[str, Any], when: str) -> None:
