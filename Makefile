@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: test lint typecheck unit fuzz integration qbittorrent chromium python-venv venv clean \
-	demo image-test bench bench-wire bench-throughput bench-lag bench-wan bench-scale
+	rsync demo image-test bench bench-wire bench-throughput bench-lag bench-wan bench-scale
 
 venv: $(STAMP)
 
@@ -46,6 +46,17 @@ python-venv:
 # The first thing to run: a sample torrent synced between throwaway qBittorrents on 127.0.0.1.
 demo: venv qbittorrent
 	$(BIN)/qbsync demo $(DEMO_ARGS)
+
+# The benchmarks compare against an rsync daemon on 127.0.0.1.
+rsync:
+	@command -v rsync >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing rsync with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null; \
+	  else \
+	    echo "rsync is missing: install it (Debian/Ubuntu: sudo apt-get install rsync) and re-run" >&2; \
+	    exit 1; \
+	  fi; }
 
 # The status page's browser test drives Debian's chromium, headless.
 chromium:
@@ -88,13 +99,13 @@ bench: bench-wire bench-throughput bench-lag bench-wan bench-scale
 bench-wire: venv
 	$(BIN)/python bench/wire_throughput.py $(BENCH_ARGS)
 
-bench-throughput: venv qbittorrent
+bench-throughput: venv qbittorrent rsync
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 
 bench-lag: venv qbittorrent
 	$(BIN)/python -m bench.lag $(BENCH_ARGS)
 
-bench-wan: venv qbittorrent
+bench-wan: venv qbittorrent rsync
 	$(BIN)/python -m bench.wan $(BENCH_ARGS)
 
 bench-scale: venv qbittorrent
