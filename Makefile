@@ -4,6 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+comma := ,
 
 .PHONY: test lint typecheck unit fuzz integration qbittorrent chromium python-venv venv clean \
 	rsync demo image-test bench bench-wire bench-throughput bench-lag bench-wan bench-scale
@@ -16,32 +17,30 @@ $(STAMP): pyproject.toml | python-venv
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian packages the tests need: qbittorrent-nox (integration tests run the real binary) and
-# systemd (tests/test_systemd_units.py runs systemd-analyze verify on deploy/*.service).
-APT_PACKAGES := qbittorrent-nox systemd
+# $(call apt_need,CHECK,PACKAGES): run the shell test CHECK; when it fails, install the Debian
+# PACKAGES with apt-get (as root), or say what to install and stop. One recipe for every
+# system package the project needs, so a fresh machine needs nothing installed by hand.
+define apt_need
+@{ $(1); } >/dev/null 2>&1 || { \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+    echo "installing $(2) with apt-get"; \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+  else \
+    echo "$(2): missing; install (Debian/Ubuntu: sudo apt-get install $(2)) and re-run make" >&2; \
+    exit 1; \
+  fi; }
+endef
 
+# Integration tests run the real qbittorrent-nox; tests/test_systemd_units.py runs
+# systemd-analyze verify on deploy/*.service.
 qbittorrent:
-	@command -v qbittorrent-nox >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing $(APT_PACKAGES) with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
-	  else \
-	    echo "qbittorrent-nox or systemd-analyze is missing: install them (Debian/Ubuntu: sudo apt-get install $(APT_PACKAGES)) and re-run make test" >&2; \
-	    exit 1; \
-	  fi; }
+	$(call apt_need,command -v qbittorrent-nox && command -v systemd-analyze,qbittorrent-nox systemd)
 	@qbittorrent-nox --version
 	@systemd-analyze --version | head -1
 
 # A fresh Debian has python3 but not always its venv module (package python3-venv).
 python-venv:
-	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing python3-venv with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; \
-	  else \
-	    echo "python3's venv module is missing: install it (Debian/Ubuntu: sudo apt-get install python3-venv)" >&2; \
-	    exit 1; \
-	  fi; }
+	$(call apt_need,$(PY) -c 'import ensurepip$(comma) venv',python3-venv)
 
 # The first thing to run: a sample torrent synced between throwaway qBittorrents on 127.0.0.1.
 demo: venv qbittorrent
@@ -49,25 +48,11 @@ demo: venv qbittorrent
 
 # The benchmarks compare against an rsync daemon on 127.0.0.1.
 rsync:
-	@command -v rsync >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing rsync with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null; \
-	  else \
-	    echo "rsync is missing: install it (Debian/Ubuntu: sudo apt-get install rsync) and re-run" >&2; \
-	    exit 1; \
-	  fi; }
+	$(call apt_need,command -v rsync,rsync)
 
 # The status page's browser test drives Debian's chromium, headless.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else \
-	    echo "chromium is missing: install it (Debian: sudo apt-get install chromium) and re-run make test" >&2; \
-	    exit 1; \
-	  fi; }
+	$(call apt_need,command -v chromium,chromium)
 
 lint: venv
 	$(BIN)/ruff check src tests bench
