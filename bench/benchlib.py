@@ -34,7 +34,7 @@ from tests.qbharness import (
     wait_until,
 )
 
-from qbsync.qbinstance import stop_process
+from qbsync.qbittorrent.instance import stop_process
 
 MiB = 1024 * 1024
 KiB = 1024

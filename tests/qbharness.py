@@ -1,7 +1,7 @@
 """Test harness: real qbittorrent-nox instances and real qbsync processes on loopback.
 
-The qBittorrent instances themselves come from :mod:`qbsync.qbinstance` (``qbsync demo`` uses
-them too). Every qBittorrent instance gets
+The qBittorrent instances themselves come from :mod:`qbsync.qbittorrent.instance`
+(``qbsync demo`` uses them too). Every qBittorrent instance gets
 a *generated* profile written before its first start (a default profile would enable DHT, LSD,
 UPnP and a GeoIP download from the internet), listens only on 127.0.0.1 with ports from
 :func:`free_port`, and is stopped by its own PID. Several helpers run test suites at the same
@@ -25,7 +25,7 @@ import attrs
 import pytest
 import torf
 
-from qbsync.qbinstance import (
+from qbsync.qbittorrent.instance import (
     QB_USERNAME,
     SEEDING_STATES,
     KiB,
@@ -36,7 +36,7 @@ from qbsync.qbinstance import (
     stop_process,
     wait_until,
 )
-from qbsync.qbinstance import QBInstance as _QBInstance
+from qbsync.qbittorrent.instance import QBInstance as _QBInstance
 
 QB_BINARY = os.environ.get("QBSYNC_TEST_QB_BINARY", "qbittorrent-nox")
 
@@ -72,7 +72,7 @@ def make_torrent(path: Path, piece_size: int) -> tuple[bytes, str]:
 
 
 class QBInstance(_QBInstance):
-    """:class:`qbsync.qbinstance.QBInstance` running ``$QBSYNC_TEST_QB_BINARY`` if set."""
+    """:class:`qbsync.qbittorrent.instance.QBInstance` running ``$QBSYNC_TEST_QB_BINARY`` if set."""
 
     binary = QB_BINARY
 

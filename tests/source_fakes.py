@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast
 
 import trio
 
-from qbsync.qb import QB
+from qbsync.qbittorrent.api import QB
 from qbsync.source.meta import SourceMeta, build_meta
 from qbsync.source.paths import PathMapper
 from qbsync.source.pool import Connection
@@ -144,8 +144,9 @@ class SourceTorrent:
 
 
 class FakeQB(QB):
-    """The source's qBittorrent: the real :class:`~qbsync.qb.QB` interface (mypy checks every
-    override), answered from :class:`SourceTorrent` objects instead of HTTP. Any method not
+    """The source's qBittorrent: the real :class:`~qbsync.qbittorrent.api.QB` interface (mypy
+    checks every override), answered from :class:`SourceTorrent` objects instead of HTTP. Any
+    method not
     overridden here fails the test instead of reaching for a network."""
 
     def __init__(self, torrents: Mapping[str, SourceTorrent] = {}) -> None:

@@ -1,5 +1,6 @@
-"""Sonarr/Radarr contract tests: qbsync.arr against loopback v3 servers (tests/fakearr.py),
-then through the source orchestrator's discovery and the destination finalizer."""
+"""Sonarr/Radarr contract tests: qbsync.integrations.arr against loopback v3 servers
+(tests/fakearr.py), then through the source orchestrator's discovery and the destination
+finalizer."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from qbsync.arr import ArrSet, download_id
 from qbsync.config import ConfigError, resolve
+from qbsync.integrations.arr import ArrSet, download_id
 from qbsync.wire import ErrorCode, Finalize, InitResult, InitTorrent, SyncStatus
 from tests.fakearr import serve_fake_arr
 from tests.test_destination_writer import build, torrent

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qbsync import demo
-from qbsync.qbinstance import QBInstance, make_payload
+from qbsync.demo import run as demo
+from qbsync.qbittorrent.instance import QBInstance, make_payload
 from qbsync.torrent import create_metainfo, parse_metainfo
 from tests.qbharness import make_torrent, torrent_files
 

@@ -14,6 +14,7 @@ import trio.testing
 
 from qbsync import paths
 from qbsync.bitfield import Bitfield
+from qbsync.destination import durable
 from qbsync.destination import state as st
 from qbsync.destination.hardlinks import HardlinkRegistry
 from qbsync.destination.ownership import Ledger
@@ -111,8 +112,8 @@ def test_meta_roundtrip_and_newer_schema_refused() -> None:
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
-    st.atomic_write(tmp_path, "x", b"one")
-    st.atomic_write(tmp_path, "x", b"two")
+    durable.atomic_write(tmp_path, "x", b"one")
+    durable.atomic_write(tmp_path, "x", b"two")
     assert (tmp_path / "x").read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from qbsync.config import HostPort
-from qbsync.httpserver import LOOP_HEARTBEAT, Health, ServerLimits, serve_http
+from qbsync.http.server import LOOP_HEARTBEAT, Health, ServerLimits, serve_http
 
 LOCAL = HostPort("127.0.0.1", 0)
 

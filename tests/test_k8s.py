@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qbsync.k8s import kube_source
+from qbsync.integrations.k8s import kube_source
 
 
 def test_in_cluster_needs_service_env_and_token(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from qbsync import qb
-from qbsync.httpserver import Health
-from qbsync.qb import QB, QBError
+from qbsync.http.server import Health
+from qbsync.qbittorrent import api as qb
+from qbsync.qbittorrent.api import QB, QBError
 
 
 async def _hung_server(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

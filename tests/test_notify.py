@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from qbsync import metrics, notify
-from qbsync.notify import Notifier
+from qbsync import metrics
+from qbsync.integrations import notify
+from qbsync.integrations.notify import Notifier
 from tests.notify_receiver import Receiver
 
 
@@ -173,7 +174,7 @@ async def test_orchestrator_notifies_failed_for_good_and_status_shows_the_last_e
     the destination): after the third failed finalize the torrent is given up on and
     ``failed`` is emitted once, with the destination's code and message; while it was being
     retried, /status showed state ``retrying`` and that error."""
-    from qbsync import status as status_model
+    from qbsync.http import status as status_model
     from qbsync.wire.errors import ErrorCode, WireError
     from qbsync.wire.messages import Finalize, InitTorrent
     from tests.test_source_orchestrator import (

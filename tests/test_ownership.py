@@ -219,7 +219,7 @@ def test_new_directories_are_fsynced_into_their_parents(
     Ledger().create(tmp_path, ("a", "b", "f.bin"), 3)
     for d in (tmp_path, tmp_path / "a", tmp_path / "a" / "b"):
         assert d.stat().st_ino in synced, d
-    from qbsync.destination.state import mkdir_durable
+    from qbsync.destination.durable import mkdir_durable
 
     synced.clear()
     mkdir_durable(tmp_path / "x" / "y")

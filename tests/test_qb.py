@@ -10,8 +10,8 @@ import socket
 import pytest
 import trio
 
-from qbsync import qb
-from qbsync.qb import QB, CircuitOpen, QBError, normalize_state, split_tags
+from qbsync.qbittorrent import api as qb
+from qbsync.qbittorrent.api import QB, CircuitOpen, QBError, normalize_state, split_tags
 
 
 def test_normalize_state_maps_4x_names() -> None:

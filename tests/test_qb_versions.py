@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import trio
 
-from qbsync import qb as qb_module
 from qbsync.destination.finalizer import Finalizer, FinalizerSettings
 from qbsync.destination.server import DestinationServer
 from qbsync.destination.store import Store
 from qbsync.destination.writer import Writer
-from qbsync.qb import QB, QBError, WebApi, parse_version
+from qbsync.qbittorrent import api as qb_module
+from qbsync.qbittorrent.api import QB, QBError, WebApi, parse_version
 from qbsync.source.cache import CompletionCache
 from qbsync.source.cleanup import Cleanup
 from qbsync.source.paths import PathMapper

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from qbsync.config import ConfigError, parse_size, redacted, resolve
-from qbsync.source.ratelimit import (
+from qbsync.ratelimit import (
     MiB,
     RateSchedule,
     ScheduledLimiter,

@@ -12,7 +12,7 @@ import pytest
 
 from qbsync import cli
 from qbsync.config import Role, options_for
-from qbsync.httpserver import ROUTES
+from qbsync.http.server import ROUTES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -12,7 +12,7 @@ import trio
 
 from qbsync import metrics
 from qbsync.config import SourceConfig, resolve
-from qbsync.k8s import drain_decision
+from qbsync.integrations.k8s import drain_decision
 from qbsync.source.cache import CompletionCache
 from qbsync.source.cleanup import Candidate, Cleanup, GiB, group_candidates
 from qbsync.source.paths import PathMapper
@@ -41,7 +41,7 @@ class FakeQB:
         self.fail_stop = fail_stop
 
     async def stop(self, h: str) -> None:
-        from qbsync.qb import QBError
+        from qbsync.qbittorrent.api import QBError
 
         self.calls.append(("stop", h))
         if h in self.fail_stop:

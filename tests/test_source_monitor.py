@@ -84,7 +84,7 @@ async def test_idle_cost_is_independent_of_torrent_count(autojump_clock):
 
 
 async def test_removed_torrent_and_404_are_reported(autojump_clock):
-    from qbsync.qb import QBError
+    from qbsync.qbittorrent.api import QBError
 
     qb = FakeQB(n=3, num_pieces=2)
     h0, h1 = list(qb.full)[:2]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from qbsync.source.ratelimit import Backoff, MiB, TokenBucket
+from qbsync.ratelimit import Backoff, MiB, TokenBucket
 
 
 def test_bucket_burst_then_rate():

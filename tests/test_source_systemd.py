@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from qbsync.systemd import notify, watchdog_interval
+from qbsync.integrations.systemd import notify, watchdog_interval
 
 
 def test_notify_sends_datagram(tmp_path: Path):

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import trio
 
-from qbsync import status
-from qbsync.status import DaemonStatus, ErrorInfo, StatusBuilder, TorrentStatus
+from qbsync.http import status
+from qbsync.http.status import DaemonStatus, ErrorInfo, StatusBuilder, TorrentStatus
 from tests.status_schema import assert_valid, errors, published_schema
 
 DAEMON = DaemonStatus(
@@ -141,7 +141,7 @@ def test_table_says_when_nothing_is_synced() -> None:
 
 
 def test_cli_reports_an_unreachable_daemon(capsys: pytest.CaptureFixture[str]) -> None:
-    from qbsync.qbinstance import free_port
+    from qbsync.qbittorrent.instance import free_port
 
     code = status.main(["--url", f"http://127.0.0.1:{free_port()}"])
     assert code == 1

@@ -91,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["demo"]:
-        from . import demo
+        from .demo import run as demo
 
         return demo.main(args_list[1:])
     if args_list[:1] == ["status"]:
-        from . import status
+        from .http import status
 
         return status.main(args_list[1:])
     parser = build_parser()

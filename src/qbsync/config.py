@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from .log import redact_url
-from .source.ratelimit import RateSchedule
+from .ratelimit import RateSchedule
 from .wire.address import HostPort as HostPort  # re-exported: the config type of addresses
 
 GiB = 1024**3
@@ -306,8 +306,9 @@ def _parse_str_list(raw: str) -> str:
     return ",".join(split_list(raw))
 
 
-# Sonarr/Radarr (qbsync.arr): comma-separated lists, the n-th key belongs to the n-th URL. The
-# flags may also be repeated (``--arr-url A --arr-url B``): the CLI joins them with commas.
+# Sonarr/Radarr (qbsync.integrations.arr): comma-separated lists, the n-th key belongs to the
+# n-th URL. The flags may also be repeated (``--arr-url A --arr-url B``): the CLI joins them
+# with commas.
 REPEATABLE = frozenset({"arr_url", "arr_api_key"})
 
 

@@ -32,20 +32,18 @@ import attrs
 
 from .. import metrics, paths
 from ..log import paths_kv
+from .durable import TMP_PREFIX, atomic_write, mkdir_durable
 from .hardlinks import HardlinkRegistry
 from .ownership import OWNED_NAME, ConflictError, Ledger
 from .state import (
     META_NAME,
     PIECES_NAME,
-    TMP_PREFIX,
     TORRENT_NAME,
     DataFile,
     FileStatus,
     TorrentState,
-    atomic_write,
     decode_pieces,
     dump_json,
-    mkdir_durable,
     read_optional,
 )
 

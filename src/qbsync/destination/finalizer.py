@@ -55,11 +55,12 @@ from typing import Any
 import attrs
 import trio
 
-from .. import metrics, notify, paths
-from ..arr import ArrSet
+from .. import metrics, paths
 from ..config import GiB
+from ..integrations import notify
+from ..integrations.arr import ArrSet
 from ..log import paths_kv
-from ..qb import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
+from ..qbittorrent.api import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import Finalize, FinalizeResult, SyncStatus
 from .ownership import ConflictError

@@ -38,6 +38,7 @@ import attrs
 from .. import paths
 from ..log import paths_kv
 from ..wire.errors import ErrorCode, WireError
+from .durable import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,6 @@ class Ledger:
         return json.dumps(doc, indent=1).encode() + b"\n"
 
     def save(self, meta_dir: Path) -> None:
-        from .state import atomic_write  # state imports this module
 
         with self._save_lock:  # dump under it too: a later save never writes an older dump
             atomic_write(meta_dir, OWNED_NAME, self.dump())

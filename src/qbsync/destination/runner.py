@@ -34,13 +34,14 @@ from pathlib import Path
 
 import trio
 
-from .. import __version__, metrics, systemd
-from .. import status as status_model
-from ..arr import ArrSet
+from .. import __version__, metrics
 from ..config import DestinationConfig, redacted
-from ..httpserver import Health, serve_http
-from ..notify import Notifier
-from ..qb import QB
+from ..http import status as status_model
+from ..http.server import Health, serve_http
+from ..integrations import systemd
+from ..integrations.arr import ArrSet
+from ..integrations.notify import Notifier
+from ..qbittorrent.api import QB
 from ..wire import DEFAULT_MAX_PIECE, ByteBudget, serve, server_ssl_context
 from .finalizer import Finalizer, FinalizerSettings
 from .hardlinks import HardlinkRegistry

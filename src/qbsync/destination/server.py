@@ -49,7 +49,7 @@ import trio
 
 from .. import metrics, paths
 from ..log import paths_kv
-from ..qb import ERROR_STATES, QB, QBError
+from ..qbittorrent.api import ERROR_STATES, QB, QBError
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import (
@@ -68,15 +68,7 @@ from ..wire.messages import (
 )
 from .finalizer import FinalizeJob, Finalizer
 from .ownership import OWNED_NAME, Ledger
-from .state import (
-    META_NAME,
-    FileMeta,
-    Phase,
-    TorrentMeta,
-    TorrentState,
-    load_meta,
-    read_optional,
-)
+from .state import META_NAME, FileMeta, Phase, TorrentMeta, TorrentState, load_meta, read_optional
 from .store import Store, build_files, new_meta, newest_mtime
 from .writer import Writer
 

@@ -31,11 +31,8 @@ directory. The invariant the writer and flusher keep on top of this: **a bit per
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
-import os
-import secrets
 import struct
 import time
 import zlib
@@ -56,7 +53,6 @@ META_NAME = "meta.json"
 TORRENT_NAME = "torrent"
 PIECES_NAME = "pieces"
 FINALIZED_NAME = ".finalized"
-TMP_PREFIX = ".tmp-"
 
 _PIECES_MAGIC = b"QBSP"
 _PIECES_VERSION = 1
@@ -159,53 +155,6 @@ def decode_pieces(raw: bytes, size: int) -> tuple[Bitfield, Bitfield]:
     except ValueError:
         return empty
     return written, unverified
-
-
-# --- atomic writes (blocking; call in a thread) ----------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def mkdir_durable(path: Path) -> None:
-    """``mkdir -p`` whose every new directory is ``fsync``'ed into its parent: an entry in a
-    directory that a crash forgets is lost with everything below it."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=0o755)
-        except FileExistsError:
-            continue
-        fsync_dir(d.parent)
-
-
-def atomic_write(directory: Path, name: str, data: bytes) -> None:
-    """Write ``directory/name`` so that a crash leaves either the old or the new content."""
-    tmp = directory / f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
 
 
 def read_optional(path: Path) -> bytes | None:

@@ -31,6 +31,7 @@ from ..bitfield import Bitfield
 from ..log import paths_kv as paths_kv  # re-exported: writer.py imports it from here
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
+from .durable import atomic_write
 from .files import clear_state_dir, prepare
 from .files import demote_file as demote_file
 from .files import open_for_write as open_for_write
@@ -53,7 +54,6 @@ from .state import (
     Phase,
     TorrentMeta,
     TorrentState,
-    atomic_write,
     dump_json,
     encode_pieces,
     load_marker,

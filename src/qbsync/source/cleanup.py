@@ -16,7 +16,7 @@ then largest; a group whose shortest seeding time is below ``--min-seeding-time`
 Cleanup stops once the estimated free space (qBittorrent deletes asynchronously, so it is
 estimated, not re-read) reaches ``--min-space``.
 
-The drain (SIGTERM, gated by the pod annotation, see :mod:`qbsync.k8s`) is one pass in
+The drain (SIGTERM, gated by the pod annotation, see :mod:`qbsync.integrations.k8s`) is one pass in
 *draining* mode: free space, seeding time and the exclude-cleanup tag are ignored; the synced
 tag and the completion cache are still required. It reads a fresh torrent list (a cached one
 could name torrents already gone).
@@ -33,9 +33,10 @@ from typing import Any
 import attrs
 import trio
 
-from .. import metrics, notify
+from .. import metrics
+from ..integrations import notify
 from ..log import kv
-from ..qb import QB, QBError, split_tags
+from ..qbittorrent.api import QB, QBError, split_tags
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import StartResult, StartTorrent
 from .cache import CompletionCache

@@ -26,9 +26,9 @@ import attrs
 import trio
 
 from .. import metrics
-from ..httpserver import Health
+from ..http.server import Health
 from ..log import kv
-from ..qb import QB, QBError
+from ..qbittorrent.api import QB, QBError
 from .state import Registry, Tracked
 
 log = logging.getLogger("qbsync.source.monitor")

@@ -46,22 +46,16 @@ from typing import Any
 import attrs
 import trio
 
-from .. import metrics, notify
-from ..arr import RECHECK_AFTER as ARR_RECHECK
-from ..arr import ArrSet
+from .. import metrics
 from ..config import SourceConfig
-from ..httpserver import Health
+from ..http.server import Health
+from ..integrations import notify
+from ..integrations.arr import RECHECK_AFTER as ARR_RECHECK
+from ..integrations.arr import ArrSet
 from ..log import kv
-from ..qb import QB, QBError, split_tags
+from ..qbittorrent.api import QB, QBError, split_tags
 from ..wire.errors import RETRYABLE, ConnectionClosed, ErrorCode, WireError
-from ..wire.messages import (
-    Abort,
-    Finalize,
-    FinalizeResult,
-    InitResult,
-    InitTorrent,
-    SyncStatus,
-)
+from ..wire.messages import Abort, Finalize, FinalizeResult, InitResult, InitTorrent, SyncStatus
 from .cache import CompletionCache, fingerprint
 from .cleanup import Cleanup, add_tag
 from .codes import Code, SkipReason, SourceCode

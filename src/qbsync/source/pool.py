@@ -40,11 +40,11 @@ import trio
 
 from .. import metrics
 from ..log import kv
+from ..ratelimit import Backoff
 from ..wire.address import HostPort
 from ..wire.errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from ..wire.messages import PieceAck, RequestMessage
 from .codes import Code, SourceCode
-from .ratelimit import Backoff
 
 log = logging.getLogger("qbsync.source.pool")
 

@@ -27,21 +27,22 @@ from typing import Any
 
 import trio
 
-from .. import __version__, metrics, systemd
-from .. import status as status_model
+from .. import __version__, metrics
 from ..config import SourceConfig, redacted
-from ..httpserver import Health, serve_http
-from ..k8s import drain_decision, kube_source
+from ..http import status as status_model
+from ..http.server import Health, serve_http
+from ..http.status import StatusBuilder
+from ..integrations import systemd
+from ..integrations.k8s import drain_decision, kube_source
+from ..integrations.notify import Notifier
 from ..log import kv, redact_url
-from ..notify import Notifier
-from ..qb import QB, QBError
-from ..status import StatusBuilder
+from ..qbittorrent.api import QB, QBError
+from ..ratelimit import Backoff
 from .cache import CompletionCache
 from .monitor import Monitor
 from .orchestrator import Orchestrator
 from .paths import PathMapper
 from .pool import ConnectionPool, make_connector
-from .ratelimit import Backoff
 from .reader import PieceReader
 from .sender import Senders
 from .state import Registry

@@ -38,10 +38,10 @@ import trio
 from .. import metrics
 from ..bitfield import Bitfield
 from ..log import kv
+from ..ratelimit import MiB, RateSchedule, make_limiter
 from ..wire.errors import RETRYABLE, ConnectionClosed, ErrorCode, WireError
 from ..wire.messages import InitResult, InitTorrent, PieceAck, SyncStatus
 from .pool import Connection, ConnectionPool
-from .ratelimit import MiB, RateSchedule, make_limiter
 from .reader import FileMissing, PieceReader, ReadError
 from .state import Registry, Tracked
 

@@ -20,13 +20,7 @@ from .address import HostPort
 from .errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from .frames import PIECE_HEADER_SIZE
 from .hooks import NO_HOOKS, WireHooks
-from .protocol import (
-    CreditReceived,
-    Endpoint,
-    ProtocolEvent,
-    Response,
-    ResponseReceived,
-)
+from .protocol import CreditReceived, Endpoint, ProtocolEvent, Response, ResponseReceived
 from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, acquire, log
 from .transport import TRANSPORT_ERRORS, describe, tune_socket
 

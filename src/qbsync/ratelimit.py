@@ -18,7 +18,7 @@ MiB = 1024 * 1024
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MINUTES_PER_DAY = 24 * 60
 
-log = logging.getLogger("qbsync.source.ratelimit")
+log = logging.getLogger("qbsync.ratelimit")
 
 
 class TokenBucket:
@@ -158,14 +158,14 @@ def make_limiter(
     timetable-driven one (which logs and exports each change of rate)."""
     if isinstance(rate_limit, RateSchedule):
         return ScheduledLimiter(rate_limit, MiB, wall, _rate_changed)
-    from .. import metrics
+    from . import metrics
 
     metrics.rate_limit.set(rate_limit)
     return TokenBucket(rate_limit, MiB) if rate_limit > 0 else None
 
 
 def _rate_changed(rate: int) -> None:
-    from .. import metrics
+    from . import metrics
 
     metrics.rate_limit.set(rate)
     log.info(

@@ -18,7 +18,7 @@ Endpoints (``GET`` and ``HEAD`` only):
 ``/status``
     JSON from the runner's status provider (404 when none is set); schema in ``docs/status.md``.
 ``/``
-    The same, as a small read-only HTML page rendered here (:func:`qbsync.status.render_html`):
+    The same, as a small read-only HTML page rendered here (:func:`qbsync.http.status.render_html`):
     no script, no external asset, refreshing itself, readable on a phone.
 
 ``/livez`` and ``/readyz`` answer like the Go reference: ``{"status": "ok" | "unhealthy" |
@@ -46,11 +46,12 @@ import attrs
 import h11
 import trio
 
-from . import liveness, metrics
-from .config import HostPort
-from .log import kv
+from .. import metrics
+from ..config import HostPort
+from ..log import kv
+from . import liveness
 
-log = logging.getLogger("qbsync.httpserver")
+log = logging.getLogger("qbsync.http.server")
 
 Check = Callable[[], Awaitable[None]]
 
@@ -61,7 +62,7 @@ LOOP_HEARTBEAT = "event-loop"
 class _Heartbeat:
     last: float
     stale_after: float
-    waiting: int = 0  # dependency calls in progress (see qbsync.liveness)
+    waiting: int = 0  # dependency calls in progress (see qbsync.http.liveness)
 
     def begin_wait(self) -> None:
         self.waiting += 1

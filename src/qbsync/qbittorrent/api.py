@@ -37,10 +37,11 @@ import qbittorrentapi
 import trio
 from qbittorrentapi.definitions import APINames
 
-from . import liveness, metrics
-from .log import redact_url
+from .. import metrics
+from ..http import liveness
+from ..log import redact_url
 
-log = logging.getLogger("qbsync.qb")
+log = logging.getLogger("qbsync.qbittorrent.api")
 
 T = TypeVar("T")
 

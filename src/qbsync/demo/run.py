@@ -6,7 +6,7 @@ The demo does all of that in a temporary directory, on 127.0.0.1 only:
 
 1. writes a few hundred MiB of random data in several files and a trackerless ``.torrent``
    of it (:func:`qbsync.torrent.create_metainfo`);
-2. starts three throwaway ``qbittorrent-nox`` instances (:mod:`qbsync.qbinstance`): a
+2. starts three throwaway ``qbittorrent-nox`` instances (:mod:`qbsync.qbittorrent.instance`): a
    *seeder* that has the data, the *source* that downloads it from the seeder (throttled, so
    the streaming is visible for about ``--duration`` seconds) and the *destination*;
 3. runs the real ``qbsync destination`` and ``qbsync source`` processes with a generated token;
@@ -43,9 +43,9 @@ from typing import IO, Any, Protocol
 
 import attrs
 
-from .config import parse_size
-from .qbinstance import QBInstance, free_port, make_payload, stop_process
-from .torrent import create_metainfo, parse_metainfo
+from ..config import parse_size
+from ..qbittorrent.instance import QBInstance, free_port, make_payload, stop_process
+from ..torrent import create_metainfo, parse_metainfo
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import attrs
 
-from . import __version__, metrics
+from .. import __version__, metrics
 
 SCHEMA_VERSION = 1
 RATE_WINDOW = 30.0  # seconds of samples a rate is averaged over

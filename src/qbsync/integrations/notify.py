@@ -33,10 +33,10 @@ from urllib.parse import urlsplit
 
 import trio
 
-from . import __version__, metrics
-from .log import kv
+from .. import __version__, metrics
+from ..log import kv
 
-log = logging.getLogger("qbsync.notify")
+log = logging.getLogger("qbsync.integrations.notify")
 
 Event = Literal["synced", "failed", "handed_off"]
 EVENTS: tuple[Event, ...] = ("synced", "failed", "handed_off")

@@ -34,11 +34,11 @@ from typing import Any
 import attrs
 import trio
 
-from . import metrics
-from .config import split_list
-from .log import kv
+from .. import metrics
+from ..config import split_list
+from ..log import kv
 
-log = logging.getLogger("qbsync.arr")
+log = logging.getLogger("qbsync.integrations.arr")
 
 REQUEST_TIMEOUT = 10.0  # seconds for one HTTP request
 IMPORT_DEADLINE = 30.0  # seconds for the whole import request after a finalize

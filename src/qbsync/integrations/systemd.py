@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
-log = logging.getLogger("qbsync.systemd")
+log = logging.getLogger("qbsync.integrations.systemd")
 
 
 def notify(message: str, env: Mapping[str, str] | None = None) -> bool:
