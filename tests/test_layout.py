@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"config"},
     {"http", "integrations"},
     {"qbittorrent"},
-    {"source", "destination", "demo"},
+    {"source", "destination", "demo", "doctor"},
     {"cli"},
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
