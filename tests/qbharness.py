@@ -128,7 +128,7 @@ class SeededTorrent:
         )
         if result != "Ok.":
             raise RuntimeError(f"{inst.name}: torrents_add returned {result!r}")
-        wait_until(lambda: inst.info(self.info_hash), 10, 0.05, f"{inst.name} lists torrent")
+        wait_until(lambda: inst.info(self.info_hash), 120, 0.05, f"{inst.name} lists torrent")
         if connect:
             self.connect(inst)
 

@@ -20,14 +20,14 @@ PKG = SRC / "qbsync"
 # one, nor another unit of its own layer (same-layer units are siblings that must not know
 # each other). ``qbsync`` is the package's ``__init__`` (only ``__version__``).
 LAYERS: list[set[str]] = [
-    {"qbsync", "wire", "bitfield", "paths", "torrent"},
+    {"qbsync", "wire", "bitfield", "paths", "torrent", "interrupt"},
     {"log"},
     {"metrics"},
     {"ratelimit"},
     {"config"},
     {"http", "integrations"},
     {"qbittorrent"},
-    {"source", "destination", "demo"},
+    {"source", "destination", "demo", "doctor"},
     {"cli"},
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

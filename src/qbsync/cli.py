@@ -1,4 +1,5 @@
-"""The ``qbsync`` command: ``qbsync source`` and ``qbsync destination``.
+"""The ``qbsync`` command: ``qbsync source`` and ``qbsync destination`` (and ``qbsync doctor``
+with either's flags).
 
 Flags, environment variables and defaults all come from :mod:`qbsync.config`; this module only
 turns them into argparse flags, prints ``--print-config`` and hands the resolved configuration
@@ -27,6 +28,8 @@ _DESCRIPTIONS: dict[Role, str] = {
 _TOOLS = {
     "demo": "Sync a sample torrent between throwaway qBittorrents on 127.0.0.1 and show it",
     "status": "Show a daemon's /status as a table (qbsync status --help)",
+    "doctor": "Check a daemon's set-up with its own flags, one verdict and fix per check "
+    "(qbsync doctor source|destination --help)",
 }
 
 
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sync torrents between two qBittorrent instances, piece by piece.",
     )
     parser.add_argument("--version", action="version", version=f"qbsync {__version__}")
-    sub = parser.add_subparsers(dest="role", metavar="{source,destination,demo,status}")
+    sub = parser.add_subparsers(dest="role", metavar="{source,destination,demo,status,doctor}")
     sub.required = True
     for role in ("source", "destination"):
         p = sub.add_parser(
@@ -88,8 +91,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_doctor_parser() -> argparse.ArgumentParser:
+    """``qbsync doctor source|destination``: the role's own flags (and environment)."""
+    parser = argparse.ArgumentParser(
+        prog="qbsync doctor",
+        description="Check what a daemon needs, with exactly its flags and environment: "
+        "qBittorrent (reachable, credentials, Web API version), --data (exists, writable, "
+        "filesystem, xattrs, free space), the state directory (owner, mode), the peer (the "
+        "destination reachable and its handshake accepted; for a destination, --listen "
+        "bindable), the clock, and the authentication mode. One line per check with a fix. "
+        "Changes nothing. Exit 0 when no check fails, 1 when one does, 2 for a usage error.",
+    )
+    sub = parser.add_subparsers(dest="role", metavar="{source,destination}")
+    sub.required = True
+    for role in ("source", "destination"):
+        p = sub.add_parser(
+            role,
+            help=f"Check a qbsync {role}'s set-up (takes the same flags as qbsync {role})",
+            description=f"Check a qbsync {role}'s set-up. Every flag and environment variable "
+            f"of `qbsync {role}` applies (prefix QBSYNC_{role.upper()}_).",
+        )
+        for opt in options_for(role):
+            _add_option(p, role, opt)
+    return parser
+
+
+def _flags(args: argparse.Namespace, role: Role) -> dict[str, str | None]:
+    flags = {opt.name: getattr(args, opt.name) for opt in options_for(role)}
+    for name in REPEATABLE & flags.keys():  # a repeated flag is one comma-separated list
+        if flags[name] is not None:
+            flags[name] = ",".join(flags[name])
+    return flags
+
+
+def doctor_main(argv: Sequence[str]) -> int:
+    args = build_doctor_parser().parse_args(list(argv))
+    role: Role = args.role
+    try:
+        config = resolve(role, _flags(args, role))
+    except ConfigError as exc:
+        print(f"qbsync doctor {role}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from . import doctor
+
+    return doctor.run(config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["doctor"]:
+        return doctor_main(args_list[1:])
     if args_list[:1] == ["demo"]:
         from .demo import run as demo
 
@@ -101,12 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     role: Role = args.role
-    flags = {opt.name: getattr(args, opt.name) for opt in options_for(role)}
-    for name in REPEATABLE & flags.keys():  # a repeated flag is one comma-separated list
-        if flags[name] is not None:
-            flags[name] = ",".join(flags[name])
     try:
-        config = resolve(role, flags)
+        config = resolve(role, _flags(args, role))
     except ConfigError as exc:
         print(f"qbsync {role}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -137,7 +137,7 @@ class Rig:
                 *extra,
             ],
         )
-        self.dest.wait_for_log("event=destination_ready", timeout=30)
+        self.dest.wait_for_log("event=destination_ready", timeout=120)
         return self.dest
 
     def start_source(
@@ -182,7 +182,7 @@ class Rig:
         )
         self.sources.append(proc)
         if wait_started:
-            proc.wait_for_log("event=started", timeout=30)
+            proc.wait_for_log("event=started", timeout=120)
         return proc, port
 
     def add_to_source(self, *, download_limit: int | None = RATE, **kw: Any) -> None:

@@ -33,7 +33,7 @@ def test_destination_asks_sonarr_to_import_after_the_verified_sync(
         rig.add_to_source(download_limit=None)
         rig.wait_synced()
         assert rig.dest is not None
-        rig.dest.wait_for_log("event=arr_import_requested", timeout=30)
+        rig.dest.wait_for_log("event=arr_import_requested", timeout=120)
         (cmd,) = sonarr.commands()
         assert cmd == {
             "name": "DownloadedEpisodesScan",
@@ -53,7 +53,7 @@ def test_source_skips_a_download_sonarr_marked_failed(rig: Rig) -> None:
         source, _ = rig.start_source(
             "--min-space", "0", "--arr-url", sonarr.url, "--arr-api-key", "arr-key"
         )
-        log = source.wait_for_log("event=arr_skip", timeout=30)
+        log = source.wait_for_log("event=arr_skip", timeout=120)
         assert f"hash={rig.info_hash}" in log and "downloadFailed" in log
         assert source.stop() == 0
         assert "synced" not in tags_of(rig.src_qb, rig.info_hash)
@@ -70,4 +70,4 @@ def test_source_syncs_anyway_when_arr_is_unreachable(rig: Rig) -> None:
     rig.wait_synced()
     assert "event=arr_unreachable" in source.log_text()
     assert "action=sync_anyway" in source.log_text()
-    wait_until(lambda: rig.dst_qb.info(rig.info_hash) is not None, 10, 0.2, "on destination")
+    wait_until(lambda: rig.dst_qb.info(rig.info_hash) is not None, 120, 0.2, "on destination")

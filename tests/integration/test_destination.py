@@ -77,7 +77,7 @@ async def test_multifile_out_of_order_ends_verified_tagged_identical(
     async with dest.client() as client:
         started = await client.start(t, tag="source-removed")
         assert started.started
-    await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=30))
+    await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=120))
     info = qb.info(t.info_hash)
     assert "source-removed" in info.tags
 
@@ -171,7 +171,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 def _wait_file(path: Path) -> None:
     from tests.qbharness import wait_until
 
-    wait_until(path.exists, 10, 0.05, f"{path} renamed from .partial")
+    wait_until(path.exists, 120, 0.05, f"{path} renamed from .partial")
 
 
 async def test_readiness_follows_qbittorrent_but_liveness_does_not(
@@ -186,14 +186,14 @@ async def test_readiness_follows_qbittorrent_but_liveness_does_not(
     def not_ready() -> bool:
         return dest.http("/readyz")[0] == 503
 
-    await trio.to_thread.run_sync(lambda: wait_until(not_ready, 20, 0.2, "readyz 503"))
+    await trio.to_thread.run_sync(lambda: wait_until(not_ready, 120, 0.2, "readyz 503"))
     assert dest.http("/livez")[0] == 200
     assert dest.http("/healthz")[0] == 200
     status, body = dest.http("/status")
     assert status == 200 and b'"role": "destination"' in body
     qb.start()
     await trio.to_thread.run_sync(
-        lambda: wait_until(lambda: dest.http("/readyz")[0] == 200, 30, 0.2, "readyz 200")
+        lambda: wait_until(lambda: dest.http("/readyz")[0] == 200, 120, 0.2, "readyz 200")
     )
 
 

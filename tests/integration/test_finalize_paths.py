@@ -50,7 +50,7 @@ async def _seeding_ready(qb: QBInstance, t: LocalTorrent, dest: Destination) -> 
     assert {int(s) for s in qb.api.torrents_piece_states(torrent_hash=t.info_hash)} == {2}
     async with dest.client() as client:
         assert (await client.start(t)).started
-    await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=30))
+    await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=120))
 
 
 async def test_full_selection_skips_the_recheck_and_is_seeding_ready(
@@ -89,7 +89,7 @@ async def test_full_selection_with_a_file_gone_is_re_requested_not_skipped(
         ready = await client.init_ready(t)
         await client.send(t, needed_indices(ready, t.num_pieces))
         await trio.to_thread.run_sync(
-            lambda: wait_until(target.exists, 10, 0.05, "b.bin renamed from .partial")
+            lambda: wait_until(target.exists, 120, 0.05, "b.bin renamed from .partial")
         )
         target.unlink()  # the test's own copy of data the source still has
         with pytest.raises(WireError) as err:
@@ -142,7 +142,7 @@ async def test_recheck_from_environment_finds_damage_done_after_the_write(
     async with dest.client() as client:
         ready = await client.init_ready(t)
         await client.send(t, needed_indices(ready, t.num_pieces))
-        await trio.to_thread.run_sync(lambda: wait_until(target.exists, 10, 0.05, "a.bin"))
+        await trio.to_thread.run_sync(lambda: wait_until(target.exists, 120, 0.05, "a.bin"))
         await trio.to_thread.run_sync(_flip_byte, target, 2 * 64 * KiB + 5)
         with pytest.raises(WireError) as err:
             await client.finalize(t)
@@ -193,7 +193,7 @@ async def test_partial_selection_is_rechecked_and_ends_complete_for_its_files(
     assert info.state in ("pausedUP", "stoppedUP"), info.state  # complete for its selection
     async with dest.client() as client:
         assert (await client.start(t)).started
-    await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=30))
+    await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=120))
 
 
 def _flip_byte(path: Path, offset: int) -> None:

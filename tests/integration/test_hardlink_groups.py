@@ -56,7 +56,7 @@ async def test_shared_file_of_two_torrents_complete_at_start_is_sent_and_stored_
             "1",
         ],
     )
-    source.wait_for_log("event=started", timeout=30)
+    source.wait_for_log("event=started", timeout=120)
     for _, ih in torrents:
         await trio.to_thread.run_sync(wait_until, functools.partial(_synced, dst, ih), 120, 0.2)
 

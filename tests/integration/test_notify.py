@@ -23,7 +23,7 @@ def test_destination_posts_synced_even_to_a_hung_webhook(rig_factory: RigFactory
         rig.add_to_source()
         rig.wait_synced()
         rig.assert_identical()
-        [event] = hung.wait_for(1, timeout=30)
+        [event] = hung.wait_for(1, timeout=120)
         assert event["event"] == "synced" and event["role"] == "destination"
         assert event["hash"] == rig.info_hash and event["name"] == rig.seeded.name
         assert event["size"] == rig.seeded.total_size
@@ -45,9 +45,9 @@ def test_source_posts_handed_off_after_a_disk_pressure_handoff(rig_factory: RigF
         )
         rig.add_to_source(download_limit=None)
         source.wait_for_log("event=handed_off", timeout=90)
-        [event] = receiver.wait_for(1, timeout=30)
+        [event] = receiver.wait_for(1, timeout=120)
         assert event["event"] == "handed_off" and event["role"] == "source"
         assert event["hash"] == rig.info_hash and event["name"] == rig.seeded.name
-        source.wait_for_log("event=notify_sent notify_event=handed_off", timeout=10)
+        source.wait_for_log("event=notify_sent notify_event=handed_off", timeout=120)
     finally:
         receiver.close()

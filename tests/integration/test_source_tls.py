@@ -32,7 +32,7 @@ def test_tls_with_token_file_and_a_wrong_ca_first(tmp_path: Path, rig_factory: R
     wrong, wrong_health = rig.start_source(
         "--tls-ca", str(other_ca), "--auth-token-file", str(token_file), token=""
     )
-    wait_until(lambda: "code=auth-failed" in wrong.log_text(), 20, 0.2, "TLS refusal logged")
+    wait_until(lambda: "code=auth-failed" in wrong.log_text(), 120, 0.2, "TLS refusal logged")
     assert metric(wrong_health, "qbsync_pieces_sent_total") == 0
     assert wrong.stop() == 0
 

@@ -143,7 +143,7 @@ def test_status_page_json_and_table_against_running_daemons(
         assert line, "qbsync status --watch ended early"
         tables += line.startswith("role: source")
     watch.send_signal(signal.SIGINT)
-    assert watch.wait(30) == 0
+    assert watch.wait(120) == 0
     watch.stdout.close()
     raw = json.loads(qbsync_status("--url", f"http://127.0.0.1:{rig.dest_health}/", "--json"))
     assert_valid(raw)

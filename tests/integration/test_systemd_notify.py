@@ -43,9 +43,9 @@ def test_destination_reports_ready_watchdog_and_stopping(tmp_path: Path, qbsync_
             # Half of WATCHDOG_USEC is the ping interval: 0.5 s here.
             env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"},
         )
-        ready = _messages(sock, b"READY=1", timeout=30)
+        ready = _messages(sock, b"READY=1", timeout=120)
         assert any(m.startswith(b"READY=1") for m in ready)
-        assert any(b"WATCHDOG=1" in m for m in _messages(sock, b"WATCHDOG=1", timeout=10))
+        assert any(b"WATCHDOG=1" in m for m in _messages(sock, b"WATCHDOG=1", timeout=120))
         proc.signal(signal.SIGTERM)
-        assert any(b"STOPPING=1" in m for m in _messages(sock, b"STOPPING=1", timeout=30))
-        assert proc.wait(30) == 0
+        assert any(b"STOPPING=1" in m for m in _messages(sock, b"STOPPING=1", timeout=120))
+        assert proc.wait(120) == 0

@@ -38,12 +38,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any, Protocol
 
 import attrs
 
 from ..config import parse_size
+from ..interrupt import interruptible
 from ..qbittorrent.instance import QBInstance, free_port, make_payload, stop_process
 from ..torrent import create_metainfo, parse_metainfo
 
@@ -141,28 +141,21 @@ def main(argv: Sequence[str]) -> int:
         )
         return EXIT_USAGE
     demo = Demo(opts)
-    # SIGTERM and SIGHUP clean up like Ctrl-C does.
-    previous = {
-        sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
-    }
-    try:
-        return demo.run()
-    except KeyboardInterrupt:
-        demo.say("interrupted: stopping everything the demo started")
-        return EXIT_INTERRUPTED
-    except DemoError as exc:
-        demo.say(f"demo failed: {exc}")
-        demo.show_logs()
-        return EXIT_FAILED
-    finally:
-        if not demo.kept:
-            demo.stop_all()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+    # Ctrl-C, SIGTERM and SIGHUP clean up alike, also when SIGINT was inherited ignored (a
+    # background job of a script): see qbsync.interrupt.
+    with interruptible((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+        try:
+            return demo.run()
+        except KeyboardInterrupt:
+            demo.say("interrupted: stopping everything the demo started")
+            return EXIT_INTERRUPTED
+        except DemoError as exc:
+            demo.say(f"demo failed: {exc}")
+            demo.show_logs()
+            return EXIT_FAILED
+        finally:
+            if not demo.kept:
+                demo.stop_all()  # a second Ctrl-C does not interrupt this (interrupt.py)
 
 
 # ---------------------------------------------------------------------------------------------

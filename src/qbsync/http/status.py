@@ -31,6 +31,7 @@ from typing import IO, Any
 import attrs
 
 from .. import __version__, metrics
+from ..interrupt import interruptible
 
 SCHEMA_VERSION = 1
 RATE_WINDOW = 30.0  # seconds of samples a rate is averaged over
@@ -472,14 +473,18 @@ def main(argv: Sequence[str], out: IO[str] | None = None) -> int:
     the daemon could not be read."""
     args = build_parser().parse_args(list(argv))
     out = out or sys.stdout
-    try:
-        while True:
-            shown = _show(args, out)
-            if not args.watch:
-                return 0 if shown else 1
-            time.sleep(max(0.2, args.interval))
-    except KeyboardInterrupt:
-        return 0
+    # Ctrl-C (or SIGTERM) stops it wherever it lands, also when inherited ignored, and
+    # `stop.check()` makes sure no request starts after it (qbsync.interrupt says why).
+    with interruptible() as stop:
+        try:
+            while True:
+                stop.check()
+                shown = _show(args, out)
+                if not args.watch:
+                    return 0 if shown else 1
+                time.sleep(max(0.2, args.interval))
+        except KeyboardInterrupt:
+            return 0
 
 
 def _show(args: argparse.Namespace, out: IO[str]) -> bool:
