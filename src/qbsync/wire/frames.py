@@ -104,6 +104,22 @@ class ControlFrame:
 
 
 @attrs.frozen
+class UndecodedControl:
+    """A complete control frame whose body is larger than the decoder's
+    :attr:`FrameDecoder.decode_inline_max`. The caller decodes it with :meth:`decode` (the I/O
+    shell does so on a worker thread, so that a large or hostile body does not stall the event
+    loop) and hands the result to :meth:`~qbsync.wire.protocol.Endpoint.deliver`."""
+
+    request_id: int
+    type_code: int
+    body: bytes = attrs.field(repr=False)
+
+    def decode(self) -> ControlFrame:
+        """The decoded frame; raises :class:`WireError` like the inline path."""
+        return ControlFrame(self.request_id, codec.decode_message(self.type_code, self.body))
+
+
+@attrs.frozen
 class PieceStart:
     """A piece frame's header: ``length`` body bytes follow and must be taken with
     :meth:`FrameDecoder.readinto_body` / :meth:`FrameDecoder.body_received` before the next
@@ -116,7 +132,7 @@ class PieceStart:
     length: int
 
 
-Event = ControlFrame | PieceStart | Sentinel
+Event = ControlFrame | UndecodedControl | PieceStart | Sentinel
 
 
 # --- encoders -------------------------------------------------------------------------------
@@ -191,6 +207,9 @@ class FrameDecoder:
         self._error: WireError | None = None
         self._state = _MAGIC_STATE if expect_magic else _HEADER_STATE
         self._limits: dict[int, int] = dict(limits)
+        # Control bodies above this many bytes come out as UndecodedControl for the caller to
+        # decode off the event loop; None decodes every body inline (sans-IO users, tests).
+        self.decode_inline_max: int | None = None
         # current frame
         self._type = 0
         self._request_id = 0
@@ -347,6 +366,9 @@ class FrameDecoder:
                 body = bytes(self._buf[self._pos : self._pos + self._length])
                 self._consume(self._length)
                 self._state = _HEADER_STATE
+                inline_max = self.decode_inline_max
+                if inline_max is not None and self._length > inline_max:
+                    return UndecodedControl(self._request_id, self._type, body)
                 msg = codec.decode_message(self._type, body)
                 raw = body if self._type == codec.HELLO else b""
                 return ControlFrame(self._request_id, msg, raw)
