@@ -108,3 +108,28 @@ async def test_tracked_torrents_are_capped(
         await d.server.init(second.init_msg(sub="elsewhere"))
     assert err.value.code == ErrorCode.BUSY and "limit is 1" in err.value.message
     assert second.info_hash not in d.store.torrents
+
+
+async def test_tracked_metadata_is_charged_to_a_byte_budget(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Issue 15, finding 4: the cap was 4,096 torrents, not bytes."""
+    d = build(tmp_path, nursery)
+    first = torrent(tmp_path / "one")
+    second = torrent(tmp_path / "two", seed=4)
+    d.server.max_metadata = 1  # below one torrent: the first is still admitted alone
+    await d.init(first)
+    used = d.server.metadata_in_use()
+    assert used == server_module.metadata_bytes(d.store.torrents[first.info_hash].metainfo)
+    assert used >= len(first.torrent)
+    with pytest.raises(WireError) as err:
+        await d.server.init(second.init_msg(sub="elsewhere"))
+    assert err.value.code == ErrorCode.BUSY and "--max-metadata" in err.value.message
+    assert second.info_hash not in d.store.torrents
+    # room for both: admitted
+    d.server.max_metadata = 10 * used + 4 * len(second.torrent)
+    await d.server.init(second.init_msg(sub="elsewhere"))
+    assert second.info_hash in d.store.torrents
+    # an init of an already-tracked torrent is never refused for the budget
+    d.server.max_metadata = 1
+    await d.server.init(first.init_msg())

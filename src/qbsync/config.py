@@ -564,12 +564,24 @@ class DestinationConfig:
     auth_token: str = _auth_token()
     auth_token_file: Path | None = _auth_token_file()
     notify_url: str = _notify_url()
+    max_metadata: int = option(  # MiB
+        "Memory budget for the metadata of torrents being synced (MB; .torrent, piece hashes,"
+        " file lists)",
+        "256",
+        _parse_int,
+        check=_non_negative,
+        zero_means="256",
+    )
 
     role: Role = "destination"
 
     @property
     def max_stream_buffer_bytes(self) -> int:
         return self.max_stream_buffer * MiB
+
+    @property
+    def max_metadata_bytes(self) -> int:
+        return self.max_metadata * MiB
 
     @property
     def qb_save_path(self) -> Path:

@@ -103,7 +103,12 @@ class Daemon:
         self.notifier = Notifier(config.notify_url, "destination")
         self.finalizer.notifier = self.notifier
         self.server = DestinationServer(
-            self.store, self.writer, self.finalizer, qb=self.qb, max_piece=DEFAULT_MAX_PIECE
+            self.store,
+            self.writer,
+            self.finalizer,
+            qb=self.qb,
+            max_piece=DEFAULT_MAX_PIECE,
+            max_metadata=config.max_metadata_bytes,
         )
         self.budget = ByteBudget(config.max_stream_buffer_bytes, hooks=metrics.WIRE_METRICS)
         self.health = Health()
