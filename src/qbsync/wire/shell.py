@@ -327,7 +327,10 @@ class BaseConnection:
                     delivered = ep.deliver(await self._decode_off_loop(event))
                     if delivered is None:
                         continue
+                    # ``event`` is then the one local holding the decoded message, and the
+                    # next iteration replaces it: a multi-MiB InitTorrent is not kept idle.
                     event = delivered
+                    del delivered
                 if event is NEED_DATA:
                     await self._read_more()
                 elif isinstance(event, PingReceived):
