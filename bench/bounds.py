@@ -109,20 +109,20 @@ async def measure(
         during_livez: list[float] = []
         during_probe: list[float] = []
         with raw_init_bodies({bomb_hash: body}):
-            async with wire_client(port, token, request_timeout=600) as bomber:
-                async with trio.open_nursery() as nursery:
+            async with (
+                wire_client(port, token, request_timeout=600) as bomber,
+                trio.open_nursery() as nursery,
+            ):
 
-                    async def send_bomb() -> None:
-                        await bomber.conn.request(InitTorrent(info_hash=bomb_hash), timeout=600)
+                async def send_bomb() -> None:
+                    await bomber.conn.request(InitTorrent(info_hash=bomb_hash), timeout=600)
 
-                    nursery.start_soon(send_bomb)
-                    await trio.to_thread.run_sync(
-                        proc.wait_for_log, "event=wire_decode_started", 300
-                    )
-                    while "event=wire_decode_finished" not in proc.log_text():
-                        during_livez.append(await trio.to_thread.run_sync(livez_ms, health))
-                        during_probe.append(await probe_ms())
-                    # a sample straddling the end of the decode is still "during"
+                nursery.start_soon(send_bomb)
+                await trio.to_thread.run_sync(proc.wait_for_log, "event=wire_decode_started", 300)
+                while "event=wire_decode_finished" not in proc.log_text():
+                    # (a sample straddling the end of the decode still counts as "during")
+                    during_livez.append(await trio.to_thread.run_sync(livez_ms, health))
+                    during_probe.append(await probe_ms())
         decode_s = next(
             float(part.split("=", 1)[1])
             for line in proc.log_text().splitlines()
