@@ -81,3 +81,16 @@ def test_qb_url_credentials_never_reach_the_logs(
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "admin:***@127.0.0.1" in out
+
+
+def test_one_redaction_for_every_logged_url() -> None:
+    assert (
+        redact_url("http://u:p@Host:8080/x?apikey=k&flag")
+        == "http://u:***@Host:8080/x?apikey=***&flag"
+    )
+    assert redact_url("http://u@h/") == "http://u@h/"
+    assert redact_url("https://h/path#frag") == "https://h/path"
+    assert redact_url("https://u:p@h.example:8443/secret/x?t=1", keep_path=False) == (
+        "https://h.example:8443"
+    )
+    assert redact_url("http://[::1:bad") == "***"
