@@ -133,3 +133,19 @@ async def test_tracked_metadata_is_charged_to_a_byte_budget(
     # an init of an already-tracked torrent is never refused for the budget
     d.server.max_metadata = 1
     await d.server.init(first.init_msg())
+
+
+async def test_finalize_save_sub_path_is_validated_though_not_acted_on(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from qbsync.wire import Finalize
+
+    d = build(tmp_path, nursery)
+    t = torrent(tmp_path)
+    for bad in ("../up", "/abs", "a//b"):
+        with pytest.raises(WireError) as err:
+            await d.server.finalize(Finalize(t.info_hash, save_sub_path=bad))
+        assert err.value.code == ErrorCode.UNSAFE_PATH
+    with pytest.raises(WireError) as err:  # a valid one goes on: this torrent is unknown
+        await d.server.finalize(Finalize(t.info_hash, save_sub_path="tv/shows"))
+    assert err.value.code == ErrorCode.NOT_FOUND

@@ -35,9 +35,9 @@ Per torrent (the source's Finalize): a synchronous completeness check, then a ba
 5. on corrupt pieces (our read-back or qBittorrent's) clears them, renames the files back to
    ``.partial`` and answers ``incomplete``: the source re-inits and resends just those pieces.
 
-The Finalize request's ``save_sub_path`` is not acted on: the on-disk layout is fixed when the
-torrent is initialized (the Go reference's relocation on a sub-path change is not implemented);
-qBittorrent is always given the directory the files really are in.
+The Finalize request's ``save_sub_path`` is validated (``unsafe-path``) but not acted on: the
+layout is fixed when the torrent is initialized (the Go reference's relocation on a sub-path
+change is not implemented); qBittorrent is always given the directory the files really are in.
 
 Dry run: the finalize only checks that every needed piece arrived and matched during this run
 and logs what it would have done in qBittorrent; nothing is renamed, added or tagged.

@@ -424,6 +424,12 @@ class DestinationServer:
 
     async def finalize(self, req: Finalize) -> FinalizeResult:
         h = normalize_hash(req.info_hash)
+        # Not acted on (the layout was fixed by InitTorrent), but a request carrying a path
+        # that could not be used is refused like InitTorrent would refuse it, not ignored.
+        try:
+            paths.split_relative(req.save_sub_path, allow_empty=True)
+        except paths.UnsafePathError as exc:
+            raise _reject(ErrorCode.UNSAFE_PATH, f"save_sub_path: {exc}") from None
         async with self.store.lock(h):
             state = self.store.torrents.get(h)
             if state is None:
