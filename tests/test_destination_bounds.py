@@ -149,3 +149,20 @@ async def test_finalize_save_sub_path_is_validated_though_not_acted_on(
     with pytest.raises(WireError) as err:  # a valid one goes on: this torrent is unknown
         await d.server.finalize(Finalize(t.info_hash, save_sub_path="tv/shows"))
     assert err.value.code == ErrorCode.NOT_FOUND
+
+
+async def test_metadata_gauges_follow_the_tracked_torrents(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from qbsync import metrics
+
+    d = build(tmp_path, nursery)
+    t = torrent(tmp_path)
+    assert metrics.REGISTRY.get_sample_value("qbsync_metadata_bytes") == 0
+    await d.init(t)
+    used = d.server.metadata_in_use()
+    assert used > 0
+    assert metrics.REGISTRY.get_sample_value("qbsync_metadata_bytes") == used
+    assert metrics.REGISTRY.get_sample_value("qbsync_metadata_limit_bytes") == (
+        server_module.DEFAULT_MAX_METADATA
+    )

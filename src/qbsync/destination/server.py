@@ -194,6 +194,8 @@ class DestinationServer:
         self.dry_finalized: set[str] = set()
         self._decode_limiter = trio.CapacityLimiter(DECODE_SLOTS)
         self.max_metadata = max_metadata
+        metrics.metadata_limit_bytes.set(max_metadata)
+        metrics.metadata_bytes.set_function(self.metadata_in_use)  # read at scrape time
 
     def metadata_in_use(self) -> int:
         """Bytes of metadata the tracked torrents hold (see :func:`metadata_bytes`)."""
