@@ -56,14 +56,19 @@ DECODE_THREADS = 2  # large decodes at once, process-wide (each holds its body a
 DECODE_HOLD_ENV = "QBSYNC_TEST_HOLD_DECODE"
 _DECODE_HOLD_LIMIT = 300.0
 
-_decode_limiter: trio.CapacityLimiter | None = None
+_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "qbsync_decode_limiter"
+)
 
 
 def _decode_limiter_now() -> trio.CapacityLimiter:
-    global _decode_limiter
-    if _decode_limiter is None:
-        _decode_limiter = trio.CapacityLimiter(DECODE_THREADS)
-    return _decode_limiter
+    """The process's limiter for large decodes (one per Trio run, like Trio's own)."""
+    try:
+        return _DECODE_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(DECODE_THREADS)
+        _DECODE_LIMITER.set(limiter)
+        return limiter
 
 
 def _decode_in_thread(event: UndecodedControl) -> ControlFrame | WireError:
