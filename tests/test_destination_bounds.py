@@ -166,3 +166,15 @@ async def test_metadata_gauges_follow_the_tracked_torrents(
     assert metrics.REGISTRY.get_sample_value("qbsync_metadata_limit_bytes") == (
         server_module.DEFAULT_MAX_METADATA
     )
+
+
+def test_large_buffers_go_back_to_the_kernel_on_glibc() -> None:
+    """The destination pins glibc's mmap threshold (see runner.MMAP_THRESHOLD) so a refused
+    26 MiB .torrent does not stay in the heap; where there is no glibc it is a no-op."""
+    import platform
+
+    from qbsync.destination.runner import return_large_buffers_to_the_kernel
+
+    applied = return_large_buffers_to_the_kernel()
+    if platform.libc_ver()[0] == "glibc":
+        assert applied
