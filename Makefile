@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 comma := ,
 
 .PHONY: test lint typecheck unit fuzz integration qbittorrent chromium python-venv venv clean \
-	rsync demo image-test test-stress stress-ng test-qb5 bench bench-wire bench-throughput bench-lag bench-wan bench-scale
+	rsync demo image-test test-stress stress-ng test-qb5 bench bench-wire bench-throughput \
+	bench-lag bench-wan bench-scale bench-bounds
 
 venv: $(STAMP)
 
@@ -100,7 +101,7 @@ image-test: venv
 
 # End-to-end benchmarks: real qbittorrent-nox (and rsync) on 127.0.0.1; each ends in one
 # `RESULT key=value ...` line. BENCH_ARGS passes flags (e.g. BENCH_ARGS="--size-mib 1024").
-bench: bench-wire bench-throughput bench-lag bench-wan bench-scale
+bench: bench-wire bench-throughput bench-lag bench-wan bench-scale bench-bounds
 
 bench-wire: venv
 	$(BIN)/python bench/wire_throughput.py $(BENCH_ARGS)
@@ -116,6 +117,10 @@ bench-wan: venv qbittorrent rsync
 
 bench-scale: venv qbittorrent
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)
+
+# The 32 MiB codec bomb and 26 MiB .torrent files against a destination (no qBittorrent).
+bench-bounds: venv
+	$(BIN)/python -m bench.bounds $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

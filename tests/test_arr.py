@@ -8,6 +8,7 @@ import logging
 import socket
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -205,3 +206,37 @@ async def test_finalizer_requests_import_after_verified_finalize(
         assert (d.root / "payload" / "a.bin").read_bytes() == (
             t.base / "payload" / "a.bin"
         ).read_bytes()
+
+
+async def test_import_and_webhook_paths_come_from_the_validated_file_paths(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Issue 15, finding 7: the path sent to *arr and the webhook was ``save path + (req.name
+    or metainfo.name)``, so a request naming ``../../etc`` or ``/etc`` picked it."""
+    from qbsync.integrations.notify import Notifier
+
+    t = torrent(tmp_path)
+    d = build(tmp_path, nursery)
+    notifier = d.finalizer.notifier = Notifier("http://127.0.0.1:9/hook", "destination")
+    with serve_fake_arr("Sonarr") as sonarr:
+        sonarr.history = {t.info_hash.upper(): ["grabbed"]}
+        d.finalizer.arr = ArrSet([sonarr.url], ["arr-key"], mode="destination")
+        msg = attrs.evolve(t.init_msg(sub="tv"), name="../../../etc")
+        result = await d.server.init(msg)
+        while result.status == SyncStatus.VERIFYING:
+            await trio.sleep(0.01)
+            result = await d.server.init(msg)
+        for i in needed_indices(result, t.num_pieces):
+            assert await d.piece(t, i) == ErrorCode.OK
+        with trio.fail_after(30):
+            while True:
+                final = await d.server.finalize(Finalize(t.info_hash, category="", tags=()))
+                if final.status != SyncStatus.VERIFYING:
+                    break
+                await trio.sleep(0.02)
+        assert final.status == SyncStatus.COMPLETE
+        (cmd,) = sonarr.commands()
+    expected = str(d.root / "tv" / "payload")
+    assert cmd["path"] == expected
+    (event,) = notifier._queue  # queued (its delivery is tested in test_notify)
+    assert event["event"] == "synced" and event["path"] == expected

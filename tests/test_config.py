@@ -386,3 +386,14 @@ def test_every_option_has_unique_flag_and_env() -> None:
             if opt.default:
                 value = opt.parse(opt.default)
                 assert opt.check is None or opt.check(value) is None, opt.name
+
+
+@pytest.mark.parametrize("role", ["source", "destination"])
+def test_guessable_tokens_are_refused_like_short_ones(role: Role) -> None:
+    for token, why in (
+        ("bbbbbbbbbbbbbbbbbbbb", "one character repeated"),
+        ("qbsyncqbsyncqbsync", "6-character pattern"),
+        ("abcdefghijklmnopqr", "sequential"),
+    ):
+        message = error_of(role, {"auth_token": token})
+        assert why in message and "--auth-token" in message and "openssl rand" in message

@@ -5,6 +5,7 @@ option, the drain grace period outlasts the drain, and the container/systemd bas
 from __future__ import annotations
 
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def test_systemd_units() -> None:
         with pytest.raises(ConfigError, match="openssl rand"):
             resolve(role, {}, env)  # the placeholder as shipped is refused...
         resolve(
-            role, {}, {**env, f"QBSYNC_{role.upper()}_AUTH_TOKEN": "0f" * 16}
+            role, {}, {**env, f"QBSYNC_{role.upper()}_AUTH_TOKEN": secrets.token_hex(16)}
         )  # ...replaced, fine
 
 

@@ -1,4 +1,6 @@
-"""Secrets: a token that is too short or a placeholder from the examples is refused at start
+"""Secrets: a token that is too short, a placeholder from the examples or trivially guessable
+(one character or a short pattern repeated, few distinct characters, a sequential run) is
+refused at start
 (exit 2, one line naming both flags and the environment variables); no token keeps working
 with a loud warning."""
 
@@ -18,7 +20,24 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 @pytest.mark.parametrize("role", ["source", "destination"])
-@pytest.mark.parametrize("token", ["x", "fifteen-bytes!!", "change-me", "CHANGE-ME "])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "x",
+        "fifteen-bytes!!",
+        "change-me",
+        "CHANGE-ME ",
+        # long enough, trivially guessable (issue 15, finding 7)
+        "aaaaaaaaaaaaaaaa",
+        "a" * 64,
+        "abcabcabcabcabcabc",
+        "passwordpassword",
+        "aaaa1111bbbb2222",
+        "0123456789abcdef",
+        "abcdefghijklmnopqrstuvwxyz",
+        "9876543210zyxwvu",
+    ],
+)
 def test_weak_tokens_exit_2_with_one_line(
     role: str, token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -42,8 +61,9 @@ def test_token_file_is_checked_too(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_strong_token_and_no_token_are_accepted(tmp_path: Path) -> None:
-    ok = resolve("destination", {"data": str(tmp_path), "auth_token": "a" * 16}, env={})
-    assert isinstance(ok, DestinationConfig) and ok.auth_token == "a" * 16
+    strong = "k3Jd9-qX2m0Zt7Lb"  # 16 bytes, no pattern
+    ok = resolve("destination", {"data": str(tmp_path), "auth_token": strong}, env={})
+    assert isinstance(ok, DestinationConfig) and ok.auth_token == strong
     none = resolve("destination", {"data": str(tmp_path)}, env={})
     assert isinstance(none, DestinationConfig) and none.auth_token == ""
 
@@ -81,3 +101,42 @@ def test_qb_url_credentials_never_reach_the_logs(
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "admin:***@127.0.0.1" in out
+
+
+def test_one_redaction_for_every_logged_url() -> None:
+    assert (
+        redact_url("http://u:p@Host:8080/x?apikey=k&flag")
+        == "http://u:***@Host:8080/x?apikey=***&flag"
+    )
+    assert redact_url("http://u@h/") == "http://u@h/"
+    assert redact_url("https://h/path#frag") == "https://h/path"
+    assert redact_url("https://u:p@h.example:8443/secret/x?t=1", keep_path=False) == (
+        "https://h.example:8443"
+    )
+    assert redact_url("http://[::1:bad") == "***"
+
+
+def test_token_weakness_names_each_guessable_form() -> None:
+    from qbsync.config import token_weakness
+
+    assert "one character" in (token_weakness("z" * 40) or "")
+    assert "3-character pattern" in (token_weakness("xyzxyzxyzxyzxyzxyz") or "")
+    assert "distinct" in (token_weakness("ab12ab21ba12ba21") or "")
+    assert "sequential" in (token_weakness("1234567890123456") or "")
+    # what the docs and tests use, and random tokens, pass
+    import secrets
+
+    for token in ("tok-0123456789abcdef", "test-token-0123456789", "s3cret-token-01234"):
+        assert token_weakness(token) is None, token
+    assert not [t for t in (secrets.token_hex(8) for _ in range(2000)) if token_weakness(t)]
+    assert token_weakness(secrets.token_urlsafe(32)) is None
+
+
+def test_a_guessable_token_file_is_refused_from_the_environment_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "token"
+    f.write_text("aaaaaaaaaaaaaaaaaaaaaaaa\n")
+    monkeypatch.setenv("QBSYNC_DESTINATION_AUTH_TOKEN_FILE", str(f))
+    assert cli.main(["destination", "--data", str(tmp_path), "--print-config"]) == 2
+    assert "one character repeated" in capsys.readouterr().err

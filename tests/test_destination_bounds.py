@@ -108,3 +108,73 @@ async def test_tracked_torrents_are_capped(
         await d.server.init(second.init_msg(sub="elsewhere"))
     assert err.value.code == ErrorCode.BUSY and "limit is 1" in err.value.message
     assert second.info_hash not in d.store.torrents
+
+
+async def test_tracked_metadata_is_charged_to_a_byte_budget(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Issue 15, finding 4: the cap was 4,096 torrents, not bytes."""
+    d = build(tmp_path, nursery)
+    first = torrent(tmp_path / "one")
+    second = torrent(tmp_path / "two", seed=4)
+    d.server.max_metadata = 1  # below one torrent: the first is still admitted alone
+    await d.init(first)
+    used = d.server.metadata_in_use()
+    assert used == server_module.metadata_bytes(d.store.torrents[first.info_hash].metainfo)
+    assert used >= len(first.torrent)
+    with pytest.raises(WireError) as err:
+        await d.server.init(second.init_msg(sub="elsewhere"))
+    assert err.value.code == ErrorCode.BUSY and "--max-metadata" in err.value.message
+    assert second.info_hash not in d.store.torrents
+    # room for both: admitted
+    d.server.max_metadata = 10 * used + 4 * len(second.torrent)
+    await d.server.init(second.init_msg(sub="elsewhere"))
+    assert second.info_hash in d.store.torrents
+    # an init of an already-tracked torrent is never refused for the budget
+    d.server.max_metadata = 1
+    await d.server.init(first.init_msg())
+
+
+async def test_finalize_save_sub_path_is_validated_though_not_acted_on(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from qbsync.wire import Finalize
+
+    d = build(tmp_path, nursery)
+    t = torrent(tmp_path)
+    for bad in ("../up", "/abs", "a//b"):
+        with pytest.raises(WireError) as err:
+            await d.server.finalize(Finalize(t.info_hash, save_sub_path=bad))
+        assert err.value.code == ErrorCode.UNSAFE_PATH
+    with pytest.raises(WireError) as err:  # a valid one goes on: this torrent is unknown
+        await d.server.finalize(Finalize(t.info_hash, save_sub_path="tv/shows"))
+    assert err.value.code == ErrorCode.NOT_FOUND
+
+
+async def test_metadata_gauges_follow_the_tracked_torrents(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from qbsync import metrics
+
+    d = build(tmp_path, nursery)
+    t = torrent(tmp_path)
+    assert metrics.REGISTRY.get_sample_value("qbsync_metadata_bytes") == 0
+    await d.init(t)
+    used = d.server.metadata_in_use()
+    assert used > 0
+    assert metrics.REGISTRY.get_sample_value("qbsync_metadata_bytes") == used
+    assert metrics.REGISTRY.get_sample_value("qbsync_metadata_limit_bytes") == (
+        server_module.DEFAULT_MAX_METADATA
+    )
+
+
+def test_large_buffers_go_back_to_the_kernel_on_glibc() -> None:
+    """The destination pins glibc's mmap threshold (see runner.MMAP_THRESHOLD) so a refused
+    26 MiB .torrent does not stay in the heap; where there is no glibc it is a no-op."""
+    import platform
+
+    from qbsync.destination.runner import return_large_buffers_to_the_kernel
+
+    applied = return_large_buffers_to_the_kernel()
+    if platform.libc_ver()[0] == "glibc":
+        assert applied

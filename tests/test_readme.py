@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_readme_commands_are_valid(
     argvs = commands(role)
     assert len(argvs) >= 2, argvs  # the seed command and the by-hand one
     for argv in argvs:
-        argv = [a.replace("$TOKEN", "0f" * 32) for a in argv]
+        argv = [a.replace("$TOKEN", secrets.token_hex(32)) for a in argv]
         assert cli.main([*argv, "--print-config"]) == 0, argv
         capsys.readouterr()
 

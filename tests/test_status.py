@@ -212,3 +212,27 @@ async def test_destination_torrent_status_after_a_hash_mismatch(
 class _Budget:
     used = 0
     limit = 1
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False], ids=["rich", "plain"])
+def test_table_prints_names_as_data_never_as_markup_or_terminal_codes(
+    tty: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, finding 7: ``[link=https://x]Ubuntu[/link]`` became a clickable link."""
+    monkeypatch.setenv("COLUMNS", "400")
+    name = "[link=https://x]Ubuntu[/link] \x1b]8;;https://y\x1b\\z"  # and a raw OSC 8
+    err = ErrorInfo("io", "[bold red]fake[/] \u202egnp.exe", 1.0)
+    doc = StatusBuilder("destination").document(DAEMON, [torrent(1, name=name, last_error=err)])
+    out = _Tty() if tty else io.StringIO()
+    status.render_table(doc, out)
+    text = out.getvalue()
+    assert "[link=https://x]Ubuntu[/link]" in text
+    assert "[bold red]fake[/]" in text
+    assert "\x1b]8" not in text  # no OSC 8 hyperlink, from the markup or from the name
+    assert "\u202e" not in text and "\\u202e" in text
+    assert "\\x1b]8;;https://y" in text

@@ -127,3 +127,19 @@ def test_info_hash_is_over_raw_info_bytes() -> None:
     for info in (raw_info, swapped):
         meta = parse_metainfo(b"d4:info" + info + b"e")
         assert meta.info_hash == hashlib.sha1(info).hexdigest()
+
+
+def test_piece_hashes_are_one_buffer_sliced_on_demand() -> None:
+    from qbsync.torrent import PieceHashes
+
+    raw = bytes(range(60))
+    hashes = PieceHashes(raw)
+    assert len(hashes) == 3 and hashes.nbytes == 60
+    assert hashes[0] == raw[:20] and hashes[2] == raw[40:] and hashes[-1] == raw[40:]
+    assert list(hashes) == [raw[:20], raw[20:40], raw[40:]]
+    assert hashes[1:] == [raw[20:40], raw[40:]]
+    assert hashes == PieceHashes(raw) and not PieceHashes(b"")
+    with pytest.raises(IndexError):
+        hashes[3]
+    with pytest.raises(ValueError):
+        PieceHashes(b"x" * 21)

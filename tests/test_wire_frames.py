@@ -474,3 +474,71 @@ def test_every_control_message_has_a_small_limit_except_init_torrent() -> None:
     assert limits.pop(m.InitTorrent) == m.MAX_INIT_TORRENT == m.MAX_CONTROL_FRAME
     assert max(limits.values()) <= 1024 * 1024
     assert m.MAX_CONTROL_FRAME < 64 * 1024 * 1024
+
+
+# --- bounded decoding (issue 15, finding 4) -------------------------------------------------
+
+
+def _bomb(n_maps: int) -> bytes:
+    """An InitTorrent whose unknown key holds ``n_maps`` empty maps."""
+    body = bytearray([codec._T_MAP, 2])  # two entries: info_hash and the bomb
+    body += codec.pack("info_hash") + codec.pack(H1)
+    body += codec.pack("bomb") + bytes([codec._T_LIST])
+    codec._put_uvarint(body, n_maps)
+    body += b"\x07\x00" * n_maps
+    return bytes(body)
+
+
+def test_unknown_key_bomb_is_skipped_without_building_objects() -> None:
+    import tracemalloc
+
+    body = _bomb(2_000_000)  # 4 MiB; the full decoder would build two million dicts
+    tracemalloc.start()
+    try:
+        msg = codec.decode_message(codec.INIT_TORRENT, body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert msg == m.InitTorrent(H1)
+    assert peak < 1024 * 1024  # the body itself is not traced; no per-map objects
+
+
+def test_values_built_per_message_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codec, "MAX_ITEMS", 10)
+    ok = m.Finalize(H1, tags=tuple(str(i) for i in range(6)))  # 4 map entries + 6 tags
+    assert codec.decode_message(*codec.encode_message(ok)) == ok
+    too_many = m.Finalize(H1, tags=tuple(str(i) for i in range(7)))
+    with pytest.raises(WireError, match="more than 10 values"):
+        codec.decode_message(*codec.encode_message(too_many))
+    # skipped values are not charged
+    body = codec.pack({"info_hash": H1, "later": list(range(100))})
+    assert codec.decode_message(codec.FINALIZE, body) == m.Finalize(H1)
+
+
+def test_a_container_where_a_scalar_belongs_is_refused_at_its_tag() -> None:
+    body = codec.pack({"info_hash": H1, "name": [{}] * 1000})
+    with pytest.raises(WireError, match="not a scalar"):
+        codec.decode_message(codec.INIT_TORRENT, body)
+
+
+def test_skipped_values_are_still_checked() -> None:
+    for bad in (b"\x09", b"\x06\x05\x00", b"\x07\x01\x03\x00\x00", b"\x04\x7f"):
+        body = codec.pack({"info_hash": H1})
+        body = bytes([body[0], 2]) + body[2:] + codec.pack("x") + bad
+        with pytest.raises(WireError) as err:
+            codec.decode_message(codec.INIT_TORRENT, body)
+        assert err.value.code == ErrorCode.PROTOCOL
+
+
+def test_large_control_bodies_come_out_undecoded_when_asked() -> None:
+    from qbsync.wire.frames import UndecodedControl
+
+    msg = m.InitTorrent(H1, torrent_file=b"t" * 5000)
+    dec = FrameDecoder({codec.INIT_TORRENT: 1 << 20}, expect_magic=False)
+    dec.decode_inline_max = 4096
+    dec.receive_data(encode_control(msg, 7) + encode_control(m.InitTorrent(H1), 8))
+    big = dec.next_event()
+    assert isinstance(big, UndecodedControl)
+    assert big.decode() == ControlFrame(7, msg)
+    small = dec.next_event()
+    assert small == ControlFrame(8, m.InitTorrent(H1))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -303,6 +303,7 @@ def start_destination(
     extra: Sequence[str] = (),
     port: int | None = None,
     wait: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> Destination:
     """Start ``qbsync destination`` on loopback (fresh ports unless ``port`` is given) with
     ``--data data`` and wait until it logs ``event=destination_ready``."""
@@ -323,7 +324,7 @@ def start_destination(
         *qb_args,
         *extra,
     ]
-    proc = factory("destination", args)
+    proc = factory("destination", args, env) if env else factory("destination", args)
     if wait:
         proc.wait_for_log("event=destination_ready", timeout=30)
     return Destination(proc, port, health_port, data, token)

@@ -20,6 +20,7 @@ variable; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -564,12 +565,24 @@ class DestinationConfig:
     auth_token: str = _auth_token()
     auth_token_file: Path | None = _auth_token_file()
     notify_url: str = _notify_url()
+    max_metadata: int = option(  # MiB
+        "Memory budget for the metadata of torrents being synced (MB; .torrent, piece hashes,"
+        " file lists)",
+        "256",
+        _parse_int,
+        check=_non_negative,
+        zero_means="256",
+    )
 
     role: Role = "destination"
 
     @property
     def max_stream_buffer_bytes(self) -> int:
         return self.max_stream_buffer * MiB
+
+    @property
+    def max_metadata_bytes(self) -> int:
+        return self.max_metadata * MiB
 
     @property
     def qb_save_path(self) -> Path:
@@ -723,16 +736,60 @@ PLACEHOLDER_TOKENS = frozenset(
 )
 
 
+MIN_TOKEN_DISTINCT = 5  # 16 random hex digits show 10 distinct on average, 4 or fewer ~1 in 10^6
+SEQUENTIAL_SHARE = 0.8  # of neighbouring characters one code point apart: "0123456789abcdef"
+
+
+def token_weakness(token: str) -> str | None:
+    """Why ``token`` is trivially guessable, or ``None``. Length is checked separately; these
+    are the forms a guesser tries first whatever their length: one character repeated
+    (``aaaaaaaaaaaaaaaa``), a short pattern repeated (``abcabcabcabcabca``,
+    ``passwordpassword``), very few distinct characters (``aaaa1111bbbb2222``) and runs of
+    sequential characters (``0123456789abcdef``, ``abcdefghijklmnop``, ``9876543210...``)."""
+    chars = token
+    distinct = len(set(chars))
+    if distinct == 1:
+        return "the token is one character repeated"
+    period = _smallest_period(chars)
+    if period <= len(chars) // 2:
+        return f"the token repeats a {period}-character pattern"
+    if distinct < MIN_TOKEN_DISTINCT:
+        return f"the token has only {distinct} distinct characters"
+    pairs = list(itertools.pairwise(chars))
+    wraps = {("9", "0"), ("0", "9"), ("z", "a"), ("a", "z"), ("Z", "A"), ("A", "Z")}
+    sequential = sum(1 for a, b in pairs if abs(ord(b) - ord(a)) == 1 or (a, b) in wraps)
+    if pairs and sequential >= SEQUENTIAL_SHARE * len(pairs):
+        return "the token is mostly a run of sequential characters"
+    return None
+
+
+def _smallest_period(text: str) -> int:
+    """The smallest ``p`` with ``text[i] == text[i - p]`` for every ``i >= p``: the length minus
+    the longest proper border (KMP prefix function, linear even for a huge token file)."""
+    border = [0] * len(text)
+    k = 0
+    for i in range(1, len(text)):
+        while k and text[i] != text[k]:
+            k = border[k - 1]
+        if text[i] == text[k]:
+            k += 1
+        border[i] = k
+    return len(text) - (border[-1] if text else 0)
+
+
 def _check_token(role: Role, token: str) -> None:
-    """Refuse a token that is too short to resist guessing or is a known placeholder. No
-    token at all stays allowed (the seed document's setups run without one); the runners
-    warn loudly about it."""
+    """Refuse a token that is too short to resist guessing, a known placeholder, or one of
+    the trivially guessable forms of :func:`token_weakness`. No token at all stays allowed (the
+    seed document's setups run without one); the runners warn loudly about it."""
     if not token:
         return
+    weakness = token_weakness(token)
     if token.strip().lower() in PLACEHOLDER_TOKENS:
         problem = f"{token.strip()!r} is a placeholder from the examples"
     elif len(token.encode("utf-8")) < MIN_TOKEN_BYTES:
         problem = f"the token is shorter than {MIN_TOKEN_BYTES} bytes"
+    elif weakness is not None:
+        problem = weakness
     else:
         return
     raise ConfigError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .wire.logfmt import kv
 
@@ -30,19 +30,29 @@ def paths_kv(value: tuple[str, ...] | str) -> str:
     return kv("/".join(value) if isinstance(value, tuple) else value)
 
 
-def redact_url(url: str) -> str:
-    """``url`` with a password in its user-info part replaced by ``***`` (a ``--qb-url`` of
-    the form ``http://user:password@host`` must not put the password in the logs)."""
+def redact_url(url: str, *, keep_path: bool = True) -> str:
+    """The one form in which any URL is logged or shown (``--qb-url``, ``--arr-url``,
+    ``--notify-url``, ``--print-config``): a password in the user-info part becomes ``***``,
+    every query value becomes ``***`` (``?apikey=...``), the fragment is dropped. With
+    ``keep_path=False`` only the scheme, host and port remain: a webhook URL's path is often its
+    secret. Unparseable input is ``***`` as a whole."""
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "***"
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[-1]
-    user = parts.username or ""
-    userinfo = f"{user}:***" if parts.password is not None else user
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+    if not keep_path:
+        return f"{parts.scheme}://{parts.hostname or '?'}" + (f":{port}" if port else "")
+    netloc = parts.netloc
+    if parts.password is not None or parts.username is not None:
+        host = netloc.rsplit("@", 1)[-1]
+        user = parts.username or ""
+        netloc = (f"{user}:***" if parts.password is not None else user) + "@" + host
+    query = "&".join(
+        f"{key}=***" if value else key
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 class _Formatter(logging.Formatter):

@@ -197,6 +197,10 @@ pieces_found_on_disk = _c(
 write_buffer_bytes = _g("write_buffer_bytes", "Piece bytes held in memory awaiting write")
 write_buffer_limit_bytes = _g("write_buffer_limit_bytes", "--max-stream-buffer in bytes")
 write_workers_busy = _g("write_workers_busy", "Writer workers currently hashing or writing")
+metadata_bytes = _g(
+    "metadata_bytes", "Metadata bytes held by tracked torrents (charged to --max-metadata)"
+)
+metadata_limit_bytes = _g("metadata_limit_bytes", "--max-metadata in bytes")
 torrents_with_dirty_state = _g(
     "torrents_with_dirty_state", "Torrents with written pieces not yet persisted"
 )

@@ -137,11 +137,72 @@ def test_demo_keep_leaves_everything_running_and_says_how_to_reach_it(
         for url in status_urls[-2:]:  # the --keep block lists both daemons' pages
             with urllib.request.urlopen(url, timeout=10) as resp:
                 assert b"<h1>qbsync " in resp.read()
-        with urllib.request.urlopen(f"{webuis[-1]}/api/v2/app/version", timeout=10) as resp:
-            assert resp.status == 200
+        (cred_file,) = list(tmp_path.glob("*/credentials"))
+        assert cred_file.stat().st_mode & 0o777 == 0o600
+        rows = [ln.split() for ln in cred_file.read_text().splitlines() if ln[:1] != "#"]
+        assert sorted(r[1] for r in rows) == sorted(webuis[-3:])
+        argvs = [_cmdline(pid) for pid in pids]
+        token = _environ(pids[0]).get("QBSYNC_SOURCE_AUTH_TOKEN") or _environ(pids[1]).get(
+            "QBSYNC_SOURCE_AUTH_TOKEN", ""
+        )
+        assert token and all(token not in a for a in argvs), argvs
+        for name, url, user, password in rows:
+            assert all(password not in a for a in argvs), argvs
+            _refuses_a_foreign_set_preferences(url, user, password, tmp_path / f"pwned-{name}")
     finally:
         # The demo's processes, by the PIDs it printed (they outlive the demo by design).
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
     wait_until(lambda: _processes_under(tmp_path) == [], 120, 0.2, "kept processes stopped")
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").split("=", 1) for e in raw if b"=" in e)
+
+
+def _refuses_a_foreign_set_preferences(url: str, user: str, password: str, marker: Path) -> None:
+    """Issue 15, finding 5: the demo's WebUIs ran with no password, CSRF and Host checks off,
+    so a web page (or another local account) could store ``autorun_program`` -- a command run
+    on every completion. Now: with a foreign Origin/Host and no cookie, refused; with a valid
+    login cookie but a foreign Origin, refused (CSRF); the program is never stored."""
+    import http.cookiejar
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    prefs = {"autorun_enabled": True, "autorun_program": f"touch {marker}"}
+    body = urllib.parse.urlencode({"json": json.dumps(prefs)}).encode()
+    target = f"{url}/api/v2/app/setPreferences"
+
+    def post(opener: urllib.request.OpenerDirector, headers: dict[str, str]) -> int:
+        req = urllib.request.Request(target, data=body, headers=headers, method="POST")
+        try:
+            with opener.open(req, timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    anonymous = urllib.request.build_opener()
+    foreign = {"Origin": "http://evil.example", "Referer": "http://evil.example/x"}
+    assert post(anonymous, {**foreign, "Host": "evil.example"}) in (401, 403)
+    assert post(anonymous, foreign) in (401, 403)
+    assert post(anonymous, {}) in (401, 403)  # no localhost bypass either
+
+    jar = http.cookiejar.CookieJar()
+    session = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    login = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    with session.open(f"{url}/api/v2/auth/login", data=login, timeout=10) as resp:
+        assert resp.read() == b"Ok."
+    assert post(session, foreign) in (401, 403)  # CSRF: a logged-in browser on another site
+    assert post(session, {"Host": "evil.example"}) in (401, 403, 400)  # Host-header check
+    with session.open(f"{url}/api/v2/app/preferences", timeout=10) as resp:
+        stored = json.loads(resp.read())
+    assert stored.get("autorun_program", "") != prefs["autorun_program"]
+    assert not marker.exists()

@@ -10,7 +10,15 @@ import pytest
 import trio
 
 from qbsync.torrent import MAX_ITEMS
-from qbsync.wire import ErrorCode, FileEntry, InitTorrent, WireError
+from qbsync.wire import ErrorCode, FileEntry, InitTorrent, SyncStatus, WireError
+from tests.bounds_rig import (
+    MiB,
+    bomb_body,
+    large_init,
+    peak_rss_bytes,
+    raw_init_bodies,
+    release_file_env,
+)
 from tests.wireclient import start_destination
 
 pytestmark = pytest.mark.integration
@@ -72,3 +80,75 @@ async def test_half_open_health_flood_never_fails_a_probe(tmp_path: Path, qbsync
         for s in flood:
             s.close()
     assert seen == [200] * 24
+
+
+# --- issue 15, finding 4: the codec bomb and large .torrent files ---------------------------
+
+
+async def test_codec_bomb_decodes_off_the_loop_and_probes_are_answered_meanwhile(
+    tmp_path: Path, qbsync_factory
+) -> None:
+    """A 32 MiB InitTorrent of nested empty maps under an unknown key. The destination is told
+    to hold every worker-thread decode until a file exists, so the ordering is observed, not
+    timed: /livez, /readyz and an InitTorrent probe on another connection are all answered
+    while the bomb's decode has started and not finished. Before the fix the decode ran on the
+    event loop (/healthz silent for 12 s, 1.2 GiB)."""
+    release = tmp_path / "release-decode"
+    budget_mib = 64
+    dest = start_destination(
+        qbsync_factory,
+        tmp_path / "data",
+        extra=["--max-metadata", str(budget_mib)],
+        env=release_file_env(release),
+    )
+    bomb_hash = "b0" * 20
+    results: list[object] = []
+    with raw_init_bodies({bomb_hash: bomb_body(bomb_hash)}):
+        async with dest.client() as bomber, trio.open_nursery() as nursery:
+
+            async def send_bomb() -> None:
+                bomb = InitTorrent(info_hash=bomb_hash)  # sent as the raw bomb body
+                answer = await bomber.conn.request(bomb, timeout=300)
+                results.append(answer)
+
+            nursery.start_soon(send_bomb)
+            await trio.to_thread.run_sync(dest.proc.wait_for_log, "event=wire_decode_started", 120)
+            # the decode is running (or held): everything else must still be answered
+            assert dest.http("/livez")[0] == 200
+            assert dest.http("/readyz")[0] == 200
+            async with dest.client() as prober:
+                probe = await prober.conn.request(
+                    InitTorrent(info_hash="c1" * 20, probe=True), timeout=60
+                )
+            assert probe.status == SyncStatus.READY
+            assert "event=wire_decode_finished" not in dest.proc.log_text()
+            release.touch()
+            await trio.to_thread.run_sync(dest.proc.wait_for_log, "event=wire_decode_finished", 300)
+    # the bomb decoded to a plain probe of its info-hash: the unknown key was skipped
+    assert [getattr(r, "status", r) for r in results] == [SyncStatus.READY]
+    assert peak_rss_bytes(dest.proc.pid) < (budget_mib + 100) * MiB
+
+
+async def test_large_torrents_are_charged_to_the_metadata_budget(
+    tmp_path: Path, qbsync_factory
+) -> None:
+    """Four tracked torrents with 26 MiB .torrent files held 600 MiB (piece hashes as 1.4
+    million objects each) under a cap of 4,096 torrents. Now each costs about twice its size
+    (raw .torrent + one hash buffer), and what does not fit the budget is answered busy."""
+    budget_mib = 128
+    dest = start_destination(
+        qbsync_factory, tmp_path / "data", extra=["--max-metadata", str(budget_mib)]
+    )
+    outcomes: list[str] = []
+    async with dest.client() as client:
+        for seed in range(4):
+            msg = await trio.to_thread.run_sync(large_init, seed)
+            try:
+                result = await client.conn.request(msg, timeout=300)
+                outcomes.append(result.status.value)
+            except WireError as exc:
+                outcomes.append(exc.code.value)
+    # 2 x ~50 MiB fit in 128 MiB, the third and fourth do not
+    assert outcomes == ["ready", "ready", "busy", "busy"], outcomes
+    assert "--max-metadata" in dest.proc.log_text()
+    assert peak_rss_bytes(dest.proc.pid) < (budget_mib + 100) * MiB

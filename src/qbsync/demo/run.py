@@ -18,6 +18,14 @@ The demo does all of that in a temporary directory, on 127.0.0.1 only:
 Exit status 0 only when the destination copy is verified by qBittorrent *and* identical;
 1 otherwise, 2 for a usage or set-up problem (e.g. qbittorrent-nox missing), 130 on Ctrl-C.
 ``--keep`` leaves everything running and prints the addresses instead of stopping.
+
+Nothing it starts is an open door while it runs (or after ``--keep``): each qBittorrent WebUI
+has its own generated password, CSRF protection and Host-header validation on and no
+localhost bypass, so no web page the user visits and no other local account can drive it
+(``setPreferences`` can set ``autorun_program``, a command run on every completion). The
+token and the passwords reach the daemons through their environment, never their argv
+(``ps`` shows every argv to every local user); the passwords are also written to a 0600
+``credentials`` file in the work directory, for ``--keep``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -161,15 +169,27 @@ def main(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def demo_qbittorrent(name: str, root: Path) -> QBInstance:
+    """One of the demo's qBittorrents, not yet started: its own generated WebUI password and
+    the WebUI's CSRF, Host-header and login checks on (``hardened``); in its own session, so
+    a terminal's Ctrl-C reaches only the demo, which stops it by PID."""
+    inst = QBInstance(name, root, start=False, password=secrets.token_urlsafe(18), hardened=True)
+    inst.new_session = True
+    return inst
+
+
 class Daemon:
     """A ``qbsync`` subprocess of the demo, in its own session so Ctrl-C reaches only the demo
     (which then stops the daemons in order) and ``--keep`` can leave it running."""
 
-    def __init__(self, role: str, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self, role: str, args: list[str], log_path: Path, secrets_env: Mapping[str, str]
+    ) -> None:
         self.role = role
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("QBSYNC_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(secrets_env)  # token and passwords: never on the argv
         self._out: IO[bytes] | None = open(log_path, "ab")  # noqa: SIM115  # closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qbsync.cli", role, *args],
@@ -357,27 +377,27 @@ class Demo:
             [
                 "--data", str(dest.save_path),
                 "--listen", f"127.0.0.1:{wire_port}",
-                *dest.qbsync_args(),
+                *dest.qbsync_args(password_in_env=True),
                 "--health-addr", f"127.0.0.1:{dest_health}",
-                "--auth-token", self.token,
                 "--poll-interval", "0.5",
             ],
             "event=destination_ready",
+            dest,
         )  # fmt: skip
         self._daemon(
             "source",
             [
                 "--data", str(source.save_path),
-                *source.qbsync_args(),
+                *source.qbsync_args(password_in_env=True),
                 "--destination-addr", f"127.0.0.1:{wire_port}",
                 "--state-dir", str(self.root / "source-state"),
                 "--health-addr", f"127.0.0.1:{src_health}",
-                "--auth-token", self.token,
                 "--sleep", "1",
                 "--min-connections", "2",
                 "--max-connections", "4",
             ],
             "event=started",
+            source,
         )  # fmt: skip
         self.say(
             f"qbsync destination status http://127.0.0.1:{dest_health}/ , "
@@ -436,10 +456,10 @@ class Demo:
         return make_payload(root, sizes, seed=secrets.randbits(32))
 
     def _qb(self, name: str, root: Path) -> QBInstance:
-        inst = QBInstance(name, root, start=False)
-        inst.new_session = True  # Ctrl-C reaches only the demo, which stops it by PID
+        inst = demo_qbittorrent(name, root)
         self.qbs.append(inst)
         inst.start()
+        self._write_credentials()  # once its port is known
         self.say(f"qBittorrent {name} started (pid {inst.pid}, WebUI {inst.url})")
         return inst
 
@@ -457,8 +477,21 @@ class Demo:
         if result != "Ok.":
             raise DemoError(f"{inst.name} qBittorrent refused the torrent: {result!r}")
 
-    def _daemon(self, role: str, args: list[str], ready: str) -> Daemon:
-        d = Daemon(role, args, self.root / f"qbsync-{role}.log")
+    def _write_credentials(self) -> None:
+        """The WebUI passwords, for a user who keeps the demo running: a 0600 file (created
+        with that mode, never world-readable for a moment), not the terminal or a log. It is
+        rewritten as each instance is added: the demo created it, in the directory it made
+        with ``mkdtemp``, and ``O_NOFOLLOW`` refuses a symlink planted in its place."""
+        path = self.root / "credentials"
+        lines = [f"{i.name} {i.url} {i.username} {i.password}\n" for i in self.qbs]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write("# qBittorrent WebUI: name url username password\n" + "".join(lines))
+
+    def _daemon(self, role: str, args: list[str], ready: str, qb: QBInstance) -> Daemon:
+        env = {f"QBSYNC_{role.upper()}_AUTH_TOKEN": self.token, **qb.qbsync_env(role)}
+        d = Daemon(role, args, self.root / f"qbsync-{role}.log", env)
         self.daemons.append(d)
         deadline = time.monotonic() + 60
         while ready not in d.log_text():
@@ -543,6 +576,7 @@ class Demo:
             self.say(f"  qBittorrent {inst.name:<12} WebUI {inst.url}  (pid {inst.pid})")
         self.say(f"  qbsync source       status http://127.0.0.1:{src_health}/")
         self.say(f"  qbsync destination  status http://127.0.0.1:{dest_health}/")
+        self.say(f"  WebUI passwords in  {self.root / 'credentials'} (mode 0600)")
         pids = " ".join(str(p) for p in self.pids())
         self.say(f"  stop it all with:   kill {pids}")
         self.say(f"  files and logs in   {self.root}")

@@ -35,9 +35,9 @@ Per torrent (the source's Finalize): a synchronous completeness check, then a ba
 5. on corrupt pieces (our read-back or qBittorrent's) clears them, renames the files back to
    ``.partial`` and answers ``incomplete``: the source re-inits and resends just those pieces.
 
-The Finalize request's ``save_sub_path`` is not acted on: the on-disk layout is fixed when the
-torrent is initialized (the Go reference's relocation on a sub-path change is not implemented);
-qBittorrent is always given the directory the files really are in.
+The Finalize request's ``save_sub_path`` is validated (``unsafe-path``) but not acted on: the
+layout is fixed when the torrent is initialized (the Go reference's relocation on a sub-path
+change is not implemented); qBittorrent is always given the directory the files really are in.
 
 Dry run: the finalize only checks that every needed piece arrived and matched during this run
 and logs what it would have done in qBittorrent; nothing is renamed, added or tagged.
@@ -267,15 +267,11 @@ class Finalizer:
             selection,
             unverified,
         )
+        content = self.content_path(state)
         self.notifier.emit(
-            "synced",
-            state.info_hash,
-            state.meta.name,
-            size=state.geometry.total_size,
-            path=posixpath.join(self.qb_save_path(state), state.meta.name),
+            "synced", state.info_hash, state.meta.name, size=state.geometry.total_size, path=content
         )
         if self.arr:  # verified and in place: now *arr may import it (never raises)
-            content = posixpath.join(self.qb_save_path(state), state.meta.name)
             await self.arr.import_synced(state.info_hash, content)
         message = f"finalized ({qb_state})"
         if unverified:
@@ -381,6 +377,27 @@ class Finalizer:
         )
 
     # -- qBittorrent -------------------------------------------------------------------------
+
+    def content_path(self, state: TorrentState) -> str:
+        """The torrent's content as qBittorrent sees it (what Sonarr/Radarr import and the
+        webhook's ``path``), built from the validated file paths only: the one top-level entry
+        (a single file, or the torrent's root folder) under the save path, or the save path
+        itself when the files have several top-level entries. Never from the request's
+        ``name`` or the metainfo's: an absolute or ``..`` name would pick the path sent on."""
+        try:
+            sub = paths.split_relative(state.meta.save_sub_path, allow_empty=True)
+        except paths.UnsafePathError:  # validated at init; a state file is no proof
+            return str(self.settings.qb_save_path)
+        base = posixpath.join(str(self.settings.qb_save_path), *sub)
+        rels = [f.parts[len(sub) :] for f in state.files if f.parts and not f.pad]
+        if (
+            not rels
+            or any(not r for r in rels)
+            or any(f.parts[: len(sub)] != sub for f in state.files if f.parts and not f.pad)
+        ):
+            return base
+        tops = {r[0] for r in rels}
+        return posixpath.join(base, rels[0][0]) if len(tops) == 1 else base
 
     def qb_save_path(self, state: TorrentState) -> str:
         sub = state.meta.save_sub_path

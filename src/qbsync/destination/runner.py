@@ -25,6 +25,7 @@ piece as written (see :mod:`.store`).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import ipaddress
 import json
@@ -56,8 +57,29 @@ ORPHAN_INTERVAL = 3600.0
 SHUTDOWN_FLUSH_TIMEOUT = 60.0
 
 
+# Allocations from this size up are always mmap()ed, so freeing them returns the memory to the
+# kernel. glibc otherwise raises its mmap threshold after the first large free (up to 32 MiB),
+# and a 26 MiB .torrent refused ``busy`` then stays in the heap: RSS that follows what the
+# daemon holds is what makes ``--max-metadata`` a bound on memory. Piece buffers (pooled, at
+# most 8 MiB for the usual piece sizes) keep the heap's fast path.
+MMAP_THRESHOLD = 8 * 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_large_buffers_to_the_kernel() -> bool:
+    """Pin glibc's mmap threshold at :data:`MMAP_THRESHOLD`; False where there is no glibc
+    (musl, macOS: their allocators return large blocks on their own)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(MMAP_THRESHOLD)))
+
+
 def run(config: DestinationConfig) -> int:
     """Run the destination until SIGINT/SIGTERM; the process exit status."""
+    return_large_buffers_to_the_kernel()
     try:
         return trio.run(main, config)
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
@@ -103,7 +125,12 @@ class Daemon:
         self.notifier = Notifier(config.notify_url, "destination")
         self.finalizer.notifier = self.notifier
         self.server = DestinationServer(
-            self.store, self.writer, self.finalizer, qb=self.qb, max_piece=DEFAULT_MAX_PIECE
+            self.store,
+            self.writer,
+            self.finalizer,
+            qb=self.qb,
+            max_piece=DEFAULT_MAX_PIECE,
+            max_metadata=config.max_metadata_bytes,
         )
         self.budget = ByteBudget(config.max_stream_buffer_bytes, hooks=metrics.WIRE_METRICS)
         self.health = Health()

@@ -84,6 +84,12 @@ DECODE_SLOTS = 2  # .torrent decodes running at once (each holds its decoded tre
 # Torrents tracked at once (each holds its .torrent and bitmaps in memory): a peer cannot grow
 # the destination's memory without bound; a source retries ``busy`` later.
 MAX_TRACKED = 4096
+# Tracked torrents are also charged by the bytes of metadata they hold (their .torrent, piece
+# hashes, bitmaps and file lists; see metadata_bytes): 4,096 torrents of 26 MiB .torrent files
+# would be 200 GiB. The budget is --max-metadata; a torrent is always admitted when nothing
+# else is tracked, so a budget below one torrent's size serializes syncs instead of blocking.
+DEFAULT_MAX_METADATA = 256 * 1024 * 1024
+FILE_METADATA_COST = 512  # per file: FileMeta, DataFile, the geometry entry, their path strs
 START_CONFIRM_TIMEOUT = 20.0  # a started torrent must seed by then (the source waits 30 s)
 START_POLL = 0.25
 # Seeding for real: a started torrent whose data qBittorrent serves (``stoppedUP`` does not
@@ -99,6 +105,19 @@ _COUNTED = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNSAFE_PATH})
 def _reject(code: ErrorCode, message: str) -> WireError:
     metrics.rejected_requests.labels(code.value).inc()
     return WireError(code, message)
+
+
+def metadata_bytes(metainfo: Metainfo) -> int:
+    """What a tracked torrent's metadata costs in memory, for the ``--max-metadata`` budget:
+    its raw ``.torrent``, its piece hashes (one buffer), its two piece bitmaps and a fixed
+    cost per file."""
+    pieces = metainfo.geometry.num_pieces
+    return (
+        len(metainfo.raw)
+        + metainfo.piece_hashes.nbytes
+        + 2 * ((pieces + 7) // 8)
+        + FILE_METADATA_COST * len(metainfo.geometry.files)
+    )
 
 
 def normalize_hash(value: str) -> str:
@@ -164,6 +183,7 @@ class DestinationServer:
         *,
         qb: QB | None,
         max_piece: int = MAX_PIECE_LENGTH,
+        max_metadata: int = DEFAULT_MAX_METADATA,
     ) -> None:
         self.store = store
         self.writer = writer
@@ -173,6 +193,28 @@ class DestinationServer:
         self.max_piece = max_piece
         self.dry_finalized: set[str] = set()
         self._decode_limiter = trio.CapacityLimiter(DECODE_SLOTS)
+        self.max_metadata = max_metadata
+        metrics.metadata_limit_bytes.set(max_metadata)
+        metrics.metadata_bytes.set_function(self.metadata_in_use)  # read at scrape time
+
+    def metadata_in_use(self) -> int:
+        """Bytes of metadata the tracked torrents hold (see :func:`metadata_bytes`)."""
+        return sum(metadata_bytes(s.metainfo) for s in self.store.torrents.values())
+
+    def _check_metadata_budget(self, info_hash: str, cost: int) -> None:
+        """Refuse with ``busy`` when ``cost`` more bytes would overflow ``--max-metadata``
+        (unless nothing else is tracked: see :data:`DEFAULT_MAX_METADATA`)."""
+        others = [s for h, s in self.store.torrents.items() if h != info_hash]
+        if not others:
+            return
+        in_use = sum(metadata_bytes(s.metainfo) for s in others)
+        if in_use + cost > self.max_metadata:
+            raise _reject(
+                ErrorCode.BUSY,
+                f"the metadata of {len(others)} torrents being synced here holds {in_use} "
+                f"bytes, this one needs about {cost} more and --max-metadata is "
+                f"{self.max_metadata}: retry once some have finished",
+            )
 
     # -- ServerHandler ---------------------------------------------------------------------
 
@@ -232,6 +274,9 @@ class DestinationServer:
         # refused request leaves the destination exactly as it was.
         checked: tuple[Metainfo, list[FileMeta], TorrentMeta] | None = None
         if req.files and not req.probe:
+            if h not in self.store.torrents:
+                # Before decoding: the decoded torrent holds about twice its raw size.
+                self._check_metadata_budget(h, 2 * len(req.torrent_file))
             metainfo = await self._validate_init(req, h)
             files = [FileMeta(f.path, f.size, f.selected, f.device, f.inode) for f in req.files]
             meta = new_meta(h, req.name or metainfo.name, req.save_sub_path, files)
@@ -299,6 +344,7 @@ class DestinationServer:
                         f"is {MAX_TRACKED}: retry once some have finished",
                     )
                 metainfo, files, meta = checked
+                self._check_metadata_budget(h, metadata_bytes(metainfo))
                 try:
                     state = await self.store.create(meta, metainfo, fresh=True)
                 except WireError as exc:
@@ -380,6 +426,12 @@ class DestinationServer:
 
     async def finalize(self, req: Finalize) -> FinalizeResult:
         h = normalize_hash(req.info_hash)
+        # Not acted on (the layout was fixed by InitTorrent), but a request carrying a path
+        # that could not be used is refused like InitTorrent would refuse it, not ignored.
+        try:
+            paths.split_relative(req.save_sub_path, allow_empty=True)
+        except paths.UnsafePathError as exc:
+            raise _reject(ErrorCode.UNSAFE_PATH, f"save_sub_path: {exc}") from None
         async with self.store.lock(h):
             state = self.store.torrents.get(h)
             if state is None:

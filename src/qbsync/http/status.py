@@ -427,21 +427,40 @@ def fetch(url: str, timeout: float = 5.0) -> dict[str, Any]:
     return doc
 
 
+def terminal_safe(text: str) -> str:
+    """``text`` with every control or format character (ESC, C1, bidi overrides, ...) shown as
+    a ``\\x..``/``\\u....`` escape: a torrent name or an error message comes from a peer or
+    a ``.torrent`` and must not drive the terminal (OSC 8 links, cursor moves, reordering)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
 def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
-    """Print the document as a table (``rich`` when ``out`` is a terminal, plain otherwise)."""
-    daemon = _daemon_line(doc)
-    rows = _rows(doc)
+    """Print the document as a table (``rich`` when ``out`` is a terminal, plain otherwise).
+
+    Every value is data, never markup: names like ``[link=https://...]Ubuntu[/link]`` print
+    as written (rich ``Text`` cells are not parsed), and control characters are escaped."""
+    daemon = [(k, terminal_safe(v)) for k, v in _daemon_line(doc)]
+    rows = [{k: terminal_safe(v) for k, v in r.items()} for r in _rows(doc)]
     cols = ["name", "state", "verified", "pct", "streamed", "size", "rate", "eta", "error"]
     if out.isatty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         console = Console(file=out)
-        console.print("  ".join(f"[bold]{k}[/bold] {v}" for k, v in daemon), highlight=False)
+        line = Text()
+        for i, (k, v) in enumerate(daemon):
+            line.append(("  " if i else "") + k, style="bold")
+            line.append(" " + v)
+        console.print(line, highlight=False)
         table = Table(*cols, expand=False)
         for r in rows:
-            table.add_row(*(r[c] for c in cols))
-        console.print(table)
+            table.add_row(*(Text(r[c]) for c in cols))
+        console.print(table, highlight=False)
         return
     out.write("  ".join(f"{k}: {v}" for k, v in daemon) + "\n")
     widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in cols}

@@ -36,7 +36,7 @@ import trio
 
 from .. import metrics
 from ..config import split_list
-from ..log import kv
+from ..log import kv, redact_url
 
 log = logging.getLogger("qbsync.integrations.arr")
 
@@ -184,7 +184,7 @@ class ArrSet:
             except ArrError as exc:
                 log.warning(
                     "event=arr_unreachable url=%s hash=%s action=sync_anyway error=%s",
-                    kv(arr.url),
+                    kv(redact_url(arr.url)),
                     info_hash,
                     kv(str(exc)),
                 )
@@ -193,7 +193,7 @@ class ArrSet:
             for record in records:
                 event = str(record.get("eventType") or "")
                 if event in REJECTED_EVENTS:
-                    reason = f"{event} in {arr.url} history"
+                    reason = f"{event} in {redact_url(arr.url)} history"
                     if info_hash not in self._skip_logged:
                         self._skip_logged.add(info_hash)
                         metrics.arr_torrents_skipped.inc()
@@ -225,7 +225,7 @@ class ArrSet:
                 metrics.arr_imports.labels("error").inc()
                 log.warning(
                     "event=arr_import_failed url=%s hash=%s path=%s error=%s",
-                    kv(arr.url),
+                    kv(redact_url(arr.url)),
                     info_hash,
                     kv(path),
                     kv(str(exc)),
@@ -234,7 +234,7 @@ class ArrSet:
             metrics.arr_imports.labels("ok").inc()
             log.info(
                 "event=arr_import_requested url=%s app=%s hash=%s path=%s command_id=%s",
-                kv(arr.url),
+                kv(redact_url(arr.url)),
                 arr.app,
                 info_hash,
                 kv(path),

@@ -29,12 +29,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import trio
 
 from .. import __version__, metrics
-from ..log import kv
+from ..log import kv, redact_url
 
 log = logging.getLogger("qbsync.integrations.notify")
 
@@ -87,8 +86,7 @@ def _text(event: Event, name: str, code: str | None, message: str | None) -> str
 
 def safe_target(url: str) -> str:
     """What may be logged of the URL: scheme and host (path and query may hold a secret)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or '?'}" + (f":{parts.port}" if parts.port else "")
+    return redact_url(url, keep_path=False)
 
 
 def http_post(url: str, body: bytes, timeout: float) -> int:

@@ -261,7 +261,7 @@ class QB:
                     "event=qb_webapi_detected mode=%s url=%s webapi=%s stop=%s start=%s "
                     "add_stopped=%s add_skip_checking=%s auth=%s",
                     self.mode,
-                    self.url,
+                    redact_url(self.url),
                     api.text,
                     api.stop_method,
                     api.start_method,
@@ -275,7 +275,7 @@ class QB:
                     log.warning(
                         "event=qb_api_key_unsupported mode=%s url=%s webapi=%s reason=%s",
                         self.mode,
-                        self.url,
+                        redact_url(self.url),
                         api.text,
                         "API keys need qBittorrent 5.2 (Web API 2.14.1); use a username and "
                         "password",
@@ -493,10 +493,14 @@ class QB:
                 body = resp.json()
                 ids = [str(i) for i in body.get("added_torrent_ids") or []]
                 if not body.get("success_count") and not body.get("pending_count"):
-                    log.warning("event=qb_add_refused url=%s answer=%s", self.url, text[:200])
+                    log.warning(
+                        "event=qb_add_refused url=%s answer=%s", redact_url(self.url), text[:200]
+                    )
                 return ids
             if text.strip() not in ("", "Ok."):
-                log.warning("event=qb_add_refused url=%s answer=%s", self.url, text[:200])
+                log.warning(
+                    "event=qb_add_refused url=%s answer=%s", redact_url(self.url), text[:200]
+                )
             return None
 
         return await self.call("torrents_add", run)

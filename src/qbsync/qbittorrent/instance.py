@@ -120,6 +120,11 @@ class QBInstance:
     ``LocalHostAuth`` is off unless ``password`` is given, so ``api`` needs no login. With a
     password, the WebUI requires ``username``/``password`` (``MaxAuthenticationFailCount`` is
     raised so a test with a wrong password does not ban 127.0.0.1 for an hour).
+
+    ``hardened`` (what ``qbsync demo`` runs; it needs a ``password``) turns the WebUI's own
+    defences back on: CSRF protection (a request whose ``Origin``/``Referer`` is another site
+    is refused), Host-header validation (only ``127.0.0.1`` and ``localhost``) and the default
+    ban after failed logins. The test harness keeps them off: its clients are this process.
     """
 
     binary = "qbittorrent-nox"  # the executable; a subclass or instance may point elsewhere
@@ -137,7 +142,11 @@ class QBInstance:
         password: str | None = None,
         start: bool = True,
         start_timeout: float = 30.0,
+        hardened: bool = False,
     ) -> None:
+        if hardened and password is None:
+            raise ValueError("a hardened WebUI needs a password")
+        self.hardened = hardened
         self.name = name
         self.root = root
         self.profile = root / "profile"
@@ -177,12 +186,22 @@ class QBInstance:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def qbsync_args(self) -> list[str]:
-        """``--qb-url`` (and credentials, if any) for a qbsync process talking to this instance."""
+    def qbsync_args(self, *, password_in_env: bool = False) -> list[str]:
+        """``--qb-url`` (and credentials, if any) for a qbsync process talking to this instance.
+        With ``password_in_env`` the password is left out: pass :meth:`qbsync_env` instead (an
+        argv is readable by every local user through ``ps``)."""
         args = ["--qb-url", self.url]
         if self.password is not None:
-            args += ["--qb-username", QB_USERNAME, "--qb-password", self.password]
+            args += ["--qb-username", QB_USERNAME]
+            if not password_in_env:
+                args += ["--qb-password", self.password]
         return args
+
+    def qbsync_env(self, role: str) -> dict[str, str]:
+        """The environment carrying this instance's password to a ``qbsync <role>``."""
+        if self.password is None:
+            return {}
+        return {f"QBSYNC_{role.upper()}_QB_PASSWORD": self.password}
 
     def _write_conf(self) -> None:
         # The WebUI always gets a password hash, even with LocalHostAuth off, so there is never
@@ -221,9 +240,20 @@ class QBInstance:
             f"WebUI\\LocalHostAuth={'true' if self.password is not None else 'false'}",
             f"WebUI\\Username={QB_USERNAME}",
             f"WebUI\\Password_PBKDF2={qb_password_conf_value(password)}",
-            "WebUI\\MaxAuthenticationFailCount=1000",
-            "WebUI\\CSRFProtection=false",
-            "WebUI\\HostHeaderValidation=false",
+            *(
+                [
+                    "WebUI\\CSRFProtection=true",
+                    "WebUI\\ClickjackingProtection=true",
+                    "WebUI\\HostHeaderValidation=true",
+                    "WebUI\\ServerDomains=127.0.0.1;localhost",
+                ]
+                if self.hardened
+                else [
+                    "WebUI\\MaxAuthenticationFailCount=1000",
+                    "WebUI\\CSRFProtection=false",
+                    "WebUI\\HostHeaderValidation=false",
+                ]
+            ),
             "Connection\\ResolvePeerCountries=false",
             "DynDNS\\Enabled=false",
             "",

@@ -104,6 +104,22 @@ class ControlFrame:
 
 
 @attrs.frozen
+class UndecodedControl:
+    """A complete control frame whose body is larger than the decoder's
+    :attr:`FrameDecoder.decode_inline_max`. The caller decodes it with :meth:`decode` (the I/O
+    shell does so on a worker thread, so that a large or hostile body does not stall the event
+    loop) and hands the result to :meth:`~qbsync.wire.protocol.Endpoint.deliver`."""
+
+    request_id: int
+    type_code: int
+    body: bytes | bytearray = attrs.field(repr=False)
+
+    def decode(self) -> ControlFrame:
+        """The decoded frame; raises :class:`WireError` like the inline path."""
+        return ControlFrame(self.request_id, codec.decode_message(self.type_code, self.body))
+
+
+@attrs.frozen
 class PieceStart:
     """A piece frame's header: ``length`` body bytes follow and must be taken with
     :meth:`FrameDecoder.readinto_body` / :meth:`FrameDecoder.body_received` before the next
@@ -116,7 +132,7 @@ class PieceStart:
     length: int
 
 
-Event = ControlFrame | PieceStart | Sentinel
+Event = ControlFrame | UndecodedControl | PieceStart | Sentinel
 
 
 # --- encoders -------------------------------------------------------------------------------
@@ -191,6 +207,9 @@ class FrameDecoder:
         self._error: WireError | None = None
         self._state = _MAGIC_STATE if expect_magic else _HEADER_STATE
         self._limits: dict[int, int] = dict(limits)
+        # Control bodies above this many bytes come out as UndecodedControl for the caller to
+        # decode off the event loop; None decodes every body inline (sans-IO users, tests).
+        self.decode_inline_max: int | None = None
         # current frame
         self._type = 0
         self._request_id = 0
@@ -344,11 +363,13 @@ class FrameDecoder:
             if state == _CONTROL_BODY:
                 if avail < self._length:
                     return self._need(avail)
-                body = bytes(self._buf[self._pos : self._pos + self._length])
-                self._consume(self._length)
+                body = self._take_control_body()
                 self._state = _HEADER_STATE
+                inline_max = self.decode_inline_max
+                if inline_max is not None and self._length > inline_max:
+                    return UndecodedControl(self._request_id, self._type, body)
                 msg = codec.decode_message(self._type, body)
-                raw = body if self._type == codec.HELLO else b""
+                raw = bytes(body) if self._type == codec.HELLO else b""
                 return ControlFrame(self._request_id, msg, raw)
             # _PIECE_HEADER_STATE
             if avail < PIECE_HEADER_SIZE:
@@ -380,6 +401,21 @@ class FrameDecoder:
             )
         if type_code == codec.PIECE and length < PIECE_HEADER_SIZE:
             raise WireError(ErrorCode.PROTOCOL, f"piece frame of {length} bytes is too short")
+
+    def _take_control_body(self) -> bytes | bytearray:
+        """The current control body, consumed. A large body that ends the buffer (the usual
+        case: the peer sent nothing after it yet) is handed over as the buffer itself instead
+        of copied, so a 32 MiB frame costs 32 MiB, not twice that, while it is decoded."""
+        end = self._pos + self._length
+        if self._length >= _COMPACT_MIN and end == len(self._buf):
+            body = self._buf
+            del body[: self._pos]  # O(1): bytearray drops a prefix by moving its start
+            self._buf = bytearray()
+            self._pos = 0
+            return body
+        copied = bytes(self._buf[self._pos : end])
+        self._consume(self._length)
+        return copied
 
     def _need(self, avail: int) -> Sentinel:
         if not self._eof:

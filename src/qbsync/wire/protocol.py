@@ -73,6 +73,7 @@ from .frames import (
     FrameDecoder,
     PieceStart,
     Sentinel,
+    UndecodedControl,
     encode_control,
     encode_piece_header,
 )
@@ -180,6 +181,7 @@ ProtocolEvent = (
     | PongReceived
     | PeerClosed
     | PieceStart
+    | UndecodedControl  # a large body: decode it off the loop, then Endpoint.deliver
     | Sentinel  # NEED_DATA / END_OF_STREAM
 )
 
@@ -371,6 +373,8 @@ class Endpoint:
                     return END_OF_STREAM
                 if isinstance(event, PieceStart):
                     return self._on_piece_start(event)
+                if isinstance(event, UndecodedControl):
+                    return event  # the shell decodes it off the loop, then calls deliver()
                 assert isinstance(event, ControlFrame)
                 result = self._on_control(event)
                 if result is not None:
@@ -379,6 +383,22 @@ class Endpoint:
             raise
         except ConnectionClosed:
             self._close()
+            raise
+        except WireError as exc:
+            self._fail(exc)
+            raise
+
+    def deliver(self, decoded: ControlFrame | WireError) -> ProtocolEvent | None:
+        """The outcome of decoding an :class:`UndecodedControl` (the frame, or the
+        :class:`WireError` its decoding raised), processed as :meth:`next_event` would have.
+        ``None`` when the frame yields no event (call :meth:`next_event` next)."""
+        if self.state == State.CLOSED:
+            return None
+        try:
+            if isinstance(decoded, WireError):
+                raise decoded
+            return self._on_control(decoded)
+        except LocalProtocolError:
             raise
         except WireError as exc:
             self._fail(exc)

@@ -18,13 +18,16 @@ and closing with a stable code. The destination (:mod:`.server`) and the source
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import trio
 
 from .errors import ConnectionClosed, ErrorCode, LocalProtocolError, WireError
-from .frames import END_OF_STREAM, NEED_DATA
+from .frames import END_OF_STREAM, NEED_DATA, ControlFrame, UndecodedControl
 from .hooks import WireHooks
 from .logfmt import kv
 from .protocol import (
@@ -42,6 +45,45 @@ log = logging.getLogger("qbsync.wire")
 DEFAULT_PING_INTERVAL = 15.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 CONTROL_SEND_TIMEOUT = 30.0  # a small frame that cannot be written in this long: peer is gone
+# Control bodies above this are decoded on a worker thread: decoding is pure Python at roughly
+# 2-5 s per 32 MiB of hostile input, and on the event loop that would silence /healthz, pings
+# and every other connection for as long. Below it, a thread hop costs more than the decode.
+DECODE_INLINE_MAX = 256 * 1024
+DECODE_THREADS = 2  # large decodes at once, process-wide (each holds its body and its tree)
+# Test-only fault injection: when set, a worker-thread decode waits, after decoding, until
+# this file exists, so a test can observe what the daemon answers *while* a decode runs
+# without relying on the decode being slow. Never set in production.
+DECODE_HOLD_ENV = "QBSYNC_TEST_HOLD_DECODE"
+_DECODE_HOLD_LIMIT = 300.0
+
+_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "qbsync_decode_limiter"
+)
+
+
+def _decode_limiter_now() -> trio.CapacityLimiter:
+    """The process's limiter for large decodes (one per Trio run, like Trio's own)."""
+    try:
+        return _DECODE_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(DECODE_THREADS)
+        _DECODE_LIMITER.set(limiter)
+        return limiter
+
+
+def _decode_in_thread(event: UndecodedControl) -> ControlFrame | WireError:
+    """Runs on a worker thread: the decoded frame, or the error (returned, not raised, so the
+    endpoint sees it in its own error path)."""
+    try:
+        result: ControlFrame | WireError = event.decode()
+    except WireError as exc:
+        result = exc
+    hold = os.environ.get(DECODE_HOLD_ENV)
+    if hold:
+        deadline = time.monotonic() + _DECODE_HOLD_LIMIT
+        while not Path(hold).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return result
 
 
 class BaseConnection:
@@ -58,6 +100,7 @@ class BaseConnection:
         hooks: WireHooks,
     ) -> None:
         self._ep = endpoint
+        endpoint.decoder.decode_inline_max = DECODE_INLINE_MAX
         self._hooks = hooks
         self._tr = Transport(stream)
         self.label = label  # for logs: "peer=... conn=..."
@@ -285,6 +328,14 @@ class BaseConnection:
         try:
             while True:
                 event = ep.next_event()
+                if isinstance(event, UndecodedControl):
+                    delivered = ep.deliver(await self._decode_off_loop(event))
+                    if delivered is None:
+                        continue
+                    # ``event`` is then the one local holding the decoded message, and the
+                    # next iteration replaces it: a multi-MiB InitTorrent is not kept idle.
+                    event = delivered
+                    del delivered
                 if event is NEED_DATA:
                     await self._read_more()
                 elif isinstance(event, PingReceived):
@@ -320,6 +371,29 @@ class BaseConnection:
             )
             await self._send_best_effort(ep.data_to_send())
             self._abort(ConnectionClosed(f"protocol error by the {peer}: {exc.message}", exc.code))
+
+    async def _decode_off_loop(self, event: UndecodedControl) -> ControlFrame | WireError:
+        """Decode a large control body on a worker thread. This connection reads nothing more
+        meanwhile (its frames stay in order); every other task keeps running."""
+        log.info(
+            "event=wire_decode_started %s type=%d bytes=%d",
+            self.label,
+            event.type_code,
+            len(event.body),
+        )
+        started = trio.current_time()
+        result = await trio.to_thread.run_sync(
+            _decode_in_thread, event, limiter=_decode_limiter_now()
+        )
+        log.info(
+            "event=wire_decode_finished %s type=%d bytes=%d seconds=%.3f ok=%s",
+            self.label,
+            event.type_code,
+            len(event.body),
+            trio.current_time() - started,
+            str(not isinstance(result, WireError)).lower(),
+        )
+        return result
 
     async def _on_event(self, event: ProtocolEvent) -> None:
         """Subclass hook: a role-specific event (requests and pieces on the destination,
