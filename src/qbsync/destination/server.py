@@ -48,6 +48,7 @@ from typing import Any
 import trio
 
 from .. import metrics, paths
+from ..http.activity import ActivityLog, Event
 from ..log import paths_kv
 from ..qbittorrent.api import ERROR_STATES, QB, QBError
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
@@ -172,6 +173,7 @@ class DestinationServer:
         self.dry_run = store.dry_run
         self.max_piece = max_piece
         self.dry_finalized: set[str] = set()
+        self.activity: ActivityLog | None = None  # the status page's history; the runner sets it
         self._decode_limiter = trio.CapacityLimiter(DECODE_SLOTS)
 
     # -- ServerHandler ---------------------------------------------------------------------
@@ -471,6 +473,7 @@ class DestinationServer:
         if self.qb is None:
             raise WireError(ErrorCode.QB_ERROR, "destination qBittorrent not configured")
         qb = self.qb
+        started = time.monotonic()
         async with self.store.lock(h):
             if h in self.store.torrents:
                 raise WireError(ErrorCode.BUSY, "the torrent is being synced here: not handing off")
@@ -505,6 +508,17 @@ class DestinationServer:
                     metrics.tag_application_errors.labels("destination").inc()
                     log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
             log.info("event=torrent_started hash=%s tag=%s state=%s", h, paths_kv(req.tag), seeding)
+            if self.activity is not None:
+                await self.activity.record(
+                    Event(
+                        time=time.time(),
+                        kind="handed off",
+                        hash=h,
+                        name=str(info.get("name") or h),
+                        size=int(info.get("size") or 0),
+                        duration_seconds=time.monotonic() - started,
+                    )
+                )
             return StartResult(started=True)
 
     async def _confirm_seeding(self, h: str) -> str:

@@ -48,6 +48,7 @@ import trio
 
 from .. import metrics
 from ..config import SourceConfig
+from ..http.activity import ActivityLog, Event
 from ..http.server import Health
 from ..integrations import notify
 from ..integrations.arr import RECHECK_AFTER as ARR_RECHECK
@@ -166,6 +167,7 @@ class _Stats:
 
 class Orchestrator:
     notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+    activity: ActivityLog | None = None  # the status page's history; the runner sets it
 
     def __init__(
         self,
@@ -789,6 +791,20 @@ class Orchestrator:
             trio.current_time() - t.finalize_started,
             kv(result.message or result.status.value),
         )
+        if self.activity is not None:
+            now = time.time()
+            completed = float(info.get("completion_on") or 0)
+            await self.activity.record(
+                Event(
+                    time=now,
+                    kind="synced",
+                    hash=h,
+                    name=t.name,
+                    size=int(t.meta.selected_size),
+                    duration_seconds=now - t.tracked_at,
+                    since_complete_seconds=now - completed if completed > 0 else None,
+                )
+            )
         if orphan:
             # Removed from the source: the destination takes over. If it cannot start it, it
             # keeps the verified torrent stopped (not cached: nothing here retries).
@@ -813,6 +829,20 @@ class Orchestrator:
             code=code,
             message=t.last_error[1] if t.last_error else None,
         )
+        if self.activity is not None:
+            now = time.time()
+            await self.activity.record(
+                Event(
+                    time=now,
+                    kind="failed",
+                    hash=h,
+                    name=t.name,
+                    size=int(t.meta.selected_size),
+                    duration_seconds=now - t.tracked_at,
+                    code=str(code.value),
+                    message=t.last_error[1] if t.last_error else "",
+                )
+            )
         log.error(
             "event=sync_failed hash=%s name=%s code=%s attempts=%d tag=%s",
             h,

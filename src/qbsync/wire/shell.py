@@ -47,6 +47,11 @@ CONTROL_SEND_TIMEOUT = 30.0  # a small frame that cannot be written in this long
 class BaseConnection:
     """One authenticated (or authenticating) connection; see the module docstring."""
 
+    @property
+    def peer_software(self) -> str:
+        """What the peer announced in its Hello ("" before the handshake)."""
+        return self._ep.peer_software
+
     def __init__(
         self,
         endpoint: Endpoint,
