@@ -488,6 +488,9 @@ class DestinationServer:
                 raise WireError(ErrorCode.NOT_FOUND, f"destination copy incomplete: {problem}")
             info = await _listed(qb, h, "torrent not in the destination qBittorrent")
             _check_complete(info, "before start")
+            # A repeated StartTorrent (the source's cache pruning after its own hand-off)
+            # finds it seeding already: answered the same, but no second hand-off is logged.
+            already_seeding = str(info.get("state", "")) in ACTIVE_SEEDING_STATES
             if self.dry_run:
                 log.info("event=dry_run_would_start hash=%s tag=%s", h, paths_kv(req.tag))
                 return StartResult(started=False)
@@ -508,7 +511,7 @@ class DestinationServer:
                     metrics.tag_application_errors.labels("destination").inc()
                     log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
             log.info("event=torrent_started hash=%s tag=%s state=%s", h, paths_kv(req.tag), seeding)
-            if self.activity is not None:
+            if self.activity is not None and not already_seeding:
                 await self.activity.record(
                     Event(
                         time=time.time(),
