@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,11 @@ class Browser:
         """The page's DOM after Chromium loaded it."""
         return self._run(f"http://127.0.0.1:{port}/", "--dump-dom")
 
-    def screenshot(self, port: int, name: str, width: int = 1000, height: int = 1500) -> Path:
-        shot = self.shots / name
+    def screenshot(
+        self, port: int, name: str, width: int = 1000, height: int = 1100, *, docs: bool = True
+    ) -> Path:
+        """A PNG of the page (into docs/ when updating screenshots and ``docs``)."""
+        shot = (self.shots if docs else self.tmp) / name
         self._run(
             f"http://127.0.0.1:{port}/", f"--window-size={width},{height}", f"--screenshot={shot}"
         )
@@ -97,6 +101,16 @@ def status_of(port: int) -> dict[str, Any]:
     except OSError:
         return {}
     return dict(doc) if code == 200 and isinstance(doc, dict) else {}
+
+
+def status_when(port: int, pred: Callable[[dict[str, Any]], bool]) -> Callable[[], dict[str, Any]]:
+    """A ``wait_until`` predicate: the document once ``pred`` holds for it, else {}."""
+
+    def check() -> dict[str, Any]:
+        doc = status_of(port)
+        return doc if doc and pred(doc) else {}
+
+    return check
 
 
 def kinds(doc: dict[str, Any], info_hash: str) -> list[str]:
@@ -190,11 +204,11 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     assert doc["disk"]["free_bytes"] > 0 and doc["disk"]["min_space_bytes"] == 0
     dom = browser.dom(health)
     assert f'data-kind="synced" data-hash="{ih}"' in dom
-    assert chart_peak(dom) > 0 and '<polyline class="line"' in dom
+    assert chart_peak(dom) > 0 and '<path class="bars"' in dom
     assert f'<li data-hash="{ih}">' in dom  # next hand-off candidate
     assert "synced · ready to seed" in qbsync_status(health)
     dest = wait_until(
-        lambda: (d := status_of(rig.dest_health)) and kinds(d, ih) == ["synced"] and d,
+        status_when(rig.dest_health, lambda d: kinds(d, ih) == ["synced"]),
         30,
         0.2,
         "the destination's activity log shows the sync",
@@ -202,7 +216,7 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     assert_valid(dest)
     assert dest["activity"]["totals"]["all"]["synced"] == 1
     assert chart_peak(browser.dom(rig.dest_health)) > 0
-    browser.screenshot(health, "dashboard-after-sync.png")
+    browser.screenshot(health, "dashboard-after-sync.png", docs=False)
     browser.screenshot(rig.dest_health, "dashboard-destination.png")
     browser.screenshot(health, "dashboard-phone.png", width=390, height=1600)
 
@@ -210,7 +224,7 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     assert source.stop() == 0
     source, health = rig.start_source("--min-space", str(1 << 20), "--min-seeding-time", "0")
     doc = wait_until(
-        lambda: (d := status_of(health)) and kinds(d, ih) == ["handed off", "synced"] and d,
+        status_when(health, lambda d: kinds(d, ih) == ["handed off", "synced"]),
         90,
         0.2,
         "the source's activity shows the hand-off above the sync from before the restart",
@@ -227,10 +241,10 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     dom = browser.dom(health)
     assert f'data-kind="handed off" data-hash="{ih}"' in dom
     assert f'data-kind="synced" data-hash="{ih}"' in dom
-    assert "below --min-space" in dom
+    assert "below: handing off synced torrents" in dom
     browser.screenshot(health, "dashboard-after-handoff.png")
     dest = wait_until(
-        lambda: (d := status_of(rig.dest_health)) and "handed off" in kinds(d, ih) and d,
+        status_when(rig.dest_health, lambda d: "handed off" in kinds(d, ih)),
         30,
         0.2,
         "the destination's activity shows the hand-off",

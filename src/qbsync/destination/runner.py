@@ -112,7 +112,7 @@ class Daemon:
         self.status_builder = status_model.StatusBuilder("destination")
         self.history = ActivityLog(None if config.dry_run else state_dir(config))
         self.finalizer.activity = self.server.activity = self.history
-        self.throughput = Throughput()
+        self.throughput = Throughput(counter_value("qbsync_bytes_received_total"))
         self.open_peers = OpenPeers()
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
@@ -264,9 +264,7 @@ async def main(config: DestinationConfig) -> int:
             wire_scope = trio.CancelScope()
             daemon.listener_ports = await nursery.start(daemon.serve_wire, wire_scope)
             nursery.start_soon(daemon.flusher)
-            nursery.start_soon(
-                sample_forever, daemon.throughput, counter_value("qbsync_bytes_received_total")
-            )
+            nursery.start_soon(sample_forever, daemon.throughput)
             await nursery.start(daemon.notifier.run)
             nursery.start_soon(daemon.reaper)
             if not config.auth_token and not is_loopback(config.listen.host):

@@ -322,14 +322,19 @@ class Throughput:
 
     :meth:`observe` takes the counter's current value; the increase since the previous
     observation is credited to the bucket of ``now``. A counter that goes backwards (a
-    process-global registry reset in tests) restarts the baseline."""
+    process-global registry reset in tests) restarts the baseline. ``counter``, when given,
+    is read by :meth:`status` too, so the chart's last bucket is current when someone looks."""
 
-    def __init__(self) -> None:
+    def __init__(self, counter: Callable[[], float] | None = None) -> None:
+        self.counter = counter
         self._last: float | None = None
+        self._started: float | None = None  # first observation: the current bucket's age
         self.buckets: dict[int, float] = {}  # bucket start (Unix s) -> bytes
 
     def observe(self, now: float, total: float) -> None:
         last, self._last = self._last, total
+        if self._started is None:
+            self._started = now
         if last is None or total < last:
             return
         key = int(now // BUCKET_SECONDS) * BUCKET_SECONDS
@@ -341,22 +346,32 @@ class Throughput:
     def status(self, now: float) -> dict[str, Any]:
         """The ``throughput`` object of ``/status``: one rate per bucket of the last hour,
         oldest first, in bytes per second (zero buckets included, so the chart's x axis is
-        time)."""
+        time). The current bucket's rate is over the part of it that has passed."""
+        if self.counter is not None:
+            self.observe(now, self.counter())
         end = int(now // BUCKET_SECONDS) * BUCKET_SECONDS
         start = end - HOUR + BUCKET_SECONDS
         rates = [
             round(self.buckets.get(k, 0.0) / BUCKET_SECONDS, 1)
-            for k in range(start, end + 1, BUCKET_SECONDS)
+            for k in range(start, end, BUCKET_SECONDS)
         ]
-        return {"bucket_seconds": BUCKET_SECONDS, "end": end, "bytes_per_second": rates}
+        elapsed = max(1.0, now - max(end, self._started or end))
+        rates.append(round(self.buckets.get(end, 0.0) / min(BUCKET_SECONDS, elapsed), 1))
+        moved = sum(v for k, v in self.buckets.items() if k >= start)
+        return {
+            "bucket_seconds": BUCKET_SECONDS,
+            "end": end,
+            "bytes": int(moved),
+            "bytes_per_second": rates,
+        }
 
 
-async def sample_forever(
-    throughput: Throughput, counter: Callable[[], float], *, wall: Callable[[], float] = time.time
-) -> None:
-    """The daemon's sampler task: feed :class:`Throughput` every :data:`SAMPLE_INTERVAL`."""
+async def sample_forever(throughput: Throughput, *, wall: Callable[[], float] = time.time) -> None:
+    """The daemon's sampler task: feed :class:`Throughput` its counter every
+    :data:`SAMPLE_INTERVAL`, so the chart has every bucket even while nobody looks."""
+    assert throughput.counter is not None
     while True:
-        throughput.observe(wall(), counter())
+        throughput.observe(wall(), throughput.counter())
         await trio.sleep(SAMPLE_INTERVAL)
 
 

@@ -506,7 +506,7 @@ color:#1d232b}
 header{background:#1f2a37;color:#fff;padding:12px 16px}
 header h1{font-size:1.25em;margin:0}
 header p{margin:2px 0 0;color:#c9d3df;font-size:.92em}
-main{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px;padding:12px;
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:12px;padding:12px;
 max-width:1100px;margin:0 auto}
 .card{background:#fff;border:1px solid #dde1e6;border-radius:10px;padding:12px 14px;min-width:0}
 .wide{grid-column:1/-1}
@@ -525,7 +525,7 @@ background:#e6edf7;color:#1f4f96;white-space:nowrap}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0}
 dt{color:#5b6573}dd{margin:0;overflow-wrap:anywhere}
 table{border-collapse:collapse;width:100%}
-th,td{text-align:right;padding:3px 6px;font-variant-numeric:tabular-nums}
+th,td{text-align:right;padding:3px 6px;font-variant-numeric:tabular-nums;white-space:nowrap}
 th:first-child,td:first-child{text-align:left;color:#5b6573;font-weight:400}
 thead th{font-size:.8em;color:#5b6573;font-weight:600}
 ol,ul{list-style:none;margin:0;padding:0}
@@ -537,7 +537,6 @@ border-top:1px solid #eef0f3}
 .ev .d{font-size:.88em;color:#3c4550}
 svg{display:block;width:100%;height:120px}
 .ax{display:flex;justify-content:space-between;font-size:.8em;color:#5b6573}
-meter{width:100%;height:12px}
 .cand li{padding:3px 0;overflow-wrap:anywhere}
 .big{font-size:1.35em;font-weight:650}
 """.strip()
@@ -560,36 +559,37 @@ def _when(t: float | None, now: float) -> str:
 
 
 def chart_svg(throughput: Mapping[str, Any] | None) -> str:
-    """The last hour's throughput as an inline SVG area chart, drawn here: no script, no
-    external asset (the CSP allows neither). ``data-peak`` carries the peak rate (bytes/s),
-    so "non-empty" is observable without reading pixels."""
+    """The last hour's throughput as an inline SVG bar chart (one bar per bucket), drawn here:
+    no script, no external asset (the CSP allows neither). ``data-peak`` carries the peak rate
+    (bytes/s), so "non-empty" is observable without reading pixels."""
     rates = [float(r) for r in (throughput or {}).get("bytes_per_second") or []]
     peak = max(rates, default=0.0)
-    w, h = 360.0, 100.0
+    w, h, top = 360.0, 100.0, 8.0
     parts = [
         f'<svg id="chart" viewBox="0 0 {w:.0f} {h:.0f}" preserveAspectRatio="none" '
         f'role="img" aria-label="throughput over the last hour, peak '
         f'{html.escape(human_bytes(peak))}/s" data-peak="{peak:.1f}" data-points="{len(rates)}">',
         f'<rect x="0" y="0" width="{w:.0f}" height="{h:.0f}" fill="#f7f9fc"/>',
     ]
-    for frac in (0.25, 0.5, 0.75):
-        y = h - frac * (h - 6)
+    for frac in (0.5, 1.0):
+        y = h - frac * (h - top)
         parts.append(
-            f'<line x1="0" x2="{w:.0f}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e7ec" '
-            'stroke-width="1" vector-effect="non-scaling-stroke"/>'
+            f'<line x1="0" x2="{w:.0f}" y1="{y:.1f}" y2="{y:.1f}" stroke="#dfe4ea" '
+            'stroke-width="1" stroke-dasharray="3 3" vector-effect="non-scaling-stroke"/>'
         )
     if rates and peak > 0:
-        step = w / max(1, len(rates) - 1)
-        pts = [(i * step, h - (r / peak) * (h - 6)) for i, r in enumerate(rates)]
-        line = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-        parts.append(
-            f'<path class="area" d="M0,{h:.0f} L{line} L{w:.0f},{h:.0f} Z" fill="#2f6fde" '
-            'fill-opacity=".18"/>'
-        )
-        parts.append(
-            f'<polyline class="line" points="{line}" fill="none" stroke="#2f6fde" '
-            'stroke-width="2" vector-effect="non-scaling-stroke" stroke-linejoin="round"/>'
-        )
+        bw = w / len(rates)
+        bars = []
+        for i, r in enumerate(rates):
+            if r <= 0:
+                continue
+            y = h - max(1.5, (r / peak) * (h - top))
+            bars.append(f"M{i * bw:.2f},{h:.0f}V{y:.1f}H{(i + 1) * bw - 0.4:.2f}V{h:.0f}Z")
+        parts.append(f'<path class="bars" d="{"".join(bars)}" fill="#2f6fde"/>')
+    parts.append(
+        f'<line x1="0" x2="{w:.0f}" y1="{h - 0.5:.1f}" y2="{h - 0.5:.1f}" stroke="#9aa5b4" '
+        'stroke-width="1" vector-effect="non-scaling-stroke"/>'
+    )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -645,7 +645,7 @@ def _chart_card(doc: Mapping[str, Any]) -> list[str]:
     rates = [float(r) for r in tp.get("bytes_per_second") or []]
     peak = max(rates, default=0.0)
     last = rates[-1] if rates else 0.0
-    total = sum(rates) * float(tp.get("bucket_seconds") or 0)
+    total = float(tp.get("bytes") or 0)
     return [
         '<section class="card wide" id="throughput"><h2>Throughput, last hour</h2>',
         chart_svg(tp),
@@ -658,6 +658,7 @@ def _chart_card(doc: Mapping[str, Any]) -> list[str]:
 
 
 def _totals_card(doc: Mapping[str, Any]) -> list[str]:
+    e = html.escape
     totals = (doc.get("activity") or {}).get("totals") or {}
     today, alltime = totals.get("today") or {}, totals.get("all") or {}
     since = totals.get("since")
@@ -670,7 +671,7 @@ def _totals_card(doc: Mapping[str, Any]) -> list[str]:
     ]
     parts = [
         '<section class="card" id="totals"><h2>Totals</h2><table>',
-        f"<thead><tr><th></th><th>today</th><th>since {html.escape(since_txt)}</th></tr></thead>",
+        "<thead><tr><th></th><th>today</th><th>all time</th></tr></thead>",
         "<tbody>",
     ]
     for name, a, b in rows:
@@ -679,7 +680,9 @@ def _totals_card(doc: Mapping[str, Any]) -> list[str]:
             f'<tr id="total-{slug}"><td>{name}</td><td class="today">{html.escape(a)}</td>'
             f'<td class="all">{html.escape(b)}</td></tr>'
         )
-    parts.append("</tbody></table></section>")
+    parts.append(
+        f'</tbody></table><p class="muted" id="since">all time = since {e(since_txt)}</p></section>'
+    )
     return parts
 
 
@@ -694,13 +697,9 @@ def _disk_card(doc: Mapping[str, Any]) -> list[str]:
         parts.append(f'<div class="big" id="free">{e(human_bytes(free))} free</div>')
         if minimum:
             low = free < minimum
+            verdict = "below: handing off synced torrents" if low else "above: nothing to free"
             parts.append(
-                f'<meter min="0" max="{max(free, minimum) * 2}" low="{minimum}" '
-                f'optimum="{max(free, minimum) * 2}" value="{free}"></meter>'
-            )
-            verdict = "below --min-space: handing off" if low else "above --min-space"
-            parts.append(
-                f'<p class="muted" id="min-space">--min-space {e(human_bytes(minimum))}: '
+                f'<p class="muted" id="min-space">--min-space {e(human_bytes(minimum))}, '
                 f"{verdict}</p>"
             )
         elif doc.get("role") == "source":

@@ -112,7 +112,7 @@ async def _main(config: SourceConfig) -> int:
     cache = CompletionCache(config.state_dir, read_only=config.dry_run)
     history = ActivityLog(None if config.dry_run else state_dir(config))
     history.load()
-    throughput = Throughput()
+    throughput = Throughput(counter_value("qbsync_bytes_sent_total"))
 
     async def destination_ready() -> None:
         if pool.connected == 0:
@@ -152,7 +152,7 @@ async def _main(config: SourceConfig) -> int:
                             return
 
             outer.start_soon(watch_signals)
-            outer.start_soon(sample_forever, throughput, counter_value("qbsync_bytes_sent_total"))
+            outer.start_soon(sample_forever, throughput)
             interval = systemd.watchdog_interval()
             if interval is not None:
 
