@@ -646,13 +646,19 @@ def _chart_card(doc: Mapping[str, Any]) -> list[str]:
     peak = max(rates, default=0.0)
     last = rates[-1] if rates else 0.0
     total = float(tp.get("bytes") or 0)
+    uptime = float((doc.get("daemon") or {}).get("uptime_seconds") or 0)
+    started = (
+        f'<span class="muted">counted since the daemon started {human_seconds(uptime)} ago</span>'
+        if uptime < 3600
+        else ""
+    )
     return [
         '<section class="card wide" id="throughput"><h2>Throughput, last hour</h2>',
         chart_svg(tp),
         '<div class="ax"><span>60 min ago</span><span>30 min</span><span>now</span></div>',
         f'<div class="k"><span>moved {html.escape(human_bytes(total))}</span>'
         f"<span>peak {html.escape(human_bytes(peak))}/s</span>"
-        f"<span>now {html.escape(human_bytes(last))}/s</span></div>",
+        f"<span>now {html.escape(human_bytes(last))}/s</span>{started}</div>",
         "</section>",
     ]
 
