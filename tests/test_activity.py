@@ -281,3 +281,77 @@ async def test_the_page_shows_activity_totals_chart_disk_candidates_and_peers(
 def test_an_empty_chart_has_no_bars() -> None:
     svg = status.chart_svg(Throughput().status(T0))
     assert 'data-peak="0.0"' in svg and "bars" not in svg
+
+
+# -- the source's orchestrator records what it finishes ---------------------------------------
+
+
+async def test_source_records_synced_failed_and_removed_handoffs(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    from qbsync.wire.errors import ErrorCode, WireError
+    from qbsync.wire.messages import (
+        Finalize,
+        FinalizeResult,
+        InitTorrent,
+        StartResult,
+        StartTorrent,
+        SyncStatus,
+    )
+    from tests.test_source_orchestrator import (
+        NOTHING_NEEDED,
+        eventually,
+        make,
+        on_disk,
+        running,
+        streamed,
+    )
+
+    torrents = on_disk(tmp_path, "good", "bad", completion_on=T0)
+    good, bad = torrents
+    fail = WireError(ErrorCode.VERIFY_FAILED, "recheck stopped at 99%")
+    rig = make(
+        tmp_path,
+        torrents,
+        {
+            Finalize: lambda m: (
+                FinalizeResult(SyncStatus.COMPLETE) if m.info_hash == good else fail
+            ),
+            InitTorrent: NOTHING_NEEDED,
+            StartTorrent: StartResult(True),
+        },
+    )
+    log = rig.orch.activity = rig.orch.cleanup.activity = ActivityLog(tmp_path / "state")
+    streamed(rig, good)
+    streamed(rig, bad)
+    async with running(rig):
+        await eventually(lambda: good not in rig.registry and bad not in rig.registry)
+        by_hash = {e.hash: e for e in log.events}
+        assert by_hash[good].kind == "synced" and by_hash[good].size > 0
+        assert by_hash[good].since_complete_seconds is not None
+        assert by_hash[bad].kind == "failed" and by_hash[bad].code == "verify-failed"
+        # The synced one is removed from the source by its user: the destination takes over.
+        del rig.monitor.torrents[good]
+        rig.orch.on_removed(good)
+        await eventually(lambda: len(log.events) == 3)
+    handed = log.events[-1]
+    assert (handed.kind, handed.hash, handed.name) == ("handed off", good, by_hash[good].name)
+    assert handed.message == "removed from the source"
+    assert log.total.handed_off == 1 and log.total.synced == 1 and log.total.failed == 1
+
+
+async def test_the_removal_after_a_cleanup_hand_off_is_not_a_second_one(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    from qbsync.wire.messages import StartResult, StartTorrent
+    from tests.test_source_orchestrator import eventually, make, running
+
+    h = "ab" * 20
+    rig = make(tmp_path, {}, {StartTorrent: StartResult(True)})
+    log = rig.orch.activity = ActivityLog(None)
+    await rig.orch.cache.put(h, "0")
+    rig.orch.cleanup.handed_off.add(h)  # as a cleanup pass leaves it after its delete
+    async with running(rig):
+        rig.orch.on_removed(h)
+        await eventually(lambda: h not in rig.orch.cache)
+    assert log.events == [] and h not in rig.orch.cleanup.handed_off

@@ -786,6 +786,8 @@ def _activity_card(doc: Mapping[str, Any], now: float) -> list[str]:
                 )
             if ev.get("code"):
                 bits.append(f"{ev.get('code')}: {ev.get('message') or ''}")
+            elif ev.get("message"):
+                bits.append(str(ev.get("message")))
             parts.append(
                 f'<li class="ev" data-kind="{e(kind)}" data-hash="{e(str(ev.get("hash", "")))}">'
                 f"<time>{e(_when(float(ev.get('time') or 0), now))}</time>"

@@ -180,6 +180,9 @@ class Cleanup:
         self.dry_run = dry_run
         self.syncing = syncing  # a torrent being (re-)synced is never a candidate
         self._lock = trio.Lock()  # at most one pass (cleanup or drain) at a time
+        # Handed off by a pass and deleted here: the removal that follows is not a second
+        # hand-off for the activity log (the orchestrator reads and clears it).
+        self.handed_off: set[str] = set()
 
     async def run_pass(
         self,
@@ -338,6 +341,7 @@ class Cleanup:
                 "event=handoff_delete_failed hash=%s code=qb-error error=%s", h, kv(str(exc))
             )
         metrics.cleanup_torrents_handed_off.inc()
+        self.handed_off.add(h)
         self.notifier.emit("handed_off", h, c.name, size=c.size)
         log.info(
             "event=handed_off hash=%s name=%s bytes=%d tag=%s",

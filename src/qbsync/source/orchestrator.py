@@ -394,6 +394,27 @@ class Orchestrator:
         if await self.cleanup.start_on_destination(h, then="retry_at_maintenance"):
             await self.cache.remove(h)
             log.info("event=handoff_removed hash=%s tag=%s", h, kv(self.config.source_removed_tag))
+            if h in self.cleanup.handed_off:
+                self.cleanup.handed_off.discard(h)  # the cleanup's own delete: logged there
+            else:
+                await self._record_removed_handoff(h)
+
+    async def _record_removed_handoff(self, h: str) -> None:
+        """The activity log's ``handed off`` for a synced torrent removed from the source. Its
+        name and size come from its last entry in the log (the source lists it no more)."""
+        if self.activity is None:
+            return
+        last = next((e for e in reversed(self.activity.events) if e.hash == h), None)
+        await self.activity.record(
+            Event(
+                time=time.time(),
+                kind="handed off",
+                hash=h,
+                name=last.name if last is not None else h,
+                size=last.size if last is not None else 0,
+                message="removed from the source",
+            )
+        )
 
     async def _abort(self, h: str, *, reason: str) -> None:
         if self.dry_run:
@@ -810,6 +831,7 @@ class Orchestrator:
             # keeps the verified torrent stopped (not cached: nothing here retries).
             if await self.cleanup.start_on_destination(h, then="left_stopped_on_destination"):
                 log.info("event=handoff_removed hash=%s", h)
+                await self._record_removed_handoff(h)
             return
         await self.cache.put(h, t.meta.fingerprint)
         await self._tag(h, self.config.synced_tag)
