@@ -128,6 +128,23 @@ async def test_a_planted_symlink_is_not_followed_and_not_written_through(
     assert not (state / activity.FILE_NAME).is_symlink()
 
 
+def test_leftovers_of_an_interrupted_write_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    leftover = tmp_path / f".tmp-{activity.FILE_NAME}-0123abcd"
+    leftover.write_text("half")
+    kept = [
+        tmp_path / f".tmp-{activity.FILE_NAME}-notours",
+        tmp_path / ".tmp-meta.json-0123abcd",
+        tmp_path / ("0123abcd" * 5),
+    ]
+    for k in kept:
+        k.write_text("x")
+    os.symlink(tmp_path / ("0123abcd" * 5), tmp_path / f".tmp-{activity.FILE_NAME}-89abcdef")
+    ActivityLog(tmp_path).load()
+    assert not leftover.exists()
+    assert all(k.exists() for k in kept)
+    assert (tmp_path / f".tmp-{activity.FILE_NAME}-89abcdef").is_symlink()  # not a file: kept
+
+
 async def test_a_failed_write_is_logged_and_the_event_kept_in_memory(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -243,6 +243,9 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     assert f'data-kind="synced" data-hash="{ih}"' in dom
     assert "below: handing off synced torrents" in dom
     browser.screenshot(health, "dashboard-after-handoff.png")
+    # The removal that follows the hand-off (cache pruned) is not a second hand-off.
+    wait_until(lambda: "event=handoff_removed" in source.log_text(), 30, 0.2, "cache pruned")
+    assert kinds(status_of(health), ih) == ["handed off", "synced"]
     dest = wait_until(
         status_when(rig.dest_health, lambda d: "handed off" in kinds(d, ih)),
         30,

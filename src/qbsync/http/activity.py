@@ -34,7 +34,9 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,6 +50,7 @@ from ..log import kv
 log = logging.getLogger("qbsync.http.activity")
 
 FILE_NAME = "activity.json"
+_TMP_NAME = re.compile(r"\.tmp-" + re.escape(FILE_NAME) + r"-[0-9a-f]{8}")
 FORMAT = 1
 MAX_EVENTS = 200
 MAX_FILE_BYTES = 1 << 20  # far above MAX_EVENTS events; a bigger file is not ours
@@ -180,6 +183,7 @@ class ActivityLog:
         path = self.path
         if path is None:
             return
+        self._drop_leftovers()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -226,6 +230,26 @@ class ActivityLog:
                 dropped,
             )
         self.events, self.total, self.days, self.since = events, total, days, since
+
+    def _drop_leftovers(self) -> None:
+        """Remove temp files of writes a crash interrupted. Proof they are ours and hold
+        nothing to keep: the name is the one :func:`_write_private` makes (``.tmp-`` + this
+        file's name + 8 hex digits), it is a regular file (never followed), and a write that
+        never reached its rename was not committed: the log is the old ``activity.json``."""
+        assert self.directory is not None
+        try:
+            entries = list(self.directory.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if not _TMP_NAME.fullmatch(entry.name):
+                continue
+            try:
+                if stat.S_ISREG(entry.lstat().st_mode):
+                    entry.unlink()
+                    log.info("event=activity_leftover_removed path=%s", kv(str(entry)))
+            except OSError:
+                continue
 
     def _ignored(self, path: Path, why: str) -> None:
         log.warning(
