@@ -177,6 +177,30 @@ def test_throughput_buckets_the_last_hour_from_a_counter() -> None:
     assert tp.status(base + 2 * activity.HOUR + 5)["bytes"] == 0
 
 
+async def test_the_last_hour_of_throughput_survives_a_restart(tmp_path: Path) -> None:
+    tp = Throughput()
+    tp.buckets = {int(T0) - 2 * activity.HOUR: 5.0, int(T0) - 60: 3000.0}
+    log = ActivityLog(tmp_path, wall=lambda: T0, throughput=tp)
+    await log.save()
+    again_tp = Throughput()
+    again = ActivityLog(tmp_path, wall=lambda: T0 + 30, throughput=again_tp)
+    again.load()
+    assert again_tp.buckets == {int(T0) - 60: 3000.0}  # older than an hour: not restored
+    doc = again_tp.status(T0 + 30)
+    assert doc["bytes"] == 3000 and doc["since"] == int(T0) - 60
+    # A restored current bucket's rate is over all of its elapsed part, not since the start.
+    b = int(T0) - int(T0) % activity.BUCKET_SECONDS
+    restarted = Throughput()
+    restarted.restore({b: 3000.0})
+    restarted.observe(b + 20, 0.0)  # the daemon's first sample, 20 s into the bucket
+    assert restarted.status(b + 20)["bytes_per_second"][-1] == 150.0
+
+
+async def test_saving_nothing_writes_nothing(tmp_path: Path) -> None:
+    await ActivityLog(tmp_path / "state", throughput=Throughput()).save()
+    assert not (tmp_path / "state").exists()
+
+
 @attrs.define
 class _Tracker:
     complete: bool = False

@@ -242,6 +242,7 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     assert f'data-kind="handed off" data-hash="{ih}"' in dom
     assert f'data-kind="synced" data-hash="{ih}"' in dom
     assert "below: handing off synced torrents" in dom
+    assert chart_peak(dom) > 0  # the last hour's throughput was saved at the restart
     browser.screenshot(health, "dashboard-after-handoff.png")
     # The removal that follows the hand-off (cache pruned) is not a second hand-off.
     wait_until(lambda: "event=handoff_removed" in source.log_text(), 30, 0.2, "cache pruned")
@@ -261,7 +262,8 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     assert_valid(dest)
     assert kinds(dest, ih) == ["handed off", "synced"]
     assert dest["activity"]["totals"]["all"]["handed_off"] == 1
-    assert f'data-kind="synced" data-hash="{ih}"' in browser.dom(rig.dest_health)
+    dest_dom = browser.dom(rig.dest_health)
+    assert f'data-kind="synced" data-hash="{ih}"' in dest_dom and chart_peak(dest_dom) > 0
 
     # The logs are private files in each daemon's state directory.
     for path in (rig.state_dir / "activity.json", rig.dst_data / ".qbsync" / "activity.json"):

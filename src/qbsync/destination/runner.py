@@ -110,9 +110,11 @@ class Daemon:
         self.budget = ByteBudget(config.max_stream_buffer_bytes, hooks=metrics.WIRE_METRICS)
         self.health = Health()
         self.status_builder = status_model.StatusBuilder("destination")
-        self.history = ActivityLog(None if config.dry_run else state_dir(config))
-        self.finalizer.activity = self.server.activity = self.history
         self.throughput = Throughput(counter_value("qbsync_bytes_received_total"))
+        self.history = ActivityLog(
+            None if config.dry_run else state_dir(config), throughput=self.throughput
+        )
+        self.finalizer.activity = self.server.activity = self.history
         self.open_peers = OpenPeers()
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
@@ -191,6 +193,7 @@ class Daemon:
             for state in list(self.store.torrents.values()):
                 await self.store.close_all(state)
             log.info("event=state_flushed torrents=%d", len(self.store.torrents))
+            await self.history.save()  # the chart's last hour survives the restart
 
 
 def state_dir(config: DestinationConfig) -> Path:

@@ -163,11 +163,20 @@ def day_of(t: float) -> str:
 
 class ActivityLog:
     """The bounded event log and totals of one daemon. ``directory`` None: kept in memory only
-    (dry run, unit tests without a disk)."""
+    (dry run, unit tests without a disk). ``throughput``, when given, is saved with the log
+    (at each event and by :meth:`save` at shutdown) and its last hour restored by
+    :meth:`load`, so the chart survives a restart."""
 
-    def __init__(self, directory: Path | None, *, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        directory: Path | None,
+        *,
+        wall: Callable[[], float] = time.time,
+        throughput: Throughput | None = None,
+    ) -> None:
         self.directory = directory
         self._wall = wall
+        self.throughput = throughput
         self.events: list[Event] = []  # oldest first
         self.total = Totals()
         self.days: dict[str, Totals] = {}
@@ -213,6 +222,12 @@ class ActivityLog:
             events_raw = doc.get("events")
             if not isinstance(events_raw, list):
                 raise ValueError("events: not a list")
+            buckets_raw = doc.get("throughput", {})
+            if not isinstance(buckets_raw, dict):
+                raise ValueError("throughput: not an object")
+            cutoff = self._wall() - HOUR - BUCKET_SECONDS
+            buckets = {int(k): max(0.0, _num(v)) for k, v in buckets_raw.items()}
+            buckets = {k: v for k, v in buckets.items() if k >= cutoff}
         except (ValueError, TypeError) as exc:
             self._ignored(path, str(exc))
             return
@@ -230,6 +245,8 @@ class ActivityLog:
                 dropped,
             )
         self.events, self.total, self.days, self.since = events, total, days, since
+        if self.throughput is not None:
+            self.throughput.restore(buckets)
 
     def _drop_leftovers(self) -> None:
         """Remove temp files of writes a crash interrupted. Proof they are ours and hold
@@ -270,17 +287,28 @@ class ActivityLog:
             self.days.setdefault(day, Totals()).add(event)
             for old in sorted(self.days)[:-KEEP_DAYS]:
                 del self.days[old]
-            if self.directory is None:
-                return
-            data = json.dumps(self._document(), separators=(",", ":")).encode()
-            try:
-                await trio.to_thread.run_sync(_write_private, self.directory, FILE_NAME, data)
-            except OSError as exc:
-                log.warning(
-                    "event=activity_write_failed code=io path=%s error=%s",
-                    kv(str(self.path)),
-                    kv(exc.strerror or str(exc)),
-                )
+            await self._persist()
+
+    async def save(self) -> None:
+        """Persist now (at shutdown: the throughput buckets since the last event). Nothing to
+        keep -- no event, no bucket -- writes nothing."""
+        if not self.events and not (self.throughput is not None and self.throughput.buckets):
+            return
+        async with self._lock:
+            await self._persist()
+
+    async def _persist(self) -> None:
+        if self.directory is None:
+            return
+        data = json.dumps(self._document(), separators=(",", ":")).encode()
+        try:
+            await trio.to_thread.run_sync(_write_private, self.directory, FILE_NAME, data)
+        except OSError as exc:
+            log.warning(
+                "event=activity_write_failed code=io path=%s error=%s",
+                kv(str(self.path)),
+                kv(exc.strerror or str(exc)),
+            )
 
     def _document(self) -> dict[str, Any]:
         return {
@@ -289,6 +317,10 @@ class ActivityLog:
             "total": self.total.to_json(),
             "days": {k: v.to_json() for k, v in sorted(self.days.items())},
             "events": [e.to_json() for e in self.events],
+            "throughput": {
+                str(k): round(v)
+                for k, v in sorted((self.throughput.buckets if self.throughput else {}).items())
+            },
         }
 
     def status(self, limit: int = 25) -> dict[str, Any]:
@@ -355,6 +387,14 @@ class Throughput:
         self._started: float | None = None  # first observation: the current bucket's age
         self.buckets: dict[int, float] = {}  # bucket start (Unix s) -> bytes
 
+    def restore(self, buckets: Mapping[int, float]) -> None:
+        """Buckets saved before a restart: counting covers them (the current bucket's rate is
+        then over its whole elapsed part, not only since this start)."""
+        self.buckets.update(buckets)
+        if buckets:
+            first = float(min(buckets))
+            self._started = first if self._started is None else min(self._started, first)
+
     def observe(self, now: float, total: float) -> None:
         last, self._last = self._last, total
         if self._started is None:
@@ -382,9 +422,13 @@ class Throughput:
         elapsed = max(1.0, now - max(end, self._started or end))
         rates.append(round(self.buckets.get(end, 0.0) / min(BUCKET_SECONDS, elapsed), 1))
         moved = sum(v for k, v in self.buckets.items() if k >= start)
+        since = min(
+            [*self.buckets, *([self._started] if self._started is not None else [])], default=None
+        )
         return {
             "bucket_seconds": BUCKET_SECONDS,
             "end": end,
+            "since": None if since is None else round(since, 3),
             "bytes": int(moved),
             "bytes_per_second": rates,
         }

@@ -646,10 +646,11 @@ def _chart_card(doc: Mapping[str, Any]) -> list[str]:
     peak = max(rates, default=0.0)
     last = rates[-1] if rates else 0.0
     total = float(tp.get("bytes") or 0)
-    uptime = float((doc.get("daemon") or {}).get("uptime_seconds") or 0)
+    now = float(doc.get("time") or time.time())
+    since = tp.get("since")
     started = (
-        f'<span class="muted">counted since the daemon started {human_seconds(uptime)} ago</span>'
-        if uptime < 3600
+        f'<span class="muted">counted since {html.escape(_when(float(since), now))}</span>'
+        if since is not None and now - float(since) < 3600
         else ""
     )
     return [
@@ -658,7 +659,7 @@ def _chart_card(doc: Mapping[str, Any]) -> list[str]:
         '<div class="ax"><span>60 min ago</span><span>30 min</span><span>now</span></div>',
         f'<div class="k"><span>moved {html.escape(human_bytes(total))}</span>'
         f"<span>peak {html.escape(human_bytes(peak))}/s</span>"
-        f"<span>now {html.escape(human_bytes(last))}/s</span>{started}</div>",
+        f"<span>latest 30 s {html.escape(human_bytes(last))}/s</span>{started}</div>",
         "</section>",
     ]
 

@@ -110,9 +110,9 @@ async def _main(config: SourceConfig) -> int:
         queue_depth=lambda: len(registry.queue),
     )
     cache = CompletionCache(config.state_dir, read_only=config.dry_run)
-    history = ActivityLog(None if config.dry_run else state_dir(config))
-    history.load()
     throughput = Throughput(counter_value("qbsync_bytes_sent_total"))
+    history = ActivityLog(None if config.dry_run else state_dir(config), throughput=throughput)
+    history.load()
 
     async def destination_ready() -> None:
         if pool.connected == 0:
@@ -221,6 +221,8 @@ async def _main(config: SourceConfig) -> int:
         exit_code = EXIT_FAILURE
     finally:
         reader.close()
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await history.save()  # the chart's last hour survives the restart
     log.info("event=stopped role=source signals=%d code=%d", signals_seen, exit_code)
     return exit_code
 
