@@ -51,7 +51,7 @@ def test_document_matches_the_published_schema_and_keeps_legacy_keys() -> None:
         legacy={"tracked": [], "role": "ignored"},
     )
     assert_valid(doc)
-    assert doc["tracked"] == [] and doc["role"] == "source" and doc["schema"] == 1
+    assert doc["tracked"] == [] and doc["role"] == "source" and doc["schema"] == 2
     assert doc["daemon"]["last_error"] == {"code": "io", "message": "disk gone", "time": 1.5e9}
     assert doc["torrents"][0]["last_error"]["code"] == "io"
     json.dumps(doc)  # serialisable
@@ -193,7 +193,7 @@ async def test_destination_torrent_status_after_a_hash_mismatch(
     t, d = await initialized(tmp_path, nursery)
     [before] = status.destination_torrents(d.store)
     assert (before.pieces_streamed, before.pieces_verified, before.last_error) == (0, 0, None)
-    assert before.pieces_total == t.num_pieces and before.state == "active"
+    assert before.pieces_total == t.num_pieces and before.state == "streaming"
     assert await d.piece(t, 1) == ErrorCode.OK
     bad = bytearray(t.piece(0))
     bad[0] ^= 1

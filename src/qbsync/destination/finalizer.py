@@ -57,6 +57,7 @@ import trio
 
 from .. import metrics, paths
 from ..config import GiB
+from ..http.activity import ActivityLog, Event
 from ..integrations import notify
 from ..integrations.arr import ArrSet
 from ..log import paths_kv
@@ -115,6 +116,7 @@ class FinalizerSettings:
 
 class Finalizer:
     notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+    activity: ActivityLog | None = None  # the status page's history; the runner sets it
 
     def __init__(self, store: Store, qb: QB | None, settings: FinalizerSettings) -> None:
         self.store = store
@@ -226,6 +228,27 @@ class Finalizer:
             else:
                 metrics.finalization_duration.labels("success").observe(elapsed)
             job.done.set()
+        if self.activity is not None and not state.dry_run:
+            await self._record(state, job)
+
+    async def _record(self, state: TorrentState, job: FinalizeJob) -> None:
+        """The activity log's entry for a finished finalize: ``synced`` (verified, in
+        qBittorrent, seeding-ready) or ``failed`` with its code (the source retries)."""
+        assert self.activity is not None
+        now = time.time()
+        created = state.meta.created
+        await self.activity.record(
+            Event(
+                time=now,
+                kind="failed" if job.error is not None else "synced",
+                hash=state.info_hash,
+                name=state.meta.name,
+                size=sum(f.size for f in state.files if f.selected),
+                duration_seconds=now - created if created > 0 else None,
+                code=job.error.code.value if job.error is not None else None,
+                message=job.error.message if job.error is not None else "",
+            )
+        )
 
     async def _finalize(self, state: TorrentState, request: Finalize) -> FinalizeResult:
         if state.dry_run:

@@ -38,12 +38,14 @@ import trio
 from .. import __version__, metrics
 from ..config import DestinationConfig, redacted
 from ..http import status as status_model
+from ..http.activity import ActivityLog, Throughput, counter_value, sample_forever
 from ..http.server import Health, serve_http
 from ..integrations import systemd
 from ..integrations.arr import ArrSet
 from ..integrations.notify import Notifier
+from ..paths import STATE_DIR_NAME
 from ..qbittorrent.api import QB
-from ..wire import DEFAULT_MAX_PIECE, ByteBudget, serve, server_ssl_context
+from ..wire import DEFAULT_MAX_PIECE, ByteBudget, OpenPeers, serve, server_ssl_context
 from .finalizer import Finalizer, FinalizerSettings
 from .hardlinks import HardlinkRegistry
 from .server import DestinationServer
@@ -135,6 +137,12 @@ class Daemon:
         self.budget = ByteBudget(config.max_stream_buffer_bytes, hooks=metrics.WIRE_METRICS)
         self.health = Health()
         self.status_builder = status_model.StatusBuilder("destination")
+        self.throughput = Throughput(counter_value("qbsync_bytes_received_total"))
+        self.history = ActivityLog(
+            None if config.dry_run else state_dir(config), throughput=self.throughput
+        )
+        self.finalizer.activity = self.server.activity = self.history
+        self.open_peers = OpenPeers()
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
         if self.qb is not None:
@@ -151,10 +159,17 @@ class Daemon:
         out["buffer_limit_bytes"] = self.budget.limit
         out["listen_ports"] = self.listener_ports
         legacy_torrents = out.pop("torrents", [])
+        peers = status_model.destination_peers(self.open_peers)
         doc = self.status_builder.document(
-            status_model.destination_daemon(self.budget, self.listener_ports),
+            status_model.destination_daemon(self.budget, self.listener_ports, peers),
             status_model.destination_torrents(self.store),
             legacy=out,
+            sections=status_model.Sections(
+                activity=self.history,
+                throughput=self.throughput,
+                peers=peers,
+                free_bytes=status_model.free_bytes(self.config.data),
+            ),
         )
         status_model.merge_legacy_torrents(doc, legacy_torrents)  # type: ignore[arg-type]
         return doc
@@ -193,6 +208,7 @@ class Daemon:
                 hooks=metrics.WIRE_METRICS,
                 max_piece=DEFAULT_MAX_PIECE,
                 task_status=task_status,
+                peers=self.open_peers,
             )
 
     async def shutdown(self) -> None:
@@ -204,6 +220,13 @@ class Daemon:
             for state in list(self.store.torrents.values()):
                 await self.store.close_all(state)
             log.info("event=state_flushed torrents=%d", len(self.store.torrents))
+            await self.history.save()  # the chart's last hour survives the restart
+
+
+def state_dir(config: DestinationConfig) -> Path:
+    """Where the destination keeps its own state (per-torrent records, the activity log):
+    ``<data>/.qbsync``. The one place that resolves it."""
+    return Path(config.data) / STATE_DIR_NAME
 
 
 UNAUTHENTICATED_WARNING_INTERVAL = 3600.0
@@ -260,6 +283,7 @@ async def main(config: DestinationConfig) -> int:
         log.error("event=startup_failed error=%s", json.dumps(f"cannot create --data: {exc}"))
         return 1
     daemon = Daemon(config)
+    daemon.history.load()
     code = 0
     try:
         async with trio.open_nursery() as nursery:
@@ -270,6 +294,7 @@ async def main(config: DestinationConfig) -> int:
             wire_scope = trio.CancelScope()
             daemon.listener_ports = await nursery.start(daemon.serve_wire, wire_scope)
             nursery.start_soon(daemon.flusher)
+            nursery.start_soon(sample_forever, daemon.throughput)
             await nursery.start(daemon.notifier.run)
             nursery.start_soon(daemon.reaper)
             if not config.auth_token and not is_loopback(config.listen.host):

@@ -48,6 +48,7 @@ from typing import Any
 import trio
 
 from .. import metrics, paths
+from ..http.activity import ActivityLog, Event
 from ..log import paths_kv
 from ..qbittorrent.api import ERROR_STATES, QB, QBError
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
@@ -192,6 +193,7 @@ class DestinationServer:
         self.dry_run = store.dry_run
         self.max_piece = max_piece
         self.dry_finalized: set[str] = set()
+        self.activity: ActivityLog | None = None  # the status page's history; the runner sets it
         self._decode_limiter = trio.CapacityLimiter(DECODE_SLOTS)
         self.max_metadata = max_metadata
         metrics.metadata_limit_bytes.set(max_metadata)
@@ -523,6 +525,7 @@ class DestinationServer:
         if self.qb is None:
             raise WireError(ErrorCode.QB_ERROR, "destination qBittorrent not configured")
         qb = self.qb
+        started = time.monotonic()
         async with self.store.lock(h):
             if h in self.store.torrents:
                 raise WireError(ErrorCode.BUSY, "the torrent is being synced here: not handing off")
@@ -537,6 +540,9 @@ class DestinationServer:
                 raise WireError(ErrorCode.NOT_FOUND, f"destination copy incomplete: {problem}")
             info = await _listed(qb, h, "torrent not in the destination qBittorrent")
             _check_complete(info, "before start")
+            # A repeated StartTorrent (the source's cache pruning after its own hand-off)
+            # finds it seeding already: answered the same, but no second hand-off is logged.
+            already_seeding = str(info.get("state", "")) in ACTIVE_SEEDING_STATES
             if self.dry_run:
                 log.info("event=dry_run_would_start hash=%s tag=%s", h, paths_kv(req.tag))
                 return StartResult(started=False)
@@ -557,6 +563,17 @@ class DestinationServer:
                     metrics.tag_application_errors.labels("destination").inc()
                     log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
             log.info("event=torrent_started hash=%s tag=%s state=%s", h, paths_kv(req.tag), seeding)
+            if self.activity is not None and not already_seeding:
+                await self.activity.record(
+                    Event(
+                        time=time.time(),
+                        kind="handed off",
+                        hash=h,
+                        name=str(info.get("name") or h),
+                        size=int(info.get("size") or 0),
+                        duration_seconds=time.monotonic() - started,
+                    )
+                )
             return StartResult(started=True)
 
     async def _confirm_seeding(self, h: str) -> str:

@@ -33,7 +33,7 @@ import attrs
 from .. import __version__, metrics
 from ..interrupt import interruptible
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: torrent ``state`` holds the user-facing words of :data:`STATES`
 RATE_WINDOW = 30.0  # seconds of samples a rate is averaged over
 REFRESH_SECONDS = 5  # the HTML page reloads itself this often
 
@@ -108,9 +108,12 @@ class StatusBuilder:
         daemon: DaemonStatus,
         torrents: Iterable[TorrentStatus],
         legacy: Mapping[str, Any] | None = None,
+        *,
+        sections: Sections | None = None,
     ) -> dict[str, Any]:
         """The schema-``SCHEMA_VERSION`` document; ``legacy`` keys (the fields earlier versions
-        served) are kept at the top level so existing consumers keep working."""
+        served) are kept at the top level so existing consumers keep working; ``sections``
+        are the dashboard's parts (activity, totals, throughput, disk, peers, candidates)."""
         now = self._clock()
         items = []
         seen = set()
@@ -139,6 +142,7 @@ class StatusBuilder:
                 "torrents": items,
             }
         )
+        doc.update((sections or Sections()).to_json(self._wall()))
         return doc
 
     def _torrent(self, t: TorrentStatus, now: float) -> dict[str, Any]:
@@ -171,6 +175,100 @@ class StatusBuilder:
         return out
 
 
+@attrs.frozen
+class Peer:
+    """A connected peer as the user sees it: where it is and who it says it is.
+
+    ``fingerprint`` is the peer's key fingerprint once the handshake carries one (null until
+    then); ``auth`` says what admitted it now (``token`` or ``none``)."""
+
+    address: str
+    role: str  # the peer's role: "destination" (on a source) or "source"
+    connections: int
+    since: float | None = None  # Unix time its oldest open connection was established
+    software: str = ""
+    auth: str = "none"
+    tls: bool = False
+    fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "role": self.role,
+            "connections": self.connections,
+            "since": None if self.since is None else round(self.since, 3),
+            "software": self.software,
+            "auth": self.auth,
+            "tls": self.tls,
+            "fingerprint": self.fingerprint,
+        }
+
+
+@attrs.frozen
+class Sections:
+    """The dashboard's parts of the document, each optional (unknown = omitted as null)."""
+
+    activity: Any = None  # an ActivityLog
+    throughput: Any = None  # a Throughput
+    peers: Sequence[Peer] = ()
+    free_bytes: int | None = None  # free space where the daemon's data lives
+    min_space_bytes: int | None = None  # source: --min-space
+    handoff_candidates: Sequence[Mapping[str, Any]] = ()
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        activity = (
+            self.activity.status() if self.activity is not None else {"recent": [], "totals": None}
+        )
+        return {
+            "activity": activity,
+            "throughput": self.throughput.status(now) if self.throughput is not None else None,
+            "peers": [p.to_json() for p in self.peers],
+            "disk": {"free_bytes": self.free_bytes, "min_space_bytes": self.min_space_bytes},
+            "handoff_candidates": [dict(c) for c in self.handoff_candidates],
+        }
+
+
+# The words a torrent's ``state`` may hold, in /status, on the page and in ``qbsync status``:
+# what a user sees happen, not the internal phase. One place maps each role's fields to them
+# (:func:`source_state`, :func:`destination_state`); the activity log adds the finished ones.
+STATES = (
+    "waiting",  # source: nothing to send now (no connection to the destination, or queued)
+    "downloading + streaming",  # source: qBittorrent still downloads; done pieces stream
+    "streaming",  # source: downloaded; pieces stream; destination: pieces arrive
+    "verifying",  # destination checks the copy (qBittorrent recheck, or scanning files found)
+    "finalizing",  # every piece is there; the destination renames and adds it to qBittorrent
+    "retrying",  # a finalize attempt failed; it is retried
+)
+FINISHED_STATES = ("seeding on destination", "handed off", "failed")  # activity kinds, shown
+
+
+def source_state(t: Any, info: Mapping[str, Any] | None, connected: bool) -> str:
+    """The user-facing state of a source ``Tracked`` (see :data:`STATES`); ``info`` is
+    qBittorrent's entry for it (None when unknown). The one mapping from the tracked torrent's
+    fields to words: point it at a phase enum when the tracked torrent grows one."""
+    tr = t.tracker
+    if t.finalize_failures:
+        return "retrying"
+    if tr.complete:
+        return "verifying" if t.finalize_polls else "finalizing"
+    if not connected:
+        return "waiting"
+    progress = float((info or {}).get("progress") or 0.0)
+    if info is not None and progress < 1.0:
+        return "downloading + streaming"
+    return "streaming"
+
+
+def destination_state(phase: str) -> str:
+    """The user-facing state of a destination torrent phase (``destination.state.Phase``)."""
+    return {
+        "active": "streaming",
+        "scanning": "verifying",
+        "finalizing": "finalizing",
+        "closed": "finalizing",
+    }.get(phase, phase)
+
+
 # ---------------------------------------------------------------------------------------------
 # Accessors: read the runners' existing state objects.
 
@@ -188,20 +286,18 @@ def _error(value: Any) -> ErrorInfo | None:
     return ErrorInfo(str(code), str(message), float(rest[0]) if rest else time.time())
 
 
-def source_torrents(registry: Any) -> list[TorrentStatus]:
+def source_torrents(
+    registry: Any,
+    infos: Mapping[str, Mapping[str, Any]] | None = None,
+    connected: bool = True,
+) -> list[TorrentStatus]:
     """Tracked torrents of a source ``Registry``: verified = acknowledged by the destination
-    (it acknowledges a piece only after its SHA-1 matched); streamed = verified + in flight."""
+    (it acknowledges a piece only after its SHA-1 matched); streamed = verified + in flight.
+    ``infos``: qBittorrent's entries by hash (the monitor's), for the state's words."""
     out = []
     for t in sorted(registry.all(), key=lambda t: t.seq):
         tr = t.tracker
-        if t.finalize_failures:
-            state = "retrying"
-        elif tr.complete:
-            state = "finalizing"
-        elif tr.inflight:
-            state = "streaming"
-        else:
-            state = "waiting"
+        state = source_state(t, (infos or {}).get(t.info_hash), connected)
         out.append(
             TorrentStatus(
                 hash=t.info_hash,
@@ -243,20 +339,82 @@ def destination_torrents(store: Any) -> list[TorrentStatus]:
                 pieces_total=int(state.num_pieces),
                 pieces_streamed=written,
                 pieces_verified=written - state.unverified.count(),
-                state=state.phase.value,
+                state=destination_state(state.phase.value),
                 last_error=_error(getattr(state, "last_error", None)),
             )
         )
     return out
 
 
-def destination_daemon(budget: Any, ports: Sequence[int]) -> DaemonStatus:
+def source_peers(pool: Any, *, auth: str, tls: bool) -> list[Peer]:
+    """The destination a source's pool is connected to (one entry: every connection goes to
+    ``--destination-addr``), with what its handshake told us."""
+    conns = list(pool.connections())
+    if not conns:
+        return []
+    software = next((str(c.peer_software) for c in conns if getattr(c, "peer_software", "")), "")
+    return [
+        Peer(
+            address=str(pool.address),
+            role="destination",
+            connections=len(conns),
+            since=getattr(pool, "connected_since", None),
+            software=software,
+            auth=auth,
+            tls=tls,
+        )
+    ]
+
+
+def destination_peers(open_peers: Any) -> list[Peer]:
+    """The sources connected to a destination (``wire.OpenPeers``), one entry per host: a
+    source's connections come from different ports of the same address."""
+    by_host: dict[str, list[Any]] = {}
+    for p in open_peers.all():
+        host = str(p.peer.address).rpartition(":")[0] or str(p.peer.address)
+        by_host.setdefault(host, []).append(p)
+    return [
+        Peer(
+            address=host,
+            role="source",
+            connections=len(ps),
+            since=min(p.opened for p in ps),
+            software=str(ps[0].software),
+            auth="token" if ps[0].auth else "none",
+            tls=bool(ps[0].tls),
+        )
+        for host, ps in sorted(by_host.items())
+    ]
+
+
+def free_bytes(path: Any) -> int | None:
+    """Free space for unprivileged writers on the filesystem holding ``path``."""
+    import os
+
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return int(st.f_bavail * st.f_frsize)
+
+
+def destination_daemon(
+    budget: Any, ports: Sequence[int], peers: Sequence[Peer] = ()
+) -> DaemonStatus:
+    """``peer`` names the connected sources; only while none is connected does it say where
+    the destination listens."""
+    if peers:
+        peer = ", ".join(p.address for p in peers)
+    elif ports:
+        peer = "no source connected; listening on " + ",".join(str(p) for p in ports)
+    else:
+        peer = ""
     return DaemonStatus(
         connections=_gauge("qbsync_wire_connections", {"role": "destination"}),
         queue=_gauge("qbsync_write_workers_busy"),
         budget_used_bytes=int(budget.used),
         budget_limit_bytes=int(budget.limit),
-        peer="listening on " + ",".join(str(p) for p in ports) if ports else "",
+        peer=peer,
     )
 
 
@@ -343,17 +501,304 @@ def _daemon_line(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'"
 
 _CSS = """
-body{font:15px/1.4 system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;color:#1d232b}
-h1{font-size:1.2em;margin:0 0 8px}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0 0 12px}
-dt{color:#5b6573}dd{margin:0}
-.t{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:10px;margin:0 0 10px}
-.t h2{font-size:1em;margin:0 0 6px;overflow-wrap:anywhere}
-progress{width:100%;height:14px}
-.k{display:flex;flex-wrap:wrap;gap:4px 14px;font-size:.9em;color:#3c4550}
+*{box-sizing:border-box}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f3f5f8;
+color:#1d232b}
+header{background:#1f2a37;color:#fff;padding:12px 16px}
+header h1{font-size:1.25em;margin:0}
+header p{margin:2px 0 0;color:#c9d3df;font-size:.92em}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:12px;padding:12px;
+max-width:1100px;margin:0 auto}
+.card{background:#fff;border:1px solid #dde1e6;border-radius:10px;padding:12px 14px;min-width:0}
+.wide{grid-column:1/-1}
+.card>h2{font-size:.8em;text-transform:uppercase;letter-spacing:.06em;color:#5b6573;margin:0 0 8px}
+.t{border-top:1px solid #eef0f3;padding:8px 0 4px}
+.t:first-of-type{border-top:0;padding-top:0}
+.t h2{font-size:1.02em;margin:0 0 6px;overflow-wrap:anywhere}
+progress{width:100%;height:12px;accent-color:#2f6fde}
+.k{display:flex;flex-wrap:wrap;gap:2px 14px;font-size:.9em;color:#3c4550;margin-top:4px}
+.chip{display:inline-block;border-radius:999px;padding:0 8px;font-size:.82em;font-weight:600;
+background:#e6edf7;color:#1f4f96;white-space:nowrap}
+.chip.ok{background:#e3f4e8;color:#1b6b35}.chip.ho{background:#efe7fa;color:#5b2f98}
+.chip.bad{background:#fbe6e4;color:#a1261a}
 .err{color:#a1261a;font-size:.9em;margin-top:4px;overflow-wrap:anywhere}
 .muted{color:#5b6573}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0}
+dt{color:#5b6573}dd{margin:0;overflow-wrap:anywhere}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:right;padding:3px 6px;font-variant-numeric:tabular-nums;white-space:nowrap}
+th:first-child,td:first-child{text-align:left;color:#5b6573;font-weight:400}
+thead th{font-size:.8em;color:#5b6573;font-weight:600}
+ol,ul{list-style:none;margin:0;padding:0}
+.ev{display:grid;grid-template-columns:auto 1fr;gap:0 10px;padding:7px 0;
+border-top:1px solid #eef0f3}
+.ev:first-child{border-top:0}
+.ev time{color:#5b6573;font-size:.85em;font-variant-numeric:tabular-nums;padding-top:2px}
+.ev b{overflow-wrap:anywhere;font-weight:600}
+.ev .d{font-size:.88em;color:#3c4550}
+svg{display:block;width:100%;height:120px}
+.ax{display:flex;justify-content:space-between;font-size:.8em;color:#5b6573}
+.cand li{padding:3px 0;overflow-wrap:anywhere}
+.big{font-size:1.35em;font-weight:650}
 """.strip()
+
+_KIND_LABEL = {
+    "synced": ("synced · ready to seed", "ok"),
+    "handed off": ("handed off · seeding on destination", "ho"),
+    "failed": ("failed", "bad"),
+}
+
+
+def _when(t: float | None, now: float) -> str:
+    """A short local time: ``14:03`` today, ``Dec 5 14:03`` before."""
+    if not t:
+        return "-"
+    lt = time.localtime(t)
+    if time.strftime("%Y-%m-%d", lt) == time.strftime("%Y-%m-%d", time.localtime(now)):
+        return time.strftime("%H:%M", lt)
+    return time.strftime("%b %d %H:%M", lt)
+
+
+def chart_svg(throughput: Mapping[str, Any] | None) -> str:
+    """The last hour's throughput as an inline SVG bar chart (one bar per bucket), drawn here:
+    no script, no external asset (the CSP allows neither). ``data-peak`` carries the peak rate
+    (bytes/s), so "non-empty" is observable without reading pixels."""
+    rates = [float(r) for r in (throughput or {}).get("bytes_per_second") or []]
+    peak = max(rates, default=0.0)
+    w, h, top = 360.0, 100.0, 8.0
+    parts = [
+        f'<svg id="chart" viewBox="0 0 {w:.0f} {h:.0f}" preserveAspectRatio="none" '
+        f'role="img" aria-label="throughput over the last hour, peak '
+        f'{html.escape(human_bytes(peak))}/s" data-peak="{peak:.1f}" data-points="{len(rates)}">',
+        f'<rect x="0" y="0" width="{w:.0f}" height="{h:.0f}" fill="#f7f9fc"/>',
+    ]
+    for frac in (0.5, 1.0):
+        y = h - frac * (h - top)
+        parts.append(
+            f'<line x1="0" x2="{w:.0f}" y1="{y:.1f}" y2="{y:.1f}" stroke="#dfe4ea" '
+            'stroke-width="1" stroke-dasharray="3 3" vector-effect="non-scaling-stroke"/>'
+        )
+    if rates and peak > 0:
+        bw = w / len(rates)
+        bars = []
+        for i, r in enumerate(rates):
+            if r <= 0:
+                continue
+            y = h - max(1.5, (r / peak) * (h - top))
+            bars.append(f"M{i * bw:.2f},{h:.0f}V{y:.1f}H{(i + 1) * bw - 0.4:.2f}V{h:.0f}Z")
+        parts.append(f'<path class="bars" d="{"".join(bars)}" fill="#2f6fde"/>')
+    parts.append(
+        f'<line x1="0" x2="{w:.0f}" y1="{h - 0.5:.1f}" y2="{h - 0.5:.1f}" stroke="#9aa5b4" '
+        'stroke-width="1" vector-effect="non-scaling-stroke"/>'
+    )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _summary(doc: Mapping[str, Any]) -> str:
+    d = doc.get("daemon") or {}
+    peers = doc.get("peers") or []
+    n = len(doc.get("torrents") or [])
+    if peers:
+        who = ", ".join(str(p.get("address")) for p in peers)
+        link = f"connected to {who}"
+    elif doc.get("role") == "source":
+        link = f"not connected to {d.get('peer') or 'the destination'}"
+    else:
+        link = str(d.get("peer") or "no source connected")
+    work = f"{n} torrent{'s' if n != 1 else ''} syncing" if n else "idle"
+    return f"{link} · {work} · up {human_seconds(d.get('uptime_seconds'))}"
+
+
+def _torrent_cards(doc: Mapping[str, Any]) -> list[str]:
+    e = html.escape
+    rows = _rows(doc)
+    parts = ['<section class="card wide" id="now"><h2>Now</h2>']
+    if not rows:
+        parts.append('<p class="muted" id="empty">No torrent is being synced right now.</p>')
+    for r, t in zip(rows, doc.get("torrents") or [], strict=False):
+        total = int(t.get("pieces_total") or 0)
+        verified = int(t.get("pieces_verified") or 0)
+        parts += [
+            f'<section class="t" data-hash="{e(str(t.get("hash", "")))}">',
+            f"<h2>{e(r['name'])}</h2>",
+            f'<progress max="{max(total, 1)}" value="{min(verified, max(total, 1))}">'
+            f"{e(r['pct'])}</progress>",
+            '<div class="k">',
+            f'<span class="chip state">{e(r["state"])}</span>',
+            f'<span class="verified">verified {e(r["verified"])} ({e(r["pct"])})</span>',
+            f'<span class="streamed">streamed {e(r["streamed"])}</span>',
+            f'<span class="size">{e(r["size"])}</span>',
+            f'<span class="rate">{e(r["rate"])}</span>',
+            f'<span class="eta">ETA {e(r["eta"])}</span>',
+            f'<span class="hash muted">{e(r["hash"])}</span>',
+            "</div>",
+        ]
+        if r["error"]:
+            parts.append(f'<div class="err">last error {e(r["error"])}</div>')
+        parts.append("</section>")
+    parts.append("</section>")
+    return parts
+
+
+def _chart_card(doc: Mapping[str, Any]) -> list[str]:
+    tp = doc.get("throughput") or {}
+    rates = [float(r) for r in tp.get("bytes_per_second") or []]
+    peak = max(rates, default=0.0)
+    last = rates[-1] if rates else 0.0
+    total = float(tp.get("bytes") or 0)
+    now = float(doc.get("time") or time.time())
+    since = tp.get("since")
+    started = (
+        f'<span class="muted">counted since {html.escape(_when(float(since), now))}</span>'
+        if since is not None and now - float(since) < 3600
+        else ""
+    )
+    return [
+        '<section class="card wide" id="throughput"><h2>Throughput, last hour</h2>',
+        chart_svg(tp),
+        '<div class="ax"><span>60 min ago</span><span>30 min</span><span>now</span></div>',
+        f'<div class="k"><span>moved {html.escape(human_bytes(total))}</span>'
+        f"<span>peak {html.escape(human_bytes(peak))}/s</span>"
+        f"<span>latest 30 s {html.escape(human_bytes(last))}/s</span>{started}</div>",
+        "</section>",
+    ]
+
+
+def _totals_card(doc: Mapping[str, Any]) -> list[str]:
+    e = html.escape
+    totals = (doc.get("activity") or {}).get("totals") or {}
+    today, alltime = totals.get("today") or {}, totals.get("all") or {}
+    since = totals.get("since")
+    since_txt = time.strftime("%Y-%m-%d", time.localtime(since)) if since else "-"
+    rows = [
+        ("moved", human_bytes(today.get("bytes", 0)), human_bytes(alltime.get("bytes", 0))),
+        ("synced", str(today.get("synced", 0)), str(alltime.get("synced", 0))),
+        ("handed off", str(today.get("handed_off", 0)), str(alltime.get("handed_off", 0))),
+        ("failed", str(today.get("failed", 0)), str(alltime.get("failed", 0))),
+    ]
+    parts = [
+        '<section class="card" id="totals"><h2>Totals</h2><table>',
+        "<thead><tr><th></th><th>today</th><th>all time</th></tr></thead>",
+        "<tbody>",
+    ]
+    for name, a, b in rows:
+        slug = name.replace(" ", "-")
+        parts.append(
+            f'<tr id="total-{slug}"><td>{name}</td><td class="today">{html.escape(a)}</td>'
+            f'<td class="all">{html.escape(b)}</td></tr>'
+        )
+    parts.append(
+        f'</tbody></table><p class="muted" id="since">all time = since {e(since_txt)}</p></section>'
+    )
+    return parts
+
+
+def _disk_card(doc: Mapping[str, Any]) -> list[str]:
+    e = html.escape
+    disk = doc.get("disk") or {}
+    free, minimum = disk.get("free_bytes"), disk.get("min_space_bytes")
+    parts = ['<section class="card" id="disk"><h2>Disk</h2>']
+    if free is None:
+        parts.append('<p class="muted">Free space not known yet.</p>')
+    else:
+        parts.append(f'<div class="big" id="free">{e(human_bytes(free))} free</div>')
+        if minimum:
+            low = free < minimum
+            verdict = "below: handing off synced torrents" if low else "above: nothing to free"
+            parts.append(
+                f'<p class="muted" id="min-space">--min-space {e(human_bytes(minimum))}, '
+                f"{verdict}</p>"
+            )
+        elif doc.get("role") == "source":
+            parts.append('<p class="muted" id="min-space">--min-space 0: no hand-off on space</p>')
+    if doc.get("role") == "source":
+        cands = doc.get("handoff_candidates") or []
+        parts.append("<h2>Next hand-off candidates</h2>")
+        if not cands:
+            parts.append('<p class="muted" id="no-candidates">None: no synced torrent here.</p>')
+        else:
+            parts.append('<ol class="cand" id="candidates">')
+            for c in cands[:5]:
+                wait = " · waits for --min-seeding-time" if c.get("waiting_seeding") else ""
+                parts.append(
+                    f'<li data-hash="{e(str(c.get("hash", "")))}"><b>{e(str(c.get("name")))}</b>'
+                    f' <span class="muted">{e(human_bytes(c.get("size")))} · seeded '
+                    f"{e(human_seconds(c.get('seeding_time')))} · "
+                    f"{int(c.get('peers') or 0)} in swarm{e(wait)}</span></li>"
+                )
+            parts.append("</ol>")
+    parts.append("</section>")
+    return parts
+
+
+def _peers_card(doc: Mapping[str, Any], now: float) -> list[str]:
+    e = html.escape
+    peers = doc.get("peers") or []
+    want = "destination" if doc.get("role") == "source" else "sources"
+    parts = [f'<section class="card" id="peers"><h2>Connected {want}</h2>']
+    if not peers:
+        d = doc.get("daemon") or {}
+        parts.append(f'<p class="muted" id="no-peers">None. {e(str(d.get("peer") or ""))}</p>')
+    else:
+        parts.append("<ul>")
+        for p in peers:
+            ident = [f"{p.get('connections')} connection{'s' if p.get('connections') != 1 else ''}"]
+            ident.append("TLS" if p.get("tls") else "no TLS")
+            ident.append("token" if p.get("auth") == "token" else "no auth")
+            if p.get("fingerprint"):
+                ident.append(f"key {p.get('fingerprint')}")
+            if p.get("software"):
+                ident.append(str(p.get("software")))
+            since = p.get("since")
+            if since:
+                ident.append(f"since {_when(float(since), now)}")
+            parts.append(
+                f'<li class="peer" data-address="{e(str(p.get("address")))}">'
+                f"<b>{e(str(p.get('address')))}</b><br>"
+                f'<span class="muted">{e(" · ".join(ident))}</span></li>'
+            )
+        parts.append("</ul>")
+    parts.append("</section>")
+    return parts
+
+
+def _activity_card(doc: Mapping[str, Any], now: float) -> list[str]:
+    e = html.escape
+    recent = (doc.get("activity") or {}).get("recent") or []
+    parts = ['<section class="card wide" id="activity"><h2>Recent activity</h2>']
+    if not recent:
+        parts.append('<p class="muted" id="no-activity">Nothing synced yet.</p>')
+    else:
+        parts.append("<ol>")
+        for ev in recent:
+            kind = str(ev.get("kind", ""))
+            label, cls = _KIND_LABEL.get(kind, (kind, ""))
+            bits = [human_bytes(ev.get("size"))]
+            if ev.get("duration_seconds") is not None:
+                bits.append(f"took {human_seconds(ev.get('duration_seconds'))}")
+            if ev.get("since_complete_seconds") is not None:
+                target = "seeding" if kind == "handed off" else "ready"
+                bits.append(
+                    f"complete on source → {target} here in "
+                    f"{human_seconds(ev.get('since_complete_seconds'))}"
+                    if doc.get("role") == "destination"
+                    else f"complete → {target} on destination in "
+                    f"{human_seconds(ev.get('since_complete_seconds'))}"
+                )
+            if ev.get("code"):
+                bits.append(f"{ev.get('code')}: {ev.get('message') or ''}")
+            elif ev.get("message"):
+                bits.append(str(ev.get("message")))
+            parts.append(
+                f'<li class="ev" data-kind="{e(kind)}" data-hash="{e(str(ev.get("hash", "")))}">'
+                f"<time>{e(_when(float(ev.get('time') or 0), now))}</time>"
+                f'<div><span class="chip {cls}">{e(label)}</span> <b>{e(str(ev.get("name")))}</b>'
+                f'<div class="d">{e(" · ".join(bits))}</div></div></li>'
+            )
+        parts.append("</ol>")
+    parts.append("</section>")
+    return parts
 
 
 def render_html(doc: Mapping[str, Any] | None) -> str:
@@ -367,46 +812,32 @@ def render_html(doc: Mapping[str, Any] | None) -> str:
         f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">',
         f"<title>qbsync {e(role)}</title>",
         f"<style>{_CSS}</style></head><body>",
+        "<header>",
         f"<h1>qbsync {e(role)}</h1>",
     ]
     if not doc:
-        parts.append('<p class="muted" id="empty">Starting; no status yet.</p>')
-    else:
-        parts.append('<dl id="daemon">')
-        for key, value in _daemon_line(doc):
-            slug = key.replace(" ", "-")
-            parts.append(f'<dt>{e(key)}</dt><dd id="d-{e(slug)}">{e(value)}</dd>')
-        parts.append("</dl>")
-        rows = _rows(doc)
-        if not rows:
-            parts.append('<p class="muted" id="empty">No torrent is being synced right now.</p>')
-        for r, t in zip(rows, doc.get("torrents") or [], strict=False):
-            total = int(t.get("pieces_total") or 0)
-            verified = int(t.get("pieces_verified") or 0)
-            parts += [
-                f'<section class="t" data-hash="{e(str(t.get("hash", "")))}">',
-                f"<h2>{e(r['name'])}</h2>",
-                f'<progress max="{max(total, 1)}" value="{min(verified, max(total, 1))}">'
-                f"{e(r['pct'])}</progress>",
-                '<div class="k">',
-                f'<span class="state">{e(r["state"])}</span>',
-                f'<span class="verified">verified {e(r["verified"])} ({e(r["pct"])})</span>',
-                f'<span class="streamed">streamed {e(r["streamed"])}</span>',
-                f'<span class="size">{e(r["size"])}</span>',
-                f'<span class="rate">{e(r["rate"])}</span>',
-                f'<span class="eta">ETA {e(r["eta"])}</span>',
-                f'<span class="hash muted">{e(r["hash"])}</span>',
-                "</div>",
-            ]
-            if r["error"]:
-                parts.append(f'<div class="err">last error {e(r["error"])}</div>')
-            parts.append("</section>")
-        updated = time.strftime("%H:%M:%S", time.localtime(float(doc.get("time") or 0)))
-        parts.append(
-            f'<p class="muted">Updated {e(updated)}; refreshes every {REFRESH_SECONDS}s. '
-            '<a href="/status">JSON</a></p>'
-        )
-    parts.append("</body></html>\n")
+        parts.append('</header><main><p class="muted" id="empty">Starting; no status yet.</p>')
+        parts.append("</main></body></html>\n")
+        return "\n".join(parts)
+    now = float(doc.get("time") or time.time())
+    parts.append(f'<p id="summary">{e(_summary(doc))}</p></header><main>')
+    parts += _torrent_cards(doc)
+    parts += _chart_card(doc)
+    parts += _activity_card(doc, now)
+    parts += _totals_card(doc)
+    parts += _disk_card(doc)
+    parts += _peers_card(doc, now)
+    parts.append('<section class="card" id="details"><h2>Daemon</h2><dl id="daemon">')
+    for key, value in _daemon_line(doc):
+        slug = key.replace(" ", "-")
+        parts.append(f'<dt>{e(key)}</dt><dd id="d-{e(slug)}">{e(value)}</dd>')
+    parts.append("</dl>")
+    updated = time.strftime("%H:%M:%S", time.localtime(now))
+    parts.append(
+        f'<p class="muted">Updated {e(updated)}; refreshes every {REFRESH_SECONDS}s. '
+        '<a href="/status">JSON</a></p></section>'
+    )
+    parts.append("</main></body></html>\n")
     return "\n".join(parts)
 
 
@@ -438,13 +869,41 @@ def terminal_safe(text: str) -> str:
     )
 
 
+def _recent_lines(doc: Mapping[str, Any], limit: int = 5) -> list[str]:
+    """The activity log's newest events and the totals, in the page's words."""
+    act = doc.get("activity") or {}
+    now = float(doc.get("time") or time.time())
+    lines = []
+    totals = act.get("totals") or {}
+    if totals:
+        today, alltime = totals.get("today") or {}, totals.get("all") or {}
+        lines.append(
+            f"totals: today {human_bytes(today.get('bytes', 0))} moved, "
+            f"{today.get('synced', 0)} synced, {today.get('handed_off', 0)} handed off, "
+            f"{today.get('failed', 0)} failed; all {human_bytes(alltime.get('bytes', 0))}, "
+            f"{alltime.get('synced', 0)} synced, {alltime.get('handed_off', 0)} handed off, "
+            f"{alltime.get('failed', 0)} failed"
+        )
+    for ev in (act.get("recent") or [])[:limit]:
+        kind = str(ev.get("kind", ""))
+        label = _KIND_LABEL.get(kind, (kind, ""))[0]
+        extra = f"  {ev.get('code')}" if ev.get("code") else ""
+        lines.append(
+            f"{_when(float(ev.get('time') or 0), now)}  {label}  {ev.get('name')}  "
+            f"{human_bytes(ev.get('size'))}{extra}"
+        )
+    return lines
+
+
 def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
-    """Print the document as a table (``rich`` when ``out`` is a terminal, plain otherwise).
+    """Print the document as a table (``rich`` when ``out`` is a terminal, plain otherwise),
+    then the totals and the newest activity.
 
     Every value is data, never markup: names like ``[link=https://...]Ubuntu[/link]`` print
     as written (rich ``Text`` cells are not parsed), and control characters are escaped."""
     daemon = [(k, terminal_safe(v)) for k, v in _daemon_line(doc)]
     rows = [{k: terminal_safe(v) for k, v in r.items()} for r in _rows(doc)]
+    recent = [terminal_safe(line) for line in _recent_lines(doc)]
     cols = ["name", "state", "verified", "pct", "streamed", "size", "rate", "eta", "error"]
     if out.isatty():
         from rich.console import Console
@@ -452,15 +911,17 @@ def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
         from rich.text import Text
 
         console = Console(file=out)
-        line = Text()
+        head = Text()
         for i, (k, v) in enumerate(daemon):
-            line.append(("  " if i else "") + k, style="bold")
-            line.append(" " + v)
-        console.print(line, highlight=False)
+            head.append(("  " if i else "") + k, style="bold")
+            head.append(" " + v)
+        console.print(head, highlight=False)
         table = Table(*cols, expand=False)
         for r in rows:
             table.add_row(*(Text(r[c]) for c in cols))
         console.print(table, highlight=False)
+        for text in recent:
+            console.print(Text(text), highlight=False)
         return
     out.write("  ".join(f"{k}: {v}" for k, v in daemon) + "\n")
     widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in cols}
@@ -469,6 +930,8 @@ def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
         out.write("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip() + "\n")
     if not rows:
         out.write("(no torrent is being synced)\n")
+    for line in recent:
+        out.write(line + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

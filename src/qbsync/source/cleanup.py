@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import attrs
 import trio
 
 from .. import metrics
+from ..http.activity import ActivityLog, Event
 from ..integrations import notify
 from ..log import kv
 from ..qbittorrent.api import QB, QBError, split_tags
@@ -56,6 +58,7 @@ class Candidate:
     seeding_time: int
     popularity: int
     file_ids: set[tuple[int, int]] = attrs.field(factory=set)
+    completed_at: float | None = None  # Unix time qBittorrent finished downloading it
 
 
 @attrs.define
@@ -126,6 +129,18 @@ async def add_tag(qb: QB, info_hash: str, tag: str) -> None:
         )
 
 
+def _candidate(info: dict[str, Any]) -> Candidate:
+    completion = float(info.get("completion_on") or 0)
+    return Candidate(
+        info_hash=str(info.get("hash") or ""),
+        name=str(info.get("name") or ""),
+        size=int(info.get("size") or 0),
+        seeding_time=int(info.get("seeding_time") or 0),
+        popularity=int(info.get("num_complete") or 0) + int(info.get("num_incomplete") or 0),
+        completed_at=completion if completion > 0 else None,
+    )
+
+
 @attrs.define
 class CleanupResult:
     handed_off: int = 0
@@ -136,6 +151,7 @@ class CleanupResult:
 
 class Cleanup:
     notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+    activity: ActivityLog | None = None  # the status page's history; the runner sets it
 
     def __init__(
         self,
@@ -164,6 +180,9 @@ class Cleanup:
         self.dry_run = dry_run
         self.syncing = syncing  # a torrent being (re-)synced is never a candidate
         self._lock = trio.Lock()  # at most one pass (cleanup or drain) at a time
+        # Handed off by a pass and deleted here: the removal that follows is not a second
+        # hand-off for the activity log (the orchestrator reads and clears it).
+        self.handed_off: set[str] = set()
 
     async def run_pass(
         self,
@@ -233,31 +252,45 @@ class Cleanup:
             )
             return result
 
+    def eligible(self, info: dict[str, Any], draining: bool) -> bool | None:
+        """May ``info``'s torrent be handed off? True: a candidate; None: synced but not
+        tagged yet (the pass tags it; it is a candidate the pass after); False: not ours to
+        hand off (not in the completion cache, being synced, or excluded)."""
+        h = str(info.get("hash") or "")
+        if h not in self.cache or self.syncing(h):
+            return False
+        tags = split_tags(str(info.get("tags") or ""))
+        if not draining and self.exclude_cleanup_tag and self.exclude_cleanup_tag in tags:
+            return False
+        if self.synced_tag and self.synced_tag not in tags:
+            return None
+        return True
+
+    def next_candidates(self, torrents: Iterable[dict[str, Any]], limit: int = 5) -> list[Group]:
+        """The torrents the next cleanup pass would hand off first, in its order, for the
+        status page: the same filter (:meth:`eligible`) and order (:func:`group_candidates`)
+        as :meth:`run_pass`, read from the monitor's torrent list, without a request or a
+        side effect. Hardlink groups are not known here (that needs a stat of every file):
+        each torrent is its own group."""
+        cands = [_candidate(info) for info in torrents if self.eligible(info, False)]
+        return group_candidates(sorted(cands, key=lambda c: c.size))[:limit]
+
     async def _candidates(
         self, torrents: Iterable[dict[str, Any]], draining: bool
     ) -> list[Candidate]:
         out: list[Candidate] = []
         for info in torrents:
             h = str(info.get("hash") or "")
-            if h not in self.cache or self.syncing(h):
-                continue
-            tags = split_tags(str(info.get("tags") or ""))
-            if not draining and self.exclude_cleanup_tag and self.exclude_cleanup_tag in tags:
-                continue
-            if self.synced_tag and self.synced_tag not in tags:
+            ok = self.eligible(info, draining)
+            if ok is None:
                 # Completion known but never tagged (e.g. found complete after a re-download
                 # or a failed tag write): tag now, hand off in a later pass.
                 if not self.dry_run:
                     await add_tag(self.qb, h, self.synced_tag)
                 continue
-            c = Candidate(
-                info_hash=h,
-                name=str(info.get("name") or ""),
-                size=int(info.get("size") or 0),
-                seeding_time=int(info.get("seeding_time") or 0),
-                popularity=int(info.get("num_complete") or 0)
-                + int(info.get("num_incomplete") or 0),
-            )
+            if not ok:
+                continue
+            c = _candidate(info)
             try:
                 files = await self.qb.files(h)
             except QBError:
@@ -279,6 +312,7 @@ class Cleanup:
         if self.dry_run:
             log.info("event=dry_run action=handoff hash=%s name=%s", h, kv(c.name))
             return True
+        started = time.monotonic()
         try:
             await self.qb.stop(h)
         except QBError as exc:
@@ -307,6 +341,7 @@ class Cleanup:
                 "event=handoff_delete_failed hash=%s code=qb-error error=%s", h, kv(str(exc))
             )
         metrics.cleanup_torrents_handed_off.inc()
+        self.handed_off.add(h)
         self.notifier.emit("handed_off", h, c.name, size=c.size)
         log.info(
             "event=handed_off hash=%s name=%s bytes=%d tag=%s",
@@ -315,6 +350,19 @@ class Cleanup:
             c.size,
             kv(self.source_removed_tag),
         )
+        if self.activity is not None:
+            now = time.time()
+            await self.activity.record(
+                Event(
+                    time=now,
+                    kind="handed off",
+                    hash=h,
+                    name=c.name,
+                    size=c.size,
+                    duration_seconds=time.monotonic() - started,
+                    since_complete_seconds=None if c.completed_at is None else now - c.completed_at,
+                )
+            )
         return True
 
     async def start_on_destination(self, h: str, *, then: str) -> bool:

@@ -48,6 +48,7 @@ import trio
 
 from .. import metrics
 from ..config import SourceConfig
+from ..http.activity import ActivityLog, Event
 from ..http.server import Health
 from ..integrations import notify
 from ..integrations.arr import RECHECK_AFTER as ARR_RECHECK
@@ -166,6 +167,7 @@ class _Stats:
 
 class Orchestrator:
     notifier: notify.Notifier = notify.DISABLED  # --notify-url; the runner sets it
+    activity: ActivityLog | None = None  # the status page's history; the runner sets it
 
     def __init__(
         self,
@@ -392,6 +394,27 @@ class Orchestrator:
         if await self.cleanup.start_on_destination(h, then="retry_at_maintenance"):
             await self.cache.remove(h)
             log.info("event=handoff_removed hash=%s tag=%s", h, kv(self.config.source_removed_tag))
+            if h in self.cleanup.handed_off:
+                self.cleanup.handed_off.discard(h)  # the cleanup's own delete: logged there
+            else:
+                await self._record_removed_handoff(h)
+
+    async def _record_removed_handoff(self, h: str) -> None:
+        """The activity log's ``handed off`` for a synced torrent removed from the source. Its
+        name and size come from its last entry in the log (the source lists it no more)."""
+        if self.activity is None:
+            return
+        last = next((e for e in reversed(self.activity.events) if e.hash == h), None)
+        await self.activity.record(
+            Event(
+                time=time.time(),
+                kind="handed off",
+                hash=h,
+                name=last.name if last is not None else h,
+                size=last.size if last is not None else 0,
+                message="removed from the source",
+            )
+        )
 
     async def _abort(self, h: str, *, reason: str) -> None:
         if self.dry_run:
@@ -789,11 +812,26 @@ class Orchestrator:
             trio.current_time() - t.finalize_started,
             kv(result.message or result.status.value),
         )
+        if self.activity is not None:
+            now = time.time()
+            completed = float(info.get("completion_on") or 0)
+            await self.activity.record(
+                Event(
+                    time=now,
+                    kind="synced",
+                    hash=h,
+                    name=t.name,
+                    size=int(t.meta.selected_size),
+                    duration_seconds=now - t.tracked_at,
+                    since_complete_seconds=now - completed if completed > 0 else None,
+                )
+            )
         if orphan:
             # Removed from the source: the destination takes over. If it cannot start it, it
             # keeps the verified torrent stopped (not cached: nothing here retries).
             if await self.cleanup.start_on_destination(h, then="left_stopped_on_destination"):
                 log.info("event=handoff_removed hash=%s", h)
+                await self._record_removed_handoff(h)
             return
         await self.cache.put(h, t.meta.fingerprint)
         await self._tag(h, self.config.synced_tag)
@@ -813,6 +851,20 @@ class Orchestrator:
             code=code,
             message=t.last_error[1] if t.last_error else None,
         )
+        if self.activity is not None:
+            now = time.time()
+            await self.activity.record(
+                Event(
+                    time=now,
+                    kind="failed",
+                    hash=h,
+                    name=t.name,
+                    size=int(t.meta.selected_size),
+                    duration_seconds=now - t.tracked_at,
+                    code=str(code.value),
+                    message=t.last_error[1] if t.last_error else "",
+                )
+            )
         log.error(
             "event=sync_failed hash=%s name=%s code=%s attempts=%d tag=%s",
             h,

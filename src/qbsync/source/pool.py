@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -158,6 +159,7 @@ class ConnectionPool:
     ) -> None:
         self._connect = connect
         self.address = address
+        self.connected_since: float | None = None  # Unix time; None while disconnected
         self.min_connections = max(1, min_connections)
         self.max_connections = max(self.min_connections, max_connections)
         self.reconnect_max_delay = reconnect_max_delay
@@ -355,6 +357,7 @@ class ConnectionPool:
         slot.conn = conn
         if not was_connected:
             self.generation += 1
+            self.connected_since = time.time()  # for the status page's peer list
         self.last_error = None
         metrics.connections_active.set(self.connected)
         log.info(
@@ -370,6 +373,8 @@ class ConnectionPool:
         if slot.conn is None:
             return
         slot.conn = None
+        if not self.connected:
+            self.connected_since = None
         metrics.connections_active.set(self.connected)
         log.info("event=destination_disconnected conn=%d connections=%d", slot.id, self.connected)
 

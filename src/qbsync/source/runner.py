@@ -30,6 +30,7 @@ import trio
 from .. import __version__, metrics
 from ..config import SourceConfig, redacted
 from ..http import status as status_model
+from ..http.activity import ActivityLog, Throughput, counter_value, sample_forever
 from ..http.server import Health, serve_http
 from ..http.status import StatusBuilder
 from ..integrations import systemd
@@ -109,6 +110,9 @@ async def _main(config: SourceConfig) -> int:
         queue_depth=lambda: len(registry.queue),
     )
     cache = CompletionCache(config.state_dir, read_only=config.dry_run)
+    throughput = Throughput(counter_value("qbsync_bytes_sent_total"))
+    history = ActivityLog(None if config.dry_run else state_dir(config), throughput=throughput)
+    history.load()
 
     async def destination_ready() -> None:
         if pool.connected == 0:
@@ -119,7 +123,9 @@ async def _main(config: SourceConfig) -> int:
     health.add_ready_check("destination", destination_ready)
     status: dict[str, Any] = {}
     builder = StatusBuilder("source")
-    health.set_status_provider(lambda: _status(status, pool, registry, builder))
+    health.set_status_provider(
+        lambda: _status(status, pool, registry, builder, config, history, throughput)
+    )
 
     signals_seen = 0
     exit_code = EXIT_OK
@@ -146,6 +152,7 @@ async def _main(config: SourceConfig) -> int:
                             return
 
             outer.start_soon(watch_signals)
+            outer.start_soon(sample_forever, throughput)
             interval = systemd.watchdog_interval()
             if interval is not None:
 
@@ -183,6 +190,7 @@ async def _main(config: SourceConfig) -> int:
                     )
                     status["orchestrator"] = orchestrator
                     orchestrator.notifier = orchestrator.cleanup.notifier = notifier
+                    orchestrator.activity = orchestrator.cleanup.activity = history
                     status["monitor"] = monitor
                     await nursery.start(orchestrator.run)
                     await nursery.start(monitor.run)
@@ -213,6 +221,8 @@ async def _main(config: SourceConfig) -> int:
         exit_code = EXIT_FAILURE
     finally:
         reader.close()
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await history.save()  # the chart's last hour survives the restart
     log.info("event=stopped role=source signals=%d code=%d", signals_seen, exit_code)
     return exit_code
 
@@ -289,8 +299,20 @@ def _check_state_dir(path: Path, dry_run: bool) -> None:
         )
 
 
+def state_dir(config: SourceConfig) -> Path:
+    """Where the source keeps its state (the completion cache, the activity log): the one
+    place that resolves it."""
+    return config.state_dir
+
+
 def _status(
-    parts: dict[str, Any], pool: ConnectionPool, registry: Registry, builder: StatusBuilder
+    parts: dict[str, Any],
+    pool: ConnectionPool,
+    registry: Registry,
+    builder: StatusBuilder,
+    config: SourceConfig,
+    history: ActivityLog,
+    throughput: Throughput,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "role": "source",
@@ -318,4 +340,31 @@ def _status(
     if senders is not None:
         out["senders"] = senders.status()
     daemon = status_model.source_daemon(pool, registry, senders)
-    return builder.document(daemon, status_model.source_torrents(registry), legacy=out)
+    infos = monitor.torrents if monitor is not None else {}
+    free = monitor.server_state.get("free_space_on_disk") if monitor is not None else None
+    candidates = []
+    if orchestrator is not None:
+        for group in orchestrator.cleanup.next_candidates(list(infos.values())):
+            for c in group.members:
+                candidates.append(
+                    {
+                        "hash": c.info_hash,
+                        "name": c.name,
+                        "size": c.size,
+                        "seeding_time": c.seeding_time,
+                        "peers": c.popularity,
+                        "waiting_seeding": c.seeding_time < config.min_seeding_time,
+                    }
+                )
+    sections = status_model.Sections(
+        activity=history,
+        throughput=throughput,
+        peers=status_model.source_peers(
+            pool, auth="token" if config.auth_token else "none", tls=config.tls_ca is not None
+        ),
+        free_bytes=int(free) if isinstance(free, int | float) else None,
+        min_space_bytes=config.min_space_bytes,
+        handoff_candidates=candidates,
+    )
+    torrents = status_model.source_torrents(registry, infos, connected=pool.connected > 0)
+    return builder.document(daemon, torrents, legacy=out, sections=sections)

@@ -11,6 +11,7 @@ pieces of an inactive entry are dropped.
 from __future__ import annotations
 
 import itertools
+import time
 
 import attrs
 import trio
@@ -43,6 +44,7 @@ class Tracked:
     finalize_started: float = 0.0
     read_failures: int = 0
     last_error: tuple[str, str, float] | None = None  # (code, message, unix time), for /status
+    tracked_at: float = attrs.field(factory=time.time)  # wall clock; the activity log's duration
 
     @property
     def name(self) -> str:

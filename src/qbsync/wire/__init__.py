@@ -43,7 +43,7 @@ from .messages import (
     valid_info_hash,
 )
 from .protocol import DEFAULT_MAX_PIECE, DEFAULT_WINDOW, MAX_CONTROL_FRAME, Request, Response
-from .server import Peer, ServerHandler, serve
+from .server import OpenPeer, OpenPeers, Peer, ServerHandler, serve
 from .tls import client_ssl_context, server_ssl_context
 
 __all__ = [
@@ -67,6 +67,8 @@ __all__ = [
     "InitResult",
     "InitTorrent",
     "LocalProtocolError",
+    "OpenPeer",
+    "OpenPeers",
     "Peer",
     "Piece",
     "PieceAck",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Protocol
@@ -78,6 +79,34 @@ class Peer:
 
     address: str  # "ip:port"
     conn_id: int
+
+
+@attrs.define
+class OpenPeer:
+    """An authenticated connection open now, as the status page shows it."""
+
+    peer: Peer
+    opened: float  # Unix time the handshake completed
+    software: str  # what the source announced in its Hello
+    tls: bool
+    auth: bool  # admitted by the auth token (False: the listener runs without one)
+
+
+class OpenPeers:
+    """The authenticated connections of a :func:`serve`, by connection id. Filled and emptied
+    by :func:`serve` only; readers (the status page) take a snapshot with :meth:`all`."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, OpenPeer] = {}
+
+    def all(self) -> list[OpenPeer]:
+        return sorted(self._open.values(), key=lambda p: p.opened)
+
+    def add(self, entry: OpenPeer) -> None:
+        self._open[entry.peer.conn_id] = entry
+
+    def discard(self, peer: Peer) -> None:
+        self._open.pop(peer.conn_id, None)
 
 
 class ServerHandler(Protocol):
@@ -327,8 +356,11 @@ async def serve(
     max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
     max_pending_per_address: int = DEFAULT_MAX_PENDING_PER_ADDRESS,
     hooks: WireHooks = NO_HOOKS,
+    peers: OpenPeers | None = None,
 ) -> None:
     """Accept sources on ``listen`` until cancelled.
+
+    ``peers``, when given, lists the authenticated connections open at any moment.
 
     ``task_status.started`` receives the list of bound ports (one per listening socket; with
     port 0 each gets its own). Every connection runs in its own task: TLS (if
@@ -368,6 +400,7 @@ async def serve(
             max_concurrent_requests=max_concurrent_requests,
             close_grace=close_grace,
             hooks=hooks,
+            peers=peers,
         )
 
     async with trio.open_nursery() as nursery:
@@ -462,6 +495,7 @@ async def _serve_one(
     max_concurrent_requests: int,
     close_grace: float,
     hooks: WireHooks,
+    peers: OpenPeers | None = None,
 ) -> None:
     peer = Peer(peer_address(stream), next(_conn_ids))
     label = f"peer={peer.address} conn={peer.conn_id}"
@@ -510,6 +544,12 @@ async def _serve_one(
             bool(token),
             kv(info.peer_software),
         )
+        if peers is not None:
+            peers.add(
+                OpenPeer(
+                    peer, time.time(), info.peer_software, ssl_context is not None, bool(token)
+                )
+            )
         await conn.run(close_grace)
         reason = conn.close_reason
         log.info(
@@ -523,6 +563,8 @@ async def _serve_one(
         log.exception("event=wire_connection_failed %s code=internal", label)
     finally:
         gate.leave(peer)
+        if peers is not None:
+            peers.discard(peer)
         if opened:
             hooks.connection_closed("destination")
         if conn is not None:

@@ -89,6 +89,11 @@ def _decode_in_thread(event: UndecodedControl) -> ControlFrame | WireError:
 class BaseConnection:
     """One authenticated (or authenticating) connection; see the module docstring."""
 
+    @property
+    def peer_software(self) -> str:
+        """What the peer announced in its Hello ("" before the handshake)."""
+        return self._ep.peer_software
+
     def __init__(
         self,
         endpoint: Endpoint,
