@@ -199,10 +199,8 @@ async def test_unknown_torrent_and_finalizing_codes(tmp_path: Path, nursery: tri
     for i in needed_indices(ready, t.num_pieces):
         assert await d.piece(t, i) == ErrorCode.OK
     state = d.state(t)
-    state.written[0] = False  # pretend piece 0 is still missing while finalizing
-    from qbsync.destination.state import Phase
-
-    state.phase = Phase.FINALIZING
+    state.clear_pieces([0])  # pretend piece 0 is still missing while finalizing
+    state.begin_finalize(None)
     assert await d.piece(t, 0) == ErrorCode.FINALIZING
     assert await d.piece(t, 1) == ErrorCode.OK  # already written: still ok
 

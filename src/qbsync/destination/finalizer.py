@@ -64,7 +64,7 @@ from ..qbittorrent.api import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES,
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import Finalize, FinalizeResult, SyncStatus
 from .ownership import ConflictError
-from .state import DataFile, FileStatus, Phase, TorrentState
+from .state import DataFile, FileStatus, FinalizeJob, Phase, TorrentState
 from .store import PieceCheck, ReadSpan, Store, demote_file, verify_pieces
 
 log = logging.getLogger("qbsync.destination.finalizer")
@@ -83,15 +83,6 @@ def scaled_poll_timeout(total_size: int) -> float:
     """``--poll-timeout 0``: 10 min + 1 min per whole GiB, capped at 6 h (a recheck reads
     every byte; on slow disks that is minutes per GiB)."""
     return float(min(6 * 3600, 600 + 60 * (total_size // GiB)))
-
-
-@attrs.define(eq=False)
-class FinalizeJob:
-    request: Finalize
-    started: float = attrs.field(factory=time.monotonic)
-    done: trio.Event = attrs.field(factory=trio.Event)
-    result: FinalizeResult | None = None
-    error: WireError | None = None
 
 
 # Tags qbsync itself sets, each meaning a check passed: never copied from the source's tags
@@ -148,7 +139,7 @@ class Finalizer:
             await trio.to_thread.run_sync(
                 state.ledger.rename, self.store.root, paths.partial_parts(f.parts), f.parts
             )
-            f.status = FileStatus.COMPLETE
+            f.become(FileStatus.COMPLETE)
             metrics.files_early_finalized.inc()
             log.info("event=file_finalized hash=%s file=%s", state.info_hash, paths_kv(f.parts))
         except (OSError, paths.UnsafePathError, ConflictError) as exc:
@@ -312,7 +303,7 @@ class Finalizer:
                 # Idempotent restart: renamed before, the marker was not written yet.
                 if paths.regular_size(root, f.parts) != f.size:
                     raise
-            f.status = FileStatus.COMPLETE
+            f.become(FileStatus.COMPLETE)
 
     # -- verification ------------------------------------------------------------------------
 

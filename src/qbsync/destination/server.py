@@ -66,9 +66,18 @@ from ..wire.messages import (
     SyncStatus,
     valid_info_hash,
 )
-from .finalizer import FinalizeJob, Finalizer
+from .finalizer import Finalizer
 from .ownership import OWNED_NAME, Ledger
-from .state import META_NAME, FileMeta, Phase, TorrentMeta, TorrentState, load_meta, read_optional
+from .state import (
+    META_NAME,
+    FileMeta,
+    FinalizeJob,
+    Phase,
+    TorrentMeta,
+    TorrentState,
+    load_meta,
+    read_optional,
+)
 from .store import Store, build_files, new_meta, newest_mtime
 from .writer import Writer
 

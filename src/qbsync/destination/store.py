@@ -216,7 +216,7 @@ class Store:
         except OSError as exc:
             raise WireError(ErrorCode.IO, f"preparing files: {exc}") from None
         state.recount_remaining()
-        state.flushed_version = state.version
+        state.mark_flushed(state.version)
         self.torrents[state.info_hash] = state
         if to_scan:
             self.start_scan(state, to_scan)
@@ -448,7 +448,7 @@ class Store:
                         unproven,
                     )
                     continue
-                f.status = FileStatus.COMPLETE
+                f.become(FileStatus.COMPLETE)
                 state.ledger.adopted.add(f.parts)
                 log.info(
                     "event=user_file_adopted hash=%s path=%s note=%s",
@@ -458,7 +458,7 @@ class Store:
                 )
                 continue
             if not failed.intersection(state.geometry.file_pieces(f.index)):
-                f.status = FileStatus.COMPLETE
+                f.become(FileStatus.COMPLETE)
                 continue
             for name in (f.parts, paths.partial_parts(f.parts)):
                 owner = self.foreign_owner(name, state.info_hash)
@@ -587,7 +587,7 @@ class Store:
                 raise
             metrics.state_flush_duration.observe(time.monotonic() - start)
             if not failed:
-                state.flushed_version = version
+                state.mark_flushed(version)
 
     async def flush_all(self) -> None:
         for state in list(self.torrents.values()):

@@ -194,21 +194,18 @@ class Writer:
     def _record(
         self, state: TorrentState, index: int, matched: bool, files: list[DataFile]
     ) -> None:
-        state.written[index] = True
+        """Book a written piece through the state machine (:meth:`TorrentState.mark_written`
+        is the only writer of the piece record), then start the files it completed."""
+        done = state.mark_written(index, files, verified=matched)
         if not matched:
-            state.unverified[index] = True
             metrics.boundary_pieces_unverified.inc()
             log.info(
                 "event=boundary_piece_unverified hash=%s piece=%d reason=deselected_bytes_unknown",
                 state.info_hash,
                 index,
             )
-        state.version += 1
-        for f in files:
-            state.touched.add(f.index)
-            f.remaining -= 1
-            if f.remaining <= 0 and f.status is FileStatus.STREAMING and not f.finalizing:
-                self._on_file_complete(state, f)
+        for f in done:
+            self._on_file_complete(state, f)
 
     def _overtaken(self, state: TorrentState, index: int) -> Outcome | None:
         """After an await: the answer when the torrent was aborted, another copy of the piece
