@@ -57,6 +57,9 @@ class FakeQB:
     async def add_tags(self, h: str, tags: list[str]) -> None:
         self.calls.append(("tag:" + ",".join(tags), h))
 
+    async def remove_tags(self, h: str, tags: list[str]) -> None:
+        self.calls.append(("untag:" + ",".join(tags), h))
+
     async def files(self, h: str) -> list[dict[str, Any]]:
         return []
 
@@ -164,7 +167,8 @@ async def test_started_false_never_deletes_on_the_source(tmp_path):
 
 async def test_destination_copy_missing_resumes_and_forgets_completion(tmp_path):
     """The destination answers ``not-found`` (its files are gone): the source resumes, never
-    deletes, and drops the completion cache entry so the torrent is synced again."""
+    deletes, and drops the completion cache entry and ``--synced-tag`` together (one owner:
+    :mod:`qbsync.source.synced`) so the torrent is synced again."""
     qb = FakeQB()
     missing = WireError(ErrorCode.NOT_FOUND, "destination copy incomplete: payload/a.bin")
     cleanup, cache, _ = make(tmp_path, qb, answer=missing, min_seeding=0)
@@ -174,7 +178,7 @@ async def test_destination_copy_missing_resumes_and_forgets_completion(tmp_path)
     assert result is not None and result.handed_off == 0
     assert ("delete", "a") not in qb.calls and ("start", "a") in qb.calls
     assert refused("not-found") == before + 1
-    assert "a" not in cache
+    assert "a" not in cache and ("untag:synced", "a") in qb.calls
 
 
 async def test_a_torrent_being_resynced_is_never_a_candidate(tmp_path):

@@ -57,7 +57,7 @@ from ..qbittorrent.api import QB, QBError, split_tags
 from ..wire.errors import RETRYABLE, ConnectionClosed, ErrorCode, WireError
 from ..wire.messages import Abort, Finalize, FinalizeResult, InitResult, InitTorrent, SyncStatus
 from .cache import CompletionCache, fingerprint
-from .cleanup import Cleanup, add_tag
+from .cleanup import Cleanup
 from .codes import Code, SkipReason, SourceCode
 from .meta import MetaError, SourceMeta, build_meta
 from .monitor import MaindataUpdate, Monitor
@@ -66,6 +66,7 @@ from .pool import ConnectionPool, DestinationUnavailable
 from .reader import PieceReader
 from .sender import NotReady, initialize
 from .state import Registry, Tracked
+from .synced import add_tag
 from .tracker import PieceTracker
 
 log = logging.getLogger("qbsync.source.orchestrator")
@@ -216,6 +217,7 @@ class Orchestrator:
             dry_run=config.dry_run,
             syncing=lambda h: h in self.registry,  # being (re-)synced: never handed off
         )
+        self.synced = self.cleanup.synced  # the only writer of the cache and --synced-tag
         monitor.on_update = self.on_update
         monitor.on_removed = self.on_removed
 
@@ -390,7 +392,7 @@ class Orchestrator:
             log.warning("event=handoff_deferred hash=%s code=timeout retry=maintenance", h)
             return
         if await self.cleanup.start_on_destination(h, then="retry_at_maintenance"):
-            await self.cache.remove(h)
+            await self.synced.forget(h, untag=False)  # gone from the source: no tag to remove
             log.info("event=handoff_removed hash=%s tag=%s", h, kv(self.config.source_removed_tag))
 
     async def _abort(self, h: str, *, reason: str) -> None:
@@ -478,14 +480,14 @@ class Orchestrator:
                 kv(fp),
             )
             metrics.file_selection_resyncs.inc()
-            await self._untag_synced(h)
+            await self.synced.forget(h)
             await self._track(h, info, resync=True, files=files, torrent_file=t.meta.torrent_file)
             return
         stored = self.cache.get(h)
         if stored is None or stored == fp:
             return
         if stored == "":
-            await self.cache.put(h, fp)  # unknown fingerprint: fill it in, no resync
+            await self.synced.mark(h, fp)  # unknown fingerprint: fill it in, no resync
             return
         log.info(
             "event=selection_changed hash=%s old=%s new=%s action=resync",
@@ -497,8 +499,7 @@ class Orchestrator:
         if self.dry_run:
             self._dry("resync", h, reason="selection_changed")
             return
-        await self.cache.remove(h)
-        await self._untag_synced(h)
+        await self.synced.forget(h)
         await self._track(h, info, resync=True, files=files)
 
     # -- 4. discovery -----------------------------------------------------------------------
@@ -601,9 +602,8 @@ class Orchestrator:
             # Unknown: filled in later, never a reason to resync
             # (docs/design-decisions.md#unknown-fingerprint-is-filled-in).
             fp = ""
-        await self.cache.put(h, fp)
         log.info("event=torrent_complete_on_destination hash=%s", h)
-        await self._tag(h, self.config.synced_tag)
+        await self.synced.mark(h, fp)
 
     async def _track(
         self,
@@ -795,8 +795,7 @@ class Orchestrator:
             if await self.cleanup.start_on_destination(h, then="left_stopped_on_destination"):
                 log.info("event=handoff_removed hash=%s", h)
             return
-        await self.cache.put(h, t.meta.fingerprint)
-        await self._tag(h, self.config.synced_tag)
+        await self.synced.mark(h, t.meta.fingerprint)
 
     async def _sync_failed(self, t: Tracked, code: ErrorCode) -> None:
         h = t.info_hash
@@ -858,20 +857,6 @@ class Orchestrator:
             self._dry("tag", h, tag=kv(tag))
             return
         await add_tag(self.qb, h, tag)
-
-    async def _untag_synced(self, h: str) -> None:
-        """A resync starts: ``synced`` no longer holds until it finishes (it is set again by
-        the sync's end), and nothing hands off a torrent whose tag is gone."""
-        tag = self.config.synced_tag
-        if not tag or self.dry_run:
-            return
-        try:
-            await self.qb.remove_tags(h, [tag])
-        except QBError as exc:
-            metrics.tag_application_errors.labels("source").inc()
-            log.warning(
-                "event=untag_failed hash=%s tag=%s code=qb-error error=%s", h, kv(tag), kv(str(exc))
-            )
 
     def _dry(self, action: str, h: str, **fields: str) -> None:
         key = (action, h)
