@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import trio
 
+from qbsync.bitfield import Bitfield
 from qbsync.destination import state as dst
 from qbsync.destination.state import FileStatus, Phase
+from qbsync.source import state as src
+from qbsync.source.state import SourcePhase
+from qbsync.source.tracker import PieceTracker
 from tests.test_destination_store import fresh_state
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "qbsync"
@@ -198,3 +204,122 @@ def test_grep_pattern_finds_what_it_forbids() -> None:
     ):
         assert DESTINATION_OWNED.search(line), line
     assert not DESTINATION_OWNED.search("if state.phase == Phase.CLOSED:")
+
+
+# --- source: the tracked torrent's phase --------------------------------------------------------
+
+
+def _tracked(*, complete: bool = False) -> src.Tracked:
+    """A tracked torrent of two pieces (``complete``: the destination has both)."""
+    meta = SimpleNamespace(info_hash="ab" * 20, name="t", num_pieces=2)
+    tracker = PieceTracker(2)
+    if complete:
+        tracker.apply_needed(Bitfield(2))  # nothing needed: every piece acknowledged
+    return src.Tracked("ab" * 20, cast(Any, meta), tracker, since=0.0, seq=0)
+
+
+def _source_path(t: src.Tracked, target: SourcePhase) -> None:
+    if target is SourcePhase.STREAMING:
+        t.initialized(1)
+    elif target is SourcePhase.FINALIZING:
+        t.initialized(1)
+        t.begin_finalize(5.0)
+    elif target is SourcePhase.UNTRACKED:
+        t.untrack()
+
+
+def _source_apply(t: src.Tracked, target: SourcePhase) -> None:
+    if target is SourcePhase.STREAMING:
+        t.initialized(2)
+    elif target is SourcePhase.FINALIZING:
+        t.begin_finalize(6.0)
+    elif target is SourcePhase.INITIALIZING:
+        t.uninitialized()
+    else:
+        t.untrack()
+
+
+LEGAL_SOURCE = [(a, b) for a, targets in src.SOURCE_TRANSITIONS.items() for b in targets]
+
+
+@pytest.mark.parametrize(("start", "target"), LEGAL_SOURCE, ids=lambda p: p.value)
+def test_each_legal_source_transition(start: SourcePhase, target: SourcePhase) -> None:
+    t = _tracked()
+    _source_path(t, start)
+    assert t.phase is start
+    _source_apply(t, target)
+    assert t.phase is target
+    assert t.active is (target is not SourcePhase.UNTRACKED)
+
+
+def test_source_transition_bookkeeping() -> None:
+    """initialized/uninitialized carry the connection generation; begin_finalize keeps the
+    first start time; a re-init that finds every piece acknowledged stays FINALIZING."""
+    t = _tracked(complete=True)
+    t.initialized(3)
+    assert (t.phase, t.init_generation, t.resync_pending) == (SourcePhase.STREAMING, 3, False)
+    t.begin_finalize(5.0)
+    t.begin_finalize(9.0)
+    assert (t.phase, t.finalize_started) == (SourcePhase.FINALIZING, 5.0)
+    t.initialized(4)
+    assert t.phase is SourcePhase.FINALIZING
+    assert t.finalize_verifying(10.0) == 1 and t.finalize_failed("io", "boom") == 1
+    assert t.finalize_polls == 0 and t.status_label() == "retrying"
+    t.uninitialized()
+    assert (t.phase, t.init_generation) == (SourcePhase.INITIALIZING, -1)
+
+
+@pytest.mark.parametrize("start", [SourcePhase.INITIALIZING, SourcePhase.UNTRACKED])
+def test_illegal_source_transition_raises(start: SourcePhase) -> None:
+    """Finalizing a torrent the destination never initialized, or one no longer tracked."""
+    t = _tracked()
+    _source_path(t, start)
+    with pytest.raises(src.IllegalTransition, match=r"phase .* -> finalizing is not allowed"):
+        t.begin_finalize(1.0)
+    assert t.phase is start and t.finalize_started == 0.0
+
+
+def test_source_fields_are_read_only() -> None:
+    t = _tracked()
+    for name in ("phase", "active", "init_generation", "finalize_failures", "last_error"):
+        with pytest.raises(AttributeError):
+            setattr(t, name, None)
+
+
+@pytest.mark.parametrize(
+    ("start", "label"),
+    [
+        (SourcePhase.INITIALIZING, "waiting"),
+        (SourcePhase.FINALIZING, "finalizing"),
+        (SourcePhase.UNTRACKED, "untracked"),
+    ],
+)
+def test_status_label_reads_the_phase(start: SourcePhase, label: str) -> None:
+    t = _tracked()
+    _source_path(t, start)
+    assert t.status_label() == label
+
+
+# ``self.x = ...`` is another class's own field (a connection's ``active`` counter): the
+# fields owned here are only ever reached through a variable holding the record.
+SOURCE_OWNED = re.compile(
+    r"(?<!\bself)\.(_?phase|_?active|_?init_generation|_?resync_pending|_?first_poll_done"
+    r"|_?finalize_failures|_?finalize_polls|_?next_finalize_at|_?finalize_started"
+    r"|_?read_failures|_?removed_from_source|_?last_info)\s*(=|\+=|-=)(?!=)"
+)
+# The completion cache and --synced-tag change only in source/synced.py.
+SYNCED_OWNED = re.compile(r"cache\.(put|remove)\(|remove_tags\(|_tag\([^)]*synced_tag")
+
+
+def test_grep_no_source_state_assignment_outside_state_module() -> None:
+    scope = [SRC / "source", SRC / "http", SRC / "demo", SRC / "integrations"]
+    assert _assignments(SOURCE_OWNED, SRC / "source" / "state.py", scope) == []
+
+
+def test_grep_synced_changes_only_in_synced_module() -> None:
+    assert _assignments(SYNCED_OWNED, SRC / "source" / "synced.py", [SRC / "source"]) == []
+    for line in ("await self.cache.put(h, fp)", "await self.qb.remove_tags(h, [tag])"):
+        assert SYNCED_OWNED.search(line), line
+    assert SOURCE_OWNED.search("t.init_generation = -1")
+    assert SOURCE_OWNED.search("t.finalize_failures += 1")
+    assert not SOURCE_OWNED.search("self.active += 1")

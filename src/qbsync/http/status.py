@@ -193,14 +193,7 @@ def source_torrents(registry: Any) -> list[TorrentStatus]:
     out = []
     for t in sorted(registry.all(), key=lambda t: t.seq):
         tr = t.tracker
-        if t.finalize_failures:
-            state = "retrying"
-        elif tr.complete:
-            state = "finalizing"
-        elif tr.inflight:
-            state = "streaming"
-        else:
-            state = "waiting"
+        state = t.status_label()  # source.state.Tracked.status_label: the one mapping
         out.append(
             TorrentStatus(
                 hash=t.info_hash,

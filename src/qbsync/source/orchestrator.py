@@ -198,9 +198,7 @@ class Orchestrator:
         self._link_ids: dict[str, frozenset[tuple[int, int]]] = {}  # see _hardlink_gate
         self._link_waiting: dict[str, str] = {}  # waiting hash -> the tracked hash it waits on
         self._dry_logged: set[tuple[str, str]] = set()
-        self._orphans: set[str] = set()  # tracked, fully streamed, removed from the source
         self._pending_aborts: set[str] = set()  # aborts that failed while unreachable
-        self._last_info: dict[str, dict[str, Any]] = {}
         self._last_timer_cycle = 0.0
         self._last_maintenance = trio.current_time()
         self.arr = ArrSet.from_config(config.arr_url, config.arr_api_key, mode="source")
@@ -351,7 +349,7 @@ class Orchestrator:
         for t in self.registry.all():
             info = self.monitor.torrents.get(t.info_hash)
             if info is not None:
-                self._last_info[t.info_hash] = info
+                t.remember_info(info)
 
     # -- 1. removals ------------------------------------------------------------------------
 
@@ -365,7 +363,7 @@ class Orchestrator:
             if h in self.monitor.torrents:
                 continue  # re-added meanwhile (or a spurious 404): nothing to do
             t = self.registry.get(h)
-            if t is not None and h in self._orphans:
+            if t is not None and t.removed_from_source:
                 continue  # already handled: finishing the finalize of a removed torrent
             if h in self.cache:
                 await self._handoff_removed(h)
@@ -376,7 +374,7 @@ class Orchestrator:
                 continue
             if t.tracker.complete and not self.dry_run:
                 # Every piece is on the destination: finalize anyway, then hand over.
-                self._orphans.add(h)
+                t.mark_removed_from_source()
                 log.info("event=torrent_removed_streamed hash=%s action=finalize", h)
                 continue
             self._untrack(h)
@@ -532,7 +530,7 @@ class Orchestrator:
         candidates = [
             info
             for h, info in self.monitor.torrents.items()
-            if h not in self._orphans
+            if not self._finishing_removed(h)
             and self._probe_retry_at.get(h, 0.0) <= now
             and self._skip(info) is None
         ]
@@ -627,8 +625,7 @@ class Orchestrator:
         since = completion if completion > 0 else time.time()
         self.reader.forget(h)
         self._pending_aborts.discard(h)  # tracked again (tag removed, re-added): keep its data
-        t = self.registry.add(meta, tracker, since)
-        t.resync_pending = resync
+        t = self.registry.add(meta, tracker, since, resync=resync)
         metrics.active_torrents.labels("source").set(len(self.registry))
         log.info(
             "event=torrent_tracked hash=%s name=%s pieces=%d piece_length=%d selected_bytes=%d "
@@ -672,7 +669,7 @@ class Orchestrator:
                 except (WireError, NotReady) as exc:
                     if is_transient(exc):
                         return
-                    t.next_finalize_at = now + min(self.config.sleep, 5.0)
+                    t.finalize_later(now + min(self.config.sleep, 5.0))
                     continue
                 if not _complete(t):  # the destination lacked pieces: streaming resumes
                     continue
@@ -683,12 +680,11 @@ class Orchestrator:
         """One finalize attempt. Returns False when the destination is unreachable."""
         h = t.info_hash
         now = trio.current_time()
-        info = self.monitor.torrents.get(h) or self._last_info.get(h)
+        info = self.monitor.torrents.get(h) or t.last_info
         if info is None:
             return True
         t.meta.locate(self.mapper, info)
-        if not t.finalize_started:
-            t.finalize_started = now
+        t.begin_finalize(now)
         request = Finalize(
             info_hash=h,
             category=str(info.get("category") or ""),
@@ -706,15 +702,13 @@ class Orchestrator:
                     exc.code.value,
                     kv(str(exc)),
                 )
-                t.next_finalize_at = now + min(self.config.sleep, 5.0)
+                t.finalize_later(now + min(self.config.sleep, 5.0))
                 return False
             await self._finalize_failed(t, exc)
             return True
         if result.status == SyncStatus.VERIFYING:
-            t.finalize_polls += 1
             # Each Finalize already waits on the destination for the job; ask again at once.
-            t.next_finalize_at = now + min(self.config.sleep, FINALIZE_REPOLL)
-            if t.finalize_polls == 1:
+            if t.finalize_verifying(now + min(self.config.sleep, FINALIZE_REPOLL)) == 1:
                 log.info("event=finalize_verifying hash=%s", h)
             return True
         await self._mark_synced(t, info, result)
@@ -728,13 +722,10 @@ class Orchestrator:
             # The destination has no state for it (lost, or cleaned up): start over.
             metrics.finalize_not_found.inc()
             log.warning("event=finalize_not_found hash=%s action=reinit", h)
-            t.init_generation = -1
-            t.finalize_polls = 0
+            t.uninitialized()
             await self._reinit(t)
             return
-        t.finalize_failures += 1
-        t.last_error = (exc.code.value, exc.message or str(exc), time.time())
-        t.finalize_polls = 0
+        t.finalize_failed(exc.code.value, exc.message or str(exc))
         log.warning(
             "event=finalize_failed hash=%s code=%s attempt=%d max=%d error=%s",
             h,
@@ -746,8 +737,8 @@ class Orchestrator:
         if t.finalize_failures >= MAX_FINALIZE_FAILURES:
             await self._sync_failed(t, exc.code)
             return
-        t.next_finalize_at = trio.current_time() + min(
-            self.config.sleep, 2.0 * 2 ** (t.finalize_failures - 1)
+        t.finalize_later(
+            trio.current_time() + min(self.config.sleep, 2.0 * 2 ** (t.finalize_failures - 1))
         )
         if exc.code in (ErrorCode.INCOMPLETE, ErrorCode.VERIFY_FAILED):
             await self._reinit(t)
@@ -769,7 +760,7 @@ class Orchestrator:
 
     async def _mark_synced(self, t: Tracked, info: dict[str, Any], result: FinalizeResult) -> None:
         h = t.info_hash
-        orphan = h in self._orphans
+        orphan = t.removed_from_source
         self._untrack(h)
         selection = "partial" if t.meta.partial else "full"
         latency = max(0.0, time.time() - t.since)
@@ -799,7 +790,7 @@ class Orchestrator:
 
     async def _sync_failed(self, t: Tracked, code: ErrorCode) -> None:
         h = t.info_hash
-        orphan = h in self._orphans
+        orphan = t.removed_from_source
         self._untrack(h)
         selection = "partial" if t.meta.partial else "full"
         metrics.sync_outcomes.labels("source", "failed", selection).inc()
@@ -843,11 +834,14 @@ class Orchestrator:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _finishing_removed(self, h: str) -> bool:
+        """Tracked, fully streamed and removed from the source: being finalized anyway."""
+        t = self.registry.get(h)
+        return t is not None and t.removed_from_source
+
     def _untrack(self, h: str) -> None:
         self.registry.remove(h)
         self.reader.forget(h)
-        self._orphans.discard(h)
-        self._last_info.pop(h, None)
         metrics.active_torrents.labels("source").set(len(self.registry))
 
     async def _tag(self, h: str, tag: str) -> None:
@@ -901,7 +895,7 @@ class Orchestrator:
                     "inflight": len(tr.inflight),
                     "complete": tr.complete,
                     "finalize_failures": t.finalize_failures,
-                    "removed_from_source": t.info_hash in self._orphans,
+                    "removed_from_source": t.removed_from_source,
                 }
             )
         return {
