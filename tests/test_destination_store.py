@@ -17,9 +17,10 @@ from qbsync.bitfield import Bitfield
 from qbsync.destination import durable
 from qbsync.destination import state as st
 from qbsync.destination.hardlinks import HardlinkRegistry
+from qbsync.destination.layout import build_files, pad_flags
 from qbsync.destination.ownership import Ledger
 from qbsync.destination.state import FileMeta, FileStatus, Phase
-from qbsync.destination.store import Store, build_files, new_meta, pad_flags
+from qbsync.destination.store import Store, new_meta
 from qbsync.torrent import bencode, parse_metainfo
 from qbsync.wire import ErrorCode, WireError
 from tests.qbharness import KiB, make_payload

@@ -284,13 +284,14 @@ async def test_drain_skipped_when_the_gate_is_closed(tmp_path, caplog, monkeypat
     assert any("event=drain_skipped" in r.message for r in caplog.records)
 
 
-async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path):
+async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path, autojump_clock):
     """A selection change re-syncs a synced torrent: ``synced`` no longer holds, so it is
     removed first (a hand-off must not pick the torrent while the destination re-verifies
     it), and the torrent is tracked, so cleanup skips it too."""
+    from qbsync.source.monitor import MaindataUpdate
     from qbsync.wire.messages import InitResult, InitTorrent, SyncStatus
+    from tests.test_source_orchestrator import eventually, on_disk, running
     from tests.test_source_orchestrator import make as make_orchestrator
-    from tests.test_source_orchestrator import on_disk
 
     events: list[tuple[str, str]] = []
 
@@ -309,10 +310,12 @@ async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path):
     rig.orch.cache.load()
     await rig.orch.cache.put(h, "an-older-selection")
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.pool.run)
-        await rig.orch._check_selection(h, torrents[h].info)
-        nursery.cancel_scope.cancel()
+    async with running(rig):
+        # what the monitor reports when the selected size changes
+        rig.orch.on_update(
+            MaindataUpdate(False, {h: frozenset({"size"})}, frozenset(), frozenset())
+        )
+        await eventually(lambda: ("resync", h) in events)
     assert events == [("untag:synced", h), ("resync", h)]
     assert h not in rig.orch.cache
     assert rig.registry.get(h) is not None  # tracked: cleanup's candidates skip it

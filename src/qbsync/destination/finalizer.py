@@ -63,9 +63,11 @@ from ..log import paths_kv
 from ..qbittorrent.api import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import Finalize, FinalizeResult, SyncStatus
+from .files import demote_file
 from .ownership import ConflictError
 from .state import DataFile, FileStatus, FinalizeJob, Phase, TorrentState
-from .store import PieceCheck, ReadSpan, Store, demote_file, verify_pieces
+from .store import Store
+from .verify import PieceCheck, ReadSpan, verify_pieces
 
 log = logging.getLogger("qbsync.destination.finalizer")
 

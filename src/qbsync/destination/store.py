@@ -28,16 +28,13 @@ import trio
 
 from .. import metrics, paths
 from ..bitfield import Bitfield
-from ..log import paths_kv as paths_kv  # re-exported: writer.py imports it from here
+from ..log import paths_kv
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from .durable import atomic_write
-from .files import clear_state_dir, prepare
-from .files import demote_file as demote_file
-from .files import open_for_write as open_for_write
+from .files import clear_state_dir, demote_file, open_for_write, prepare
 from .hardlinks import HardlinkRegistry
-from .layout import build_files as build_files
-from .layout import pad_flags as pad_flags
+from .layout import build_files
 from .names import NameClaims, names_of
 from .ownership import OWNED_NAME, ConflictError, Ledger
 from .state import (
@@ -60,9 +57,7 @@ from .state import (
     load_meta,
     read_optional,
 )
-from .verify import PieceCheck as PieceCheck
-from .verify import ReadSpan as ReadSpan
-from .verify import verify_pieces as verify_pieces
+from .verify import PieceCheck, ReadSpan, verify_pieces
 
 log = logging.getLogger("qbsync.destination.store")
 

@@ -42,10 +42,11 @@ import attrs
 import trio
 
 from .. import metrics, paths
+from ..log import paths_kv
 from ..torrent import Span
 from ..wire.errors import ErrorCode
 from .state import DataFile, FileStatus, Phase, TorrentState
-from .store import Store, paths_kv
+from .store import Store
 
 log = logging.getLogger("qbsync.destination.writer")
 
