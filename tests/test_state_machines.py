@@ -23,6 +23,11 @@ from tests.test_destination_store import fresh_state
 SRC = Path(__file__).resolve().parent.parent / "src" / "qbsync"
 
 
+def _order(member: Phase | FileStatus | SourcePhase) -> str:
+    """Sets have no stable order across processes; pytest-xdist workers must collect alike."""
+    return str(member.value)
+
+
 # --- destination: phase -------------------------------------------------------------------------
 
 
@@ -50,7 +55,9 @@ def _apply(state: dst.TorrentState, target: Phase) -> None:
         state.finalize_failed(None)
 
 
-LEGAL_PHASES = [(a, b) for a, targets in dst.PHASE_TRANSITIONS.items() for b in targets]
+LEGAL_PHASES = [
+    (a, b) for a, targets in dst.PHASE_TRANSITIONS.items() for b in sorted(targets, key=_order)
+]
 
 
 @pytest.mark.parametrize(("start", "target"), LEGAL_PHASES, ids=lambda p: p.value)
@@ -108,7 +115,9 @@ def _file(status: FileStatus) -> dst.DataFile:
     return dst.DataFile(0, 0, ("a.bin",), 10, 0, True, False, status=status)
 
 
-LEGAL_FILES = [(a, b) for a, targets in dst.FILE_TRANSITIONS.items() for b in targets]
+LEGAL_FILES = [
+    (a, b) for a, targets in dst.FILE_TRANSITIONS.items() for b in sorted(targets, key=_order)
+]
 ILLEGAL_FILES = [
     (a, b)
     for a in FileStatus
@@ -239,7 +248,9 @@ def _source_apply(t: src.Tracked, target: SourcePhase) -> None:
         t.untrack()
 
 
-LEGAL_SOURCE = [(a, b) for a, targets in src.SOURCE_TRANSITIONS.items() for b in targets]
+LEGAL_SOURCE = [
+    (a, b) for a, targets in src.SOURCE_TRANSITIONS.items() for b in sorted(targets, key=_order)
+]
 
 
 @pytest.mark.parametrize(("start", "target"), LEGAL_SOURCE, ids=lambda p: p.value)
