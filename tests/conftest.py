@@ -9,8 +9,15 @@ a search). ``make test`` selects ``ci`` with ``HYPOTHESIS_PROFILE=ci``.
 from __future__ import annotations
 
 import os
+import signal
 
 from hypothesis import HealthCheck, settings
+
+# Tests stop the demo and `qbsync status --watch` with Ctrl-C (SIGINT). A shell that starts
+# pytest in the background (`make test &`, some CI runners) sets SIGINT to "ignored", and
+# every child inherits that: the Ctrl-C would be lost and those tests would wait for their
+# full run and fail. Restore the default for this process, so its children get it too.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 settings.register_profile(
     "ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
