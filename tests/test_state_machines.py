@@ -334,3 +334,30 @@ def test_grep_synced_changes_only_in_synced_module() -> None:
     assert SOURCE_OWNED.search("t.init_generation = -1")
     assert SOURCE_OWNED.search("t.finalize_failures += 1")
     assert not SOURCE_OWNED.search("self.active += 1")
+
+
+# --- docs/architecture.md shows the same tables -------------------------------------------------
+
+
+def _doc_table(heading: str) -> set[tuple[str, str]]:
+    text = (SRC.parent.parent / "docs" / "architecture.md").read_text()
+    body = text.split(heading + "\n", 1)[1].split("\n#", 1)[0]
+    return set(re.findall(r"^\| `(\w+)` \| `(\w+)` \|", body, re.M))
+
+
+@pytest.mark.parametrize(
+    ("heading", "table"),
+    [
+        ("### Destination torrent (`qbsync.destination.state`, `PHASE_TRANSITIONS`)", "phase"),
+        ("### Destination file (`qbsync.destination.state`, `FILE_TRANSITIONS`)", "file"),
+        ("### Source torrent (`qbsync.source.state`, `SOURCE_TRANSITIONS`)", "source"),
+    ],
+)
+def test_architecture_page_tables_match_the_code(heading: str, table: str) -> None:
+    code: dict[Any, frozenset[Any]] = {
+        "phase": dst.PHASE_TRANSITIONS,
+        "file": dst.FILE_TRANSITIONS,
+        "source": src.SOURCE_TRANSITIONS,
+    }[table]  # type: ignore[assignment]
+    expected = {(a.value, b.value) for a, targets in code.items() for b in targets}
+    assert _doc_table(heading) == expected
