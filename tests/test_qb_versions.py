@@ -10,6 +10,7 @@ server and the real source cleanup code.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -264,18 +265,7 @@ async def test_finalizer_and_handoff_through_each_version(
             assert isinstance(msg, StartTorrent)
             return await server.start(msg)
 
-        cleanup = Cleanup(
-            qb=src_qb,
-            request=request,
-            cache=cache,
-            mapper=PathMapper(data=tmp_path / "srcdata", qb_default="/downloads"),
-            min_space_gib=0,
-            min_seeding_time=0,
-            synced_tag="synced",
-            source_removed_tag="source-removed",
-            exclude_cleanup_tag="",
-            dry_run=False,
-        )
+        cleanup = _draining_cleanup(src_qb, request, cache, tmp_path)
         result2 = await cleanup.run_pass(await src_qb.torrents(), free_bytes=None, draining=True)
         assert result2 is not None and result2.handed_off == 1
         src_paths = [p for p in src_fake.paths() if p.startswith("torrents/")]
@@ -286,6 +276,24 @@ async def test_finalizer_and_handoff_through_each_version(
         after = dst_fake.torrents[t.info_hash]
         assert after.stopped is False and "source-removed" in after.tags
         assert t.info_hash not in src_fake.torrents
+
+
+def _draining_cleanup(
+    qb: QB, request: Callable[..., Awaitable[Any]], cache: CompletionCache, tmp_path: Path
+) -> Cleanup:
+    """A source cleanup that hands off every synced torrent at once (a drain's settings)."""
+    return Cleanup(
+        qb=qb,
+        request=request,
+        cache=cache,
+        mapper=PathMapper(data=tmp_path / "srcdata", qb_default="/downloads"),
+        min_space_gib=0,
+        min_seeding_time=0,
+        synced_tag="synced",
+        source_removed_tag="source-removed",
+        exclude_cleanup_tag="",
+        dry_run=False,
+    )
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -312,18 +320,7 @@ async def test_handoff_rolls_back_with_start_when_destination_refuses(
 
             raise WireError(ErrorCode.NOT_FOUND, "torrent not in the destination qBittorrent")
 
-        cleanup = Cleanup(
-            qb=qb,
-            request=refuse,
-            cache=cache,
-            mapper=PathMapper(data=tmp_path / "srcdata", qb_default="/downloads"),
-            min_space_gib=0,
-            min_seeding_time=0,
-            synced_tag="synced",
-            source_removed_tag="source-removed",
-            exclude_cleanup_tag="",
-            dry_run=False,
-        )
+        cleanup = _draining_cleanup(qb, refuse, cache, tmp_path)
         result = await cleanup.run_pass(await qb.torrents(), free_bytes=None, draining=True)
         assert result is not None and result.handed_off == 0
         mutating = [p for p in fake.paths() if p in ("torrents/stop", "torrents/start")]
