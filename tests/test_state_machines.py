@@ -33,12 +33,8 @@ def _order(member: Phase | FileStatus | SourcePhase) -> str:
 
 def _phase_path(state: dst.TorrentState, target: Phase) -> None:
     """Drive a fresh (ACTIVE) state to ``target`` through the public transition methods."""
-    if target is Phase.SCANNING:
-        state.begin_scan()
-    elif target is Phase.FINALIZING:
-        state.begin_finalize(None)
-    elif target is Phase.CLOSED:
-        state.close()
+    if target is not Phase.ACTIVE:
+        _apply(state, target)
 
 
 def _apply(state: dst.TorrentState, target: Phase) -> None:
