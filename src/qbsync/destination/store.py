@@ -9,8 +9,9 @@ that change a torrent's lifecycle (init, resync, finalize, abort) take the torre
 What happens to files found on disk is :mod:`.files`. Who may write which name is decided
 elsewhere: between torrents by :mod:`.names`, and whether qbsync may touch a file at all by
 :mod:`.ownership` (only files it created). The layout of a torrent's files is :mod:`.layout`;
-reading pieces back is :mod:`.verify`. What is left here: the map of tracked torrents, their
-lifecycle (create, recover, scan, flush, close, forget) and their state directories.
+reading pieces back, and the scan of files found on disk, is :mod:`.verify`. What is left
+here: the map of tracked torrents, their lifecycle (create, recover, start a scan and apply
+its result, flush, close, forget) and their state directories.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from .state import (
     load_meta,
     read_optional,
 )
-from .verify import PieceCheck, ReadSpan, verify_pieces
+from .verify import scan
 
 log = logging.getLogger("qbsync.destination.store")
 
@@ -343,51 +344,19 @@ class Store:
     def _prepare(self, state: TorrentState, fresh: bool) -> set[int]:
         return prepare(self.root, self.registry, state, fresh)
 
-    def _scan_candidates(self, state: TorrentState, files: set[int]) -> list[int]:
-        """Unwritten pieces touching one of ``files`` (found on disk, to be verified)."""
-        out: set[int] = set()
-        for idx in files:
-            out.update(i for i in state.geometry.file_pieces(idx) if not state.written[i])
-        return sorted(out)
-
-    def _piece_check(self, state: TorrentState, index: int, present: set[int]) -> PieceCheck | None:
-        spans: list[ReadSpan] = []
-        for span in state.geometry.spans(index):
-            f = state.files[span.file_index]
-            if f.pad:
-                spans.append(ReadSpan(None, span.file_offset, span.length))
-            elif f.index in present:
-                spans.append(ReadSpan(f.working_parts, span.file_offset, span.length))
-            else:
-                return None
-        return PieceCheck(index, state.metainfo.piece_hashes[index], tuple(spans))
-
     async def _scan(self, state: TorrentState, files: set[int]) -> None:
         """Verify pieces already on disk, then settle EXISTING files (see module doc)."""
         try:
-            present = await trio.to_thread.run_sync(self._present_files, state)
-            checks = [
-                c
-                for i in self._scan_candidates(state, files)
-                if (c := self._piece_check(state, i, present)) is not None
-            ]
-            proven: set[int] = set()
-            batch = 64
-            for start in range(0, len(checks), batch):
-                async with self.read_limiter:
-                    proven |= await trio.to_thread.run_sync(
-                        verify_pieces, self.root, checks[start : start + batch]
-                    )
+            checked, proven = await scan(self.root, state, files, self.read_limiter)
             state.mark_proven(proven)
             if proven:
                 metrics.pieces_found_on_disk.inc(len(proven))
-            failed = {c.index for c in checks} - proven
-            await self._settle_existing(state, failed)
+            await self._settle_existing(state, checked - proven)
             state.recount_remaining()
             log.info(
                 "event=scan_done hash=%s checked=%d proven=%d needed=%d",
                 state.info_hash,
-                len(checks),
+                len(checked),
                 len(proven),
                 state.missing_count(),
             )
@@ -403,20 +372,6 @@ class Store:
             for f in state.files:
                 if f.status is FileStatus.STREAMING and f.remaining == 0:
                     self.on_file_complete(state, f)
-
-    def _present_files(self, state: TorrentState) -> set[int]:
-        """Files whose working path holds a full-size regular file right now."""
-        out: set[int] = set()
-        for f in state.files:
-            if f.pad or f.size == 0 or f.created_empty:
-                continue
-            parts = f.working_parts if f.status is not FileStatus.SKIPPED else f.parts
-            try:
-                if paths.regular_size(self.root, parts) == f.size:
-                    out.add(f.index)
-            except (OSError, paths.UnsafePathError):
-                continue
-        return out
 
     async def _settle_existing(self, state: TorrentState, failed: set[int]) -> None:
         """EXISTING -> COMPLETE unless one of its pieces was checked and failed. Pieces that
