@@ -221,7 +221,7 @@ async def test_finalizer_and_handoff_through_each_version(
         finalizer = Finalizer(
             store, dst_qb, FinalizerSettings(qb_save_path=root, poll_interval=0.02, recheck=recheck)
         )
-        writer = Writer(store, workers=2, on_file_complete=finalizer.file_complete)
+        writer = Writer(store.root, workers=2, on_file_complete=finalizer.file_complete)
         store.on_file_complete = finalizer.file_complete
         server = DestinationServer(store, writer, finalizer, qb=dst_qb)
 

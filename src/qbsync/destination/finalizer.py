@@ -68,6 +68,7 @@ from .ownership import ConflictError
 from .state import DataFile, FileStatus, FinalizeJob, Phase, TorrentState
 from .store import Store
 from .verify import PieceCheck, ReadSpan, verify_pieces
+from .writer import close_file
 
 log = logging.getLogger("qbsync.destination.finalizer")
 
@@ -130,7 +131,7 @@ class Finalizer:
 
     async def _finalize_file(self, state: TorrentState, f: DataFile) -> None:
         try:
-            if not await self.store.close_file(state, f):
+            if not await close_file(state, f):
                 return
             pieces = state.geometry.file_pieces(f.index)
             if state.phase is Phase.CLOSED or not all(state.written[i] for i in pieces):
@@ -229,7 +230,7 @@ class Finalizer:
                 await f.finalize_done.wait()
         for f in state.files:
             if f.status is FileStatus.STREAMING:
-                await self.store.close_file(state, f)
+                await close_file(state, f)
         self.check_complete(state)  # a failed sync clears bits: re-check after closing
         await self.store.flush(state)
         await trio.to_thread.run_sync(self._rename_all, state)

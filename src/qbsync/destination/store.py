@@ -33,7 +33,7 @@ from ..log import paths_kv
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from .durable import atomic_write
-from .files import clear_state_dir, demote_file, open_for_write, prepare
+from .files import clear_state_dir, demote_file, prepare
 from .hardlinks import HardlinkRegistry
 from .layout import build_files
 from .names import NameClaims, names_of
@@ -59,6 +59,7 @@ from .state import (
     read_optional,
 )
 from .verify import scan
+from .writer import close_all
 
 log = logging.getLogger("qbsync.destination.store")
 
@@ -548,53 +549,6 @@ class Store:
             sum(1 for s in self.torrents.values() if s.dirty and not s.dry_run)
         )
 
-    # -- files --------------------------------------------------------------------------------
-
-    async def acquire(self, state: TorrentState, f: DataFile) -> int | None:
-        """The write descriptor of ``f`` (opened on first use), pinned until
-        :meth:`DataFile.release`. ``None`` when the file is being closed or finalized, or the
-        torrent is finalizing or gone — a late writer must never re-create a ``.partial`` that
-        finalize just renamed or abort just deleted. Raises ``OSError`` / ``UnsafePathError``."""
-        if f.unavailable() or not state.is_in(Phase.ACTIVE):
-            return None
-        if f.fd is None:
-            async with f.open_lock:
-                if f.fd is None and not f.unavailable() and state.is_in(Phase.ACTIVE):
-                    f.fd = await trio.to_thread.run_sync(open_for_write, self.root, state, f)
-        fd = f.fd
-        if f.unavailable() or fd is None or not state.is_in(Phase.ACTIVE):
-            return None
-        f.users += 1
-        return fd
-
-    async def close_file(self, state: TorrentState, f: DataFile, *, sync: bool = True) -> bool:
-        """Wait for writes in flight, fdatasync and close. False when the sync failed (then
-        the file's bits are cleared, see :meth:`flush`)."""
-        f.closing = True
-        try:
-            async with f.open_lock:
-                await f.wait_idle()
-                fd, f.fd = f.fd, None
-                if fd is None:
-                    return True
-                ok = await trio.to_thread.run_sync(_sync_and_close, fd, sync)
-        finally:
-            f.closing = False
-        state.touched.discard(f.index)
-        if not ok:
-            metrics.file_sync_errors.labels("destination").inc()
-            log.error("event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts))
-            state.clear_pieces(state.geometry.file_pieces(f.index))
-            state.recount_remaining()
-        return ok
-
-    async def close_all(self, state: TorrentState, *, sync: bool = True) -> bool:
-        ok = True
-        for f in state.files:
-            if f.fd is not None or f.users:
-                ok = await self.close_file(state, f, sync=sync) and ok
-        return ok
-
     # -- removal --------------------------------------------------------------------------------
 
     def untrack(self, state: TorrentState) -> None:
@@ -609,7 +563,7 @@ class Store:
         Never call it from one of ``state``'s own tasks (it would wait for itself)."""
         self.untrack(state)
         await state.cancel_tasks()
-        await self.close_all(state, sync=False)
+        await close_all(state, sync=False)
 
     async def wipe_state_dir(self, info_hash: str, *, keep_ledger: bool = False) -> None:
         """Delete ``<data>/.qbsync/<hash>`` (data files are not touched). A ``.finalized``
@@ -775,14 +729,3 @@ def _sync_fds(fds: Sequence[tuple[int, int | None]]) -> list[int]:
         except OSError:
             failed.append(idx)
     return failed
-
-
-def _sync_and_close(fd: int, sync: bool) -> bool:
-    try:
-        if sync:
-            os.fdatasync(fd)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)

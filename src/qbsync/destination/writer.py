@@ -37,6 +37,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import attrs
 import trio
@@ -45,8 +46,8 @@ from .. import metrics, paths
 from ..log import paths_kv
 from ..torrent import Span
 from ..wire.errors import ErrorCode
+from .files import open_for_write
 from .state import DataFile, FileStatus, Phase, TorrentState
-from .store import Store
 
 log = logging.getLogger("qbsync.destination.writer")
 
@@ -96,12 +97,12 @@ class Writer:
 
     def __init__(
         self,
-        store: Store,
+        root: Path,
         *,
         workers: int,
         on_file_complete: Callable[[TorrentState, DataFile], None],
     ) -> None:
-        self.store = store
+        self.root = root  # the --data directory the files live under
         self.limiter = trio.CapacityLimiter(max(1, workers))
         self._on_file_complete = on_file_complete
         self._busy = 0
@@ -131,7 +132,7 @@ class Writer:
             for span in wanted:
                 f = state.files[span.file_index]
                 try:
-                    fd = await self.store.acquire(state, f)
+                    fd = await acquire(self.root, state, f)
                 except paths.UnsafePathError as exc:
                     return self._io_failure(state, index, f, exc, ErrorCode.UNSAFE_PATH)
                 except OSError as exc:
@@ -259,3 +260,68 @@ class Writer:
         metrics.pieces_received.inc()
         metrics.bytes_received.inc(len(data))
         return OK
+
+
+# --- write handles ------------------------------------------------------------------------------
+# The lifetime of a file's write descriptor (see DataFile): opened lazily by the first writer,
+# pinned by every write in flight, closed only when no write holds it. The finalizer closes a
+# file before its rename, the store closes them all when it forgets a torrent.
+
+
+async def acquire(root: Path, state: TorrentState, f: DataFile) -> int | None:
+    """The write descriptor of ``f`` (opened on first use), pinned until
+    :meth:`DataFile.release`. ``None`` when the file is being closed or finalized, or the
+    torrent is finalizing or gone — a late writer must never re-create a ``.partial`` that
+    finalize just renamed or abort just deleted. Raises ``OSError`` / ``UnsafePathError``."""
+    if f.unavailable() or not state.is_in(Phase.ACTIVE):
+        return None
+    if f.fd is None:
+        async with f.open_lock:
+            if f.fd is None and not f.unavailable() and state.is_in(Phase.ACTIVE):
+                f.fd = await trio.to_thread.run_sync(open_for_write, root, state, f)
+    fd = f.fd
+    if f.unavailable() or fd is None or not state.is_in(Phase.ACTIVE):
+        return None
+    f.users += 1
+    return fd
+
+
+async def close_file(state: TorrentState, f: DataFile, *, sync: bool = True) -> bool:
+    """Wait for writes in flight, fdatasync and close. False when the sync failed (then
+    the file's bits are cleared, see :meth:`.store.Store.flush`)."""
+    f.closing = True
+    try:
+        async with f.open_lock:
+            await f.wait_idle()
+            fd, f.fd = f.fd, None
+            if fd is None:
+                return True
+            ok = await trio.to_thread.run_sync(_sync_and_close, fd, sync)
+    finally:
+        f.closing = False
+    state.touched.discard(f.index)
+    if not ok:
+        metrics.file_sync_errors.labels("destination").inc()
+        log.error("event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts))
+        state.clear_pieces(state.geometry.file_pieces(f.index))
+        state.recount_remaining()
+    return ok
+
+
+async def close_all(state: TorrentState, *, sync: bool = True) -> bool:
+    ok = True
+    for f in state.files:
+        if f.fd is not None or f.users:
+            ok = await close_file(state, f, sync=sync) and ok
+    return ok
+
+
+def _sync_and_close(fd: int, sync: bool) -> bool:
+    try:
+        if sync:
+            os.fdatasync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
