@@ -37,7 +37,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import cattrs
@@ -214,7 +214,10 @@ FILE_TRANSITIONS: dict[FileStatus, frozenset[FileStatus]] = {
 }
 
 
-def _check(kind: str, table: dict[Any, frozenset[Any]], old: Any, new: Any, who: str) -> None:
+_S = TypeVar("_S", Phase, FileStatus)
+
+
+def _check(kind: str, table: dict[_S, frozenset[_S]], old: _S, new: _S, who: str) -> None:
     if new not in table[old]:
         raise IllegalTransition(f"{who}: {kind} {old.value} -> {new.value} is not allowed")
 
