@@ -249,15 +249,7 @@ async def test_finalizer_and_handoff_through_each_version(
 
         # The source seeds the same torrent; the hand-off moves seeding to the destination.
         src_qb = QB(src_fake.url, mode="source")
-        await src_qb.add_torrent(
-            t.torrent,
-            filename="s.torrent",
-            save_path="/downloads",
-            category=None,
-            tags=["synced"],
-            stopped=False,
-            skip_checking=True,
-        )
+        await _add_synced_seeding(src_qb, t.torrent)
         cache = CompletionCache(tmp_path / "state")
         await cache.put(t.info_hash, "fp")
 
@@ -276,6 +268,19 @@ async def test_finalizer_and_handoff_through_each_version(
         after = dst_fake.torrents[t.info_hash]
         assert after.stopped is False and "source-removed" in after.tags
         assert t.info_hash not in src_fake.torrents
+
+
+async def _add_synced_seeding(qb: QB, torrent: bytes) -> None:
+    """A source torrent that is seeding and already tagged ``synced`` (a hand-off candidate)."""
+    await qb.add_torrent(
+        torrent,
+        filename="s.torrent",
+        save_path="/downloads",
+        category=None,
+        tags=["synced"],
+        stopped=False,
+        skip_checking=True,
+    )
 
 
 def _draining_cleanup(
@@ -302,15 +307,7 @@ async def test_handoff_rolls_back_with_start_when_destination_refuses(
 ) -> None:
     with serve_fake_qb(profile) as fake:
         qb = QB(fake.url, mode="source", max_threads=1)
-        await qb.add_torrent(
-            _torrent_bytes(tmp_path),
-            filename="s.torrent",
-            save_path="/downloads",
-            category=None,
-            tags=["synced"],
-            stopped=False,
-            skip_checking=True,
-        )
+        await _add_synced_seeding(qb, _torrent_bytes(tmp_path))
         (h,) = fake.torrents
         cache = CompletionCache(tmp_path / "state")
         await cache.put(h, "fp")
