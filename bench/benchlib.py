@@ -323,3 +323,22 @@ def poll(pred: Any, timeout: float, interval: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def delivery_window(
+    dhealth: int, base: float, total: int, t0: float, timeout: float, interval: float
+) -> tuple[float, float]:
+    """Seconds after ``t0`` (monotonic) at which the destination behind health port ``dhealth``
+    had received its first byte and ``total`` bytes beyond ``base`` (its counter before the
+    case began): the streaming window a benchmark divides the payload by."""
+    first = 0.0
+    while True:
+        got = metric(dhealth, "bytes_received_total") - base
+        now = time.monotonic() - t0
+        if got > 0 and not first:
+            first = now
+        if got >= total:
+            return first, now
+        if now > timeout:
+            raise TimeoutError(f"payload not delivered in {timeout:g} s")
+        time.sleep(interval)

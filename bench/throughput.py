@@ -43,6 +43,7 @@ from tests.qbharness import SEEDING_STATES
 from bench.benchlib import (
     MiB,
     add_complete,
+    delivery_window,
     median,
     metric,
     new_torrent,
@@ -131,17 +132,7 @@ def main() -> int:
             base = metric(dhealth, "bytes_received_total")
             t0 = time.monotonic()
             add_complete(src, torrent, ih, src.save_path)
-            first = last = 0.0
-            while not last:
-                got = metric(dhealth, "bytes_received_total") - base
-                now = time.monotonic() - t0
-                if got > 0 and not first:
-                    first = now
-                if got >= total:
-                    last = now
-                elif now > 600:
-                    raise TimeoutError("qbsync did not deliver the payload in 600 s")
-                time.sleep(POLL)
+            first, last = delivery_window(dhealth, base, total, t0, 600, POLL)
             poll(lambda ih=ih: "synced" in tags(dst, ih), 600, POLL, "synced on the destination")
             row["synced_s"] = time.monotonic() - t0
             row["first_s"], row["last_s"] = first, last

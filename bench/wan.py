@@ -49,6 +49,7 @@ from tests.qbharness import QBInstance, free_port, wait_until
 from bench.benchlib import (
     MiB,
     add_complete,
+    delivery_window,
     metric,
     metric_by_label,
     new_torrent,
@@ -218,17 +219,7 @@ def stream_case(
     base = metric(dhealth, "bytes_received_total")
     t0 = time.monotonic()
     add_complete(src, torrent, ih, src.save_path)
-    first = last = 0.0
-    while not last:
-        got = metric(dhealth, "bytes_received_total") - base
-        now = time.monotonic() - t0
-        if got > 0 and not first:
-            first = now
-        if got >= size:
-            last = now
-        elif now > 900:
-            raise TimeoutError("payload not delivered in 900 s")
-        time.sleep(0.02)
+    first, last = delivery_window(dhealth, base, size, t0, 900, 0.02)
     return size / 1e6 / max(last - first, 1e-3), ih
 
 

@@ -93,8 +93,8 @@ class AckHandler:
 
 async def receiver(spec: dict[str, Any]) -> None:
     """Serve until stdin closes, then report peak RSS."""
-    from qbsync.config import HostPort
     from qbsync.wire import ByteBudget, serve, server_ssl_context
+    from qbsync.wire.address import HostPort
     from qbsync.wire.transport import tune_socket
 
     budget = ByteBudget(512 * MiB)
@@ -195,8 +195,8 @@ async def send_raw(spec: dict[str, Any]) -> float:
 
 
 async def send_wire(spec: dict[str, Any]) -> float:
-    from qbsync.config import HostPort
     from qbsync.wire import client_ssl_context, open_connection
+    from qbsync.wire.address import HostPort
 
     piece = spec["piece"]
     count = spec["total"] // piece

@@ -8,14 +8,18 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import attrs
 import pytest
 
+from qbsync.bitfield import Bitfield
 from qbsync.http import activity, status
 from qbsync.http.activity import ActivityLog, Event, Throughput
 from qbsync.http.status import DaemonStatus, Peer, Sections, StatusBuilder
+from qbsync.source.state import Tracked
+from qbsync.source.tracker import PieceTracker
 from tests.status_schema import assert_valid
 
 DAEMON = DaemonStatus(1, 0, 0, 10, "127.0.0.1:1")
@@ -201,28 +205,39 @@ async def test_saving_nothing_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()
 
 
-@attrs.define
-class _Tracker:
-    complete: bool = False
-    inflight: set[int] = attrs.field(factory=set)
+def _tracked(*, complete: bool = False) -> Tracked:
+    """A real tracked torrent of two pieces (``complete``: the destination has both)."""
+    meta = SimpleNamespace(info_hash="ab" * 20, name="t", num_pieces=2)
+    tracker = PieceTracker(2)
+    if complete:
+        tracker.apply_needed(Bitfield(2))  # nothing needed: every piece acknowledged
+    return Tracked("ab" * 20, cast(Any, meta), tracker, since=0.0, seq=0)
 
 
-@attrs.define
-class _Tracked:
-    tracker: _Tracker = attrs.field(factory=_Tracker)
-    finalize_failures: int = 0
-    finalize_polls: int = 0
+def _streaming(**kw: Any) -> Tracked:
+    t = _tracked(**kw)
+    t.initialized(1)
+    return t
 
 
 def test_source_state_words() -> None:
+    """The words come from the tracked torrent's phase (``Tracked.status_label``), with
+    qBittorrent's progress and the pool's connection state."""
     s = status.source_state
     downloading = {"progress": 0.4}
-    assert s(_Tracked(), downloading, True) == "downloading + streaming"
-    assert s(_Tracked(), {"progress": 1.0}, True) == "streaming"
-    assert s(_Tracked(), downloading, False) == "waiting"
-    assert s(_Tracked(_Tracker(complete=True)), downloading, True) == "finalizing"
-    assert s(_Tracked(_Tracker(complete=True), finalize_polls=2), None, True) == "verifying"
-    assert s(_Tracked(finalize_failures=1), None, False) == "retrying"
+    assert s(_streaming(), downloading, True) == "downloading + streaming"
+    assert s(_streaming(), {"progress": 1.0}, True) == "streaming"
+    assert s(_streaming(), downloading, False) == "waiting"
+    assert s(_tracked(), downloading, True) == "waiting"  # InitTorrent not answered yet
+    assert s(_streaming(complete=True), downloading, True) == "finalizing"
+    verifying = _streaming(complete=True)
+    verifying.begin_finalize(1.0)
+    verifying.finalize_verifying(2.0)
+    assert s(verifying, None, True) == "verifying"
+    failed = _streaming()
+    failed.begin_finalize(1.0)
+    failed.finalize_failed("io", "disk")
+    assert s(failed, None, False) == "retrying"
     for phase, word in [("active", "streaming"), ("scanning", "verifying")]:
         assert status.destination_state(phase) == word
     assert set(status.STATES) >= {"downloading + streaming", "verifying", "finalizing"}

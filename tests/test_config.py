@@ -11,7 +11,6 @@ from qbsync.config import (
     SOURCE_OPTIONS,
     ConfigError,
     DestinationConfig,
-    HostPort,
     Role,
     SourceConfig,
     options_for,
@@ -19,6 +18,7 @@ from qbsync.config import (
     redacted,
     resolve,
 )
+from qbsync.wire.address import HostPort
 
 SRC_REQUIRED = {
     "data": "/downloads",

@@ -16,7 +16,8 @@ import trio
 from qbsync.destination import server as server_module
 from qbsync.wire import ErrorCode, Finalize, StartTorrent, SyncStatus, WireError
 from tests.test_destination_server import complete
-from tests.test_destination_writer import build, torrent
+from tests.test_destination_writer import Dest, build, torrent
+from tests.wireclient import LocalTorrent
 
 
 class FakeQB:
@@ -51,15 +52,22 @@ class FakeQB:
         self.info.pop(h, None)
 
 
-async def finalized(tmp_path: Path, nursery: trio.Nursery) -> Any:
+def fake_qb(d: Dest, *hashes: str, state: str = "stoppedUP", progress: float = 1.0) -> FakeQB:
+    """Give ``d``'s server a recording fake qBittorrent that lists ``hashes``."""
+    qb = FakeQB(state, progress)
+    for h in hashes:
+        qb.register(h)
+    d.server.qb = qb  # type: ignore[assignment]
+    return qb
+
+
+async def finalized(tmp_path: Path, nursery: trio.Nursery) -> tuple[LocalTorrent, Dest, FakeQB]:
+    """A torrent synced and finalized by an in-process destination, listed by its fake qB."""
     t = torrent(tmp_path)
     d = build(tmp_path, nursery)
     await complete(d, t)
     assert (await d.server.finalize(Finalize(t.info_hash))).status == SyncStatus.COMPLETE
-    qb = FakeQB()
-    qb.register(t.info_hash)
-    d.server.qb = qb  # type: ignore[assignment]
-    return t, d, qb
+    return t, d, fake_qb(d, t.info_hash)
 
 
 async def refused(d: Any, h: str) -> WireError:
@@ -97,10 +105,8 @@ async def test_start_refused_for_a_torrent_qbsync_never_verified(
 ) -> None:
     """Any torrent the destination qBittorrent lists used to be started and tagged."""
     d = build(tmp_path, nursery)
-    qb = FakeQB()
     foreign = "cd" * 20
-    qb.register(foreign)
-    d.server.qb = qb  # type: ignore[assignment]
+    qb = fake_qb(d, foreign)
     assert (await refused(d, foreign)).code == ErrorCode.NOT_FOUND
     assert qb.calls == []
 

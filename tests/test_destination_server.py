@@ -350,3 +350,19 @@ async def test_finalized_files_are_never_taken_over_or_deleted_by_another_torren
     for p, content in files.items():
         assert p.read_bytes() == content, p
     assert sorted((d.root / "payload").rglob("*.partial")) == []
+
+
+async def test_one_handler_per_request_row_of_the_message_table(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Requests are dispatched by the message table, not an isinstance chain: every request
+    row has exactly one handler, and a request is answered by the handler for its class."""
+    from qbsync.wire.messages import REQUEST_TYPES
+
+    d = build(tmp_path, nursery)
+    assert set(d.server.handlers) == set(REQUEST_TYPES)
+    result = await d.server.handle_request(PEER, InitTorrent(info_hash="AB" * 20, probe=True))
+    assert result == await d.server.init(InitTorrent(info_hash="AB" * 20, probe=True))
+    with pytest.raises(WireError) as err:
+        await d.server.handle_request(PEER, Finalize(info_hash="zz"))
+    assert err.value.code == ErrorCode.BAD_REQUEST

@@ -17,9 +17,11 @@ from qbsync.bitfield import Bitfield
 from qbsync.destination import durable
 from qbsync.destination import state as st
 from qbsync.destination.hardlinks import HardlinkRegistry
+from qbsync.destination.layout import build_files, pad_flags
 from qbsync.destination.ownership import Ledger
 from qbsync.destination.state import FileMeta, FileStatus, Phase
-from qbsync.destination.store import Store, build_files, new_meta, pad_flags
+from qbsync.destination.store import Store, new_meta
+from qbsync.destination.writer import acquire, close_all
 from qbsync.torrent import bencode, parse_metainfo
 from qbsync.wire import ErrorCode, WireError
 from tests.qbharness import KiB, make_payload
@@ -58,11 +60,13 @@ async def write_all(
     """Write pieces straight into the .partial files and set their bits (test shortcut)."""
     for i in pieces:
         data = t.piece(i)
+        written = []
         for span in state.geometry.spans(i):
             f = state.files[span.file_index]
             if f.status is not FileStatus.STREAMING:
                 continue
-            fd = await store.acquire(state, f)
+            written.append(f)
+            fd = await acquire(store.root, state, f)
             assert fd is not None
             try:
                 os.pwrite(
@@ -70,9 +74,7 @@ async def write_all(
                 )
             finally:
                 f.release()
-            state.touched.add(f.index)
-        state.written[i] = True
-        state.version += 1
+        state.mark_written(i, written, verified=True)
 
 
 def _overwrite(path: Path, offset: int, data: bytes) -> None:
@@ -188,7 +190,7 @@ async def test_create_flush_recover_roundtrip(tmp_path: Path, nursery: trio.Nurs
     assert not state.touched
     written, _ = st.decode_pieces((mdir / st.PIECES_NAME).read_bytes(), t.num_pieces)
     assert set(written.set_indices()) == {0, 1, 2, 9}
-    await store.close_all(state)
+    await close_all(state)
 
     store2 = Store(data)
     store2.attach(nursery)
@@ -206,7 +208,7 @@ async def test_recover_clears_bits_of_missing_or_short_files(
     everything = list(range(t.num_pieces))
     await write_all(store, state, t, everything)
     await store.flush(state)
-    await store.close_all(state)
+    await close_all(state)
     # b.bin.partial vanishes, c/d.bin.partial is cut short.
     (data / "payload" / "b.bin.partial").unlink()
     os.truncate(data / "payload" / "c" / "d.bin.partial", 10)
@@ -442,7 +444,7 @@ async def test_bits_cleared_during_a_flush_are_not_persisted(
     raw = (data / ".qbsync" / t.info_hash / st.PIECES_NAME).read_bytes()
     persisted = set(st.decode_pieces(raw, t.num_pieces)[0].set_indices())
     assert persisted == set(range(t.num_pieces)) - set(a_pieces)
-    await store.close_all(state)
+    await close_all(state)
 
 
 async def test_flush_persists_only_bits_whose_data_was_synced(
@@ -472,7 +474,7 @@ async def test_flush_persists_only_bits_whose_data_was_synced(
     assert persisted == set(range(t.num_pieces)) - b_pieces
     assert not b_pieces & set(state.written.set_indices())
     monkeypatch.undo()
-    await store.close_all(state)
+    await close_all(state)
 
 
 # --- names owned by finalized torrents -----------------------------------------------------------
@@ -610,7 +612,7 @@ async def test_finalized_names_are_released_once_their_files_are_gone(
     assert store.foreign_owner(("payload", "a.bin"), b.info_hash) is None
     await write_all(store, state, b, list(range(b.num_pieces)))
     await store.flush(state)
-    await store.close_all(state)
+    await close_all(state)
     for rel, _ in b.files:
         assert (data / (rel + ".partial")).read_bytes() == (b.base / rel).read_bytes(), rel
     # After a restart B is recovered (A does not come back as the owner of B's files).
@@ -639,7 +641,7 @@ async def test_only_the_vanished_names_of_a_finalized_torrent_are_released(
     state = await store.create(meta_for(takes_a), parse_metainfo(takes_a.torrent), fresh=True)
     await write_all(store, state, takes_a, list(range(takes_a.num_pieces)))
     await store.flush(state)
-    await store.close_all(state)
+    await close_all(state)
     assert (data / "payload" / "a.bin.partial").read_bytes() == (
         takes_a.base / "payload" / "a.bin"
     ).read_bytes()

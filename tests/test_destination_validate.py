@@ -10,12 +10,8 @@ import trio
 
 from qbsync.destination.state import FINALIZED_NAME
 from qbsync.wire import Abort, ErrorCode, StartTorrent, SyncStatus, WireError
-from tests.test_destination_handoff import FakeQB, finalized
+from tests.test_destination_handoff import fake_qb, finalized
 from tests.test_destination_writer import build, torrent
-
-
-class RecordingQB(FakeQB):
-    pass
 
 
 async def test_bogus_resync_of_a_finalized_torrent_changes_nothing(
@@ -23,10 +19,7 @@ async def test_bogus_resync_of_a_finalized_torrent_changes_nothing(
 ) -> None:
     """Before the fix ``InitTorrent(resync=True)`` wiped the marker and removed the torrent
     from the destination qBittorrent before the request was validated."""
-    t, d, _ = await finalized(tmp_path, nursery)
-    qb = RecordingQB()
-    qb.register(t.info_hash)
-    d.server.qb = qb
+    t, d, qb = await finalized(tmp_path, nursery)
     marker = d.root / ".qbsync" / t.info_hash / FINALIZED_NAME
     for bad in (
         t.init_msg(resync=True, torrent=b"d4:infoi1ee"),  # not a torrent
@@ -45,11 +38,8 @@ async def test_resync_of_a_torrent_qbsync_never_managed_leaves_qbittorrent_alone
 ) -> None:
     t = torrent(tmp_path)
     d = build(tmp_path, nursery)
-    qb = RecordingQB()
-    qb.state = "downloading"
-    qb.progress = 0.3
-    qb.register(t.info_hash)  # the user's own torrent in the destination qBittorrent
-    d.server.qb = qb  # type: ignore[assignment]
+    # the user's own torrent in the destination qBittorrent
+    qb = fake_qb(d, t.info_hash, state="downloading", progress=0.3)
     result = await d.init(t, resync=True)
     assert result.status == SyncStatus.READY
     assert ("delete", t.info_hash) not in qb.calls
@@ -59,10 +49,8 @@ async def test_abort_and_start_of_unknown_hashes_do_nothing(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     d = build(tmp_path, nursery)
-    qb = RecordingQB()
     h = "ef" * 20
-    qb.register(h)
-    d.server.qb = qb  # type: ignore[assignment]
+    qb = fake_qb(d, h)
     assert not (await d.server.abort(Abort(h, delete_files=True))).existed
     with pytest.raises(WireError) as err:
         await d.server.start(StartTorrent(h, tag="x"))

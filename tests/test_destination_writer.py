@@ -17,7 +17,7 @@ from qbsync.destination.finalizer import Finalizer, FinalizerSettings
 from qbsync.destination.server import DestinationServer
 from qbsync.destination.state import FileStatus, TorrentState
 from qbsync.destination.store import Store
-from qbsync.destination.writer import Writer
+from qbsync.destination.writer import Writer, acquire
 from qbsync.wire import ErrorCode, InitResult, Peer, Piece, SyncStatus
 from tests.qbharness import KiB, make_payload
 from tests.wireclient import LocalTorrent, needed_indices
@@ -61,7 +61,7 @@ def build(
     store = Store(root, dry_run=dry_run)
     store.attach(nursery)
     finalizer = Finalizer(store, None, FinalizerSettings(qb_save_path=root, poll_interval=0.05))
-    writer = Writer(store, workers=workers, on_file_complete=finalizer.file_complete)
+    writer = Writer(store.root, workers=workers, on_file_complete=finalizer.file_complete)
     store.on_file_complete = finalizer.file_complete
     server = DestinationServer(store, writer, finalizer, qb=None)
     return Dest(root, store, writer, finalizer, server)
@@ -199,10 +199,8 @@ async def test_unknown_torrent_and_finalizing_codes(tmp_path: Path, nursery: tri
     for i in needed_indices(ready, t.num_pieces):
         assert await d.piece(t, i) == ErrorCode.OK
     state = d.state(t)
-    state.written[0] = False  # pretend piece 0 is still missing while finalizing
-    from qbsync.destination.state import Phase
-
-    state.phase = Phase.FINALIZING
+    state.clear_pieces([0])  # pretend piece 0 is still missing while finalizing
+    state.begin_finalize(None)
     assert await d.piece(t, 0) == ErrorCode.FINALIZING
     assert await d.piece(t, 1) == ErrorCode.OK  # already written: still ok
 
@@ -236,5 +234,5 @@ async def test_late_writer_never_recreates_files_after_abort(
     outcome = await d.writer.write(state, 1, memoryview(t.piece(1)))
     assert outcome.code == ErrorCode.NOT_INITIALIZED
     f = state.files[0]
-    assert await d.store.acquire(state, f) is None
+    assert await acquire(d.store.root, state, f) is None
     assert not (d.root / "payload").exists()

@@ -13,8 +13,8 @@ import h11
 import pytest
 import trio
 
-from qbsync.config import HostPort
 from qbsync.http.server import LOOP_HEARTBEAT, Health, ServerLimits, serve_http
+from qbsync.wire.address import HostPort
 
 LOCAL = HostPort("127.0.0.1", 0)
 

@@ -143,3 +143,19 @@ def test_architecture_page_names_only_modules_that_exist() -> None:
             assert re.search(rf"\| {layer} \| `src/qbsync/{unit}(\.py|/)`", text) or (
                 f"`src/qbsync/{unit}.py`" in text
             ), f"{unit} is missing from the layer table"
+
+
+def test_no_module_re_exports_another_modules_names() -> None:
+    """Every caller imports a name from the module that owns it. ``from .x import y as y`` (the
+    spelling that marks a re-export) is allowed only in a package's ``__init__``, whose job is
+    to present the package (``qbsync.wire``'s public API)."""
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                for alias in node.names:
+                    if alias.asname is not None and alias.asname == alias.name.split(".")[-1]:
+                        found.append(f"{module_name(path)}: {alias.name} as {alias.asname}")
+    assert found == []

@@ -10,6 +10,7 @@ server and the real source cleanup code.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,7 @@ async def test_finalizer_and_handoff_through_each_version(
         finalizer = Finalizer(
             store, dst_qb, FinalizerSettings(qb_save_path=root, poll_interval=0.02, recheck=recheck)
         )
-        writer = Writer(store, workers=2, on_file_complete=finalizer.file_complete)
+        writer = Writer(store.root, workers=2, on_file_complete=finalizer.file_complete)
         store.on_file_complete = finalizer.file_complete
         server = DestinationServer(store, writer, finalizer, qb=dst_qb)
 
@@ -248,15 +249,7 @@ async def test_finalizer_and_handoff_through_each_version(
 
         # The source seeds the same torrent; the hand-off moves seeding to the destination.
         src_qb = QB(src_fake.url, mode="source")
-        await src_qb.add_torrent(
-            t.torrent,
-            filename="s.torrent",
-            save_path="/downloads",
-            category=None,
-            tags=["synced"],
-            stopped=False,
-            skip_checking=True,
-        )
+        await _add_synced_seeding(src_qb, t.torrent)
         cache = CompletionCache(tmp_path / "state")
         await cache.put(t.info_hash, "fp")
 
@@ -264,18 +257,7 @@ async def test_finalizer_and_handoff_through_each_version(
             assert isinstance(msg, StartTorrent)
             return await server.start(msg)
 
-        cleanup = Cleanup(
-            qb=src_qb,
-            request=request,
-            cache=cache,
-            mapper=PathMapper(data=tmp_path / "srcdata", qb_default="/downloads"),
-            min_space_gib=0,
-            min_seeding_time=0,
-            synced_tag="synced",
-            source_removed_tag="source-removed",
-            exclude_cleanup_tag="",
-            dry_run=False,
-        )
+        cleanup = _draining_cleanup(src_qb, request, cache, tmp_path)
         result2 = await cleanup.run_pass(await src_qb.torrents(), free_bytes=None, draining=True)
         assert result2 is not None and result2.handed_off == 1
         src_paths = [p for p in src_fake.paths() if p.startswith("torrents/")]
@@ -288,21 +270,44 @@ async def test_finalizer_and_handoff_through_each_version(
         assert t.info_hash not in src_fake.torrents
 
 
+async def _add_synced_seeding(qb: QB, torrent: bytes) -> None:
+    """A source torrent that is seeding and already tagged ``synced`` (a hand-off candidate)."""
+    await qb.add_torrent(
+        torrent,
+        filename="s.torrent",
+        save_path="/downloads",
+        category=None,
+        tags=["synced"],
+        stopped=False,
+        skip_checking=True,
+    )
+
+
+def _draining_cleanup(
+    qb: QB, request: Callable[..., Awaitable[Any]], cache: CompletionCache, tmp_path: Path
+) -> Cleanup:
+    """A source cleanup that hands off every synced torrent at once (a drain's settings)."""
+    return Cleanup(
+        qb=qb,
+        request=request,
+        cache=cache,
+        mapper=PathMapper(data=tmp_path / "srcdata", qb_default="/downloads"),
+        min_space_gib=0,
+        min_seeding_time=0,
+        synced_tag="synced",
+        source_removed_tag="source-removed",
+        exclude_cleanup_tag="",
+        dry_run=False,
+    )
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 async def test_handoff_rolls_back_with_start_when_destination_refuses(
     profile: str, tmp_path: Path
 ) -> None:
     with serve_fake_qb(profile) as fake:
         qb = QB(fake.url, mode="source", max_threads=1)
-        await qb.add_torrent(
-            _torrent_bytes(tmp_path),
-            filename="s.torrent",
-            save_path="/downloads",
-            category=None,
-            tags=["synced"],
-            stopped=False,
-            skip_checking=True,
-        )
+        await _add_synced_seeding(qb, _torrent_bytes(tmp_path))
         (h,) = fake.torrents
         cache = CompletionCache(tmp_path / "state")
         await cache.put(h, "fp")
@@ -312,18 +317,7 @@ async def test_handoff_rolls_back_with_start_when_destination_refuses(
 
             raise WireError(ErrorCode.NOT_FOUND, "torrent not in the destination qBittorrent")
 
-        cleanup = Cleanup(
-            qb=qb,
-            request=refuse,
-            cache=cache,
-            mapper=PathMapper(data=tmp_path / "srcdata", qb_default="/downloads"),
-            min_space_gib=0,
-            min_seeding_time=0,
-            synced_tag="synced",
-            source_removed_tag="source-removed",
-            exclude_cleanup_tag="",
-            dry_run=False,
-        )
+        cleanup = _draining_cleanup(qb, refuse, cache, tmp_path)
         result = await cleanup.run_pass(await qb.torrents(), free_bytes=None, draining=True)
         assert result is not None and result.handed_off == 0
         mutating = [p for p in fake.paths() if p in ("torrents/stop", "torrents/start")]

@@ -57,6 +57,9 @@ class FakeQB:
     async def add_tags(self, h: str, tags: list[str]) -> None:
         self.calls.append(("tag:" + ",".join(tags), h))
 
+    async def remove_tags(self, h: str, tags: list[str]) -> None:
+        self.calls.append(("untag:" + ",".join(tags), h))
+
     async def files(self, h: str) -> list[dict[str, Any]]:
         return []
 
@@ -164,7 +167,8 @@ async def test_started_false_never_deletes_on_the_source(tmp_path):
 
 async def test_destination_copy_missing_resumes_and_forgets_completion(tmp_path):
     """The destination answers ``not-found`` (its files are gone): the source resumes, never
-    deletes, and drops the completion cache entry so the torrent is synced again."""
+    deletes, and drops the completion cache entry and ``--synced-tag`` together (one owner:
+    :mod:`qbsync.source.synced`) so the torrent is synced again."""
     qb = FakeQB()
     missing = WireError(ErrorCode.NOT_FOUND, "destination copy incomplete: payload/a.bin")
     cleanup, cache, _ = make(tmp_path, qb, answer=missing, min_seeding=0)
@@ -174,7 +178,7 @@ async def test_destination_copy_missing_resumes_and_forgets_completion(tmp_path)
     assert result is not None and result.handed_off == 0
     assert ("delete", "a") not in qb.calls and ("start", "a") in qb.calls
     assert refused("not-found") == before + 1
-    assert "a" not in cache
+    assert "a" not in cache and ("untag:synced", "a") in qb.calls
 
 
 async def test_a_torrent_being_resynced_is_never_a_candidate(tmp_path):
@@ -280,13 +284,14 @@ async def test_drain_skipped_when_the_gate_is_closed(tmp_path, caplog, monkeypat
     assert any("event=drain_skipped" in r.message for r in caplog.records)
 
 
-async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path):
+async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path, autojump_clock):
     """A selection change re-syncs a synced torrent: ``synced`` no longer holds, so it is
     removed first (a hand-off must not pick the torrent while the destination re-verifies
     it), and the torrent is tracked, so cleanup skips it too."""
+    from qbsync.source.monitor import MaindataUpdate
     from qbsync.wire.messages import InitResult, InitTorrent, SyncStatus
+    from tests.test_source_orchestrator import eventually, on_disk, running
     from tests.test_source_orchestrator import make as make_orchestrator
-    from tests.test_source_orchestrator import on_disk
 
     events: list[tuple[str, str]] = []
 
@@ -305,10 +310,12 @@ async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path):
     rig.orch.cache.load()
     await rig.orch.cache.put(h, "an-older-selection")
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(rig.pool.run)
-        await rig.orch._check_selection(h, torrents[h].info)
-        nursery.cancel_scope.cancel()
+    async with running(rig):
+        # what the monitor reports when the selected size changes
+        rig.orch.on_update(
+            MaindataUpdate(False, {h: frozenset({"size"})}, frozenset(), frozenset())
+        )
+        await eventually(lambda: ("resync", h) in events)
     assert events == [("untag:synced", h), ("resync", h)]
     assert h not in rig.orch.cache
     assert rig.registry.get(h) is not None  # tracked: cleanup's candidates skip it

@@ -26,7 +26,6 @@ import attrs
 import trio
 
 from qbsync.bitfield import Bitfield
-from qbsync.config import HostPort
 from qbsync.wire import (
     Abort,
     AbortResult,
@@ -42,6 +41,7 @@ from qbsync.wire import (
     SyncStatus,
     open_connection,
 )
+from qbsync.wire.address import HostPort
 from tests.qbharness import QbsyncProcess, free_port, make_torrent, torrent_files
 
 

@@ -31,7 +31,7 @@ import attrs
 
 from .log import redact_url
 from .ratelimit import RateSchedule
-from .wire.address import HostPort as HostPort  # re-exported: the config type of addresses
+from .wire.address import HostPort
 
 GiB = 1024**3
 MiB = 1024**2

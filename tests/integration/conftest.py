@@ -8,8 +8,9 @@ under "Captured stdout teardown".
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.qbharness import (
     make_payload,
     make_torrent,
 )
+from tests.wireclient import Destination, LocalTorrent, start_destination
 
 QbFactory = Callable[..., QBInstance]
 SeededFactory = Callable[..., SeededTorrent]
@@ -162,3 +164,55 @@ def qbsync_factory(tmp_path: Path) -> Iterator[QbsyncFactory]:
         code = proc.stop()
         print(f"===== {proc!r} exit={code} =====")
         print(proc.log_text()[-20000:])
+
+
+class QbDestination(NamedTuple):
+    """A ``.torrent`` made on disk, a destination qBittorrent and ``qbsync destination``
+    finalizing into it: what every test of the destination's finalize path starts from."""
+
+    qb: QBInstance
+    t: LocalTorrent
+    data: Path
+    dest: Destination
+
+
+QbDestinationFactory = Callable[..., QbDestination]
+
+
+@pytest.fixture
+def qb_destination(
+    tmp_path: Path, qb_factory: QbFactory, qbsync_factory: QbsyncFactory
+) -> QbDestinationFactory:
+    """``qb_destination(files, *, seed=0, piece=64 KiB, extra=(), env=None) -> QbDestination``.
+
+    The payload ``files`` is made under ``tmp_path/src/payload`` (deterministic from ``seed``),
+    the destination qBittorrent is ``qb_factory("dst")``, and ``qbsync destination`` runs on
+    ``tmp_path/data`` with ``extra`` flags and ``env`` (ready when this returns)."""
+
+    def factory(
+        files: Mapping[str, int],
+        *,
+        seed: int = 0,
+        piece: int = 64 * KiB,
+        extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> QbDestination:
+        qb = qb_factory("dst")
+        t = LocalTorrent.create(make_payload(tmp_path / "src" / "payload", files, seed), piece)
+        data = tmp_path / "data"
+        dest = start_destination(
+            lambda role, args: qbsync_factory(role, args, env=env),
+            data,
+            qb_args=qb.qbsync_args(),
+            extra=extra,
+        )
+        return QbDestination(qb, t, data, dest)
+
+    return factory
+
+
+def qb_info(qb: QBInstance, info_hash: str) -> Any:
+    """qBittorrent's record of ``info_hash``, which the test expects to exist."""
+    info = qb.info(info_hash)
+    assert info is not None, f"{info_hash} is not in qBittorrent {qb.name}"
+    return info

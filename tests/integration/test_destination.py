@@ -14,7 +14,8 @@ import pytest
 import trio
 
 from qbsync.wire import ErrorCode, SyncStatus, WireError
-from tests.qbharness import KiB, make_payload, wait_until
+from tests.integration.conftest import QbDestinationFactory, qb_info
+from tests.qbharness import KiB, wait_until
 from tests.wireclient import LocalTorrent, needed_indices, start_destination
 
 pytestmark = pytest.mark.integration
@@ -33,13 +34,9 @@ def _same(t: LocalTorrent, data: Path, rel: str) -> bool:
 
 
 async def test_multifile_out_of_order_ends_verified_tagged_identical(
-    tmp_path: Path, qb_factory, qbsync_factory
+    qb_destination: QbDestinationFactory,
 ) -> None:
-    qb = qb_factory("dst")
-    payload = make_payload(tmp_path / "src" / "payload", FILES, seed=1)
-    t = LocalTorrent.create(payload, 64 * KiB)
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
+    qb, t, data, dest = qb_destination(FILES, seed=1)
 
     async with dest.client() as client:
         ready = await client.init_ready(t, sub="movies")
@@ -64,36 +61,31 @@ async def test_multifile_out_of_order_ends_verified_tagged_identical(
     assert marker.is_file()
     assert sorted(p.name for p in marker.parent.iterdir()) == [".finalized", "owned.json"]
 
-    info = qb.info(t.info_hash)
-    assert info is not None
+    info = qb_info(qb, t.info_hash)
     assert info.progress == 1
     assert info.state in ("pausedUP", "stoppedUP"), info.state  # stays stopped until hand-off
     assert {"synced", "from-src", "hd"} <= {x.strip() for x in info.tags.split(",")}
     assert info.category == "films"
     assert Path(info.save_path) == root
-    assert set(qb.api.torrents_piece_states(torrent_hash=t.info_hash)) == {2}
+    assert {int(s) for s in qb.api.torrents_piece_states(torrent_hash=t.info_hash)} == {2}
 
     # Hand-off: StartTorrent starts seeding on the destination and applies the tag.
     async with dest.client() as client:
         started = await client.start(t, tag="source-removed")
         assert started.started
     await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=120))
-    info = qb.info(t.info_hash)
+    info = qb_info(qb, t.info_hash)
     assert "source-removed" in info.tags
 
 
 async def test_partial_selection_selected_files_verified_priorities_persist(
-    tmp_path: Path, qb_factory, qbsync_factory
+    qb_destination: QbDestinationFactory,
 ) -> None:
-    qb = qb_factory("dst")
-    payload = make_payload(tmp_path / "src" / "payload", FILES, seed=2)
-    t = LocalTorrent.create(payload, 64 * KiB)
+    qb, t, data, dest = qb_destination(FILES, seed=2)
     names = [rel for rel, _ in t.files]
     # d.bin starts and ends inside pieces: two boundary pieces it shares with its neighbours.
     deselected = [names.index("payload/d.bin")]
     selected = [i not in deselected for i in range(len(names))]
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
 
     async with dest.client() as client:
         ready = await client.init_ready(t, selected=selected)
@@ -117,14 +109,14 @@ async def test_partial_selection_selected_files_verified_priorities_persist(
     states = qb.api.torrents_piece_states(torrent_hash=t.info_hash)
     for i in range(t.num_pieces):
         if not set(t.piece_files(i)) & set(deselected):
-            assert states[i] == 2, i
-    info = qb.info(t.info_hash)
+            assert int(states[i]) == 2, i
+    info = qb_info(qb, t.info_hash)
     assert "synced" in info.tags
     assert info.state in ("pausedDL", "stoppedDL", "pausedUP", "stoppedUP"), info.state
 
 
 async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
-    tmp_path: Path, qb_factory, qbsync_factory
+    qb_destination: QbDestinationFactory,
 ) -> None:
     """With ``--recheck``, qBittorrent's recheck is the final judge: a piece damaged on disk
     after it was written is cleared and asked for again (``incomplete``), then the torrent
@@ -132,11 +124,7 @@ async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
     carries ``synced``) is never copied: ``synced`` shows only once the recheck passed,
     ``source-removed`` only on a hand-off. Before the fix both were copied at the add, before
     any check."""
-    qb = qb_factory("dst")
-    payload = make_payload(tmp_path / "src" / "payload", {"a.bin": 400_000, "b.bin": 300_000})
-    t = LocalTorrent.create(payload, 64 * KiB)
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args(), extra=["--recheck"])
+    qb, t, data, dest = qb_destination({"a.bin": 400_000, "b.bin": 300_000}, extra=["--recheck"])
     async with dest.client() as client:
         ready = await client.init_ready(t)
         await client.send(t, needed_indices(ready, t.num_pieces))
@@ -148,15 +136,15 @@ async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
         with pytest.raises(WireError) as err:
             await client.finalize(t, tags=own)
         assert err.value.code == ErrorCode.INCOMPLETE
-        tags = {x.strip() for x in qb.info(t.info_hash).tags.split(",") if x.strip()}
+        tags = {x.strip() for x in qb_info(qb, t.info_hash).tags.split(",") if x.strip()}
         assert tags == {"mine"}  # the recheck failed: not synced
         again = await client.init_ready(t)
         assert needed_indices(again, t.num_pieces) == [2]
         await client.send(t, [2])
         assert (await client.finalize(t, tags=own)).status == SyncStatus.COMPLETE
     assert _same(t, data, "payload/a.bin")
-    assert qb.info(t.info_hash).progress == 1
-    tags = {x.strip() for x in qb.info(t.info_hash).tags.split(",") if x.strip()}
+    assert qb_info(qb, t.info_hash).progress == 1
+    tags = {x.strip() for x in qb_info(qb, t.info_hash).tags.split(",") if x.strip()}
     assert tags == {"mine", "synced"}
 
 
@@ -198,18 +186,14 @@ async def test_readiness_follows_qbittorrent_but_liveness_does_not(
 
 
 async def test_source_names_differing_from_the_torrent_are_renamed_in_qbittorrent(
-    tmp_path: Path, qb_factory, qbsync_factory
+    qb_destination: QbDestinationFactory,
 ) -> None:
     """A source that added the torrent without its root folder ("NoSubfolder") or renamed a
     file sends qBittorrent's names; the destination lays the files out that way and renames
     them in its qBittorrent so the recheck finds them."""
-    qb = qb_factory("dst")
-    payload = make_payload(tmp_path / "src" / "payload", {"a.bin": 300_000, "s/b.bin": 200_000})
-    t = LocalTorrent.create(payload, 64 * KiB)
+    qb, t, data, dest = qb_destination({"a.bin": 300_000, "s/b.bin": 200_000})
     names = [rel.split("/", 1)[1] for rel, _ in t.files]  # no root folder
     names[1] = "s/renamed.bin"
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
     async with dest.client() as client:
         ready = await client.init_ready(t, names=names, sub="tv")
         await client.send(t, needed_indices(ready, t.num_pieces))
@@ -218,4 +202,4 @@ async def test_source_names_differing_from_the_torrent_are_renamed_in_qbittorren
         assert filecmp.cmp(t.base / rel, data / "tv" / name, shallow=False)
     files = qb.api.torrents_files(torrent_hash=t.info_hash)
     assert sorted(f.name for f in files) == sorted(names)
-    assert qb.info(t.info_hash).progress == 1
+    assert qb_info(qb, t.info_hash).progress == 1

@@ -19,8 +19,9 @@ import pytest
 import trio
 
 from qbsync.wire import ErrorCode, SyncStatus, WireError
-from tests.qbharness import KiB, QBInstance, make_payload, wait_until
-from tests.wireclient import Destination, LocalTorrent, needed_indices, start_destination
+from tests.integration.conftest import QbDestinationFactory, qb_info
+from tests.qbharness import KiB, QBInstance, wait_until
+from tests.wireclient import Destination, LocalTorrent, needed_indices
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +43,7 @@ def _identical(t: LocalTorrent, data: Path, skip: tuple[str, ...] = ()) -> None:
 async def _seeding_ready(qb: QBInstance, t: LocalTorrent, dest: Destination) -> None:
     """Complete and stopped in qBittorrent, tagged synced, every piece present; seeds after
     the hand-off."""
-    info = qb.info(t.info_hash)
-    assert info is not None
+    info = qb_info(qb, t.info_hash)
     assert info.progress == 1
     assert info.state in ("pausedUP", "stoppedUP"), info.state
     assert "synced" in {x.strip() for x in info.tags.split(",")}
@@ -54,13 +54,9 @@ async def _seeding_ready(qb: QBInstance, t: LocalTorrent, dest: Destination) -> 
 
 
 async def test_full_selection_skips_the_recheck_and_is_seeding_ready(
-    tmp_path: Path, qb_factory, qbsync_factory
+    qb_destination: QbDestinationFactory,
 ) -> None:
-    qb = qb_factory("dst")
-    payload = make_payload(tmp_path / "src" / "payload", FILES, seed=11)
-    t = LocalTorrent.create(payload, 64 * KiB)
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
+    qb, t, data, dest = qb_destination(FILES, seed=11)
     async with dest.client() as client:
         result = await client.sync(t, order="shuffle")
         assert result.status == SyncStatus.COMPLETE
@@ -75,15 +71,11 @@ async def test_full_selection_skips_the_recheck_and_is_seeding_ready(
 
 
 async def test_full_selection_with_a_file_gone_is_re_requested_not_skipped(
-    tmp_path: Path, qb_factory, qbsync_factory
+    qb_destination: QbDestinationFactory,
 ) -> None:
     """The fast path checks every file's presence and size first: a finished file removed
     before the finalize is asked for again instead of being added as complete."""
-    qb = qb_factory("dst")
-    payload = make_payload(tmp_path / "src" / "payload", {"a.bin": 400_000, "b.bin": 300_000})
-    t = LocalTorrent.create(payload, 64 * KiB)
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
+    qb, t, data, dest = qb_destination({"a.bin": 400_000, "b.bin": 300_000})
     target = data / "payload" / "b.bin"
     async with dest.client() as client:
         ready = await client.init_ready(t)
@@ -106,14 +98,8 @@ async def test_full_selection_with_a_file_gone_is_re_requested_not_skipped(
     await _seeding_ready(qb, t, dest)
 
 
-async def test_recheck_flag_keeps_the_full_recheck(
-    tmp_path: Path, qb_factory, qbsync_factory
-) -> None:
-    qb = qb_factory("dst")
-    payload = make_payload(tmp_path / "src" / "payload", FILES, seed=12)
-    t = LocalTorrent.create(payload, 64 * KiB)
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args(), extra=["--recheck"])
+async def test_recheck_flag_keeps_the_full_recheck(qb_destination: QbDestinationFactory) -> None:
+    qb, t, data, dest = qb_destination(FILES, seed=12, extra=["--recheck"])
     async with dest.client() as client:
         assert (await client.sync(t)).status == SyncStatus.COMPLETE
     _identical(t, data)
@@ -125,18 +111,12 @@ async def test_recheck_flag_keeps_the_full_recheck(
 
 
 async def test_recheck_from_environment_finds_damage_done_after_the_write(
-    tmp_path: Path, qb_factory, qbsync_factory
+    qb_destination: QbDestinationFactory,
 ) -> None:
     """With QBSYNC_DESTINATION_RECHECK, qBittorrent's recheck is a second opinion: a byte
     damaged on disk after its piece was verified and written is found and re-requested."""
-    qb = qb_factory("dst")
-    payload = make_payload(tmp_path / "src" / "payload", {"a.bin": 400_000, "b.bin": 300_000})
-    t = LocalTorrent.create(payload, 64 * KiB)
-    data = tmp_path / "data"
-    dest = start_destination(
-        lambda role, args: qbsync_factory(role, args, env={"QBSYNC_DESTINATION_RECHECK": "1"}),
-        data,
-        qb_args=qb.qbsync_args(),
+    qb, t, data, dest = qb_destination(
+        {"a.bin": 400_000, "b.bin": 300_000}, env={"QBSYNC_DESTINATION_RECHECK": "1"}
     )
     target = data / "payload" / "a.bin"
     async with dest.client() as client:
@@ -156,22 +136,15 @@ async def test_recheck_from_environment_finds_damage_done_after_the_write(
 
 
 async def test_partial_selection_is_rechecked_and_ends_complete_for_its_files(
-    tmp_path: Path, qb_factory, qbsync_factory
+    qb_destination: QbDestinationFactory,
 ) -> None:
-    qb = qb_factory("dst")
     # Piece-aligned files so the deselected one shares no piece with a selected one.
     piece = 64 * KiB
-    payload = make_payload(
-        tmp_path / "src" / "payload",
-        {"a.bin": 4 * piece, "b.bin": 3 * piece, "c.bin": 2 * piece + 999},
-        seed=13,
-    )
-    t = LocalTorrent.create(payload, piece)
+    layout = {"a.bin": 4 * piece, "b.bin": 3 * piece, "c.bin": 2 * piece + 999}
+    qb, t, data, dest = qb_destination(layout, seed=13, piece=piece)
     names = [rel for rel, _ in t.files]
     deselected = [names.index("payload/b.bin")]
     selected = [i not in deselected for i in range(len(names))]
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
     async with dest.client() as client:
         ready = await client.init_ready(t, selected=selected)
         needed = needed_indices(ready, t.num_pieces)
@@ -187,8 +160,8 @@ async def test_partial_selection_is_rechecked_and_ends_complete_for_its_files(
     assert [f.priority for f in files] == [1, 0, 1]
     states = qb.api.torrents_piece_states(torrent_hash=t.info_hash)
     for i in range(t.num_pieces):
-        assert (states[i] == 2) == (not set(t.piece_files(i)) & set(deselected)), i
-    info = qb.info(t.info_hash)
+        assert (int(states[i]) == 2) == (not set(t.piece_files(i)) & set(deselected)), i
+    info = qb_info(qb, t.info_hash)
     assert "synced" in info.tags
     assert info.state in ("pausedUP", "stoppedUP"), info.state  # complete for its selection
     async with dest.client() as client:

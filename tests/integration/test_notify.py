@@ -20,7 +20,7 @@ def test_destination_posts_synced_even_to_a_hung_webhook(rig_factory: RigFactory
         rig = rig_factory(start_destination=False)
         dest = rig.start_destination("--notify-url", hung.url)
         rig.start_source()
-        rig.add_to_source()
+        rig.add_to_source(download_limit=None)  # nothing here needs a sync mid-download
         rig.wait_synced()
         rig.assert_identical()
         [event] = hung.wait_for(1, timeout=120)

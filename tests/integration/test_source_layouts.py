@@ -42,7 +42,7 @@ def _set_priority(rig: Rig, index: int, priority: int) -> None:
 
 def test_partial_selection_syncs_only_selected_files(rig: Rig) -> None:
     _, health = rig.start_source()
-    rig.add_to_source(paused=True)
+    rig.add_to_source(paused=True, download_limit=None)  # what is sent, not when
     _set_priority(rig, B_INDEX, 0)
     rig.src_qb.api.torrents_resume(torrent_hashes=rig.info_hash)
     rig.wait_synced()

@@ -26,7 +26,7 @@ def test_tls_with_token_file_and_a_wrong_ca_first(tmp_path: Path, rig_factory: R
     token_file = tmp_path / "token"
     token_file.write_text(rig.token + "\n")
     token_file.chmod(0o600)
-    rig.add_to_source()
+    rig.add_to_source(download_limit=None)  # TLS and the token, not streaming, are tested here
 
     # A CA that did not sign the destination's certificate: nothing connects, and it says why.
     wrong, wrong_health = rig.start_source(

@@ -42,7 +42,6 @@ from .state import (
     DataFile,
     FileStatus,
     TorrentState,
-    decode_pieces,
     dump_json,
     read_optional,
 )
@@ -155,7 +154,7 @@ def prepare(root: Path, registry: HardlinkRegistry, state: TorrentState, fresh: 
     else:
         raw = read_optional(mdir / PIECES_NAME)
         if raw is not None:
-            state.written, state.unverified = decode_pieces(raw, state.num_pieces)
+            state.load_pieces(raw)
         for leftover in mdir.glob(TMP_PREFIX + "*"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
@@ -191,33 +190,33 @@ def _lay_out(
                 ledger.create(root, f.parts, 0)
             elif not final_ours:
                 ledger.adopted.add(f.parts)
-            f.status = FileStatus.COMPLETE
+            f.become(FileStatus.COMPLETE)
             continue
         pieces = geometry.file_pieces(f.index)
         if probe.final_size == f.size:
             f.foreign = not final_ours
             all_set = all(state.written[i] for i in pieces)
             if all_set and not fresh:
-                f.status = FileStatus.COMPLETE
+                f.become(FileStatus.COMPLETE)
             else:
-                f.status = FileStatus.EXISTING
+                f.become(FileStatus.EXISTING)
                 to_scan.add(f.index)
             continue
         if probe.final is not None:
             # Ours (others were refused), of the wrong size: the source has the data.
             ledger.unlink(root, f.parts)
         if probe.partial_size is not None:
-            f.status = FileStatus.STREAMING
+            f.become(FileStatus.STREAMING)
             if fresh and probe.partial_size == f.size:
                 to_scan.add(f.index)
             elif probe.partial_size != f.size and not fresh:
                 cleared += state.clear_pieces(pieces)
             continue
-        f.status = FileStatus.STREAMING
+        f.become(FileStatus.STREAMING)
         if not fresh:
             cleared += state.clear_pieces(pieces)
         elif _try_link(root, registry, state, f):
-            f.status = FileStatus.EXISTING
+            f.become(FileStatus.EXISTING)
             f.linked = True
             to_scan.add(f.index)
             continue
@@ -302,7 +301,7 @@ def demote_file(root: Path, state: TorrentState, f: DataFile) -> None:
         ledger.unlink(root, partial)  # a stale .partial of ours, if any
         ledger.rename(root, f.parts, partial)
     ledger.save(state.meta_dir)
-    f.status = FileStatus.STREAMING
+    f.become(FileStatus.STREAMING)
     f.linked = False
 
 

@@ -64,9 +64,12 @@ from ..log import paths_kv
 from ..qbittorrent.api import CHECKING_STATES, ERROR_STATES, QB, SEEDING_STATES, QBError
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import Finalize, FinalizeResult, SyncStatus
+from .files import demote_file
 from .ownership import ConflictError
-from .state import DataFile, FileStatus, Phase, TorrentState
-from .store import PieceCheck, ReadSpan, Store, demote_file, verify_pieces
+from .state import DataFile, FileStatus, FinalizeJob, Phase, TorrentState
+from .store import Store
+from .verify import PieceCheck, ReadSpan, verify_pieces
+from .writer import close_file
 
 log = logging.getLogger("qbsync.destination.finalizer")
 
@@ -84,15 +87,6 @@ def scaled_poll_timeout(total_size: int) -> float:
     """``--poll-timeout 0``: 10 min + 1 min per whole GiB, capped at 6 h (a recheck reads
     every byte; on slow disks that is minutes per GiB)."""
     return float(min(6 * 3600, 600 + 60 * (total_size // GiB)))
-
-
-@attrs.define(eq=False)
-class FinalizeJob:
-    request: Finalize
-    started: float = attrs.field(factory=time.monotonic)
-    done: trio.Event = attrs.field(factory=trio.Event)
-    result: FinalizeResult | None = None
-    error: WireError | None = None
 
 
 # Tags qbsync itself sets, each meaning a check passed: never copied from the source's tags
@@ -139,7 +133,7 @@ class Finalizer:
 
     async def _finalize_file(self, state: TorrentState, f: DataFile) -> None:
         try:
-            if not await self.store.close_file(state, f):
+            if not await close_file(state, f):
                 return
             pieces = state.geometry.file_pieces(f.index)
             if state.phase is Phase.CLOSED or not all(state.written[i] for i in pieces):
@@ -150,7 +144,7 @@ class Finalizer:
             await trio.to_thread.run_sync(
                 state.ledger.rename, self.store.root, paths.partial_parts(f.parts), f.parts
             )
-            f.status = FileStatus.COMPLETE
+            f.become(FileStatus.COMPLETE)
             metrics.files_early_finalized.inc()
             log.info("event=file_finalized hash=%s file=%s", state.info_hash, paths_kv(f.parts))
         except (OSError, paths.UnsafePathError, ConflictError) as exc:
@@ -259,7 +253,7 @@ class Finalizer:
                 await f.finalize_done.wait()
         for f in state.files:
             if f.status is FileStatus.STREAMING:
-                await self.store.close_file(state, f)
+                await close_file(state, f)
         self.check_complete(state)  # a failed sync clears bits: re-check after closing
         await self.store.flush(state)
         await trio.to_thread.run_sync(self._rename_all, state)
@@ -331,7 +325,7 @@ class Finalizer:
                 # Idempotent restart: renamed before, the marker was not written yet.
                 if paths.regular_size(root, f.parts) != f.size:
                     raise
-            f.status = FileStatus.COMPLETE
+            f.become(FileStatus.COMPLETE)
 
     # -- verification ------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from .finalizer import Finalizer, FinalizerSettings
 from .hardlinks import HardlinkRegistry
 from .server import DestinationServer
 from .store import Store
-from .writer import Writer
+from .writer import Writer, close_all
 
 log = logging.getLogger("qbsync.destination.runner")
 
@@ -121,7 +121,9 @@ class Daemon:
             config.arr_url, config.arr_api_key, mode="destination"
         )
         self.writer = Writer(
-            self.store, workers=config.stream_workers, on_file_complete=self.finalizer.file_complete
+            self.store.root,
+            workers=config.stream_workers,
+            on_file_complete=self.finalizer.file_complete,
         )
         self.store.on_file_complete = self.finalizer.file_complete
         self.notifier = Notifier(config.notify_url, "destination")
@@ -218,7 +220,7 @@ class Daemon:
                 await state.cancel_tasks()
             await self.store.flush_all()
             for state in list(self.store.torrents.values()):
-                await self.store.close_all(state)
+                await close_all(state)
             log.info("event=state_flushed torrents=%d", len(self.store.torrents))
             await self.history.save()  # the chart's last hour survives the restart
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,21 @@ from ..wire.messages import (
     SyncStatus,
     valid_info_hash,
 )
-from .finalizer import FinalizeJob, Finalizer
+from ..wire.server import Peer
+from .finalizer import Finalizer
+from .layout import build_files
 from .ownership import OWNED_NAME, Ledger
-from .state import META_NAME, FileMeta, Phase, TorrentMeta, TorrentState, load_meta, read_optional
-from .store import Store, build_files, new_meta, newest_mtime
+from .state import (
+    META_NAME,
+    FileMeta,
+    FinalizeJob,
+    Phase,
+    TorrentMeta,
+    TorrentState,
+    load_meta,
+    read_optional,
+)
+from .store import Store, new_meta, newest_mtime
 from .writer import Writer
 
 log = logging.getLogger("qbsync.destination.server")
@@ -198,6 +210,13 @@ class DestinationServer:
         self.max_metadata = max_metadata
         metrics.metadata_limit_bytes.set(max_metadata)
         metrics.metadata_bytes.set_function(self.metadata_in_use)  # read at scrape time
+        # One handler per request row of wire.MESSAGE_TABLE (a test checks they match).
+        self.handlers: dict[type[Request], Callable[[Any], Awaitable[Response]]] = {
+            InitTorrent: self.init,
+            Finalize: self.finalize,
+            Abort: self.abort,
+            StartTorrent: self.start,
+        }
 
     def metadata_in_use(self) -> int:
         """Bytes of metadata the tracked torrents hold (see :func:`metadata_bytes`)."""
@@ -220,28 +239,23 @@ class DestinationServer:
 
     # -- ServerHandler ---------------------------------------------------------------------
 
-    async def handle_request(self, peer: Any, request: Request) -> Response:
+    async def handle_request(self, peer: Peer, request: Request) -> Response:
+        handler = self.handlers.get(type(request))
+        if handler is None:
+            raise _reject(ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
         try:
-            if isinstance(request, InitTorrent):
-                return await self.init(request)
-            if isinstance(request, Finalize):
-                return await self.finalize(request)
-            if isinstance(request, Abort):
-                return await self.abort(request)
-            if isinstance(request, StartTorrent):
-                return await self.start(request)
+            return await handler(request)
         except WireError as exc:
             log.info(
                 "event=request_refused type=%s peer=%s code=%s error=%s",
                 type(request).__name__,
-                getattr(peer, "address", "?"),
+                peer.address,
                 exc.code.value,
                 paths_kv(exc.message),
             )
             raise
-        raise _reject(ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
 
-    async def handle_piece(self, peer: Any, piece: Piece) -> PieceAck:
+    async def handle_piece(self, peer: Peer, piece: Piece) -> PieceAck:
         raw_hash = piece.info_hash
         try:
             h = normalize_hash(raw_hash)

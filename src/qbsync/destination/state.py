@@ -37,7 +37,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import cattrs
@@ -46,6 +46,8 @@ import trio
 from ..bitfield import Bitfield
 from ..paths import Parts, partial_parts
 from ..torrent import Geometry, Metainfo
+from ..wire.errors import WireError
+from ..wire.messages import Finalize, FinalizeResult
 from .ownership import Ledger
 
 SCHEMA_VERSION = 1
@@ -181,6 +183,45 @@ class Phase(enum.Enum):
     CLOSED = "closed"  # aborted, finalized or shut down; the object is dead
 
 
+class IllegalTransition(RuntimeError):
+    """A change of phase or file status that the tables below do not allow.
+
+    Always a bug in qbsync, never bad input (h11's rule: a state machine that accepts any
+    transition documents nothing). Raised before anything changes."""
+
+
+# The only phase changes a torrent makes (docs/architecture.md has the same table). Finalizing
+# starts only from ACTIVE: a scan must settle first (the server answers ``verifying``), and a
+# closed torrent is dead. Closing an already closed torrent is a no-op, not a transition.
+PHASE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.ACTIVE: frozenset({Phase.SCANNING, Phase.FINALIZING, Phase.CLOSED}),
+    Phase.SCANNING: frozenset({Phase.ACTIVE, Phase.CLOSED}),
+    Phase.FINALIZING: frozenset({Phase.ACTIVE, Phase.CLOSED}),
+    Phase.CLOSED: frozenset(),
+}
+
+# The only file-status changes. SKIPPED is fixed when the file list is built (a selection
+# change builds a new torrent state); STREAMING is where every selected non-empty file starts.
+FILE_TRANSITIONS: dict[FileStatus, frozenset[FileStatus]] = {
+    FileStatus.SKIPPED: frozenset(),
+    # laid out: an empty file or a finished earlier copy is COMPLETE; a full-size file found
+    # or hardlinked at the final name is EXISTING (to be scanned); the last piece renamed: COMPLETE
+    FileStatus.STREAMING: frozenset({FileStatus.EXISTING, FileStatus.COMPLETE}),
+    # scanned: proven (COMPLETE) or demoted back to .partial (STREAMING)
+    FileStatus.EXISTING: frozenset({FileStatus.COMPLETE, FileStatus.STREAMING}),
+    # a read-back or recheck after the rename found corrupt pieces: back to .partial
+    FileStatus.COMPLETE: frozenset({FileStatus.STREAMING}),
+}
+
+
+_S = TypeVar("_S", Phase, FileStatus)
+
+
+def _check(kind: str, table: dict[_S, frozenset[_S]], old: _S, new: _S, who: str) -> None:
+    if new not in table[old]:
+        raise IllegalTransition(f"{who}: {kind} {old.value} -> {new.value} is not allowed")
+
+
 @attrs.define(eq=False)
 class DataFile:
     """One file of the torrent's geometry (metainfo order, padding files included).
@@ -200,7 +241,8 @@ class DataFile:
     pad: bool
     device: int = 0
     inode: int = 0
-    status: FileStatus = FileStatus.STREAMING
+    # Read through ``status``; changed only by :meth:`become` (FILE_TRANSITIONS).
+    _status: FileStatus = FileStatus.STREAMING
     linked: bool = False  # EXISTING because we hardlinked it from a verified file
     # Found at its final name, not created by qbsync: only read; adopted when every piece
     # it covers verifies, else the torrent is refused (``conflict``). Never written, renamed
@@ -211,7 +253,9 @@ class DataFile:
     fd: int | None = None
     users: int = 0
     closing: bool = False
-    remaining: int = 0  # pieces touching this file still unwritten (STREAMING only)
+    # Pieces touching this file still unwritten (STREAMING only); read through ``remaining``,
+    # changed only by :class:`TorrentState` (``mark_written``, ``recount_remaining``).
+    _remaining: int = 0
     finalizing: bool = False  # an early (per-file) finalize runs
     finalize_done: trio.Event | None = None  # set when that early finalize ends
     open_lock: trio.Lock = attrs.field(factory=trio.Lock)
@@ -220,6 +264,23 @@ class DataFile:
     @property
     def path(self) -> str:
         return "/".join(self.parts)
+
+    @property
+    def status(self) -> FileStatus:
+        return self._status
+
+    @property
+    def remaining(self) -> int:
+        return self._remaining
+
+    def become(self, new: FileStatus) -> None:
+        """Change the file's status; raises :class:`IllegalTransition` unless FILE_TRANSITIONS
+        allows it. Setting the status it already has is a no-op (laying out a fresh file says
+        "streaming" of a file that already streams)."""
+        if new is self._status:
+            return
+        _check("file status", FILE_TRANSITIONS, self._status, new, self.path)
+        self._status = new
 
     @property
     def working_parts(self) -> Parts:
@@ -244,6 +305,18 @@ class DataFile:
 
 
 @attrs.define(eq=False)
+class FinalizeJob:
+    """One finalization of a torrent (run by :mod:`.finalizer`), kept on its state until the
+    source collects the result."""
+
+    request: Finalize
+    started: float = attrs.field(factory=time.monotonic)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: FinalizeResult | None = None
+    error: WireError | None = None
+
+
+@attrs.define(eq=False)
 class TorrentState:
     """Everything the destination knows about one torrent. Only touched on the event loop."""
 
@@ -257,14 +330,16 @@ class TorrentState:
     dry_run: bool = False
     ledger: Ledger = attrs.field(factory=Ledger)  # names this torrent created (ownership)
     conflict: str = ""  # a foreign file failed its verification: the init is refused
-    phase: Phase = Phase.ACTIVE
-    version: int = 0  # bumped on every change of ``written``/``unverified``
-    flushed_version: int = 0
+    # Read through ``phase``; changed only by the transition methods below (PHASE_TRANSITIONS).
+    _phase: Phase = Phase.ACTIVE
+    # Bumped on every change of ``written``/``unverified``; read through ``version``.
+    _version: int = 0
+    _flushed_version: int = 0
     touched: set[int] = attrs.field(factory=set)  # files written since the last flush
     last_activity: float = attrs.field(factory=time.time)
     flush_lock: trio.Lock = attrs.field(factory=trio.Lock)
     scan_done: trio.Event | None = None
-    finalize: Any = None  # the running or finished finalization (finalizer.FinalizeJob)
+    finalize: FinalizeJob | None = None  # the running or finished finalization
     dry_seen: Bitfield | None = None  # dry run: pieces received and hash-checked (memory only)
     last_error: tuple[str, str, float] | None = None  # (code, message, unix time), for /status
     cancel_scopes: set[trio.CancelScope] = attrs.field(factory=set)
@@ -280,8 +355,32 @@ class TorrentState:
         return self.geometry.num_pieces
 
     @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def flushed_version(self) -> int:
+        return self._flushed_version
+
+    @property
     def dirty(self) -> bool:
-        return self.version != self.flushed_version
+        return self._version != self._flushed_version
+
+    def mark_flushed(self, version: int) -> None:
+        """The bitmap of ``version`` is durable in ``pieces``."""
+        self._flushed_version = version
+
+    def load_pieces(self, raw: bytes) -> None:
+        """Resume: the persisted bitmap (``pieces``) replaces the empty one of a new state."""
+        self.written, self.unverified = decode_pieces(raw, self.num_pieces)
+
+    def _move(self, new: Phase) -> None:
+        _check("phase", PHASE_TRANSITIONS, self._phase, new, self.info_hash)
+        self._phase = new
 
     def touch(self) -> None:
         self.last_activity = time.time()
@@ -323,11 +422,11 @@ class TorrentState:
     def recount_remaining(self) -> None:
         for f in self.files:
             if f.status is FileStatus.STREAMING:
-                f.remaining = sum(
+                f._remaining = sum(
                     1 for i in self.geometry.file_pieces(f.index) if not self.written[i]
                 )
             else:
-                f.remaining = 0
+                f._remaining = 0
 
     # -- transitions: every change of written / unverified / version / phase goes through these,
     # so the invariants (``unverified`` is a subset of ``written``; ``version`` moves with
@@ -340,11 +439,11 @@ class TorrentState:
         self.written[index] = True
         if not verified:
             self.unverified[index] = True
-        self.version += 1
+        self._version += 1
         done = []
         for f in files:
             self.touched.add(f.index)
-            f.remaining -= 1
+            f._remaining -= 1
             if f.remaining <= 0 and f.status is FileStatus.STREAMING and not f.finalizing:
                 done.append(f)
         return done
@@ -356,34 +455,38 @@ class TorrentState:
         for i in pieces:
             self.written[i] = True
             self.unverified[i] = False
-        self.version += 1
+        self._version += 1
         self.touched.update(f.index for f in self.files if f.status is not FileStatus.SKIPPED)
 
     def begin_scan(self) -> trio.Event:
-        self.phase = Phase.SCANNING
+        """ACTIVE -> SCANNING."""
+        self._move(Phase.SCANNING)
         self.scan_done = trio.Event()
         return self.scan_done
 
     def end_scan(self) -> None:
-        if self.phase is Phase.SCANNING:
-            self.phase = Phase.ACTIVE
+        """SCANNING -> ACTIVE; a torrent closed while its scan ran stays CLOSED."""
+        if self._phase is Phase.SCANNING:
+            self._move(Phase.ACTIVE)
         if self.scan_done is not None:
             self.scan_done.set()
 
-    def begin_finalize(self, job: Any) -> None:
-        self.phase = Phase.FINALIZING
+    def begin_finalize(self, job: FinalizeJob | None) -> None:
+        """ACTIVE -> FINALIZING."""
+        self._move(Phase.FINALIZING)
         self.finalize = job
 
-    def finalize_failed(self, job: Any) -> None:
-        """A failed finalization was collected: accept pieces again."""
+    def finalize_failed(self, job: FinalizeJob | None) -> None:
+        """A failed finalization was collected: FINALIZING -> ACTIVE (accept pieces again)."""
         if self.finalize is job:
             self.finalize = None
-        if self.phase is Phase.FINALIZING:
-            self.phase = Phase.ACTIVE
+        if self._phase is Phase.FINALIZING:
+            self._move(Phase.ACTIVE)
 
     def close(self) -> None:
-        """Aborted, finalized or shut down: the object is dead."""
-        self.phase = Phase.CLOSED
+        """Aborted, finalized or shut down: the object is dead (closing twice is a no-op)."""
+        if self._phase is not Phase.CLOSED:
+            self._move(Phase.CLOSED)
 
     def clear_pieces(self, pieces: range | list[int]) -> int:
         """Un-set pieces (data gone or bad); returns how many were set."""
@@ -394,7 +497,7 @@ class TorrentState:
                 cleared += 1
             self.unverified[i] = False
         if cleared:
-            self.version += 1
+            self._version += 1
         return cleared
 
     # -- task bookkeeping (abort cancels and waits for this torrent's background work) ----------

@@ -9,8 +9,9 @@ that change a torrent's lifecycle (init, resync, finalize, abort) take the torre
 What happens to files found on disk is :mod:`.files`. Who may write which name is decided
 elsewhere: between torrents by :mod:`.names`, and whether qbsync may touch a file at all by
 :mod:`.ownership` (only files it created). The layout of a torrent's files is :mod:`.layout`;
-reading pieces back is :mod:`.verify`. What is left here: the map of tracked torrents, their
-lifecycle (create, recover, scan, flush, close, forget) and their state directories.
+reading pieces back, and the scan of files found on disk, is :mod:`.verify`. What is left
+here: the map of tracked torrents, their lifecycle (create, recover, start a scan and apply
+its result, flush, close, forget) and their state directories.
 """
 
 from __future__ import annotations
@@ -28,16 +29,13 @@ import trio
 
 from .. import metrics, paths
 from ..bitfield import Bitfield
-from ..log import paths_kv as paths_kv  # re-exported: writer.py imports it from here
+from ..log import paths_kv
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
 from .durable import atomic_write
-from .files import clear_state_dir, prepare
-from .files import demote_file as demote_file
-from .files import open_for_write as open_for_write
+from .files import clear_state_dir, demote_file, prepare
 from .hardlinks import HardlinkRegistry
-from .layout import build_files as build_files
-from .layout import pad_flags as pad_flags
+from .layout import build_files
 from .names import NameClaims, names_of
 from .ownership import OWNED_NAME, ConflictError, Ledger
 from .state import (
@@ -60,9 +58,8 @@ from .state import (
     load_meta,
     read_optional,
 )
-from .verify import PieceCheck as PieceCheck
-from .verify import ReadSpan as ReadSpan
-from .verify import verify_pieces as verify_pieces
+from .verify import scan
+from .writer import close_all
 
 log = logging.getLogger("qbsync.destination.store")
 
@@ -216,7 +213,7 @@ class Store:
         except OSError as exc:
             raise WireError(ErrorCode.IO, f"preparing files: {exc}") from None
         state.recount_remaining()
-        state.flushed_version = state.version
+        state.mark_flushed(state.version)
         self.torrents[state.info_hash] = state
         if to_scan:
             self.start_scan(state, to_scan)
@@ -348,51 +345,19 @@ class Store:
     def _prepare(self, state: TorrentState, fresh: bool) -> set[int]:
         return prepare(self.root, self.registry, state, fresh)
 
-    def _scan_candidates(self, state: TorrentState, files: set[int]) -> list[int]:
-        """Unwritten pieces touching one of ``files`` (found on disk, to be verified)."""
-        out: set[int] = set()
-        for idx in files:
-            out.update(i for i in state.geometry.file_pieces(idx) if not state.written[i])
-        return sorted(out)
-
-    def _piece_check(self, state: TorrentState, index: int, present: set[int]) -> PieceCheck | None:
-        spans: list[ReadSpan] = []
-        for span in state.geometry.spans(index):
-            f = state.files[span.file_index]
-            if f.pad:
-                spans.append(ReadSpan(None, span.file_offset, span.length))
-            elif f.index in present:
-                spans.append(ReadSpan(f.working_parts, span.file_offset, span.length))
-            else:
-                return None
-        return PieceCheck(index, state.metainfo.piece_hashes[index], tuple(spans))
-
     async def _scan(self, state: TorrentState, files: set[int]) -> None:
         """Verify pieces already on disk, then settle EXISTING files (see module doc)."""
         try:
-            present = await trio.to_thread.run_sync(self._present_files, state)
-            checks = [
-                c
-                for i in self._scan_candidates(state, files)
-                if (c := self._piece_check(state, i, present)) is not None
-            ]
-            proven: set[int] = set()
-            batch = 64
-            for start in range(0, len(checks), batch):
-                async with self.read_limiter:
-                    proven |= await trio.to_thread.run_sync(
-                        verify_pieces, self.root, checks[start : start + batch]
-                    )
+            checked, proven = await scan(self.root, state, files, self.read_limiter)
             state.mark_proven(proven)
             if proven:
                 metrics.pieces_found_on_disk.inc(len(proven))
-            failed = {c.index for c in checks} - proven
-            await self._settle_existing(state, failed)
+            await self._settle_existing(state, checked - proven)
             state.recount_remaining()
             log.info(
                 "event=scan_done hash=%s checked=%d proven=%d needed=%d",
                 state.info_hash,
-                len(checks),
+                len(checked),
                 len(proven),
                 state.missing_count(),
             )
@@ -408,20 +373,6 @@ class Store:
             for f in state.files:
                 if f.status is FileStatus.STREAMING and f.remaining == 0:
                     self.on_file_complete(state, f)
-
-    def _present_files(self, state: TorrentState) -> set[int]:
-        """Files whose working path holds a full-size regular file right now."""
-        out: set[int] = set()
-        for f in state.files:
-            if f.pad or f.size == 0 or f.created_empty:
-                continue
-            parts = f.working_parts if f.status is not FileStatus.SKIPPED else f.parts
-            try:
-                if paths.regular_size(self.root, parts) == f.size:
-                    out.add(f.index)
-            except (OSError, paths.UnsafePathError):
-                continue
-        return out
 
     async def _settle_existing(self, state: TorrentState, failed: set[int]) -> None:
         """EXISTING -> COMPLETE unless one of its pieces was checked and failed. Pieces that
@@ -448,7 +399,7 @@ class Store:
                         unproven,
                     )
                     continue
-                f.status = FileStatus.COMPLETE
+                f.become(FileStatus.COMPLETE)
                 state.ledger.adopted.add(f.parts)
                 log.info(
                     "event=user_file_adopted hash=%s path=%s note=%s",
@@ -458,7 +409,7 @@ class Store:
                 )
                 continue
             if not failed.intersection(state.geometry.file_pieces(f.index)):
-                f.status = FileStatus.COMPLETE
+                f.become(FileStatus.COMPLETE)
                 continue
             for name in (f.parts, paths.partial_parts(f.parts)):
                 owner = self.foreign_owner(name, state.info_hash)
@@ -587,7 +538,7 @@ class Store:
                 raise
             metrics.state_flush_duration.observe(time.monotonic() - start)
             if not failed:
-                state.flushed_version = version
+                state.mark_flushed(version)
 
     async def flush_all(self) -> None:
         for state in list(self.torrents.values()):
@@ -597,53 +548,6 @@ class Store:
         metrics.torrents_with_dirty_state.set(
             sum(1 for s in self.torrents.values() if s.dirty and not s.dry_run)
         )
-
-    # -- files --------------------------------------------------------------------------------
-
-    async def acquire(self, state: TorrentState, f: DataFile) -> int | None:
-        """The write descriptor of ``f`` (opened on first use), pinned until
-        :meth:`DataFile.release`. ``None`` when the file is being closed or finalized, or the
-        torrent is finalizing or gone — a late writer must never re-create a ``.partial`` that
-        finalize just renamed or abort just deleted. Raises ``OSError`` / ``UnsafePathError``."""
-        if f.unavailable() or not state.is_in(Phase.ACTIVE):
-            return None
-        if f.fd is None:
-            async with f.open_lock:
-                if f.fd is None and not f.unavailable() and state.is_in(Phase.ACTIVE):
-                    f.fd = await trio.to_thread.run_sync(open_for_write, self.root, state, f)
-        fd = f.fd
-        if f.unavailable() or fd is None or not state.is_in(Phase.ACTIVE):
-            return None
-        f.users += 1
-        return fd
-
-    async def close_file(self, state: TorrentState, f: DataFile, *, sync: bool = True) -> bool:
-        """Wait for writes in flight, fdatasync and close. False when the sync failed (then
-        the file's bits are cleared, see :meth:`flush`)."""
-        f.closing = True
-        try:
-            async with f.open_lock:
-                await f.wait_idle()
-                fd, f.fd = f.fd, None
-                if fd is None:
-                    return True
-                ok = await trio.to_thread.run_sync(_sync_and_close, fd, sync)
-        finally:
-            f.closing = False
-        state.touched.discard(f.index)
-        if not ok:
-            metrics.file_sync_errors.labels("destination").inc()
-            log.error("event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts))
-            state.clear_pieces(state.geometry.file_pieces(f.index))
-            state.recount_remaining()
-        return ok
-
-    async def close_all(self, state: TorrentState, *, sync: bool = True) -> bool:
-        ok = True
-        for f in state.files:
-            if f.fd is not None or f.users:
-                ok = await self.close_file(state, f, sync=sync) and ok
-        return ok
 
     # -- removal --------------------------------------------------------------------------------
 
@@ -659,7 +563,7 @@ class Store:
         Never call it from one of ``state``'s own tasks (it would wait for itself)."""
         self.untrack(state)
         await state.cancel_tasks()
-        await self.close_all(state, sync=False)
+        await close_all(state, sync=False)
 
     async def wipe_state_dir(self, info_hash: str, *, keep_ledger: bool = False) -> None:
         """Delete ``<data>/.qbsync/<hash>`` (data files are not touched). A ``.finalized``
@@ -825,14 +729,3 @@ def _sync_fds(fds: Sequence[tuple[int, int | None]]) -> list[int]:
         except OSError:
             failed.append(idx)
     return failed
-
-
-def _sync_and_close(fd: int, sync: bool) -> bool:
-    try:
-        if sync:
-            os.fdatasync(fd)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)

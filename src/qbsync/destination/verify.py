@@ -1,6 +1,9 @@
-"""Reading pieces back from disk and checking their SHA-1 (blocking; run in threads).
+"""Reading pieces back from disk and checking their SHA-1.
 
-Used by the scan of files found on disk and by the read-back finalize without qBittorrent."""
+:func:`verify_pieces` is the blocking reader (run in threads), used by the read-back finalize
+without qBittorrent and by :func:`scan`, the verification of files found on disk at init
+(which pieces to check, read in batches under the store's read limiter). What a scan's result
+does to the torrent (proven pieces, settled or demoted files) is the store's lifecycle."""
 
 from __future__ import annotations
 
@@ -10,8 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
+import trio
 
 from .. import paths
+from .state import FileStatus, TorrentState
+
+SCAN_BATCH = 64  # pieces per worker-thread call of a scan
 
 
 @attrs.frozen
@@ -94,3 +101,63 @@ def _pread_exact(fd: int, into: memoryview, offset: int) -> bool:
         into = into[n:]
         offset += n
     return True
+
+
+# --- the scan: files found on disk at init ----------------------------------------------------
+
+
+async def scan(
+    root: Path, state: TorrentState, files: set[int], limiter: trio.CapacityLimiter
+) -> tuple[set[int], set[int]]:
+    """Verify the unwritten pieces of ``files`` that can be read whole from disk now.
+    Returns ``(checked, proven)``: the pieces read, and those whose SHA-1 matched."""
+    present = await trio.to_thread.run_sync(present_files, root, state)
+    checks = [
+        c
+        for i in scan_candidates(state, files)
+        if (c := piece_check(state, i, present)) is not None
+    ]
+    proven: set[int] = set()
+    for start in range(0, len(checks), SCAN_BATCH):
+        async with limiter:
+            proven |= await trio.to_thread.run_sync(
+                verify_pieces, root, checks[start : start + SCAN_BATCH]
+            )
+    return {c.index for c in checks}, proven
+
+
+def scan_candidates(state: TorrentState, files: set[int]) -> list[int]:
+    """Unwritten pieces touching one of ``files`` (found on disk, to be verified)."""
+    out: set[int] = set()
+    for idx in files:
+        out.update(i for i in state.geometry.file_pieces(idx) if not state.written[i])
+    return sorted(out)
+
+
+def piece_check(state: TorrentState, index: int, present: set[int]) -> PieceCheck | None:
+    """How to read piece ``index`` back; None when one of its files is not on disk whole."""
+    spans: list[ReadSpan] = []
+    for span in state.geometry.spans(index):
+        f = state.files[span.file_index]
+        if f.pad:
+            spans.append(ReadSpan(None, span.file_offset, span.length))
+        elif f.index in present:
+            spans.append(ReadSpan(f.working_parts, span.file_offset, span.length))
+        else:
+            return None
+    return PieceCheck(index, state.metainfo.piece_hashes[index], tuple(spans))
+
+
+def present_files(root: Path, state: TorrentState) -> set[int]:
+    """Files whose working path holds a full-size regular file right now (blocking)."""
+    out: set[int] = set()
+    for f in state.files:
+        if f.pad or f.size == 0 or f.created_empty:
+            continue
+        parts = f.working_parts if f.status is not FileStatus.SKIPPED else f.parts
+        try:
+            if paths.regular_size(root, parts) == f.size:
+                out.add(f.index)
+        except (OSError, paths.UnsafePathError):
+            continue
+    return out

@@ -37,15 +37,17 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import attrs
 import trio
 
 from .. import metrics, paths
+from ..log import paths_kv
 from ..torrent import Span
 from ..wire.errors import ErrorCode
+from .files import open_for_write
 from .state import DataFile, FileStatus, Phase, TorrentState
-from .store import Store, paths_kv
 
 log = logging.getLogger("qbsync.destination.writer")
 
@@ -95,12 +97,12 @@ class Writer:
 
     def __init__(
         self,
-        store: Store,
+        root: Path,
         *,
         workers: int,
         on_file_complete: Callable[[TorrentState, DataFile], None],
     ) -> None:
-        self.store = store
+        self.root = root  # the --data directory the files live under
         self.limiter = trio.CapacityLimiter(max(1, workers))
         self._on_file_complete = on_file_complete
         self._busy = 0
@@ -130,7 +132,7 @@ class Writer:
             for span in wanted:
                 f = state.files[span.file_index]
                 try:
-                    fd = await self.store.acquire(state, f)
+                    fd = await acquire(self.root, state, f)
                 except paths.UnsafePathError as exc:
                     return self._io_failure(state, index, f, exc, ErrorCode.UNSAFE_PATH)
                 except OSError as exc:
@@ -194,21 +196,18 @@ class Writer:
     def _record(
         self, state: TorrentState, index: int, matched: bool, files: list[DataFile]
     ) -> None:
-        state.written[index] = True
+        """Book a written piece through the state machine (:meth:`TorrentState.mark_written`
+        is the only writer of the piece record), then start the files it completed."""
+        done = state.mark_written(index, files, verified=matched)
         if not matched:
-            state.unverified[index] = True
             metrics.boundary_pieces_unverified.inc()
             log.info(
                 "event=boundary_piece_unverified hash=%s piece=%d reason=deselected_bytes_unknown",
                 state.info_hash,
                 index,
             )
-        state.version += 1
-        for f in files:
-            state.touched.add(f.index)
-            f.remaining -= 1
-            if f.remaining <= 0 and f.status is FileStatus.STREAMING and not f.finalizing:
-                self._on_file_complete(state, f)
+        for f in done:
+            self._on_file_complete(state, f)
 
     def _overtaken(self, state: TorrentState, index: int) -> Outcome | None:
         """After an await: the answer when the torrent was aborted, another copy of the piece
@@ -261,3 +260,68 @@ class Writer:
         metrics.pieces_received.inc()
         metrics.bytes_received.inc(len(data))
         return OK
+
+
+# --- write handles ------------------------------------------------------------------------------
+# The lifetime of a file's write descriptor (see DataFile): opened lazily by the first writer,
+# pinned by every write in flight, closed only when no write holds it. The finalizer closes a
+# file before its rename, the store closes them all when it forgets a torrent.
+
+
+async def acquire(root: Path, state: TorrentState, f: DataFile) -> int | None:
+    """The write descriptor of ``f`` (opened on first use), pinned until
+    :meth:`DataFile.release`. ``None`` when the file is being closed or finalized, or the
+    torrent is finalizing or gone — a late writer must never re-create a ``.partial`` that
+    finalize just renamed or abort just deleted. Raises ``OSError`` / ``UnsafePathError``."""
+    if f.unavailable() or not state.is_in(Phase.ACTIVE):
+        return None
+    if f.fd is None:
+        async with f.open_lock:
+            if f.fd is None and not f.unavailable() and state.is_in(Phase.ACTIVE):
+                f.fd = await trio.to_thread.run_sync(open_for_write, root, state, f)
+    fd = f.fd
+    if f.unavailable() or fd is None or not state.is_in(Phase.ACTIVE):
+        return None
+    f.users += 1
+    return fd
+
+
+async def close_file(state: TorrentState, f: DataFile, *, sync: bool = True) -> bool:
+    """Wait for writes in flight, fdatasync and close. False when the sync failed (then
+    the file's bits are cleared, see :meth:`.store.Store.flush`)."""
+    f.closing = True
+    try:
+        async with f.open_lock:
+            await f.wait_idle()
+            fd, f.fd = f.fd, None
+            if fd is None:
+                return True
+            ok = await trio.to_thread.run_sync(_sync_and_close, fd, sync)
+    finally:
+        f.closing = False
+    state.touched.discard(f.index)
+    if not ok:
+        metrics.file_sync_errors.labels("destination").inc()
+        log.error("event=file_sync_failed hash=%s file=%s", state.info_hash, paths_kv(f.parts))
+        state.clear_pieces(state.geometry.file_pieces(f.index))
+        state.recount_remaining()
+    return ok
+
+
+async def close_all(state: TorrentState, *, sync: bool = True) -> bool:
+    ok = True
+    for f in state.files:
+        if f.fd is not None or f.users:
+            ok = await close_file(state, f, sync=sync) and ok
+    return ok
+
+
+def _sync_and_close(fd: int, sync: bool) -> bool:
+    try:
+        if sync:
+            os.fdatasync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

@@ -47,8 +47,8 @@ import h11
 import trio
 
 from .. import metrics
-from ..config import HostPort
 from ..log import kv
+from ..wire.address import HostPort
 from . import liveness
 
 log = logging.getLogger("qbsync.http.server")

@@ -244,19 +244,11 @@ FINISHED_STATES = ("seeding on destination", "handed off", "failed")  # activity
 
 def source_state(t: Any, info: Mapping[str, Any] | None, connected: bool) -> str:
     """The user-facing state of a source ``Tracked`` (see :data:`STATES`); ``info`` is
-    qBittorrent's entry for it (None when unknown). The one mapping from the tracked torrent's
-    fields to words: point it at a phase enum when the tracked torrent grows one."""
-    tr = t.tracker
-    if t.finalize_failures:
-        return "retrying"
-    if tr.complete:
-        return "verifying" if t.finalize_polls else "finalizing"
-    if not connected:
-        return "waiting"
+    qBittorrent's entry for it (None when unknown). The words come from the tracked torrent's
+    own phase (``source.state.Tracked.status_label``); this only says whether qBittorrent
+    still downloads it."""
     progress = float((info or {}).get("progress") or 0.0)
-    if info is not None and progress < 1.0:
-        return "downloading + streaming"
-    return "streaming"
+    return str(t.status_label(downloading=info is not None and progress < 1.0, connected=connected))
 
 
 def destination_state(phase: str) -> str:

@@ -43,6 +43,7 @@ from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import StartResult, StartTorrent
 from .cache import CompletionCache
 from .paths import PathMapper, content_parent
+from .synced import SyncedMarks
 
 log = logging.getLogger("qbsync.source.cleanup")
 
@@ -114,21 +115,6 @@ def _file_ids(local_dir: Path, names: Iterable[str]) -> set[tuple[int, int]]:
     return out
 
 
-async def add_tag(qb: QB, info_hash: str, tag: str) -> None:
-    """Add ``tag`` to a source torrent. A failure is counted and logged, not raised: a missing
-    ``--synced-tag`` is added again by the next cleanup pass (see :class:`Cleanup`)."""
-    try:
-        await qb.add_tags(info_hash, [tag])
-    except QBError as exc:
-        metrics.tag_application_errors.labels("source").inc()
-        log.warning(
-            "event=tag_failed hash=%s tag=%s code=qb-error error=%s",
-            info_hash,
-            kv(tag),
-            kv(str(exc)),
-        )
-
-
 def _candidate(info: dict[str, Any]) -> Candidate:
     completion = float(info.get("completion_on") or 0)
     return Candidate(
@@ -179,6 +165,7 @@ class Cleanup:
         self.exclude_cleanup_tag = exclude_cleanup_tag
         self.dry_run = dry_run
         self.syncing = syncing  # a torrent being (re-)synced is never a candidate
+        self.synced = SyncedMarks(cache, qb, synced_tag, dry_run=dry_run)
         self._lock = trio.Lock()  # at most one pass (cleanup or drain) at a time
         # Handed off by a pass and deleted here: the removal that follows is not a second
         # hand-off for the activity log (the orchestrator reads and clears it).
@@ -286,7 +273,7 @@ class Cleanup:
                 # Completion known but never tagged (e.g. found complete after a re-download
                 # or a failed tag write): tag now, hand off in a later pass.
                 if not self.dry_run:
-                    await add_tag(self.qb, h, self.synced_tag)
+                    await self.synced.retag(h)
                 continue
             if not ok:
                 continue
@@ -397,7 +384,7 @@ class Cleanup:
             kv(detail),
         )
         if reason == ErrorCode.NOT_FOUND.value and h in self.cache:
-            await self.cache.remove(h)
+            await self.synced.forget(h)
             log.warning(
                 "event=completion_forgotten hash=%s reason=destination_copy_missing "
                 "action=sync_again",

@@ -217,7 +217,7 @@ class Monitor:
         self.registry.enqueue(t, new)
         if new:
             log.debug("event=pieces_ready hash=%s count=%d", t.info_hash, len(new))
-        t.first_poll_done = True
+        t.first_poll_finished()
         metrics.piece_queue_depth.set(len(self.registry.queue))
         if t.tracker.complete:
             self.registry.notify_changed()

@@ -58,7 +58,7 @@ from ..qbittorrent.api import QB, QBError, split_tags
 from ..wire.errors import RETRYABLE, ConnectionClosed, ErrorCode, WireError
 from ..wire.messages import Abort, Finalize, FinalizeResult, InitResult, InitTorrent, SyncStatus
 from .cache import CompletionCache, fingerprint
-from .cleanup import Cleanup, add_tag
+from .cleanup import Cleanup
 from .codes import Code, SkipReason, SourceCode
 from .meta import MetaError, SourceMeta, build_meta
 from .monitor import MaindataUpdate, Monitor
@@ -67,6 +67,7 @@ from .pool import ConnectionPool, DestinationUnavailable
 from .reader import PieceReader
 from .sender import NotReady, initialize
 from .state import Registry, Tracked
+from .synced import add_tag
 from .tracker import PieceTracker
 
 log = logging.getLogger("qbsync.source.orchestrator")
@@ -199,9 +200,7 @@ class Orchestrator:
         self._link_ids: dict[str, frozenset[tuple[int, int]]] = {}  # see _hardlink_gate
         self._link_waiting: dict[str, str] = {}  # waiting hash -> the tracked hash it waits on
         self._dry_logged: set[tuple[str, str]] = set()
-        self._orphans: set[str] = set()  # tracked, fully streamed, removed from the source
         self._pending_aborts: set[str] = set()  # aborts that failed while unreachable
-        self._last_info: dict[str, dict[str, Any]] = {}
         self._last_timer_cycle = 0.0
         self._last_maintenance = trio.current_time()
         self.arr = ArrSet.from_config(config.arr_url, config.arr_api_key, mode="source")
@@ -218,6 +217,7 @@ class Orchestrator:
             dry_run=config.dry_run,
             syncing=lambda h: h in self.registry,  # being (re-)synced: never handed off
         )
+        self.synced = self.cleanup.synced  # the only writer of the cache and --synced-tag
         monitor.on_update = self.on_update
         monitor.on_removed = self.on_removed
 
@@ -351,7 +351,7 @@ class Orchestrator:
         for t in self.registry.all():
             info = self.monitor.torrents.get(t.info_hash)
             if info is not None:
-                self._last_info[t.info_hash] = info
+                t.remember_info(info)
 
     # -- 1. removals ------------------------------------------------------------------------
 
@@ -365,7 +365,7 @@ class Orchestrator:
             if h in self.monitor.torrents:
                 continue  # re-added meanwhile (or a spurious 404): nothing to do
             t = self.registry.get(h)
-            if t is not None and h in self._orphans:
+            if t is not None and t.removed_from_source:
                 continue  # already handled: finishing the finalize of a removed torrent
             if h in self.cache:
                 await self._handoff_removed(h)
@@ -376,7 +376,7 @@ class Orchestrator:
                 continue
             if t.tracker.complete and not self.dry_run:
                 # Every piece is on the destination: finalize anyway, then hand over.
-                self._orphans.add(h)
+                t.mark_removed_from_source()
                 log.info("event=torrent_removed_streamed hash=%s action=finalize", h)
                 continue
             self._untrack(h)
@@ -392,7 +392,7 @@ class Orchestrator:
             log.warning("event=handoff_deferred hash=%s code=timeout retry=maintenance", h)
             return
         if await self.cleanup.start_on_destination(h, then="retry_at_maintenance"):
-            await self.cache.remove(h)
+            await self.synced.forget(h, untag=False)  # gone from the source: no tag to remove
             log.info("event=handoff_removed hash=%s tag=%s", h, kv(self.config.source_removed_tag))
             if h in self.cleanup.handed_off:
                 self.cleanup.handed_off.discard(h)  # the cleanup's own delete: logged there
@@ -501,14 +501,14 @@ class Orchestrator:
                 kv(fp),
             )
             metrics.file_selection_resyncs.inc()
-            await self._untag_synced(h)
+            await self.synced.forget(h)
             await self._track(h, info, resync=True, files=files, torrent_file=t.meta.torrent_file)
             return
         stored = self.cache.get(h)
         if stored is None or stored == fp:
             return
         if stored == "":
-            await self.cache.put(h, fp)  # unknown fingerprint: fill it in, no resync
+            await self.synced.mark(h, fp)  # unknown fingerprint: fill it in, no resync
             return
         log.info(
             "event=selection_changed hash=%s old=%s new=%s action=resync",
@@ -520,8 +520,7 @@ class Orchestrator:
         if self.dry_run:
             self._dry("resync", h, reason="selection_changed")
             return
-        await self.cache.remove(h)
-        await self._untag_synced(h)
+        await self.synced.forget(h)
         await self._track(h, info, resync=True, files=files)
 
     # -- 4. discovery -----------------------------------------------------------------------
@@ -554,7 +553,7 @@ class Orchestrator:
         candidates = [
             info
             for h, info in self.monitor.torrents.items()
-            if h not in self._orphans
+            if not self._finishing_removed(h)
             and self._probe_retry_at.get(h, 0.0) <= now
             and self._skip(info) is None
         ]
@@ -624,9 +623,8 @@ class Orchestrator:
             # Unknown: filled in later, never a reason to resync
             # (docs/design-decisions.md#unknown-fingerprint-is-filled-in).
             fp = ""
-        await self.cache.put(h, fp)
         log.info("event=torrent_complete_on_destination hash=%s", h)
-        await self._tag(h, self.config.synced_tag)
+        await self.synced.mark(h, fp)
 
     async def _track(
         self,
@@ -650,8 +648,7 @@ class Orchestrator:
         since = completion if completion > 0 else time.time()
         self.reader.forget(h)
         self._pending_aborts.discard(h)  # tracked again (tag removed, re-added): keep its data
-        t = self.registry.add(meta, tracker, since)
-        t.resync_pending = resync
+        t = self.registry.add(meta, tracker, since, resync=resync)
         metrics.active_torrents.labels("source").set(len(self.registry))
         log.info(
             "event=torrent_tracked hash=%s name=%s pieces=%d piece_length=%d selected_bytes=%d "
@@ -695,7 +692,7 @@ class Orchestrator:
                 except (WireError, NotReady) as exc:
                     if is_transient(exc):
                         return
-                    t.next_finalize_at = now + min(self.config.sleep, 5.0)
+                    t.finalize_later(now + min(self.config.sleep, 5.0))
                     continue
                 if not _complete(t):  # the destination lacked pieces: streaming resumes
                     continue
@@ -706,12 +703,11 @@ class Orchestrator:
         """One finalize attempt. Returns False when the destination is unreachable."""
         h = t.info_hash
         now = trio.current_time()
-        info = self.monitor.torrents.get(h) or self._last_info.get(h)
+        info = self.monitor.torrents.get(h) or t.last_info
         if info is None:
             return True
         t.meta.locate(self.mapper, info)
-        if not t.finalize_started:
-            t.finalize_started = now
+        t.begin_finalize(now)
         request = Finalize(
             info_hash=h,
             category=str(info.get("category") or ""),
@@ -729,15 +725,13 @@ class Orchestrator:
                     exc.code.value,
                     kv(str(exc)),
                 )
-                t.next_finalize_at = now + min(self.config.sleep, 5.0)
+                t.finalize_later(now + min(self.config.sleep, 5.0))
                 return False
             await self._finalize_failed(t, exc)
             return True
         if result.status == SyncStatus.VERIFYING:
-            t.finalize_polls += 1
             # Each Finalize already waits on the destination for the job; ask again at once.
-            t.next_finalize_at = now + min(self.config.sleep, FINALIZE_REPOLL)
-            if t.finalize_polls == 1:
+            if t.finalize_verifying(now + min(self.config.sleep, FINALIZE_REPOLL)) == 1:
                 log.info("event=finalize_verifying hash=%s", h)
             return True
         await self._mark_synced(t, info, result)
@@ -751,13 +745,10 @@ class Orchestrator:
             # The destination has no state for it (lost, or cleaned up): start over.
             metrics.finalize_not_found.inc()
             log.warning("event=finalize_not_found hash=%s action=reinit", h)
-            t.init_generation = -1
-            t.finalize_polls = 0
+            t.uninitialized()
             await self._reinit(t)
             return
-        t.finalize_failures += 1
-        t.last_error = (exc.code.value, exc.message or str(exc), time.time())
-        t.finalize_polls = 0
+        t.finalize_failed(exc.code.value, exc.message or str(exc))
         log.warning(
             "event=finalize_failed hash=%s code=%s attempt=%d max=%d error=%s",
             h,
@@ -769,8 +760,8 @@ class Orchestrator:
         if t.finalize_failures >= MAX_FINALIZE_FAILURES:
             await self._sync_failed(t, exc.code)
             return
-        t.next_finalize_at = trio.current_time() + min(
-            self.config.sleep, 2.0 * 2 ** (t.finalize_failures - 1)
+        t.finalize_later(
+            trio.current_time() + min(self.config.sleep, 2.0 * 2 ** (t.finalize_failures - 1))
         )
         if exc.code in (ErrorCode.INCOMPLETE, ErrorCode.VERIFY_FAILED):
             await self._reinit(t)
@@ -792,7 +783,7 @@ class Orchestrator:
 
     async def _mark_synced(self, t: Tracked, info: dict[str, Any], result: FinalizeResult) -> None:
         h = t.info_hash
-        orphan = h in self._orphans
+        orphan = t.removed_from_source
         self._untrack(h)
         selection = "partial" if t.meta.partial else "full"
         latency = max(0.0, time.time() - t.since)
@@ -833,12 +824,11 @@ class Orchestrator:
                 log.info("event=handoff_removed hash=%s", h)
                 await self._record_removed_handoff(h)
             return
-        await self.cache.put(h, t.meta.fingerprint)
-        await self._tag(h, self.config.synced_tag)
+        await self.synced.mark(h, t.meta.fingerprint)
 
     async def _sync_failed(self, t: Tracked, code: ErrorCode) -> None:
         h = t.info_hash
-        orphan = h in self._orphans
+        orphan = t.removed_from_source
         self._untrack(h)
         selection = "partial" if t.meta.partial else "full"
         metrics.sync_outcomes.labels("source", "failed", selection).inc()
@@ -896,11 +886,14 @@ class Orchestrator:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _finishing_removed(self, h: str) -> bool:
+        """Tracked, fully streamed and removed from the source: being finalized anyway."""
+        t = self.registry.get(h)
+        return t is not None and t.removed_from_source
+
     def _untrack(self, h: str) -> None:
         self.registry.remove(h)
         self.reader.forget(h)
-        self._orphans.discard(h)
-        self._last_info.pop(h, None)
         metrics.active_torrents.labels("source").set(len(self.registry))
 
     async def _tag(self, h: str, tag: str) -> None:
@@ -910,20 +903,6 @@ class Orchestrator:
             self._dry("tag", h, tag=kv(tag))
             return
         await add_tag(self.qb, h, tag)
-
-    async def _untag_synced(self, h: str) -> None:
-        """A resync starts: ``synced`` no longer holds until it finishes (it is set again by
-        the sync's end), and nothing hands off a torrent whose tag is gone."""
-        tag = self.config.synced_tag
-        if not tag or self.dry_run:
-            return
-        try:
-            await self.qb.remove_tags(h, [tag])
-        except QBError as exc:
-            metrics.tag_application_errors.labels("source").inc()
-            log.warning(
-                "event=untag_failed hash=%s tag=%s code=qb-error error=%s", h, kv(tag), kv(str(exc))
-            )
 
     def _dry(self, action: str, h: str, **fields: str) -> None:
         key = (action, h)
@@ -968,7 +947,7 @@ class Orchestrator:
                     "inflight": len(tr.inflight),
                     "complete": tr.complete,
                     "finalize_failures": t.finalize_failures,
-                    "removed_from_source": t.info_hash in self._orphans,
+                    "removed_from_source": t.removed_from_source,
                 }
             )
         return {

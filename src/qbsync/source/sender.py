@@ -29,7 +29,6 @@ the queue length: the queue only holds (hash, index) pairs.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -122,8 +121,7 @@ async def initialize(
         if result.status == SyncStatus.VERIFYING:
             raise NotReady("destination qBittorrent is verifying this torrent")
         t.tracker.apply_needed(parse_needed(result, t.tracker.num_pieces))
-        t.init_generation = generation
-        t.resync_pending = False
+        t.initialized(generation)
         registry.enqueue(t, t.tracker.requeue_ready())
         log.info(
             "event=torrent_initialized hash=%s status=%s needed=%d have=%d pieces=%d "
@@ -221,8 +219,7 @@ class Senders:
             try:
                 buf, view = await self._read(t, index)
             except ReadError as exc:
-                t.read_failures += 1
-                t.last_error = ("io", str(exc), time.time())
+                t.read_failed(str(exc))
                 log.warning(
                     "event=piece_read_failed hash=%s piece=%d code=io error=%s",
                     t.info_hash,
@@ -327,7 +324,7 @@ class Senders:
         if code == ErrorCode.HASH_MISMATCH:
             metrics.piece_hash_mismatch.inc()
         if code == ErrorCode.NOT_INITIALIZED:
-            t.init_generation = -1
+            t.uninitialized()
             t.tracker.fail(index, count=False)
             self.registry.requeue(t, index)
             log.info("event=piece_reinit hash=%s piece=%d code=%s", t.info_hash, index, code)
