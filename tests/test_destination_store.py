@@ -545,7 +545,10 @@ async def test_delete_never_removes_a_finalized_torrents_files(
     a, before = await _finalized_on_disk(store, tmp_path, data)
     b = make_torrent(tmp_path / "b", seed=3)
     names = [(("payload", *rel.split("/")), 0) for rel in FILES]
-    created = Ledger.load(data / ".qbsync" / a.info_hash)  # a created them: proof enough
+    # Finalized: the saved ledger no longer owns them (they are the destination
+    # qBittorrent's now); a ledger that still did (an older version's) is proof enough.
+    assert not Ledger.load(data / ".qbsync" / a.info_hash).files
+    created = _owning(data, [n for n, _ in names])
     assert await store.delete_data(names, info_hash=b.info_hash, ledger=created) == 0
     assert await store.delete_data(names, info_hash=b.info_hash, ledger=Ledger()) == 0
     _untouched(data, before)
@@ -657,10 +660,22 @@ async def test_only_the_vanished_names_of_a_finalized_torrent_are_released(
             assert not (data / ".qbsync" / t.info_hash).exists()
         names = [(("payload", *rel.split("/")), 0) for rel in FILES]
         # Even with a ledger that owns those files (a's), another torrent's names are skipped.
-        owns_all = Ledger.load(data / ".qbsync" / a.info_hash)
+        owns_all = _owning(data, [n for n, _ in names])
         assert owns_all.files
         assert await s.delete_data(names, info_hash=wants_b.info_hash, ledger=owns_all) == 0
         for rel, content in before.items():
             assert (data / "payload" / rel).read_bytes() == content, rel
         assert (data / "payload" / "c" / "d.bin.partial").is_file()
         assert (data / "payload" / "a.bin.partial").is_file()
+
+
+def _owning(data: Path, names: list[tuple[str, ...]]) -> Ledger:
+    """A ledger that records the files at ``names`` (as an older version's ledger of a
+    finalized torrent did)."""
+    ledger = Ledger()
+    for parts in names:
+        for p in (data.joinpath(*parts), data.joinpath(*parts[:-1], parts[-1] + ".partial")):
+            if p.exists():
+                st_ = p.stat()
+                ledger.files.add((st_.st_dev, st_.st_ino))
+    return ledger

@@ -196,6 +196,8 @@ def _lay_out(
         pieces = geometry.file_pieces(f.index)
         if probe.final_size == f.size:
             f.foreign = not final_ours
+            st = probe.final
+            f.handed = f.foreign and st is not None and (st.st_dev, st.st_ino) in ledger.handed
             all_set = all(state.written[i] for i in pieces)
             if all_set and not fresh:
                 f.status = FileStatus.COMPLETE

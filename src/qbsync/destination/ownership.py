@@ -87,6 +87,9 @@ class Ledger:
     # Files that carry XATTR (set when created): for these the mark is part of the proof.
     marked: set[tuple[int, int]] = attrs.field(factory=set)
     adopted: set[paths.Parts] = attrs.field(factory=set)  # foreign files accepted (logs, status)
+    # Files of this torrent that were finalized and so handed to the destination qBittorrent
+    # (:meth:`disown`): foreign now, but known to be the copy qbsync once verified.
+    handed: set[tuple[int, int]] = attrs.field(factory=set)
     # Worker threads of several files of one torrent record and save concurrently.
     _lock: threading.Lock = attrs.field(factory=threading.Lock, eq=False, repr=False)
     _save_lock: threading.Lock = attrs.field(factory=threading.Lock, eq=False, repr=False)
@@ -184,6 +187,15 @@ class Ledger:
             raise ConflictError(src, "was not created by qbsync: not renaming it")
         paths.rename(root, src, dst)
 
+    def disown(self, ids: set[tuple[int, int]]) -> None:
+        """Give up the files ``ids`` (device, inode): a finalized torrent's files belong to
+        the destination qBittorrent from then on, so no later request (a resync, an Abort,
+        the reaper) may ever delete, truncate, rename or write them: they are foreign."""
+        with self._lock:
+            self.files -= ids
+            self.marked -= ids
+            self.handed |= ids
+
     def remove_empty_dirs(self, root: Path, parts: paths.Parts, *, keep: int) -> None:
         paths.remove_empty_dirs(root, parts, keep=keep, only=self.dirs)
 
@@ -196,6 +208,7 @@ class Ledger:
                 "marked": sorted([d, i] for d, i in self.marked),
                 "dirs": sorted("/".join(p) for p in self.dirs),
                 "adopted": sorted("/".join(p) for p in self.adopted),
+                "handed": sorted([d, i] for d, i in self.handed),
             }
         return json.dumps(doc, indent=1).encode() + b"\n"
 
@@ -215,6 +228,7 @@ class Ledger:
             adopted = {
                 tuple(p.split("/")) for p in doc.get("adopted", []) if isinstance(p, str) and p
             }
+            handed = {(int(d), int(i)) for d, i in doc.get("handed", [])}
         except (OSError, ValueError, TypeError, AttributeError):
             return cls()
-        return cls(files, dirs, marked, adopted)
+        return cls(files, dirs, marked, adopted, handed)

@@ -53,6 +53,10 @@ META_NAME = "meta.json"
 TORRENT_NAME = "torrent"
 PIECES_NAME = "pieces"
 FINALIZED_NAME = ".finalized"
+# Written (durably) just before qbsync adds the torrent to the destination qBittorrent: the
+# proof that the entry is qbsync's. Without it (and without a ``.finalized`` marker) an entry
+# of that hash is the user's own, and qbsync never stops, rechecks, renames or removes it.
+QB_ADDED_NAME = "qb-added"
 
 _PIECES_MAGIC = b"QBSP"
 _PIECES_VERSION = 1
@@ -90,8 +94,13 @@ class TorrentMeta:
 class FinalizedFile:
     path: str  # data-root-relative, "/"-joined (sub path included)
     size: int
-    device: int = 0
+    device: int = 0  # the source's (device, inode): the hardlink registry's key
     inode: int = 0
+    # The verified file's own (device, inode) here, taken when the marker is written: a file
+    # at that name with another inode is not the copy qbsync verified (0 = unknown, older
+    # markers), and a hand-off is refused for it.
+    disk_device: int = 0
+    disk_inode: int = 0
 
 
 @attrs.frozen
@@ -206,6 +215,9 @@ class DataFile:
     # it covers verifies, else the torrent is refused (``conflict``). Never written, renamed
     # or deleted (see :mod:`.ownership`).
     foreign: bool = False
+    # Foreign because this torrent finalized it earlier (its ledger handed it over): pieces a
+    # resync cannot check (they share bytes with a file not on disk) do not stop its adoption.
+    handed: bool = False
     # Its .partial was created empty by this init: a scan must not read its zeros as data.
     created_empty: bool = False
     fd: int | None = None

@@ -44,6 +44,7 @@ from .state import (
     FINALIZED_NAME,
     META_NAME,
     PIECES_NAME,
+    QB_ADDED_NAME,
     SCHEMA_VERSION,
     TORRENT_NAME,
     DataFile,
@@ -166,7 +167,51 @@ class Store:
             if size != f.size:
                 what = "missing" if size is None else f"{size} bytes, not {f.size}"
                 return f"file {f.path!r} is {what}"
+            if f.disk_inode:
+                st = paths.lstat(self.root, parts)
+                if st is None or (st.st_dev, st.st_ino) != (f.disk_device, f.disk_inode):
+                    return f"file {f.path!r} was replaced: it is not the copy qbsync verified"
         return None
+
+    # -- who added the qBittorrent entry ----------------------------------------------------------
+
+    def qb_added(self, info_hash: str) -> bool:
+        """qbsync added ``info_hash`` to the destination qBittorrent (its record, or the
+        ``.finalized`` marker, exists). Otherwise an entry of that hash is the user's own."""
+        mdir = self.meta_dir(info_hash)
+        return (mdir / QB_ADDED_NAME).exists() or (mdir / FINALIZED_NAME).exists()
+
+    def record_qb_added(self, state: TorrentState) -> None:
+        """Blocking: record, durably, that qbsync is about to add this torrent to
+        qBittorrent (written before the add: a crash in between leaves a record of an entry
+        that may not exist, never an entry of ours without its record)."""
+        atomic_write(state.meta_dir, QB_ADDED_NAME, b"1\n")
+
+    def disown_finalized(self, info_hash: str) -> None:
+        """Blocking: drop the files a ``.finalized`` marker lists from the torrent's ledger
+        (state written by an older version still records them). Called before a resync of a
+        finalized torrent: its verified files become foreign, so the new sync may only read
+        them (adopt them when every piece verifies) and never delete, rename or write them."""
+        marker = self.read_marker(info_hash)
+        if marker is None:
+            return
+        mdir = self.meta_dir(info_hash)
+        ledger = Ledger.load(mdir)
+        ids: set[tuple[int, int]] = set()
+        for f in marker.files:
+            parts = _split(f.path)
+            if parts is None:
+                continue
+            for name in (parts, paths.partial_parts(parts)):
+                try:
+                    st = paths.lstat(self.root, name)
+                except (OSError, paths.UnsafePathError):
+                    continue
+                if st is not None:
+                    ids.add((st.st_dev, st.st_ino))
+        if ids & ledger.files:
+            ledger.disown(ids)
+            ledger.save(mdir)
 
     # -- creation and recovery --------------------------------------------------------------------
 
@@ -436,6 +481,11 @@ class Store:
                 # Not ours: adopted only when every piece it covers is proven; never changed.
                 pieces = state.geometry.file_pieces(f.index)
                 unproven = sum(1 for i in pieces if not state.written[i])
+                # A file this torrent finalized before (a resync) is kept when no piece that
+                # could be checked failed: the unchecked ones share bytes with a file not on
+                # disk yet, and qBittorrent's recheck judges them; it is never changed either.
+                if unproven and f.handed and not failed.intersection(pieces):
+                    unproven = 0
                 if unproven:
                     state.conflict = (
                         f"{f.path!r} exists, was not created by qbsync and {unproven} of its "
@@ -725,31 +775,39 @@ class Store:
         """Replace the state directory's content by the ``.finalized`` marker."""
         # Every selected file, empty ones included: the list is also what the names this
         # torrent owns are rebuilt from at startup.
-        marker = FinalizedMarker(
-            info_hash=state.info_hash,
-            finalized_at=time.time(),
-            save_sub_path=state.meta.save_sub_path,
-            files=tuple(
-                FinalizedFile(f.path, f.size, f.device, f.inode)
-                for f in state.files
-                if f.selected and f.parts
-            ),
-        )
+        selected = [f for f in state.files if f.selected and f.parts]
 
-        def run() -> None:
+        def run() -> FinalizedMarker:
+            files = []
+            ids: set[tuple[int, int]] = set()
+            for f in selected:
+                st = paths.lstat(self.root, f.parts)
+                disk = (st.st_dev, st.st_ino) if st is not None else (0, 0)
+                ids.add(disk)
+                files.append(FinalizedFile(f.path, f.size, f.device, f.inode, *disk))
+            marker = FinalizedMarker(
+                info_hash=state.info_hash,
+                finalized_at=time.time(),
+                save_sub_path=state.meta.save_sub_path,
+                files=tuple(files),
+            )
             mdir = state.meta_dir
             atomic_write(mdir, FINALIZED_NAME, dump_json(marker))
+            # The last copy is inviolable: from here on its files are the destination
+            # qBittorrent's, not qbsync's to delete, rename or write (see Ledger.disown).
+            state.ledger.disown(ids)
             state.ledger.save(mdir)
             for entry in mdir.iterdir():
                 if entry.name not in (FINALIZED_NAME, OWNED_NAME):
                     with contextlib.suppress(OSError):
                         entry.unlink()
+            return marker
 
         # Owned before the marker exists and before the caller untracks the state, so there
         # is no moment at which another torrent could claim these names.
         self.own_finalized_state(state)
         try:
-            await trio.to_thread.run_sync(run)
+            marker = await trio.to_thread.run_sync(run)
         except BaseException:
             if not self.has_marker(state.info_hash):
                 self.release_finalized(state.info_hash)
