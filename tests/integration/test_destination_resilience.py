@@ -325,7 +325,7 @@ async def test_abort_deletes_only_this_torrents_files(tmp_path, qbsync_factory) 
         result = await client.abort(t, delete_files=True)
         assert result.existed
         assert (await client.send_piece(t, 9)).code == ErrorCode.NOT_INITIALIZED
-    assert _tree(data) == {"payload", "payload/keep-me.txt", ".qbsync"}
+    assert _tree(data) == {"payload", "payload/keep-me.txt", ".qbsync", ".qbsync/.state-key"}
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ import attrs
 from .. import paths
 from ..log import paths_kv
 from ..wire.errors import ErrorCode, WireError
+from . import statetree
 from .durable import atomic_write
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,10 @@ class Ledger:
     def load(cls, meta_dir: Path) -> Ledger:
         """The persisted ledger; an absent or unreadable one owns nothing (fail closed)."""
         try:
-            doc = json.loads((meta_dir / OWNED_NAME).read_bytes())
+            raw = statetree.read(meta_dir, OWNED_NAME)
+            if raw is None:
+                return cls()
+            doc = json.loads(raw)
             files = {(int(d), int(i)) for d, i in doc.get("files", [])}
             marked = {(int(d), int(i)) for d, i in doc.get("marked", [])}
             dirs = {tuple(p.split("/")) for p in doc.get("dirs", []) if isinstance(p, str) and p}

@@ -66,6 +66,7 @@ from ..wire.messages import (
     SyncStatus,
     valid_info_hash,
 )
+from . import statetree
 from .finalizer import FinalizeJob, Finalizer
 from .ownership import OWNED_NAME, Ledger
 from .state import META_NAME, FileMeta, Phase, TorrentMeta, TorrentState, load_meta, read_optional
@@ -446,7 +447,7 @@ class DestinationServer:
                 log.info("event=abort_ignored hash=%s reason=finalized", h)
                 return None
             raw = await trio.to_thread.run_sync(read_optional, self.store.meta_dir(h) / META_NAME)
-            if raw is None and not self.store.meta_dir(h).exists():
+            if raw is None and not statetree.is_dir(self.store.meta_dir(h)):
                 return None
             if raw is not None:
                 files = _files_from_meta(raw)
@@ -564,9 +565,13 @@ class DestinationServer:
         qBittorrent has them or cannot be asked (fail closed). Their state directory and the
         data files qbsync created for them (see :mod:`.ownership`) are deleted."""
         root = self.store.state_root
-        if self.dry_run or not root.is_dir():
+        if self.dry_run:
             return 0
-        names = await trio.to_thread.run_sync(lambda: sorted(p.name for p in root.iterdir()))
+        try:
+            names = await trio.to_thread.run_sync(statetree.root_names, root)
+        except OSError as exc:
+            log.error("event=orphan_scan_failed error=%s", paths_kv(str(exc)))
+            return 0
         now = time.time()
         reclaimed = 0
         for h in names:
@@ -619,7 +624,7 @@ class DestinationServer:
 
 
 def _has_torrent_state(mdir: Path) -> bool:
-    return any(e.name != OWNED_NAME for e in mdir.iterdir()) if mdir.is_dir() else False
+    return any(name != OWNED_NAME for name in statetree.names(mdir))
 
 
 async def _listed(qb: QB, info_hash: str, missing: str) -> dict[str, Any]:

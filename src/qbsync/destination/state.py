@@ -46,6 +46,7 @@ import trio
 from ..bitfield import Bitfield
 from ..paths import Parts, partial_parts
 from ..torrent import Geometry, Metainfo
+from . import statetree
 from .ownership import Ledger
 
 SCHEMA_VERSION = 1
@@ -167,10 +168,9 @@ def decode_pieces(raw: bytes, size: int) -> tuple[Bitfield, Bitfield]:
 
 
 def read_optional(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+    """The authentic content of the state file ``path`` (``<state>/<hash>/<name>``), or None
+    when it is absent or not one the daemon wrote (see :mod:`.statetree`)."""
+    return statetree.read(path.parent, path.name)
 
 
 # --- in-memory model ------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..bitfield import Bitfield
 from ..log import paths_kv as paths_kv  # re-exported: writer.py imports it from here
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
+from . import statetree
 from .durable import atomic_write
 from .files import clear_state_dir, prepare
 from .files import demote_file as demote_file
@@ -84,10 +84,16 @@ class Store:
     """All tracked torrents of one destination, and their state directories."""
 
     def __init__(
-        self, data: Path, *, dry_run: bool = False, registry: HardlinkRegistry | None = None
+        self,
+        data: Path,
+        *,
+        dry_run: bool = False,
+        registry: HardlinkRegistry | None = None,
+        state_root: Path | None = None,
     ) -> None:
         self.root = data
-        self.state_root = data / paths.STATE_DIR_NAME
+        # ``--state-dir`` (default ``<data>/.qbsync``), opened only through :mod:`.statetree`.
+        self.state_root = state_root if state_root is not None else data / paths.STATE_DIR_NAME
         self.dry_run = dry_run
         self.registry = registry if registry is not None else HardlinkRegistry()
         self.torrents: dict[str, TorrentState] = {}
@@ -143,7 +149,7 @@ class Store:
         return marker if marker is not None else FinalizedMarker(info_hash, 0.0)
 
     def has_marker(self, info_hash: str) -> bool:
-        return (self.meta_dir(info_hash) / FINALIZED_NAME).exists()
+        return statetree.exists(self.meta_dir(info_hash), FINALIZED_NAME)
 
     def copy_problem(self, marker: FinalizedMarker) -> str | None:
         """Why the finalized copy of ``marker``'s torrent is not whole on disk right now, or
@@ -179,7 +185,7 @@ class Store:
         """qbsync added ``info_hash`` to the destination qBittorrent (its record, or the
         ``.finalized`` marker, exists). Otherwise an entry of that hash is the user's own."""
         mdir = self.meta_dir(info_hash)
-        return (mdir / QB_ADDED_NAME).exists() or (mdir / FINALIZED_NAME).exists()
+        return statetree.exists(mdir, QB_ADDED_NAME) or statetree.exists(mdir, FINALIZED_NAME)
 
     def record_qb_added(self, state: TorrentState) -> None:
         """Blocking: record, durably, that qbsync is about to add this torrent to
@@ -335,14 +341,14 @@ class Store:
         released, else the released files and the owner's files still owned (``None`` when
         none is left: the marker directory was removed). Only state files are touched."""
         mdir = self.meta_dir(owner)
-        if not (mdir / FINALIZED_NAME).exists():
+        if not statetree.exists(mdir, FINALIZED_NAME):
             return None  # the marker is gone: :meth:`_claim_paths` releases the whole owner
         gone = [p for p in finals if not self._present(p)]
         released = [p for p in gone if p in wanted or paths.partial_parts(p) in wanted]
         if not released:
             return None
         if len(gone) == len(finals):
-            shutil.rmtree(mdir)
+            statetree.remove(mdir)
             return released, None
         marker = self.read_marker(owner)
         if marker is None:
@@ -536,13 +542,10 @@ class Store:
 
         The ``.finalized`` markers are read first, so the names they own are known before an
         unfinished torrent claims (and scans) anything."""
-        if not self.state_root.is_dir():
-            return 0
         loaded = 0
         unfinished: list[str] = []
-        for entry in sorted(self.state_root.iterdir()):
-            h = entry.name
-            if not entry.is_dir() or h.startswith(".") or not _is_hash(h):
+        for h in await trio.to_thread.run_sync(statetree.root_names, self.state_root):
+            if not _is_hash(h) or not statetree.is_dir(self.meta_dir(h)):
                 continue
             marker = self.read_marker(h)
             if marker is None:
@@ -720,7 +723,7 @@ class Store:
         if keep_ledger:
             await trio.to_thread.run_sync(lambda: clear_state_dir(mdir, keep=OWNED_NAME))
         else:
-            await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
+            await trio.to_thread.run_sync(statetree.remove, mdir)
         self.release_finalized(info_hash)
 
     async def delete_data(
@@ -797,10 +800,7 @@ class Store:
             # qBittorrent's, not qbsync's to delete, rename or write (see Ledger.disown).
             state.ledger.disown(ids)
             state.ledger.save(mdir)
-            for entry in mdir.iterdir():
-                if entry.name not in (FINALIZED_NAME, OWNED_NAME):
-                    with contextlib.suppress(OSError):
-                        entry.unlink()
+            statetree.clear(mdir, keep=(FINALIZED_NAME, OWNED_NAME))
             return marker
 
         # Owned before the marker exists and before the caller untracks the state, so there
@@ -859,13 +859,7 @@ def _is_hash(name: str) -> bool:
 
 
 def newest_mtime(directory: Path) -> float:
-    newest = 0.0
-    with contextlib.suppress(OSError):
-        for entry in directory.iterdir():
-            with contextlib.suppress(OSError):
-                newest = max(newest, entry.stat().st_mtime)
-        newest = max(newest, directory.stat().st_mtime)
-    return newest or time.time()
+    return statetree.newest_mtime(directory) or time.time()
 
 
 def _intersect(a: Bitfield, b: Bitfield) -> Bitfield:
