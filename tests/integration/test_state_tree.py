@@ -98,6 +98,13 @@ def test_group_rule_others_and_foreign_groups_refused_own_group_accepted(
     dest = start_destination(qbsync_factory, data, extra=["--state-dir", str(state)])
     assert dest.proc.stop() == 0
     assert state.stat().st_mode & 0o7777 == 0o2770  # left as the operator (kubelet) set it
+    key = state / statetree.KEY_NAME
+    assert key.stat().st_mode & 0o777 == 0o600
+    key.chmod(0o660)  # the kubelet's fsGroup pass at the next pod start
+    dest = start_destination(qbsync_factory, data, extra=["--state-dir", str(state)])
+    assert dest.proc.stop() == 0
+    key.chmod(0o604)  # readable by others: the key would be no secret
+    assert "state-key" in _refused(qbsync_factory, data, ["--state-dir", str(state)])
 
 
 async def test_a_planted_ledger_is_ignored_and_the_user_file_untouched(

@@ -19,9 +19,10 @@ writes and ``clear_state_dir`` then went through it, out of ``--data``) or a mad
   group, which it also gives the daemon) and is safe because nothing a group member writes is
   believed: every state file must be a regular file owned by the daemon's user *and* carry an
   authentication tag (below), so a member can at worst delete state (qbsync then knows less
-  and refuses more; it never deletes more). A group the daemon is not in is refused: then
-  strangers could write there. Use ``--state-dir`` outside ``--data`` whenever accounts other
-  than the daemon's can write ``--data``.
+  and refuses more; it never deletes more). (Where the kubelet made the key file group-
+  readable, the pod's group could forge tags: that group is the pod's own processes.) A group
+  the daemon is not in is refused: then strangers could write there. Use ``--state-dir``
+  outside ``--data`` whenever accounts other than the daemon's can write ``--data``.
 * **Authentication tags.** Every state file ends with a trailer
   ``\\n#qbsync-tag:v1:<64 hex>\\n``: HMAC-SHA256, keyed by the 32-byte key ``.state-key`` in
   the state root (0600, created on first start), over ``<hash dir>/<file name>\\0<content>``
@@ -175,14 +176,17 @@ def _read_key(rfd: int, name: str) -> bytes | None:
         return None
     try:
         st = os.fstat(fd)
+        # Group bits only for a group the daemon runs in (the kubelet adds g+rw to every file
+        # of an fsGroup volume): the same group rule as for the directories.
         if (
             not stat.S_ISREG(st.st_mode)
             or st.st_uid != os.geteuid()
-            or st.st_mode & (stat.S_IRWXO | stat.S_IWGRP)
+            or st.st_mode & stat.S_IRWXO
+            or (st.st_mode & stat.S_IRWXG and st.st_gid not in _groups())
         ):
             raise StateTreeError(
                 errno.EPERM,
-                f"{name} is not a regular file of the daemon's user readable only by it",
+                f"{name} is not a regular file of the daemon's user that others cannot read",
             )
         key = os.read(fd, KEY_BYTES + 1)
     finally:
