@@ -65,7 +65,8 @@ FILE_MODE = 0o600
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 TMP_PREFIX = ".tmp-"
 
-_keys: dict[tuple[int, int], bytes] = {}  # state root (device, inode) -> key
+# (root device, root inode, key inode, key mtime) -> key
+_keys: dict[tuple[int, int, int, int], bytes] = {}
 _keys_lock = threading.Lock()
 _logged: set[tuple[str, str, int]] = set()
 
@@ -197,17 +198,25 @@ def _read_key(rfd: int, name: str) -> bytes | None:
 
 
 def _write_new(rfd: int, name: str, data: bytes) -> None:
+    """Create ``name`` with ``data``, complete or not at all (written under a temporary name,
+    then linked: a reader never sees it empty; ``FileExistsError`` when it exists)."""
+    tmp = f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
     fd = os.open(
-        name,
+        tmp,
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
         FILE_MODE,
         dir_fd=rfd,
     )
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, name, src_dir_fd=rfd, dst_dir_fd=rfd, follow_symlinks=False)
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=rfd)
     os.fsync(rfd)
 
 
@@ -215,27 +224,27 @@ def _key(rfd: int, *, create: bool = True) -> bytes | None:
     """The root's key (created on first write when the root has none: a store built without
     :func:`prepare_root`, as unit tests do; adoption only ever happens there). A read never
     creates it (``create`` False: None), so a dry run leaves an older version's state to be
-    adopted by the first real start."""
-    st = os.fstat(rfd)
-    ident = (st.st_dev, st.st_ino)
-    key = _keys.get(ident)
-    if key is not None:
-        return key
-    with _keys_lock:
+    adopted by the first real start. Cached by the identity of the root and of the key file,
+    so a re-created root or key is never served an old key."""
+    for name in (KEY_NAME, ADOPTING_NAME):
+        try:
+            kst = os.stat(name, dir_fd=rfd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        rst = os.fstat(rfd)
+        ident = (rst.st_dev, rst.st_ino, kst.st_ino, kst.st_mtime_ns)
         key = _keys.get(ident)
         if key is None:
-            key = _read_key(rfd, KEY_NAME) or _read_key(rfd, ADOPTING_NAME)
-            if key is None and not create:
-                return None
+            key = _read_key(rfd, name)
             if key is None:
-                key = secrets.token_bytes(KEY_BYTES)
-                try:
-                    _write_new(rfd, KEY_NAME, key)
-                except FileExistsError:
-                    key = _read_key(rfd, KEY_NAME)
-                    assert key is not None
+                continue  # removed meanwhile
             _keys[ident] = key
-    return key
+        return key
+    if not create:
+        return None
+    with _keys_lock, contextlib.suppress(FileExistsError):  # else another thread made it
+        _write_new(rfd, KEY_NAME, secrets.token_bytes(KEY_BYTES))
+    return _key(rfd, create=False)
 
 
 def _tag(key: bytes, dirname: str, name: str, body: bytes) -> bytes:
@@ -478,7 +487,6 @@ def prepare_root(root: Path) -> int:
                 adopted += 1
         os.rename(ADOPTING_NAME, KEY_NAME, src_dir_fd=rfd, dst_dir_fd=rfd)
         os.fsync(rfd)
-        _keys[(st.st_dev, st.st_ino)] = key
     return adopted
 
 
