@@ -498,7 +498,9 @@ class Finalizer:
             raise WireError(
                 ErrorCode.CONFLICT,
                 "the destination qBittorrent already has this torrent and qbsync did not add "
-                "it: it is the user's own, qbsync does not stop, check or rename it",
+                "it (the user's own, or added by a qbsync older than this one): qbsync does not "
+                "stop, check or rename it; remove it from qBittorrent, keeping its files, to "
+                "let qbsync add its own",
             )
         if existing is None:
             await trio.to_thread.run_sync(self.store.record_qb_added, state)
