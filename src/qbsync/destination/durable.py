@@ -1,7 +1,8 @@
 """Durable writes on the destination: what a crash cannot half-do.
 
-Owns the three blocking helpers every state file goes through (call them in a thread):
-``atomic_write`` (temp file, fsync, rename, fsync of the directory), ``fsync_dir`` and
+Owns the blocking helpers state files go through (call them in a thread): ``atomic_write``
+(temp file, fsync, rename, fsync of the directory; done by :mod:`.statetree` through
+directory descriptors, 0600, with the file's authentication tag), ``fsync_dir`` and
 ``mkdir_durable``. They sit below both :mod:`.state` and :mod:`.ownership`, which each persist
 their own records with them, so neither has to import the other for it.
 """

@@ -1,6 +1,8 @@
 """The destination's per-torrent model and its on-disk persistence format.
 
-Layout of ``<data>/.qbsync/<hash>/`` (one directory per torrent, hash = lower-case hex):
+Layout of ``<state>/<hash>/`` (``--state-dir``, default ``<data>/.qbsync``; one directory per
+torrent, hash = lower-case hex; every file 0600 and authenticated, read and written only
+through :mod:`.statetree`):
 
 ``meta.json``
     :class:`TorrentMeta` through cattrs: the file table as the source sent it (torrent-relative
