@@ -100,6 +100,22 @@ async def test_start_refused_when_files_are_gone_although_qbittorrent_says_compl
     assert (await refused(d, t.info_hash)).code == ErrorCode.NOT_FOUND
 
 
+async def test_start_refused_when_a_file_was_replaced_by_another_of_the_same_size(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Issue 15, finding 2: qBittorrent moved a user's file over the verified copy (same
+    name, same size, other bytes). The marker recorded the verified file's own inode, so the
+    hand-off is refused: ``started=True`` only for the bytes qbsync verified."""
+    t, d, qb = await finalized(tmp_path, nursery)
+    victim = next(p for p in (d.root / "payload").rglob("*") if p.stat().st_size)
+    users = victim.with_name("users-file")
+    users.write_bytes(b"u" * victim.stat().st_size)
+    users.replace(victim)
+    err = await refused(d, t.info_hash)
+    assert err.code == ErrorCode.NOT_FOUND and "replaced" in err.message
+    assert qb.calls == []
+
+
 async def test_start_refused_for_a_torrent_qbsync_never_verified(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:

@@ -276,6 +276,8 @@ async def test_complete_in_qbittorrent_without_marker_records_the_marker(
     t = torrent(tmp_path)
     d = build(tmp_path, nursery)
     await complete(d, t)
+    # qbsync's record that it added the torrent (written before its add_torrent call).
+    d.store.record_qb_added(d.store.torrents[t.info_hash])
 
     async def complete_in_qb(info_hash: str) -> SyncStatus:
         return SyncStatus.COMPLETE
@@ -284,6 +286,24 @@ async def test_complete_in_qbittorrent_without_marker_records_the_marker(
     assert (await d.server.init(t.init_msg())).status == SyncStatus.COMPLETE
     assert t.info_hash not in d.store.torrents
     assert (d.root / ".qbsync" / t.info_hash / FINALIZED_NAME).is_file()
+
+
+async def test_a_users_complete_qbittorrent_entry_never_becomes_a_marker(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, but qbsync never added the entry (no record): it is the user's own torrent,
+    so no ``.finalized`` marker is written for it (a marker would let StartTorrent answer
+    ``started=True`` for bytes qbsync never verified)."""
+    t = torrent(tmp_path)
+    d = build(tmp_path, nursery)
+    await complete(d, t)
+
+    async def complete_in_qb(info_hash: str) -> SyncStatus:
+        return SyncStatus.COMPLETE
+
+    monkeypatch.setattr(d.finalizer, "qb_status", complete_in_qb)
+    assert (await d.server.init(t.init_msg())).status == SyncStatus.COMPLETE
+    assert not (d.root / ".qbsync" / t.info_hash / FINALIZED_NAME).exists()
 
 
 async def test_two_tracked_torrents_never_share_a_file_path(

@@ -114,10 +114,13 @@ def test_meta_roundtrip_and_newer_schema_refused() -> None:
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
-    durable.atomic_write(tmp_path, "x", b"one")
-    durable.atomic_write(tmp_path, "x", b"two")
-    assert (tmp_path / "x").read_bytes() == b"two"
-    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+    mdir = tmp_path / "state" / ("ab" * 20)
+    durable.atomic_write(mdir, "x", b"one")
+    durable.atomic_write(mdir, "x", b"two")
+    assert st.read_optional(mdir / "x") == b"two"
+    assert [p.name for p in mdir.iterdir()] == ["x"]
+    assert (mdir / "x").stat().st_mode & 0o777 == 0o600  # may hold a tracker passkey
+    assert mdir.stat().st_mode & 0o777 == 0o700
 
 
 # --- layout ------------------------------------------------------------------------------------
@@ -181,14 +184,14 @@ def test_padding_files_are_mapped_and_skipped() -> None:
 async def test_create_flush_recover_roundtrip(tmp_path: Path, nursery: trio.Nursery) -> None:
     t, data, store, state = await fresh_state(tmp_path, nursery)
     mdir = data / ".qbsync" / t.info_hash
-    assert (mdir / st.META_NAME).is_file() and (mdir / st.TORRENT_NAME).read_bytes() == t.torrent
+    assert (mdir / st.META_NAME).is_file() and st.read_optional(mdir / st.TORRENT_NAME) == t.torrent
     assert state.needed().count() == t.num_pieces
     await write_all(store, state, t, [0, 1, 2, 9])
     assert state.version != state.flushed_version
     await store.flush(state)
     assert state.version == state.flushed_version
     assert not state.touched
-    written, _ = st.decode_pieces((mdir / st.PIECES_NAME).read_bytes(), t.num_pieces)
+    written, _ = st.decode_pieces(st.read_optional(mdir / st.PIECES_NAME) or b"", t.num_pieces)
     assert set(written.set_indices()) == {0, 1, 2, 9}
     await close_all(state)
 
@@ -441,7 +444,7 @@ async def test_bits_cleared_during_a_flush_are_not_persisted(
         assert not done.is_set()
         state.clear_pieces(a_pieces)  # what close_file does when the sync failed
     await done.wait()
-    raw = (data / ".qbsync" / t.info_hash / st.PIECES_NAME).read_bytes()
+    raw = st.read_optional(data / ".qbsync" / t.info_hash / st.PIECES_NAME) or b""
     persisted = set(st.decode_pieces(raw, t.num_pieces)[0].set_indices())
     assert persisted == set(range(t.num_pieces)) - set(a_pieces)
     await close_all(state)
@@ -469,7 +472,9 @@ async def test_flush_persists_only_bits_whose_data_was_synced(
     assert b.fd is not None
     b_fd.append(b.fd)
     await store.flush(state)
-    persisted = set(st.decode_pieces(pieces_file.read_bytes(), t.num_pieces)[0].set_indices())
+    persisted = set(
+        st.decode_pieces(st.read_optional(pieces_file) or b"", t.num_pieces)[0].set_indices()
+    )
     b_pieces = set(state.geometry.file_pieces(b.index))
     assert persisted == set(range(t.num_pieces)) - b_pieces
     assert not b_pieces & set(state.written.set_indices())
@@ -547,7 +552,10 @@ async def test_delete_never_removes_a_finalized_torrents_files(
     a, before = await _finalized_on_disk(store, tmp_path, data)
     b = make_torrent(tmp_path / "b", seed=3)
     names = [(("payload", *rel.split("/")), 0) for rel in FILES]
-    created = Ledger.load(data / ".qbsync" / a.info_hash)  # a created them: proof enough
+    # Finalized: the saved ledger no longer owns them (they are the destination
+    # qBittorrent's now); a ledger that still did (an older version's) is proof enough.
+    assert not Ledger.load(data / ".qbsync" / a.info_hash).files
+    created = _owning(data, [n for n, _ in names])
     assert await store.delete_data(names, info_hash=b.info_hash, ledger=created) == 0
     assert await store.delete_data(names, info_hash=b.info_hash, ledger=Ledger()) == 0
     _untouched(data, before)
@@ -659,10 +667,22 @@ async def test_only_the_vanished_names_of_a_finalized_torrent_are_released(
             assert not (data / ".qbsync" / t.info_hash).exists()
         names = [(("payload", *rel.split("/")), 0) for rel in FILES]
         # Even with a ledger that owns those files (a's), another torrent's names are skipped.
-        owns_all = Ledger.load(data / ".qbsync" / a.info_hash)
+        owns_all = _owning(data, [n for n, _ in names])
         assert owns_all.files
         assert await s.delete_data(names, info_hash=wants_b.info_hash, ledger=owns_all) == 0
         for rel, content in before.items():
             assert (data / "payload" / rel).read_bytes() == content, rel
         assert (data / "payload" / "c" / "d.bin.partial").is_file()
         assert (data / "payload" / "a.bin.partial").is_file()
+
+
+def _owning(data: Path, names: list[tuple[str, ...]]) -> Ledger:
+    """A ledger that records the files at ``names`` (as an older version's ledger of a
+    finalized torrent did)."""
+    ledger = Ledger()
+    for parts in names:
+        for p in (data.joinpath(*parts), data.joinpath(*parts[:-1], parts[-1] + ".partial")):
+            if p.exists():
+                st_ = p.stat()
+                ledger.files.add((st_.st_dev, st_.st_ino))
+    return ledger

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from .log import redact_url
+from .paths import STATE_DIR_NAME
 from .ratelimit import RateSchedule
 from .wire.address import HostPort
 
@@ -573,6 +574,14 @@ class DestinationConfig:
         check=_non_negative,
         zero_means="256",
     )
+    # Parsed as optional; resolve() fills in <data>/.qbsync, so it is never None here.
+    state_dir: Path = option(
+        "Directory for the destination's own state (default: <data>/.qbsync; put it outside "
+        "--data when others can write --data)",
+        "",
+        _parse_optional_path,
+        metavar="PATH",
+    )
 
     role: Role = "destination"
 
@@ -714,7 +723,16 @@ def resolve(
         )
     _check_readable(cert, "--tls-cert / QBSYNC_DESTINATION_TLS_CERT")
     _check_readable(key, "--tls-key / QBSYNC_DESTINATION_TLS_KEY")
+    if values["state_dir"] is None:
+        values["state_dir"] = destination_state_dir(values["data"])
     return DestinationConfig(**values)
+
+
+def destination_state_dir(data: Path) -> Path:
+    """The destination's default state directory: ``<data>/.qbsync``. ``config.state_dir``
+    is always the resolved one (for both roles): every record a daemon keeps (torrent state,
+    and its identity key and pins) goes under it."""
+    return data / STATE_DIR_NAME
 
 
 MIN_TOKEN_BYTES = 16

@@ -7,6 +7,9 @@ sequence of Init (plain or resync, two torrents sharing names, sometimes deselec
 Piece (good or corrupt) / Abort (with or without deleting) / Finalize / StartTorrent / orphan
 reaper runs against an in-process destination. After every step every user file still has its
 bytes and its inode, and nothing outside ``--data`` appeared or changed.
+
+The second property (below) is about the destination's own finalized files: a peer with valid
+credentials cannot remove or change the last copy, whatever it sends.
 """
 
 from __future__ import annotations
@@ -159,3 +162,99 @@ def test_user_files_survive_any_request_sequence(kinds: list[str], ops: list[Any
     with tempfile.TemporaryDirectory(dir=_WORK.name) as tmp:
         trio.run(_run, Path(tmp), kinds, ops)
     assert os.path.isdir(_WORK.name)
+
+
+# --- a peer with valid credentials against finalized torrents ----------------------------------
+#
+# Issue 15, findings 1 and 2: once a torrent is finalized its files are the last copy (after a
+# hand-off the source deleted its own). Both torrents are synced and finalized first (at
+# different sub paths); then a peer that holds valid credentials sends any sequence of Init
+# (plain or resync, another selection, renamed ``files`` paths, another sub path), pieces
+# (good or corrupt), Abort (with or without deleting), Finalize, StartTorrent and reaper runs.
+# After every step every finalized file still has its bytes and its inode.
+
+SUBS = ["", "sub"]
+hostile_op = st.one_of(
+    st.tuples(
+        st.just("init"),
+        st.integers(0, 1),
+        st.booleans(),  # resync
+        st.sampled_from(SUBS),
+        st.booleans(),  # deselect b.bin
+        st.booleans(),  # rename the files
+    ),
+    st.tuples(st.just("piece"), st.integers(0, 1), st.integers(0, 9), st.booleans()),
+    st.tuples(st.just("abort"), st.integers(0, 1), st.booleans()),
+    st.tuples(st.just("finalize"), st.integers(0, 1)),
+    st.tuples(st.just("start"), st.integers(0, 1)),
+    st.tuples(st.just("reap")),
+)
+
+
+async def _finalize_both(d: Any) -> dict[Path, tuple[bytes, int]]:
+    """Sync both torrents completely; return every finalized file -> (bytes, inode)."""
+    for t, sub in zip(TORRENTS, SUBS, strict=True):
+        msg = t.init_msg(sub=sub)
+        with trio.fail_after(10):
+            result = await d.server.init(msg)
+            while result.status.value == "verifying":
+                await trio.sleep(0.005)
+                result = await d.server.init(msg)
+        for i in range(t.num_pieces):
+            ack = await d.server.handle_piece(
+                PEER, Piece(t.info_hash, i, i * t.piece_length, t.piece(i))
+            )
+            assert ack.ok, ack
+        with trio.fail_after(10):
+            while True:  # the server answers VERIFYING until its background job is done
+                if (await d.server.finalize(Finalize(t.info_hash))).status.value == "complete":
+                    break
+                await trio.sleep(0.005)
+    out: dict[Path, tuple[bytes, int]] = {}
+    for p in d.root.rglob("*"):
+        if p.is_file() and ".qbsync" not in p.parts:
+            out[p] = (p.read_bytes(), p.stat().st_ino)
+    assert len(out) == 2 * len(FILES)
+    return out
+
+
+async def _hostile_step(d: Any, step: tuple[Any, ...]) -> None:
+    if step[0] != "init":
+        await _step(d, step)
+        return
+    _, k, resync, sub, deselect, rename = step
+    t = TORRENTS[k]
+    names = [f"moved/{rel}" for rel, _ in t.files] if rename else None
+    msg = t.init_msg(resync=resync, sub=sub, selected=[True, not deselect, True], names=names)
+    try:
+        with trio.move_on_after(5):
+            result = await d.server.init(msg)
+            while result.status.value == "verifying":
+                await trio.sleep(0.005)
+                result = await d.server.init(msg)
+    except WireError:
+        pass
+
+
+async def _run_hostile(root: Path, ops: list[tuple[Any, ...]]) -> None:
+    async with trio.open_nursery() as nursery:
+        d = build(root, nursery)
+        qb = FakeQB()
+        for t in TORRENTS:
+            qb.register(t.info_hash)
+        d.server.qb = qb  # type: ignore[assignment]
+        finalized = await _finalize_both(d)
+        for step in ops:
+            await _hostile_step(d, step)
+            for path, (content, ino) in finalized.items():
+                assert path.is_file(), f"finalized file {path} removed after {step}"
+                assert path.read_bytes() == content, f"finalized file {path} changed after {step}"
+                assert path.stat().st_ino == ino, f"finalized file {path} replaced after {step}"
+        nursery.cancel_scope.cancel()
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(ops=st.lists(hostile_op, min_size=1, max_size=12))
+def test_no_request_sequence_removes_or_changes_a_finalized_file(ops: list[Any]) -> None:
+    with tempfile.TemporaryDirectory(dir=_WORK.name) as tmp:
+        trio.run(_run_hostile, Path(tmp), ops)

@@ -325,7 +325,7 @@ async def test_abort_deletes_only_this_torrents_files(tmp_path, qbsync_factory) 
         result = await client.abort(t, delete_files=True)
         assert result.existed
         assert (await client.send_piece(t, 9)).code == ErrorCode.NOT_INITIALIZED
-    assert _tree(data) == {"payload", "payload/keep-me.txt", ".qbsync"}
+    assert _tree(data) == {"payload", "payload/keep-me.txt", ".qbsync", ".qbsync/.state-key"}
 
 
 @contextlib.contextmanager
@@ -408,7 +408,9 @@ async def test_dry_run_does_not_create_the_data_directory(tmp_path, qbsync_facto
 
 async def test_resync_after_selection_change_reuses_data_on_disk(tmp_path, qbsync_factory) -> None:
     """Files already here are verified (not trusted) and not streamed again; newly selected
-    files are."""
+    files are. A finalized file that was damaged since is never repaired in place (that
+    would rename the last copy to ``.partial`` first): the resync answers ``conflict`` and
+    leaves it; once it is whole again the resync goes ahead."""
     t = _payload(tmp_path)
     data = tmp_path / "data"
     names = [rel for rel, _ in t.files]
@@ -419,13 +421,19 @@ async def test_resync_after_selection_change_reuses_data_on_disk(tmp_path, qbsyn
         ready = await client.init_ready(t, selected=first)
         await client.send(t, needed_indices(ready, t.num_pieces), deselected=[b])
         assert (await client.finalize(t)).status == SyncStatus.COMPLETE
-        # Corrupt a file that stays selected: the scan must catch it.
-        _overwrite(data / "payload" / "a.bin", 70_000, b"\xff" * 10)
+        # Corrupt a file that stays selected: the scan must catch it, and refuse.
+        a = data / "payload" / "a.bin"
+        _overwrite(a, 70_000, b"\xff" * 10)
+        damaged = a.read_bytes()
+        with pytest.raises(WireError) as err:
+            await client.init_ready(t, resync=True)
+        assert err.value.code == ErrorCode.CONFLICT and "payload/a.bin" in err.value.message
+        assert a.read_bytes() == damaged and not list(data.rglob("*.partial"))
+        shutil.copyfile(t.base / "payload" / "a.bin", a)  # the user repairs it
         again = await client.init_ready(t, resync=True)
         needed = set(needed_indices(again, t.num_pieces))
         b_pieces = {i for i in range(t.num_pieces) if b in t.piece_files(i)}
         assert b_pieces <= needed
-        assert 70_000 // t.piece_length in needed  # the damaged piece
         assert len(needed) < t.num_pieces - 2
         acks = await client.send(t, sorted(needed))
         assert all(a.ok for a in acks.values())

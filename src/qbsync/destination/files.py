@@ -21,10 +21,8 @@ What happens to files found on disk
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -32,7 +30,8 @@ import attrs
 
 from .. import metrics, paths
 from ..log import paths_kv
-from .durable import TMP_PREFIX, atomic_write, mkdir_durable
+from . import statetree
+from .durable import atomic_write
 from .hardlinks import HardlinkRegistry
 from .ownership import OWNED_NAME, ConflictError, Ledger
 from .state import (
@@ -135,7 +134,7 @@ def prepare(root: Path, registry: HardlinkRegistry, state: TorrentState, fresh: 
     paths.precheck_no_symlinks(root, [f.parts for f in selected])
     mdir = state.meta_dir
     ledger = Ledger.load(mdir)
-    if not fresh and not (mdir / OWNED_NAME).exists():
+    if not fresh and not statetree.exists(mdir, OWNED_NAME):
         # State written by a version without a ledger: its .partial files were created by
         # that version for this state directory. Final names are never taken over this way.
         for f in selected:
@@ -148,16 +147,13 @@ def prepare(root: Path, registry: HardlinkRegistry, state: TorrentState, fresh: 
         _check_conflict(root, ledger, f, probes[f.index])
     if fresh:
         clear_state_dir(mdir, keep=OWNED_NAME)
-        mkdir_durable(mdir)
         atomic_write(mdir, TORRENT_NAME, state.metainfo.raw)
         atomic_write(mdir, META_NAME, dump_json(state.meta))
     else:
         raw = read_optional(mdir / PIECES_NAME)
         if raw is not None:
             state.load_pieces(raw)
-        for leftover in mdir.glob(TMP_PREFIX + "*"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        statetree.drop_tmp(mdir)
     try:
         to_scan = _lay_out(root, registry, state, selected, probes, fresh)
     finally:
@@ -195,6 +191,8 @@ def _lay_out(
         pieces = geometry.file_pieces(f.index)
         if probe.final_size == f.size:
             f.foreign = not final_ours
+            st = probe.final
+            f.handed = f.foreign and st is not None and (st.st_dev, st.st_ino) in ledger.handed
             all_set = all(state.written[i] for i in pieces)
             if all_set and not fresh:
                 f.become(FileStatus.COMPLETE)
@@ -308,12 +306,4 @@ def demote_file(root: Path, state: TorrentState, f: DataFile) -> None:
 def clear_state_dir(mdir: Path, *, keep: str) -> None:
     """Empty a state directory except ``keep`` (the ownership ledger: the data files it
     names stay on disk, so who created them must not be forgotten)."""
-    if not mdir.is_dir():
-        return
-    for entry in mdir.iterdir():
-        if entry.name == keep:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    statetree.clear(mdir, keep=(keep,))

@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import posixpath
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -446,6 +448,60 @@ class Finalizer:
                 failed.update(state.geometry.file_pieces(f.index))
         return sorted(failed), names
 
+    def check_qb_paths(self, state: TorrentState) -> None:
+        """Raise :class:`ConflictError` unless every name qBittorrent will resolve for this
+        torrent is absent or owned by qbsync for it (blocking; nothing is changed).
+
+        qBittorrent is given the raw ``.torrent`` with the original layout, so it resolves
+        each file at its *metainfo* path first and is then asked to rename it to the name the
+        source sent (the *target* path, where qbsync wrote it); a recheck reads the target.
+        Its rename replaces whatever is at the target and follows symlinks, so:
+
+        * every directory on the way to either path is absent or a real directory (a symlink
+          would send qBittorrent out of ``--data``);
+        * a selected file's target holds a regular file qbsync created for this torrent, or,
+          when both paths are the same (no rename), a user's file adopted after every piece
+          it covers verified (qBittorrent only reads it);
+        * where the two paths differ, nothing exists at the metainfo path (qBittorrent would
+          move it over the verified copy), and a user's adopted file is never the target;
+        * a deselected file's paths hold nothing, except a regular file at a target equal to
+          its metainfo path (qBittorrent never writes a file of priority 0; it may read it).
+        """
+        root = self.store.root
+        sub = paths.split_relative(state.meta.save_sub_path, allow_empty=True)
+        for f in state.files:
+            if f.pad or not f.parts:
+                continue
+            meta_name = state.metainfo.geometry.files[f.index].path
+            try:
+                meta = sub + paths.split_relative(meta_name)
+            except paths.UnsafePathError:
+                raise ConflictError(
+                    f.parts, f"has an unusable metainfo name {meta_name!r}"
+                ) from None
+            for parts in (meta, f.parts):
+                _check_dirs(root, parts)
+            target = _leaf(root, f.parts)
+            renamed = meta != f.parts
+            if renamed and _leaf(root, meta) is not None:
+                raise ConflictError(
+                    meta,
+                    f"exists and qBittorrent would move it to {'/'.join(f.parts)!r}: "
+                    "not qbsync's file",
+                )
+            if target is None:
+                if f.selected:
+                    raise ConflictError(f.parts, "is missing before it is handed to qBittorrent")
+                continue
+            if not stat.S_ISREG(target.st_mode):
+                raise ConflictError(f.parts, "is not a regular file")
+            ours = state.ledger.owns_file(target, str(paths.join(root, f.parts)))
+            if ours:
+                continue
+            if not renamed and (not f.selected or f.parts in state.ledger.adopted):
+                continue
+            raise ConflictError(f.parts, "was not created by qbsync for this torrent")
+
     async def _register(self, state: TorrentState, request: Finalize) -> tuple[str, list[int]]:
         """Add (or reuse) the torrent in the destination qBittorrent and have it checked.
         Returns qBittorrent's final state and the pieces that failed.
@@ -468,8 +524,20 @@ class Finalizer:
                     paths_kv(",".join(names[:10])),
                 )
                 return "files_changed", failed
+        # qBittorrent never touches a name qbsync does not own: checked before the add, the
+        # renames and the recheck, and nothing moves when it fails (``conflict``).
+        await trio.to_thread.run_sync(self.check_qb_paths, state)
         existing = await qb.torrent(h)
+        if existing is not None and not await trio.to_thread.run_sync(self.store.qb_added, h):
+            raise WireError(
+                ErrorCode.CONFLICT,
+                "the destination qBittorrent already has this torrent and qbsync did not add "
+                "it (the user's own, or added by a qbsync older than this one): qbsync does not "
+                "stop, check or rename it; remove it from qBittorrent, keeping its files, to "
+                "let qbsync add its own",
+            )
         if existing is None:
+            await trio.to_thread.run_sync(self.store.record_qb_added, state)
             if request.category:
                 await self._ensure_category(request.category)
             await qb.add_torrent(
@@ -738,6 +806,25 @@ class Finalizer:
         if float(info.get("progress", 0.0)) >= 1.0 and state in SEEDING_STATES:
             return SyncStatus.COMPLETE
         return None
+
+
+def _check_dirs(root: Path, parts: paths.Parts) -> None:
+    """Every directory on the way to ``root/parts`` is absent or a real directory."""
+    for depth in range(1, len(parts)):
+        st = _leaf(root, parts[:depth])
+        if st is None:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise ConflictError(parts[:depth], f"is {what}: qBittorrent would follow or trip on it")
+
+
+def _leaf(root: Path, parts: paths.Parts) -> os.stat_result | None:
+    """``lstat`` without following any symlink; a symlink on the way is a conflict."""
+    try:
+        return paths.lstat(root, parts)
+    except paths.UnsafePathError:
+        raise ConflictError(parts, "is reached through a symlink") from None
 
 
 def _rename_file(client: Any, *, torrent_hash: str, old_path: str, new_path: str) -> None:

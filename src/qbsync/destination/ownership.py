@@ -38,6 +38,7 @@ import attrs
 from .. import paths
 from ..log import paths_kv
 from ..wire.errors import ErrorCode, WireError
+from . import statetree
 from .durable import atomic_write
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class Ledger:
     # Files that carry XATTR (set when created): for these the mark is part of the proof.
     marked: set[tuple[int, int]] = attrs.field(factory=set)
     adopted: set[paths.Parts] = attrs.field(factory=set)  # foreign files accepted (logs, status)
+    # Files of this torrent that were finalized and so handed to the destination qBittorrent
+    # (:meth:`disown`): foreign now, but known to be the copy qbsync once verified.
+    handed: set[tuple[int, int]] = attrs.field(factory=set)
     # Worker threads of several files of one torrent record and save concurrently.
     _lock: threading.Lock = attrs.field(factory=threading.Lock, eq=False, repr=False)
     _save_lock: threading.Lock = attrs.field(factory=threading.Lock, eq=False, repr=False)
@@ -184,6 +188,15 @@ class Ledger:
             raise ConflictError(src, "was not created by qbsync: not renaming it")
         paths.rename(root, src, dst)
 
+    def disown(self, ids: set[tuple[int, int]]) -> None:
+        """Give up the files ``ids`` (device, inode): a finalized torrent's files belong to
+        the destination qBittorrent from then on, so no later request (a resync, an Abort,
+        the reaper) may ever delete, truncate, rename or write them: they are foreign."""
+        with self._lock:
+            self.files -= ids
+            self.marked -= ids
+            self.handed |= ids
+
     def remove_empty_dirs(self, root: Path, parts: paths.Parts, *, keep: int) -> None:
         paths.remove_empty_dirs(root, parts, keep=keep, only=self.dirs)
 
@@ -196,6 +209,7 @@ class Ledger:
                 "marked": sorted([d, i] for d, i in self.marked),
                 "dirs": sorted("/".join(p) for p in self.dirs),
                 "adopted": sorted("/".join(p) for p in self.adopted),
+                "handed": sorted([d, i] for d, i in self.handed),
             }
         return json.dumps(doc, indent=1).encode() + b"\n"
 
@@ -208,13 +222,17 @@ class Ledger:
     def load(cls, meta_dir: Path) -> Ledger:
         """The persisted ledger; an absent or unreadable one owns nothing (fail closed)."""
         try:
-            doc = json.loads((meta_dir / OWNED_NAME).read_bytes())
+            raw = statetree.read(meta_dir, OWNED_NAME)
+            if raw is None:
+                return cls()
+            doc = json.loads(raw)
             files = {(int(d), int(i)) for d, i in doc.get("files", [])}
             marked = {(int(d), int(i)) for d, i in doc.get("marked", [])}
             dirs = {tuple(p.split("/")) for p in doc.get("dirs", []) if isinstance(p, str) and p}
             adopted = {
                 tuple(p.split("/")) for p in doc.get("adopted", []) if isinstance(p, str) and p
             }
+            handed = {(int(d), int(i)) for d, i in doc.get("handed", [])}
         except (OSError, ValueError, TypeError, AttributeError):
             return cls()
-        return cls(files, dirs, marked, adopted)
+        return cls(files, dirs, marked, adopted, handed)

@@ -43,9 +43,9 @@ from ..http.server import Health, serve_http
 from ..integrations import systemd
 from ..integrations.arr import ArrSet
 from ..integrations.notify import Notifier
-from ..paths import STATE_DIR_NAME
 from ..qbittorrent.api import QB
 from ..wire import DEFAULT_MAX_PIECE, ByteBudget, OpenPeers, serve, server_ssl_context
+from . import statetree
 from .finalizer import Finalizer, FinalizerSettings
 from .hardlinks import HardlinkRegistry
 from .server import DestinationServer
@@ -105,7 +105,12 @@ class Daemon:
             else None
         )
         self.registry = HardlinkRegistry()
-        self.store = Store(config.data, dry_run=config.dry_run, registry=self.registry)
+        self.store = Store(
+            config.data,
+            dry_run=config.dry_run,
+            registry=self.registry,
+            state_root=config.state_dir,
+        )
         self.finalizer = Finalizer(
             self.store,
             self.qb,
@@ -227,8 +232,8 @@ class Daemon:
 
 def state_dir(config: DestinationConfig) -> Path:
     """Where the destination keeps its own state (per-torrent records, the activity log):
-    ``<data>/.qbsync``. The one place that resolves it."""
-    return Path(config.data) / STATE_DIR_NAME
+    ``--state-dir``, by default ``<data>/.qbsync`` (``config.destination_state_dir``)."""
+    return Path(config.state_dir)
 
 
 UNAUTHENTICATED_WARNING_INTERVAL = 3600.0
@@ -284,6 +289,19 @@ async def main(config: DestinationConfig) -> int:
     except OSError as exc:
         log.error("event=startup_failed error=%s", json.dumps(f"cannot create --data: {exc}"))
         return 1
+    try:
+        adopted = await trio.to_thread.run_sync(
+            functools.partial(statetree.check_or_prepare, config.state_dir, dry_run=config.dry_run)
+        )
+    except statetree.StateTreeError as exc:
+        # One line, exit 2: the operator must fix the directory (or point --state-dir away).
+        log.error("event=state_dir_refused error=%s", json.dumps(exc.strerror))
+        return 2
+    except OSError as exc:
+        log.error("event=startup_failed error=%s", json.dumps(f"state directory: {exc}"))
+        return 1
+    if adopted:
+        log.info("event=state_tree_adopted dirs=%d", adopted)
     daemon = Daemon(config)
     daemon.history.load()
     code = 0

@@ -69,6 +69,7 @@ from ..wire.messages import (
     valid_info_hash,
 )
 from ..wire.server import Peer
+from . import statetree
 from .finalizer import Finalizer
 from .layout import build_files
 from .ownership import OWNED_NAME, Ledger
@@ -335,7 +336,12 @@ class DestinationServer:
                 and not broken
                 and (state is None or state.phase is not Phase.FINALIZING)
             ):
-                if qb_status is SyncStatus.COMPLETE and state is not None and not self.dry_run:
+                if (
+                    qb_status is SyncStatus.COMPLETE
+                    and state is not None
+                    and not self.dry_run
+                    and await trio.to_thread.run_sync(self.store.qb_added, h)
+                ):
                     # Verified in qBittorrent but the marker was never written (a crash in
                     # between): record it now instead of keeping a dead state around. Its
                     # names pass to the finalized owner before the tracked claim is dropped.
@@ -418,15 +424,24 @@ class DestinationServer:
 
     async def _wipe(self, h: str, state: TorrentState | None, *, reason: str) -> None:
         """Forget everything about ``h`` except its data files (resync). Callers only call it
-        for a torrent qbsync tracks or holds a ``.finalized`` marker for, so the qBittorrent
-        entry removed here is one qbsync added."""
+        for a torrent qbsync tracks or holds a ``.finalized`` marker for.
+
+        The last copy is inviolable: a finalized torrent's files are first dropped from the
+        ledger (they become foreign: the new sync only reads them, adopts them when every
+        piece verifies, or refuses with ``conflict``). The qBittorrent entry is removed only
+        when qbsync added it (:meth:`.Store.qb_added`): a user's own torrent of the same hash
+        is never touched."""
         if state is not None:
             await self.store.forget(state)
         self.dry_finalized.discard(h)
         if self.dry_run:
             log.info("event=dry_run_would_wipe hash=%s reason=%s", h, reason)
             return
-        if self.qb is not None:
+        await trio.to_thread.run_sync(self.store.disown_finalized, h)
+        ours = await trio.to_thread.run_sync(self.store.qb_added, h)
+        if self.qb is not None and not ours:
+            log.info("event=qb_entry_kept hash=%s reason=not_added_by_qbsync", h)
+        elif self.qb is not None:
             try:
                 if await self.qb.torrent(h) is not None:
                     await self.qb.delete(h, delete_files=False)
@@ -500,7 +515,7 @@ class DestinationServer:
                 log.info("event=abort_ignored hash=%s reason=finalized", h)
                 return None
             raw = await trio.to_thread.run_sync(read_optional, self.store.meta_dir(h) / META_NAME)
-            if raw is None and not self.store.meta_dir(h).exists():
+            if raw is None and not statetree.is_dir(self.store.meta_dir(h)):
                 return None
             if raw is not None:
                 files = _files_from_meta(raw)
@@ -516,8 +531,14 @@ class DestinationServer:
         removed = (
             await self.store.delete_data(files, info_hash=h, ledger=ledger) if delete_files else 0
         )
-        # Files kept on disk keep their record of who created them (a later init reuses them).
-        await self.store.wipe_state_dir(h, keep_ledger=not delete_files)
+        # Files kept on disk keep their record of who created them (a later init reuses them),
+        # and so do files this torrent once finalized (they stay, see Ledger.handed).
+        keep = not delete_files
+        if delete_files and ledger.handed:
+            handed = Ledger(handed=set(ledger.handed))
+            await trio.to_thread.run_sync(handed.save, self.store.meta_dir(h))
+            keep = True
+        await self.store.wipe_state_dir(h, keep_ledger=keep)
         log.info("event=torrent_aborted hash=%s reason=%s files_deleted=%d", h, reason, removed)
         return removed
 
@@ -627,9 +648,13 @@ class DestinationServer:
         qBittorrent has them or cannot be asked (fail closed). Their state directory and the
         data files qbsync created for them (see :mod:`.ownership`) are deleted."""
         root = self.store.state_root
-        if self.dry_run or not root.is_dir():
+        if self.dry_run:
             return 0
-        names = await trio.to_thread.run_sync(lambda: sorted(p.name for p in root.iterdir()))
+        try:
+            names = await trio.to_thread.run_sync(statetree.root_names, root)
+        except OSError as exc:
+            log.error("event=orphan_scan_failed error=%s", paths_kv(str(exc)))
+            return 0
         now = time.time()
         reclaimed = 0
         for h in names:
@@ -682,7 +707,7 @@ class DestinationServer:
 
 
 def _has_torrent_state(mdir: Path) -> bool:
-    return any(e.name != OWNED_NAME for e in mdir.iterdir()) if mdir.is_dir() else False
+    return any(name != OWNED_NAME for name in statetree.names(mdir))
 
 
 async def _listed(qb: QB, info_hash: str, missing: str) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """The destination's per-torrent model and its on-disk persistence format.
 
-Layout of ``<data>/.qbsync/<hash>/`` (one directory per torrent, hash = lower-case hex):
+Layout of ``<state>/<hash>/`` (``--state-dir``, default ``<data>/.qbsync``; one directory per
+torrent, hash = lower-case hex; every file 0600 and authenticated, read and written only
+through :mod:`.statetree`):
 
 ``meta.json``
     :class:`TorrentMeta` through cattrs: the file table as the source sent it (torrent-relative
@@ -48,6 +50,7 @@ from ..paths import Parts, partial_parts
 from ..torrent import Geometry, Metainfo
 from ..wire.errors import WireError
 from ..wire.messages import Finalize, FinalizeResult
+from . import statetree
 from .ownership import Ledger
 
 SCHEMA_VERSION = 1
@@ -55,6 +58,10 @@ META_NAME = "meta.json"
 TORRENT_NAME = "torrent"
 PIECES_NAME = "pieces"
 FINALIZED_NAME = ".finalized"
+# Written (durably) just before qbsync adds the torrent to the destination qBittorrent: the
+# proof that the entry is qbsync's. Without it (and without a ``.finalized`` marker) an entry
+# of that hash is the user's own, and qbsync never stops, rechecks, renames or removes it.
+QB_ADDED_NAME = "qb-added"
 
 _PIECES_MAGIC = b"QBSP"
 _PIECES_VERSION = 1
@@ -92,8 +99,13 @@ class TorrentMeta:
 class FinalizedFile:
     path: str  # data-root-relative, "/"-joined (sub path included)
     size: int
-    device: int = 0
+    device: int = 0  # the source's (device, inode): the hardlink registry's key
     inode: int = 0
+    # The verified file's own (device, inode) here, taken when the marker is written: a file
+    # at that name with another inode is not the copy qbsync verified (0 = unknown, older
+    # markers), and a hand-off is refused for it.
+    disk_device: int = 0
+    disk_inode: int = 0
 
 
 @attrs.frozen
@@ -160,10 +172,9 @@ def decode_pieces(raw: bytes, size: int) -> tuple[Bitfield, Bitfield]:
 
 
 def read_optional(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+    """The authentic content of the state file ``path`` (``<state>/<hash>/<name>``), or None
+    when it is absent or not one the daemon wrote (see :mod:`.statetree`)."""
+    return statetree.read(path.parent, path.name)
 
 
 # --- in-memory model ------------------------------------------------------------------------
@@ -248,6 +259,9 @@ class DataFile:
     # it covers verifies, else the torrent is refused (``conflict``). Never written, renamed
     # or deleted (see :mod:`.ownership`).
     foreign: bool = False
+    # Foreign because this torrent finalized it earlier (its ledger handed it over): pieces a
+    # resync cannot check (they share bytes with a file not on disk) do not stop its adoption.
+    handed: bool = False
     # Its .partial was created empty by this init: a scan must not read its zeros as data.
     created_empty: bool = False
     fd: int | None = None

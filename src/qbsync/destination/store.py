@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..bitfield import Bitfield
 from ..log import paths_kv
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
 from ..wire.errors import ErrorCode, WireError
+from . import statetree
 from .durable import atomic_write
 from .files import clear_state_dir, demote_file, prepare
 from .hardlinks import HardlinkRegistry
@@ -42,6 +42,7 @@ from .state import (
     FINALIZED_NAME,
     META_NAME,
     PIECES_NAME,
+    QB_ADDED_NAME,
     SCHEMA_VERSION,
     TORRENT_NAME,
     DataFile,
@@ -80,10 +81,16 @@ class Store:
     """All tracked torrents of one destination, and their state directories."""
 
     def __init__(
-        self, data: Path, *, dry_run: bool = False, registry: HardlinkRegistry | None = None
+        self,
+        data: Path,
+        *,
+        dry_run: bool = False,
+        registry: HardlinkRegistry | None = None,
+        state_root: Path | None = None,
     ) -> None:
         self.root = data
-        self.state_root = data / paths.STATE_DIR_NAME
+        # ``--state-dir`` (default ``<data>/.qbsync``), opened only through :mod:`.statetree`.
+        self.state_root = state_root if state_root is not None else data / paths.STATE_DIR_NAME
         self.dry_run = dry_run
         self.registry = registry if registry is not None else HardlinkRegistry()
         self.torrents: dict[str, TorrentState] = {}
@@ -139,7 +146,7 @@ class Store:
         return marker if marker is not None else FinalizedMarker(info_hash, 0.0)
 
     def has_marker(self, info_hash: str) -> bool:
-        return (self.meta_dir(info_hash) / FINALIZED_NAME).exists()
+        return statetree.exists(self.meta_dir(info_hash), FINALIZED_NAME)
 
     def copy_problem(self, marker: FinalizedMarker) -> str | None:
         """Why the finalized copy of ``marker``'s torrent is not whole on disk right now, or
@@ -163,7 +170,51 @@ class Store:
             if size != f.size:
                 what = "missing" if size is None else f"{size} bytes, not {f.size}"
                 return f"file {f.path!r} is {what}"
+            if f.disk_inode:
+                st = paths.lstat(self.root, parts)
+                if st is None or (st.st_dev, st.st_ino) != (f.disk_device, f.disk_inode):
+                    return f"file {f.path!r} was replaced: it is not the copy qbsync verified"
         return None
+
+    # -- who added the qBittorrent entry ----------------------------------------------------------
+
+    def qb_added(self, info_hash: str) -> bool:
+        """qbsync added ``info_hash`` to the destination qBittorrent (its record, or the
+        ``.finalized`` marker, exists). Otherwise an entry of that hash is the user's own."""
+        mdir = self.meta_dir(info_hash)
+        return statetree.exists(mdir, QB_ADDED_NAME) or statetree.exists(mdir, FINALIZED_NAME)
+
+    def record_qb_added(self, state: TorrentState) -> None:
+        """Blocking: record, durably, that qbsync is about to add this torrent to
+        qBittorrent (written before the add: a crash in between leaves a record of an entry
+        that may not exist, never an entry of ours without its record)."""
+        atomic_write(state.meta_dir, QB_ADDED_NAME, b"1\n")
+
+    def disown_finalized(self, info_hash: str) -> None:
+        """Blocking: drop the files a ``.finalized`` marker lists from the torrent's ledger
+        (state written by an older version still records them). Called before a resync of a
+        finalized torrent: its verified files become foreign, so the new sync may only read
+        them (adopt them when every piece verifies) and never delete, rename or write them."""
+        marker = self.read_marker(info_hash)
+        if marker is None:
+            return
+        mdir = self.meta_dir(info_hash)
+        ledger = Ledger.load(mdir)
+        ids: set[tuple[int, int]] = set()
+        for f in marker.files:
+            parts = _split(f.path)
+            if parts is None:
+                continue
+            for name in (parts, paths.partial_parts(parts)):
+                try:
+                    st = paths.lstat(self.root, name)
+                except (OSError, paths.UnsafePathError):
+                    continue
+                if st is not None:
+                    ids.add((st.st_dev, st.st_ino))
+        if ids & ledger.files:
+            ledger.disown(ids)
+            ledger.save(mdir)
 
     # -- creation and recovery --------------------------------------------------------------------
 
@@ -287,14 +338,14 @@ class Store:
         released, else the released files and the owner's files still owned (``None`` when
         none is left: the marker directory was removed). Only state files are touched."""
         mdir = self.meta_dir(owner)
-        if not (mdir / FINALIZED_NAME).exists():
+        if not statetree.exists(mdir, FINALIZED_NAME):
             return None  # the marker is gone: :meth:`_claim_paths` releases the whole owner
         gone = [p for p in finals if not self._present(p)]
         released = [p for p in gone if p in wanted or paths.partial_parts(p) in wanted]
         if not released:
             return None
         if len(gone) == len(finals):
-            shutil.rmtree(mdir)
+            statetree.remove(mdir)
             return released, None
         marker = self.read_marker(owner)
         if marker is None:
@@ -387,6 +438,11 @@ class Store:
                 # Not ours: adopted only when every piece it covers is proven; never changed.
                 pieces = state.geometry.file_pieces(f.index)
                 unproven = sum(1 for i in pieces if not state.written[i])
+                # A file this torrent finalized before (a resync) is kept when no piece that
+                # could be checked failed: the unchecked ones share bytes with a file not on
+                # disk yet, and qBittorrent's recheck judges them; it is never changed either.
+                if unproven and f.handed and not failed.intersection(pieces):
+                    unproven = 0
                 if unproven:
                     state.conflict = (
                         f"{f.path!r} exists, was not created by qbsync and {unproven} of its "
@@ -437,13 +493,10 @@ class Store:
 
         The ``.finalized`` markers are read first, so the names they own are known before an
         unfinished torrent claims (and scans) anything."""
-        if not self.state_root.is_dir():
-            return 0
         loaded = 0
         unfinished: list[str] = []
-        for entry in sorted(self.state_root.iterdir()):
-            h = entry.name
-            if not entry.is_dir() or h.startswith(".") or not _is_hash(h):
+        for h in await trio.to_thread.run_sync(statetree.root_names, self.state_root):
+            if not _is_hash(h) or not statetree.is_dir(self.meta_dir(h)):
                 continue
             marker = self.read_marker(h)
             if marker is None:
@@ -574,7 +627,7 @@ class Store:
         if keep_ledger:
             await trio.to_thread.run_sync(lambda: clear_state_dir(mdir, keep=OWNED_NAME))
         else:
-            await trio.to_thread.run_sync(lambda: shutil.rmtree(mdir, ignore_errors=True))
+            await trio.to_thread.run_sync(statetree.remove, mdir)
         self.release_finalized(info_hash)
 
     async def delete_data(
@@ -629,31 +682,36 @@ class Store:
         """Replace the state directory's content by the ``.finalized`` marker."""
         # Every selected file, empty ones included: the list is also what the names this
         # torrent owns are rebuilt from at startup.
-        marker = FinalizedMarker(
-            info_hash=state.info_hash,
-            finalized_at=time.time(),
-            save_sub_path=state.meta.save_sub_path,
-            files=tuple(
-                FinalizedFile(f.path, f.size, f.device, f.inode)
-                for f in state.files
-                if f.selected and f.parts
-            ),
-        )
+        selected = [f for f in state.files if f.selected and f.parts]
 
-        def run() -> None:
+        def run() -> FinalizedMarker:
+            files = []
+            ids: set[tuple[int, int]] = set()
+            for f in selected:
+                st = paths.lstat(self.root, f.parts)
+                disk = (st.st_dev, st.st_ino) if st is not None else (0, 0)
+                ids.add(disk)
+                files.append(FinalizedFile(f.path, f.size, f.device, f.inode, *disk))
+            marker = FinalizedMarker(
+                info_hash=state.info_hash,
+                finalized_at=time.time(),
+                save_sub_path=state.meta.save_sub_path,
+                files=tuple(files),
+            )
             mdir = state.meta_dir
             atomic_write(mdir, FINALIZED_NAME, dump_json(marker))
+            # The last copy is inviolable: from here on its files are the destination
+            # qBittorrent's, not qbsync's to delete, rename or write (see Ledger.disown).
+            state.ledger.disown(ids)
             state.ledger.save(mdir)
-            for entry in mdir.iterdir():
-                if entry.name not in (FINALIZED_NAME, OWNED_NAME):
-                    with contextlib.suppress(OSError):
-                        entry.unlink()
+            statetree.clear(mdir, keep=(FINALIZED_NAME, OWNED_NAME))
+            return marker
 
         # Owned before the marker exists and before the caller untracks the state, so there
         # is no moment at which another torrent could claim these names.
         self.own_finalized_state(state)
         try:
-            await trio.to_thread.run_sync(run)
+            marker = await trio.to_thread.run_sync(run)
         except BaseException:
             if not self.has_marker(state.info_hash):
                 self.release_finalized(state.info_hash)
@@ -705,13 +763,7 @@ def _is_hash(name: str) -> bool:
 
 
 def newest_mtime(directory: Path) -> float:
-    newest = 0.0
-    with contextlib.suppress(OSError):
-        for entry in directory.iterdir():
-            with contextlib.suppress(OSError):
-                newest = max(newest, entry.stat().st_mtime)
-        newest = max(newest, directory.stat().st_mtime)
-    return newest or time.time()
+    return statetree.newest_mtime(directory) or time.time()
 
 
 def _intersect(a: Bitfield, b: Bitfield) -> Bitfield:
