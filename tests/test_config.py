@@ -386,3 +386,23 @@ def test_every_option_has_unique_flag_and_env() -> None:
             if opt.default:
                 value = opt.parse(opt.default)
                 assert opt.check is None or opt.check(value) is None, opt.name
+
+
+def test_handoff_tag_defaults_empty_and_reads_its_env_var() -> None:
+    assert src().handoff_tag == ""
+    assert src({"QBSYNC_SOURCE_HANDOFF_TAG": "move-now"}).handoff_tag == "move-now"
+
+
+@pytest.mark.parametrize(
+    ("other", "value"),
+    [
+        ("synced_tag", "synced"),
+        ("sync_failed_tag", "sync-failed"),
+        ("exclude_sync_tag", "x"),
+        ("exclude_cleanup_tag", "x"),
+    ],
+)
+def test_handoff_tag_must_differ_from_the_other_tags(other: str, value: str) -> None:
+    """Sharing ``synced`` would hand off every torrent qbsync syncs."""
+    message = error_of("source", {"handoff_tag": value, other: value})
+    assert "--handoff-tag" in message and "--" + other.replace("_", "-") in message

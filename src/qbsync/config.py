@@ -490,6 +490,12 @@ class SourceConfig:
     auth_token: str = _auth_token()
     auth_token_file: Path | None = _auth_token_file()
     notify_url: str = _notify_url()
+    handoff_tag: str = option(
+        "Tag that moves a torrent now: synced first, handed off once verified and seeding on "
+        "the destination, whatever --min-space/--min-seeding-time say (empty to disable)",
+        "",
+        check=_tag_ok,
+    )
 
     role: Role = "source"
 
@@ -688,6 +694,7 @@ def resolve(
                 f"--max-connections ({values['max_connections']}) "
                 f"(QBSYNC_SOURCE_MIN_CONNECTIONS / QBSYNC_SOURCE_MAX_CONNECTIONS)"
             )
+        _check_handoff_tag(values)
         if values["state_dir"] is None:
             values["state_dir"] = _default_state_dir(env)
         _check_readable(values["tls_ca"], "--tls-ca / QBSYNC_SOURCE_TLS_CA")
@@ -740,6 +747,23 @@ def _check_token(role: Role, token: str) -> None:
         f"{_option(role, 'auth_token_file').env(role)}): {problem}; "
         "generate one with: openssl rand -hex 32"
     )
+
+
+def _check_handoff_tag(values: Mapping[str, Any]) -> None:
+    """``--handoff-tag`` deletes the source copy of every torrent carrying it: sharing a name
+    with a tag qbsync itself sets (``--synced-tag``, ``--sync-failed-tag``) would hand off
+    everything it syncs, and sharing one with ``--exclude-sync-tag`` or
+    ``--exclude-cleanup-tag`` asks for two contradicting things at once."""
+    tag = values.get("handoff_tag") or ""
+    if not tag:
+        return
+    for other in ("synced_tag", "sync_failed_tag", "exclude_sync_tag", "exclude_cleanup_tag"):
+        if values.get(other) == tag:
+            flag = "--" + other.replace("_", "-")
+            raise ConfigError(
+                f"--handoff-tag ({tag!r}) must differ from {flag} "
+                f"(QBSYNC_SOURCE_HANDOFF_TAG / QBSYNC_SOURCE_{other.upper()})"
+            )
 
 
 def _check_readable(path: Path | None, where: str) -> None:

@@ -120,6 +120,14 @@ handoff_refused = _c(
     "Hand-offs the destination did not confirm (the source keeps seeding), by reason",
     ("reason",),
 )
+handoff_tag_results = _c(
+    "handoff_tag_total",
+    "Hand-offs asked for with --handoff-tag, by result (handed_off, refused)",
+    ("result",),
+)
+handoff_tag_pending = _g(
+    "handoff_tag_pending", "Torrents carrying --handoff-tag that are not handed off yet"
+)
 exclude_sync_abort = _c(
     "exclude_sync_abort_total", "In-progress syncs aborted by the exclude-sync tag"
 )

@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from .meta import SourceMeta
-from .tracker import BACKLOG, LIVE, PieceQueue, PieceTracker, QueueItem
+from .tracker import BACKLOG, LIVE, URGENT, PieceQueue, PieceTracker, QueueItem
 
 # Piece-state polls after a torrent changed: now, then follow-ups that catch pieces qBittorrent
 # reported as "downloading" (1) while their last blocks were being written, which turn into
@@ -43,6 +43,7 @@ class Tracked:
     finalize_started: float = 0.0
     read_failures: int = 0
     last_error: tuple[str, str, float] | None = None  # (code, message, unix time), for /status
+    urgent: bool = False  # carries --handoff-tag: its pieces go before every other torrent's
 
     @property
     def name(self) -> str:
@@ -104,7 +105,9 @@ class Registry:
     def enqueue(self, t: Tracked, indices: list[int]) -> None:
         """Queue pieces that the tracker just moved to pending."""
         if indices and t.active:
-            if t.first_poll_done:
+            if t.urgent:
+                self.queue.push(t.info_hash, indices, URGENT)
+            elif t.first_poll_done:
                 self.queue.push(t.info_hash, indices, LIVE)
             else:
                 self.queue.push(t.info_hash, indices, BACKLOG, key=t.seq)
@@ -112,7 +115,15 @@ class Registry:
     def requeue(self, t: Tracked, index: int) -> None:
         """A failed piece goes back to the front class (it is already late)."""
         if t.active and index in t.tracker.pending:
-            self.queue.push(t.info_hash, [index], LIVE)
+            self.queue.push(t.info_hash, [index], URGENT if t.urgent else LIVE)
+
+    def make_urgent(self, t: Tracked) -> None:
+        """The torrent got --handoff-tag while tracked: its waiting pieces jump the queue. The
+        older entries stay in the heap and are skipped when popped (the piece is no longer
+        pending by then)."""
+        if t.active and not t.urgent:
+            t.urgent = True
+            self.queue.push(t.info_hash, sorted(t.tracker.pending), URGENT)
 
     def notify_changed(self) -> None:
         self.changed.set()
