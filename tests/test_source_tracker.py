@@ -126,9 +126,9 @@ async def test_handoff_tagged_torrent_jumps_the_queue() -> None:
     registry.make_urgent(moved)
     order = []
     while (item := registry.queue.pop_nowait()) is not None:
-        t = registry.get(item.info_hash)
-        assert t is not None
-        if t.tracker.take(item.index):
+        got = registry.get(item.info_hash)
+        assert got is not None
+        if got.tracker.take(item.index):
             order.append(item.info_hash)
     assert order == ["moved"] * 3 + ["live"] * 3 + ["old"] * 3
     fresh = registry.add(meta("fresh"), PieceTracker(2), since=0)
