@@ -21,6 +21,7 @@ variable; the CLI prints it and exits with status 2.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -266,6 +267,28 @@ def _rate_non_negative(v: int | RateSchedule) -> str | None:
     return _non_negative(v) if isinstance(v, int) else None
 
 
+SOURCE_NAME_MAX = 64
+
+
+def _parse_source_name(raw: str) -> str:
+    """``--source-name``: letters, digits, ``.``, ``_``, ``-`` (it becomes a metric label and a
+    log field on the destination), at most :data:`SOURCE_NAME_MAX` characters."""
+    text = raw.strip()
+    if len(text) > SOURCE_NAME_MAX:
+        raise ValueError(f"at most {SOURCE_NAME_MAX} characters")
+    if any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in text):
+        raise ValueError("only letters, digits, '.', '_' and '-'")
+    return text
+
+
+def default_source_name() -> str:
+    """The host name, cut to what ``--source-name`` accepts (a container's is its id)."""
+    name = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in socket.gethostname()
+    )
+    return name[:SOURCE_NAME_MAX] or "source"
+
+
 def _tag_ok(v: str) -> str | None:
     return "must not contain a comma" if "," in v else None
 
@@ -496,6 +519,13 @@ class SourceConfig:
         "",
         check=_tag_ok,
     )
+    source_name: str = option(
+        "This source's name on the destination (per-source status and metrics; one source at "
+        "a time syncs an info-hash); give each source its own (default: the host name)",
+        "",
+        _parse_source_name,
+        metavar="NAME",
+    )
 
     role: Role = "source"
 
@@ -695,6 +725,8 @@ def resolve(
                 f"(QBSYNC_SOURCE_MIN_CONNECTIONS / QBSYNC_SOURCE_MAX_CONNECTIONS)"
             )
         _check_handoff_tag(values)
+        if not values["source_name"]:
+            values["source_name"] = default_source_name()
         if values["state_dir"] is None:
             values["state_dir"] = _default_state_dir(env)
         _check_readable(values["tls_ca"], "--tls-ca / QBSYNC_SOURCE_TLS_CA")

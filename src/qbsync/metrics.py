@@ -220,6 +220,22 @@ finalization_duration = _h(
 state_flush_duration = _h("state_flush_duration_seconds", "fsync + bitmap persist", FLUSH_BUCKETS)
 
 
+# Several sources, one destination (qbsync.destination.sources): the ``source`` label is the
+# source's --source-name, at most 16 distinct values, the rest under "other".
+source_connections = _g(
+    "source_connections", "Authenticated connections open, per source", ("source",)
+)
+source_torrents = _g("source_torrents", "Torrents being synced, per source", ("source",))
+source_pieces_inflight = _g(
+    "source_pieces_inflight", "Pieces received and being written, per source", ("source",)
+)
+owned_by_other_source = _c(
+    "owned_by_other_source_total",
+    "Requests answered owned-by-other-source (another source syncs that torrent), per source",
+    ("source",),
+)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type, for the ``/metrics`` endpoint."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -15,7 +15,7 @@ import json
 import re
 import secrets
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,18 +147,27 @@ class Rig:
         health_port: int | None = None,
         wait_started: bool = True,
         env: Mapping[str, str] | None = None,
+        qb: QBInstance | None = None,
+        state_dir: Path | None = None,
+        reach: Sequence[str] | None = None,
     ) -> tuple[QbsyncProcess, int]:
+        """A real ``qbsync source`` for the rig's source qBittorrent (or ``qb``), dialing the
+        rig's destination (or with ``reach`` instead, e.g. ``["--listen", addr]``)."""
         port = health_port or free_port()
+        qb = qb or self.src_qb
         proc = self.qbsync_factory(
             "source",
             [
                 "--data",
-                str(self.src_qb.save_path),
-                *self.src_qb.qbsync_args(),
-                "--destination-addr",
-                f"127.0.0.1:{self.dest_port}",
+                str(qb.save_path),
+                *qb.qbsync_args(),
+                *(
+                    reach
+                    if reach is not None
+                    else ["--destination-addr", f"127.0.0.1:{self.dest_port}"]
+                ),
                 "--state-dir",
-                str(self.state_dir),
+                str(state_dir or self.state_dir),
                 "--sleep",
                 "1",
                 "--health-addr",

@@ -166,6 +166,7 @@ class Daemon:
                 hooks=metrics.WIRE_METRICS,
                 max_piece=DEFAULT_MAX_PIECE,
                 task_status=task_status,
+                on_peer=self.server.sources.on_peer,
             )
 
     async def shutdown(self) -> None:

@@ -68,6 +68,7 @@ from ..wire.messages import (
 )
 from .finalizer import FinalizeJob, Finalizer
 from .ownership import OWNED_NAME, Ledger
+from .sources import Sources, source_name
 from .state import META_NAME, FileMeta, Phase, TorrentMeta, TorrentState, load_meta, read_optional
 from .store import Store, build_files, new_meta, newest_mtime
 from .writer import Writer
@@ -173,17 +174,14 @@ class DestinationServer:
         self.max_piece = max_piece
         self.dry_finalized: set[str] = set()
         self._decode_limiter = trio.CapacityLimiter(DECODE_SLOTS)
+        self.sources = Sources()  # per-source counts, and which source syncs which torrent
 
     # -- ServerHandler ---------------------------------------------------------------------
 
     async def handle_request(self, peer: Any, request: Request) -> Response:
         try:
-            if isinstance(request, InitTorrent):
-                return await self.init(request)
-            if isinstance(request, Finalize):
-                return await self.finalize(request)
-            if isinstance(request, Abort):
-                return await self.abort(request)
+            if isinstance(request, (InitTorrent, Finalize, Abort)):
+                return await self._owned(peer, request)
             if isinstance(request, StartTorrent):
                 return await self.start(request)
         except WireError as exc:
@@ -197,6 +195,27 @@ class DestinationServer:
             raise
         raise _reject(ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
 
+    async def _owned(self, peer: Any, request: InitTorrent | Finalize | Abort) -> Response:
+        """InitTorrent, Finalize and Abort under the one-source-per-torrent rule (see
+        :mod:`.sources`): a full InitTorrent claims the torrent for the asking source, the
+        others only check that no other source owns its in-progress state."""
+        name = source_name(getattr(peer, "instance", ""))
+        h = normalize_hash(request.info_hash)
+        in_progress = h in self.store.torrents
+        claims = isinstance(request, InitTorrent) and bool(request.files) and not request.probe
+        if claims:
+            self.sources.claim(h, name)
+        else:
+            self.sources.check(h, name, in_progress)
+        try:
+            if isinstance(request, InitTorrent):
+                return await self.init(request)
+            if isinstance(request, Finalize):
+                return await self.finalize(request)
+            return await self.abort(request)
+        finally:
+            self.sources.refresh(self.store.torrents)
+
     async def handle_piece(self, peer: Any, piece: Piece) -> PieceAck:
         raw_hash = piece.info_hash
         try:
@@ -206,6 +225,18 @@ class DestinationServer:
         state = self.store.torrents.get(h)
         if state is None or state.phase is Phase.CLOSED:
             return PieceAck(raw_hash, piece.index, ErrorCode.NOT_INITIALIZED, "send InitTorrent")
+        name = source_name(getattr(peer, "instance", ""))
+        try:
+            self.sources.check(h, name, in_progress=True)
+        except WireError as exc:
+            return PieceAck(raw_hash, piece.index, exc.code, exc.message)
+        self.sources.piece_started(name)
+        try:
+            return await self._piece(raw_hash, h, state, piece)
+        finally:
+            self.sources.piece_done(name)
+
+    async def _piece(self, raw_hash: str, h: str, state: TorrentState, piece: Piece) -> PieceAck:
         g = state.geometry
         reason = ""
         if not 0 <= piece.index < g.num_pieces:
@@ -595,7 +626,12 @@ class DestinationServer:
                     "idle_seconds": round(time.time() - state.last_activity, 1),
                 }
             )
-        return {"role": "destination", "dry_run": self.dry_run, "torrents": torrents}
+        return {
+            "role": "destination",
+            "dry_run": self.dry_run,
+            "torrents": torrents,
+            "sources": self.sources.status(),
+        }
 
 
 def _has_torrent_state(mdir: Path) -> bool:

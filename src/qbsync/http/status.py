@@ -336,6 +336,23 @@ def _daemon_line(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _source_lines(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A destination's sources (several sources, one destination): name -> counts."""
+    out = []
+    for s in doc.get("sources") or []:
+        if not isinstance(s, Mapping):
+            continue
+        state = "connected" if s.get("connected") else "disconnected"
+        out.append(
+            (
+                str(s.get("name", "?")),
+                f"{state}, connections {s.get('connections', 0)}, "
+                f"torrents {s.get('torrents', 0)}, pieces in flight {s.get('pieces_inflight', 0)}",
+            )
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The HTML page for "/".
 
@@ -376,6 +393,12 @@ def render_html(doc: Mapping[str, Any] | None) -> str:
             slug = key.replace(" ", "-")
             parts.append(f'<dt>{e(key)}</dt><dd id="d-{e(slug)}">{e(value)}</dd>')
         parts.append("</dl>")
+        sources = _source_lines(doc)
+        if sources:
+            parts.append('<dl id="sources">')
+            for name, value in sources:
+                parts.append(f"<dt>source {e(name)}</dt><dd>{e(value)}</dd>")
+            parts.append("</dl>")
         rows = _rows(doc)
         if not rows:
             parts.append('<p class="muted" id="empty">No torrent is being synced right now.</p>')
@@ -437,12 +460,16 @@ def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
 
         console = Console(file=out)
         console.print("  ".join(f"[bold]{k}[/bold] {v}" for k, v in daemon), highlight=False)
+        for name, value in _source_lines(doc):
+            console.print(f"source {name}: {value}", highlight=False, markup=False)
         table = Table(*cols, expand=False)
         for r in rows:
             table.add_row(*(r[c] for c in cols))
         console.print(table)
         return
     out.write("  ".join(f"{k}: {v}" for k, v in daemon) + "\n")
+    for name, value in _source_lines(doc):
+        out.write(f"source {name}: {value}\n")
     widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in cols}
     out.write("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip() + "\n")
     for r in rows:

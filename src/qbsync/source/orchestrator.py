@@ -203,6 +203,7 @@ class Orchestrator:
         self._dry_logged: set[tuple[str, str]] = set()
         self._orphans: set[str] = set()  # tracked, fully streamed, removed from the source
         self._pending_aborts: set[str] = set()  # aborts that failed while unreachable
+        self._waiting_on_other: set[str] = set()  # another source syncs these (see _discover)
         self._last_info: dict[str, dict[str, Any]] = {}
         self._last_timer_cycle = 0.0
         self._last_maintenance = trio.current_time()
@@ -432,10 +433,31 @@ class Orchestrator:
             str(result.existed).lower(),
         )
 
+    def _wait_for_other_source(self, h: str, *, detail: str = "") -> None:
+        """Another source is syncing ``h`` into the same destination: stop tracking it here
+        (nothing is aborted: the partial copy there is the other source's) and probe again
+        after ``--sleep``; once the other sync is finalized the probe answers ``complete`` and
+        the torrent is recorded as synced without a second copy."""
+        if h in self.registry:
+            self._untrack(h)
+        self._probe_retry_at[h] = trio.current_time() + self.config.sleep
+        first = h not in self._waiting_on_other
+        self._waiting_on_other.add(h)  # logged at info once per wait, then at debug
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "event=sync_wait hash=%s code=owned-by-other-source retry_in_s=%g error=%s",
+            h,
+            self.config.sleep,
+            kv(detail or "another source is syncing this torrent"),
+        )
+
     # -- 2. exclusions ----------------------------------------------------------------------
 
     async def _handle_exclusions(self) -> None:
         for t in self.registry.all():
+            if t.owned_elsewhere:
+                self._wait_for_other_source(t.info_hash)
+                continue
             info = self.monitor.torrents.get(t.info_hash)
             if info is None:
                 continue
@@ -558,6 +580,9 @@ class Orchestrator:
                     InitTorrent(info_hash=h, probe=True), within=PROBE_TIMEOUT
                 )
             except WireError as exc:
+                if exc.code == ErrorCode.OWNED_BY_OTHER_SOURCE:
+                    self._wait_for_other_source(h, detail=exc.message)
+                    continue
                 if is_transient(exc):
                     log.warning(
                         "event=destination_unreachable step=discover code=%s error=%s",
@@ -570,6 +595,7 @@ class Orchestrator:
                 )
                 self._probe_retry_at[h] = now + self.config.sleep
                 continue
+            self._waiting_on_other.discard(h)
             if result.status == SyncStatus.COMPLETE:
                 await self._mark_complete_on_probe(h)
             elif result.status == SyncStatus.VERIFYING:
@@ -656,6 +682,9 @@ class Orchestrator:
         try:
             await initialize(self.pool, self.registry, t, resync=resync, force=True)
         except (WireError, NotReady) as exc:
+            if t.owned_elsewhere:
+                self._wait_for_other_source(h, detail=str(exc))
+                return t
             # Senders initialize lazily before the first piece; nothing is lost.
             log.warning(
                 "event=init_deferred hash=%s code=%s error=%s",

@@ -101,7 +101,12 @@ async def _main(config: SourceConfig) -> int:
     registry = Registry()
     reader = PieceReader()
     pool = ConnectionPool(
-        make_connector(config.destination_addr, token=token, ssl_context=ssl_context),
+        make_connector(
+            config.destination_addr,
+            token=token,
+            ssl_context=ssl_context,
+            instance=config.source_name,
+        ),
         address=str(config.destination_addr),
         min_connections=config.min_connections,
         max_connections=config.max_connections,

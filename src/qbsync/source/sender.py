@@ -118,7 +118,15 @@ async def initialize(
             # abort just deleted.
             return None
         t.tracker.begin_resync()
-        result: InitResult = await pool.request(request, within=INIT_TIMEOUT)
+        try:
+            result: InitResult = await pool.request(request, within=INIT_TIMEOUT)
+        except WireError as exc:
+            if exc.code == ErrorCode.OWNED_BY_OTHER_SOURCE:
+                # Another source syncs it into this destination: the orchestrator stops
+                # tracking it and probes again later (then it is complete there).
+                t.owned_elsewhere = True
+                registry.notify_changed()
+            raise
         if result.status == SyncStatus.VERIFYING:
             raise NotReady("destination qBittorrent is verifying this torrent")
         t.tracker.apply_needed(parse_needed(result, t.tracker.num_pieces))

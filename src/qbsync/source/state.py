@@ -44,6 +44,7 @@ class Tracked:
     read_failures: int = 0
     last_error: tuple[str, str, float] | None = None  # (code, message, unix time), for /status
     urgent: bool = False  # carries --handoff-tag: its pieces go before every other torrent's
+    owned_elsewhere: bool = False  # the destination said another source syncs it: untrack, wait
 
     @property
     def name(self) -> str:

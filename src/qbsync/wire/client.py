@@ -259,6 +259,7 @@ async def open_connection(
     ping_interval: float = DEFAULT_PING_INTERVAL,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     hooks: WireHooks = NO_HOOKS,
+    instance: str = "",
 ) -> AsyncIterator[ClientConnection]:
     """Connect to a destination, run TLS (if ``ssl_context``) and the handshake, and yield the
     connection; it is closed when the block exits.
@@ -291,7 +292,7 @@ async def open_connection(
                     raise WireError(
                         ErrorCode.AUTH_FAILED, f"TLS handshake with {addr} failed: {describe(exc)}"
                     ) from None
-            endpoint = Endpoint(m.Role.SOURCE, token=token)
+            endpoint = Endpoint(m.Role.SOURCE, token=token, instance=instance)
             conn = ClientConnection(
                 endpoint,
                 stream,

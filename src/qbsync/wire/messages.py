@@ -80,6 +80,10 @@ class Hello:
     nonce: bytes  # 32 random bytes
     software: str = "qbsync"
     auth_required: bool = True  # False when this side has no token configured
+    # The sender's announced name (a source's --source-name): the destination keeps per-source
+    # counts under it and lets one source at a time sync an info-hash. Covered by the Auth MACs
+    # (they sign both Hello bodies), so nobody on the path can change it.
+    instance: str = ""
 
 
 @attrs.frozen

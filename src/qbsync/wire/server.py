@@ -78,6 +78,16 @@ class Peer:
 
     address: str  # "ip:port"
     conn_id: int
+    instance: str = ""  # the source's announced name (Hello.instance), known once authenticated
+
+
+# Told when an authenticated connection opens (True) and closes (False): the destination keeps
+# per-source counts with it (Peer.instance names the source).
+PeerHook = Callable[[Peer, bool], None]
+
+
+def _ignore_peer(peer: Peer, opened: bool) -> None:
+    return None
 
 
 class ServerHandler(Protocol):
@@ -327,6 +337,7 @@ async def serve(
     max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
     max_pending_per_address: int = DEFAULT_MAX_PENDING_PER_ADDRESS,
     hooks: WireHooks = NO_HOOKS,
+    on_peer: PeerHook = _ignore_peer,
 ) -> None:
     """Accept sources on ``listen`` until cancelled.
 
@@ -368,6 +379,7 @@ async def serve(
             max_concurrent_requests=max_concurrent_requests,
             close_grace=close_grace,
             hooks=hooks,
+            on_peer=on_peer,
         )
 
     async with trio.open_nursery() as nursery:
@@ -462,6 +474,7 @@ async def _serve_one(
     max_concurrent_requests: int,
     close_grace: float,
     hooks: WireHooks,
+    on_peer: PeerHook = _ignore_peer,
 ) -> None:
     peer = Peer(peer_address(stream), next(_conn_ids))
     label = f"peer={peer.address} conn={peer.conn_id}"
@@ -500,16 +513,20 @@ async def _serve_one(
         if done is None:
             return  # failed (logged and counted) or closed by the gate to make room
         conn, info = done
+        conn.peer = peer = attrs.evolve(peer, instance=info.peer_instance)
         opened = True
         hooks.connection_opened("destination")
         log.info(
-            "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s",
+            "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s "
+            "peer_instance=%s",
             label,
             info.version,
             ssl_context is not None,
             bool(token),
             kv(info.peer_software),
+            kv(info.peer_instance),
         )
+        on_peer(peer, True)
         await conn.run(close_grace)
         reason = conn.close_reason
         log.info(
@@ -525,6 +542,7 @@ async def _serve_one(
         gate.leave(peer)
         if opened:
             hooks.connection_closed("destination")
+            on_peer(peer, False)
         if conn is not None:
             conn._abort(ConnectionClosed("connection closed", ErrorCode.OK))
         await trio.aclose_forcefully(stream)

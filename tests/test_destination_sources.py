@@ -1,0 +1,93 @@
+"""Several sources, one destination: per-source counts and one source per torrent."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from qbsync import metrics
+from qbsync.destination.sources import MAX_LABELS, OWNER_GRACE, Sources, source_name
+from qbsync.http.status import render_html, render_table
+from qbsync.wire.errors import RETRYABLE, ErrorCode, WireError
+
+
+def peer(name: str) -> SimpleNamespace:
+    return SimpleNamespace(instance=name, address="127.0.0.1:1", conn_id=1)
+
+
+def test_names_are_sanitized_and_the_label_set_is_capped() -> None:
+    assert source_name("box-a") == "box-a"
+    assert source_name('ev"il\n{x}') == "evilx"
+    assert source_name("") == "unnamed"
+    sources = Sources()
+    for i in range(MAX_LABELS + 5):
+        sources.on_peer(peer(f"s{i}"), True)
+    labels = {s.label for s in sources._by_name.values()}
+    assert len(labels) == MAX_LABELS + 1 and "other" in labels
+    assert metrics.source_connections.labels("other")._value.get() == 5
+
+
+async def test_second_source_waits_while_the_owner_is_present(autojump_clock: object) -> None:
+    sources = Sources()
+    sources.on_peer(peer("a"), True)
+    sources.on_peer(peer("b"), True)
+    sources.claim("h", "a")
+    sources.claim("h", "a")  # the owner again: fine
+    with pytest.raises(WireError) as exc:
+        sources.claim("h", "b")
+    assert exc.value.code == ErrorCode.OWNED_BY_OTHER_SOURCE
+    assert exc.value.code in RETRYABLE  # the source retries later
+    with pytest.raises(WireError):
+        sources.check("h", "b", in_progress=True)
+    sources.check("h", "b", in_progress=False)  # finalized meanwhile: a stale claim goes
+    assert sources.owner("h") is None
+    # An owner gone for longer than the grace loses its claim to the next source.
+    sources.claim("h", "a")
+    sources.on_peer(peer("a"), False)
+    await trio.sleep(OWNER_GRACE - 1)
+    with pytest.raises(WireError):
+        sources.claim("h", "b")
+    await trio.sleep(2)
+    sources.claim("h", "b")
+    assert sources.owner("h") == "b"
+
+
+def test_refresh_drops_finished_claims_and_counts_torrents() -> None:
+    sources = Sources()
+    sources.on_peer(peer("a"), True)
+    sources.claim("h1", "a")
+    sources.claim("h2", "a")
+    sources.refresh({"h1": object()})
+    assert sources.owner("h2") is None
+    assert metrics.source_torrents.labels("a")._value.get() == 1
+    status = sources.status()
+    assert status == [
+        {
+            "name": "a",
+            "connections": 1,
+            "pieces_inflight": 0,
+            "torrents": 1,
+            "connected": True,
+            "last_seen": status[0]["last_seen"],
+        }
+    ]
+
+
+def test_status_page_and_table_list_the_sources() -> None:
+    doc = {
+        "role": "destination",
+        "daemon": {},
+        "torrents": [],
+        "sources": [
+            {"name": "box-a", "connections": 2, "torrents": 1, "pieces_inflight": 3, "connected": 1}
+        ],
+    }
+    assert "source box-a" in render_html(doc)
+    out = io.StringIO()
+    render_table(doc, out)
+    assert (
+        "source box-a: connected, connections 2, torrents 1, pieces in flight 3" in out.getvalue()
+    )
