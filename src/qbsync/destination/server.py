@@ -59,6 +59,8 @@ from ..wire.messages import (
     FinalizeResult,
     InitResult,
     InitTorrent,
+    OpenConnection,
+    OpenConnectionResult,
     Piece,
     PieceAck,
     StartResult,
@@ -91,8 +93,10 @@ START_POLL = 0.25
 # count: it is what a stopped torrent shows even after its files were deleted).
 ACTIVE_SEEDING_STATES = frozenset({"uploading", "stalledUP", "forcedUP", "queuedUP"})
 
-Request = InitTorrent | Finalize | Abort | StartTorrent
-Response = InitResult | FinalizeResult | AbortResult | StartResult
+# OpenConnection is answered only on connections the destination dialed (.dialer wraps this
+# handler); on an accepted one it is a bad request.
+Request = InitTorrent | Finalize | Abort | StartTorrent | OpenConnection
+Response = InitResult | FinalizeResult | AbortResult | StartResult | OpenConnectionResult
 
 _COUNTED = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNSAFE_PATH})
 

@@ -52,7 +52,7 @@ from .protocol import (
     Response,
 )
 from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, log
-from .transport import TRANSPORT_ERRORS, describe, peer_address, tune_socket
+from .transport import TRANSPORT_ERRORS, describe, peer_address, socket_stream, tune_socket
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CLOSE_GRACE = 10.0
@@ -394,6 +394,45 @@ async def serve(
         task_status.started(ports)
 
 
+async def serve_dialed(
+    stream: trio.abc.Stream,
+    handler: ServerHandler,
+    *,
+    token: str | None,
+    budget: ByteBudget,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    window: int = DEFAULT_WINDOW,
+    max_piece: int = DEFAULT_MAX_PIECE,
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    close_grace: float = DEFAULT_CLOSE_GRACE,
+    hooks: WireHooks = NO_HOOKS,
+    on_peer: PeerHook = _ignore_peer,
+) -> None:
+    """Serve one connection the destination *dialed* (``destination --connect``; TCP and TLS
+    done by :func:`.transport.dial`): the same handshake -- the destination stays the protocol
+    server whichever side dialed -- and the same service as a connection :func:`serve`
+    accepted. Returns when it ends (a failed handshake is logged and counted here too)."""
+    await _serve_one(
+        stream,
+        handler,
+        gate=_HandshakeGate(1, 1, hooks),  # one outgoing connection: nothing to cap
+        token=token,
+        ssl_context=None,
+        budget=budget,
+        handshake_timeout=handshake_timeout,
+        ping_interval=ping_interval,
+        idle_timeout=idle_timeout,
+        window=window,
+        max_piece=max_piece,
+        max_concurrent_requests=max_concurrent_requests,
+        close_grace=close_grace,
+        hooks=hooks,
+        on_peer=on_peer,
+    )
+
+
 def _host(address: str) -> str:
     """The host part of ``ip:port`` (``[v6]:port``): the unit of the per-address cap."""
     return address.rpartition(":")[0] or address
@@ -459,7 +498,7 @@ class _HandshakeGate:
 
 
 async def _serve_one(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     handler: ServerHandler,
     *,
     gate: _HandshakeGate,
@@ -549,7 +588,7 @@ async def _serve_one(
 
 
 async def _handshake(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     label: str,
     *,
     token: str | None,
@@ -562,7 +601,9 @@ async def _handshake(
 ) -> tuple[_ServerConnection, HandshakeComplete] | None:
     """TLS (optional) and the qbsync handshake under one deadline. ``None`` when it failed
     (logged and counted here); the caller closes the stream."""
-    tune_socket(stream)
+    sock = socket_stream(stream)
+    if sock is not None:
+        tune_socket(sock)
     app_stream: trio.abc.Stream = stream
     endpoint = Endpoint(m.Role.DESTINATION, token=token, window=window, max_piece=max_piece)
     deadline = trio.current_time() + handshake_timeout
