@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,19 @@ import trio
 from qbsync import metrics
 from qbsync.destination.sources import MAX_LABELS, OWNER_GRACE, Sources, source_name
 from qbsync.http.status import render_html, render_table
+from qbsync.wire import (
+    Abort,
+    Finalize,
+    FinalizeResult,
+    InitResult,
+    InitTorrent,
+    Peer,
+    Piece,
+    SyncStatus,
+)
 from qbsync.wire.errors import RETRYABLE, ErrorCode, WireError
+from tests.test_destination_writer import build, torrent
+from tests.wireclient import needed_indices
 
 
 def peer(name: str) -> SimpleNamespace:
@@ -91,3 +104,43 @@ def test_status_page_and_table_list_the_sources() -> None:
     assert (
         "source box-a: connected, connections 2, torrents 1, pieces in flight 3" in out.getvalue()
     )
+
+
+async def test_destination_server_lets_one_source_sync_an_info_hash(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Through the real request handling: source B is told to wait for every request about a
+    torrent A is syncing (its partial state is never touched), and once A's copy is
+    finalized B's probe answers complete -- stored once."""
+    t = torrent(tmp_path)
+    d = build(tmp_path, nursery)
+    a, b = Peer("a", 1, instance="box-a"), Peer("b", 2, instance="box-b")
+    d.server.sources.on_peer(a, True)
+    d.server.sources.on_peer(b, True)
+    ready = await d.server.handle_request(a, t.init_msg())
+    assert isinstance(ready, InitResult)
+    for request in (
+        InitTorrent(info_hash=t.info_hash, probe=True),
+        t.init_msg(),
+        Finalize(t.info_hash),
+        Abort(t.info_hash),
+    ):
+        with pytest.raises(WireError) as exc:
+            await d.server.handle_request(b, request)
+        assert exc.value.code == ErrorCode.OWNED_BY_OTHER_SOURCE
+    ack = await d.server.handle_piece(b, Piece(t.info_hash, 0, 0, t.piece(0)))
+    assert ack.code == ErrorCode.OWNED_BY_OTHER_SOURCE
+    assert t.info_hash in d.store.torrents  # B's abort deleted nothing
+    assert metrics.owned_by_other_source.labels("box-b")._value.get() >= 5
+    assert [s["torrents"] for s in d.server.status()["sources"]] == [1, 0]
+    for i in needed_indices(ready, t.num_pieces):
+        ack = await d.server.handle_piece(a, Piece(t.info_hash, i, i * t.piece_length, t.piece(i)))
+        assert ack.code == ErrorCode.OK
+    result = await d.server.handle_request(a, Finalize(t.info_hash))
+    while isinstance(result, FinalizeResult) and result.status == SyncStatus.VERIFYING:
+        await trio.sleep(0.01)
+        result = await d.server.handle_request(a, Finalize(t.info_hash))
+    assert isinstance(result, FinalizeResult) and result.status == SyncStatus.COMPLETE
+    probe = await d.server.handle_request(b, InitTorrent(info_hash=t.info_hash, probe=True))
+    assert isinstance(probe, InitResult) and probe.status == SyncStatus.COMPLETE
+    assert d.server.sources.owner(t.info_hash) is None

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
@@ -15,7 +17,7 @@ from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names a
     rig_fixture,
     tags_of,
 )
-from tests.qbharness import SEEDING_STATES, free_port, wait_until
+from tests.qbharness import SEEDING_STATES, free_port, make_self_signed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -125,5 +127,40 @@ def test_reverse_mode_pool_opens_the_connections_the_source_wants(
     )
     assert rig.dest.log_text().count("event=open_connection ") == 2
     rig.add_to_source(download_limit=None)
+    rig.wait_synced()
+    rig.assert_identical()
+
+
+def test_reverse_mode_tls_served_by_the_listening_source_and_token_required(
+    tmp_path: Path, rig_factory: RigFactory
+) -> None:
+    """The listening side is the TLS server whatever its role: the source presents the
+    certificate, the dialing destination verifies it with --tls-ca. A destination with the
+    wrong token is refused by the source and gets nothing."""
+    cert, key = make_self_signed(tmp_path / "tls", "source")
+    rig, listen = _reverse_rig(rig_factory)
+    source, _ = rig.start_source(
+        "--tls-cert", str(cert), "--tls-key", str(key), reach=["--listen", listen]
+    )
+    rig.add_to_source(download_limit=None)
+    wrong = rig.start_destination(
+        "--tls-ca", str(cert), "--auth-token", "f" * 32, reach=["--connect", listen]
+    )
+    wait_until(
+        lambda: (
+            "event=wire_handshake_failed" in source.log_text()
+            and "code=auth-failed" in source.log_text()
+        ),
+        30,
+        0.2,
+        "the source refuses the wrong token",
+    )
+    assert not rig.dest_state_dirs() and "synced" not in tags_of(rig.src_qb, rig.info_hash)
+    assert wrong.stop() == 0
+    _start_destination(rig, listen)  # rig.token, but no --tls-ca: TLS fails, and says so
+    assert rig.dest is not None
+    rig.dest.wait_for_log("event=wire_handshake_failed", timeout=30)
+    assert rig.dest.stop() == 0
+    rig.start_destination("--tls-ca", str(cert), reach=["--connect", listen])
     rig.wait_synced()
     rig.assert_identical()
