@@ -438,8 +438,7 @@ async def test_owned_by_other_source_waits_then_records_the_finished_copy(
         assert busy not in rig.registry
         probes = len([m for m in rig.dest.of_type(InitTorrent) if m.info_hash == busy])
         await eventually(
-            lambda: len([m for m in rig.dest.of_type(InitTorrent) if m.info_hash == busy])
-            > probes
+            lambda: len([m for m in rig.dest.of_type(InitTorrent) if m.info_hash == busy]) > probes
         )  # asked again (after --sleep)
         other_done = True
         await eventually(lambda: busy in rig.orch.cache)
