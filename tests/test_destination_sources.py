@@ -144,3 +144,20 @@ async def test_destination_server_lets_one_source_sync_an_info_hash(
     probe = await d.server.handle_request(b, InitTorrent(info_hash=t.info_hash, probe=True))
     assert isinstance(probe, InitResult) and probe.status == SyncStatus.COMPLETE
     assert d.server.sources.owner(t.info_hash) is None
+
+
+def test_status_page_and_table_show_refused_tagged_handoffs() -> None:
+    doc = {
+        "role": "source",
+        "daemon": {},
+        "torrents": [],
+        "handoff_tag": {
+            "tag": "handoff",
+            "pending": 1,
+            "refused": {"ab" * 20: {"reason": "not-started", "attempts": 2, "at": 0}},
+        },
+    }
+    assert "refused (not-started), attempts 2" in render_html(doc)
+    out = io.StringIO()
+    render_table(doc, out)
+    assert "handoff abababababab: refused (not-started), attempts 2" in out.getvalue()

@@ -337,15 +337,27 @@ def _daemon_line(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _source_lines(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """A destination's sources (several sources, one destination): name -> counts."""
+    """Extra lines under the daemon line: a destination's sources (several sources, one
+    destination: name -> counts), a source's refused ``--handoff-tag`` hand-offs."""
     out = []
+    handoff = doc.get("handoff_tag")
+    if isinstance(handoff, Mapping):
+        for h, r in (handoff.get("refused") or {}).items():
+            if isinstance(r, Mapping):
+                out.append(
+                    (
+                        f"handoff {str(h)[:12]}",
+                        f"refused ({r.get('reason', '?')}), attempts {r.get('attempts', 0)}; "
+                        "still seeding here, retried while the tag stays",
+                    )
+                )
     for s in doc.get("sources") or []:
         if not isinstance(s, Mapping):
             continue
         state = "connected" if s.get("connected") else "disconnected"
         out.append(
             (
-                str(s.get("name", "?")),
+                f"source {s.get('name', '?')}",
                 f"{state}, connections {s.get('connections', 0)}, "
                 f"torrents {s.get('torrents', 0)}, pieces in flight {s.get('pieces_inflight', 0)}",
             )
@@ -397,7 +409,7 @@ def render_html(doc: Mapping[str, Any] | None) -> str:
         if sources:
             parts.append('<dl id="sources">')
             for name, value in sources:
-                parts.append(f"<dt>source {e(name)}</dt><dd>{e(value)}</dd>")
+                parts.append(f"<dt>{e(name)}</dt><dd>{e(value)}</dd>")
             parts.append("</dl>")
         rows = _rows(doc)
         if not rows:
@@ -461,7 +473,7 @@ def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
         console = Console(file=out)
         console.print("  ".join(f"[bold]{k}[/bold] {v}" for k, v in daemon), highlight=False)
         for name, value in _source_lines(doc):
-            console.print(f"source {name}: {value}", highlight=False, markup=False)
+            console.print(f"{name}: {value}", highlight=False, markup=False)
         table = Table(*cols, expand=False)
         for r in rows:
             table.add_row(*(r[c] for c in cols))
@@ -469,7 +481,7 @@ def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
         return
     out.write("  ".join(f"{k}: {v}" for k, v in daemon) + "\n")
     for name, value in _source_lines(doc):
-        out.write(f"source {name}: {value}\n")
+        out.write(f"{name}: {value}\n")
     widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in cols}
     out.write("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip() + "\n")
     for r in rows:
