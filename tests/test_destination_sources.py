@@ -49,6 +49,8 @@ async def test_second_source_waits_while_the_owner_is_present(autojump_clock: ob
     sources.on_peer(peer("b"), True)
     sources.claim("h", "a")
     sources.claim("h", "a")  # the owner again: fine
+    sources.init_done("h")
+    sources.init_done("h")
     with pytest.raises(WireError) as exc:
         sources.claim("h", "b")
     assert exc.value.code == ErrorCode.OWNED_BY_OTHER_SOURCE
@@ -59,6 +61,7 @@ async def test_second_source_waits_while_the_owner_is_present(autojump_clock: ob
     assert sources.owner("h") is None
     # An owner gone for longer than the grace loses its claim to the next source.
     sources.claim("h", "a")
+    sources.init_done("h")
     sources.on_peer(peer("a"), False)
     await trio.sleep(OWNER_GRACE - 1)
     with pytest.raises(WireError):
@@ -73,6 +76,8 @@ def test_refresh_drops_finished_claims_and_counts_torrents() -> None:
     sources.on_peer(peer("a"), True)
     sources.claim("h1", "a")
     sources.claim("h2", "a")
+    sources.init_done("h1")
+    sources.init_done("h2")
     sources.refresh({"h1": object()})
     assert sources.owner("h2") is None
     assert metrics.source_torrents.labels("a")._value.get() == 1
@@ -161,3 +166,21 @@ def test_status_page_and_table_show_refused_tagged_handoffs() -> None:
     out = io.StringIO()
     render_table(doc, out)
     assert "handoff abababababab: refused (not-started), attempts 2" in out.getvalue()
+
+
+def test_a_claim_holds_while_its_init_runs() -> None:
+    """The first source's InitTorrent has claimed the torrent but not created its state yet
+    (it validates the .torrent in a thread): another source's probe or refresh must not drop
+    the claim, or both would sync it."""
+    sources = Sources()
+    sources.on_peer(peer("a"), True)
+    sources.on_peer(peer("b"), True)
+    sources.claim("h", "a")
+    with pytest.raises(WireError):
+        sources.check("h", "b", in_progress=False)  # the state does not exist yet
+    sources.refresh(set())
+    with pytest.raises(WireError):
+        sources.claim("h", "b")
+    sources.init_done("h")
+    sources.refresh(set())  # the init failed or found it complete: no state, no claim
+    sources.claim("h", "b")

@@ -77,6 +77,8 @@ def test_two_sources_feed_one_destination_and_a_shared_torrent_is_stored_once(
     )
     total = sum(s.num_pieces for s in everything)
     assert metric(dest_health, "qbsync_pieces_received_total") == total + resent
+    for health in (health_a, health_b):  # the waiting source never streamed the shared one
+        assert metric(health, "qbsync_pieces_failed_total", {"code": "owned-by-other-source"}) == 0
     # The second source was told to wait (or found it finished), never sent a second copy.
     logs = a.log_text() + b.log_text()
     assert "code=owned-by-other-source" in logs or "event=torrent_complete_on_destination" in logs

@@ -218,6 +218,8 @@ class DestinationServer:
                 return await self.finalize(request)
             return await self.abort(request)
         finally:
+            if claims:
+                self.sources.init_done(h)
             self.sources.refresh(self.store.torrents)
 
     async def handle_piece(self, peer: Any, piece: Piece) -> PieceAck:

@@ -62,6 +62,8 @@ class Sources:
     def __init__(self) -> None:
         self._by_name: dict[str, SourceStats] = {}
         self._owners: dict[str, str] = {}  # info-hash -> source name
+        # Full InitTorrents in flight per info-hash: their claim holds before the state exists.
+        self._initializing: dict[str, int] = {}
         self._labels: set[str] = set()
 
     def _stats(self, name: str) -> SourceStats:
@@ -115,7 +117,7 @@ class Sources:
         owner = self._owners.get(info_hash)
         if owner is None or owner == name:
             return
-        if not in_progress:
+        if not in_progress and info_hash not in self._initializing:
             del self._owners[info_hash]  # finalized or aborted meanwhile: a stale claim
             return
         if self._present(owner):
@@ -138,13 +140,24 @@ class Sources:
         so two sources cannot both pass)."""
         self.check(info_hash, name, in_progress=True)
         self._owners[info_hash] = name
+        self._initializing[info_hash] = self._initializing.get(info_hash, 0) + 1
+
+    def init_done(self, info_hash: str) -> None:
+        """The InitTorrent that :meth:`claim` preceded has returned (or failed)."""
+        n = self._initializing.get(info_hash, 0) - 1
+        if n > 0:
+            self._initializing[info_hash] = n
+        else:
+            self._initializing.pop(info_hash, None)
 
     def owner(self, info_hash: str) -> str | None:
         return self._owners.get(info_hash)
 
     def refresh(self, in_progress: Container[str]) -> None:
         """Drop claims whose state is gone; update the per-source torrent gauge."""
-        self._owners = {h: n for h, n in self._owners.items() if h in in_progress}
+        self._owners = {
+            h: n for h, n in self._owners.items() if h in in_progress or h in self._initializing
+        }
         counts: dict[str, int] = dict.fromkeys(self._labels | {OTHER_LABEL}, 0)
         for name in self._owners.values():
             label = self._stats(name).label

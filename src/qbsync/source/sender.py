@@ -340,6 +340,15 @@ class Senders:
             self.registry.requeue(t, index)
             log.info("event=piece_reinit hash=%s piece=%d code=%s", t.info_hash, index, code)
             return
+        if code == ErrorCode.OWNED_BY_OTHER_SOURCE:
+            # Another source took this torrent over on the destination: stop sending it; the
+            # orchestrator untracks it and probes again later (see initialize()).
+            t.tracker.fail(index, count=False)
+            if not t.owned_elsewhere:
+                t.owned_elsewhere = True
+                log.info("event=piece_refused hash=%s code=%s", t.info_hash, code.value)
+                self.registry.notify_changed()
+            return
         n = t.tracker.fail(index, requeue=False)
         level = logging.INFO if code in RETRYABLE else logging.WARNING
         log.log(
