@@ -536,7 +536,7 @@ class SourceConfig:
     )
     source_name: str = option(
         "This source's name on the destination (per-source status and metrics; one source at "
-        "a time syncs an info-hash); give each source its own (default: the host name)",
+        "a time syncs an info-hash); give each source its own (empty: the host name)",
         "",
         _parse_source_name,
         metavar="NAME",
