@@ -168,9 +168,7 @@ def test_bad_value_names_flag_and_env(
 @pytest.mark.parametrize("role", ["source", "destination"])
 def test_required_options(role: Role) -> None:
     required = [o for o in options_for(role) if o.required]
-    assert {o.name for o in required} == (
-        {"data", "qb_url", "destination_addr"} if role == "source" else {"data"}
-    )
+    assert {o.name for o in required} == ({"data", "qb_url"} if role == "source" else {"data"})
     base = SRC_REQUIRED if role == "source" else DST_REQUIRED
     for opt in required:
         flags = {k: v for k, v in base.items() if k != opt.name}
@@ -180,6 +178,17 @@ def test_required_options(role: Role) -> None:
         # An empty environment variable is no better than a missing one.
         with pytest.raises(ConfigError, match="is required"):
             resolve(role, flags, {opt.env(role): "  "})
+
+
+def test_destination_addr_required_unless_listen() -> None:
+    """Required as before (the same message first), now with --listen as the alternative."""
+    flags = {k: v for k, v in SRC_REQUIRED.items() if k != "destination_addr"}
+    for env in ({}, {"QBSYNC_SOURCE_DESTINATION_ADDR": "  "}):
+        with pytest.raises(ConfigError) as exc:
+            resolve("source", flags, env)
+        message = str(exc.value)
+        assert message.startswith("--destination-addr / QBSYNC_SOURCE_DESTINATION_ADDR is required")
+        assert "--listen" in message
 
 
 def test_min_connections_above_max() -> None:
@@ -313,10 +322,10 @@ def test_listen_port_fallbacks() -> None:
     assert dst({"PORT": "0.0.0.0:7000"}).listen == HostPort("0.0.0.0", 7000)
     assert dst({"GRPC_PORT": "6000"}, listen="127.0.0.1:5000").listen == HostPort("127.0.0.1", 5000)
     assert dst({"GRPC_PORT": "6000"}, listen=":50051").listen == HostPort("", 6000)
-    assert dst({"QBSYNC_DESTINATION_LISTEN": ":5555", "PORT": "7000"}).listen.port == 5555
+    assert dst({"QBSYNC_DESTINATION_LISTEN": ":5555", "PORT": "7000"}).listen == HostPort("", 5555)
     # The listen fallbacks never touch the health address and vice versa.
     d = dst({"PORT": "7000", "HTTP_PORT": "9090"})
-    assert (d.listen.port, d.health_addr) == (7000, HostPort("", 9090))
+    assert (d.listen, d.health_addr) == (HostPort("", 7000), HostPort("", 9090))
     # The source has no listen address; GRPC_PORT/PORT mean nothing to it.
     assert src({"GRPC_PORT": "6000", "PORT": "7000"}).health_addr == HostPort("", 8080)
     with pytest.raises(ConfigError, match="GRPC_PORT"):
@@ -397,3 +406,99 @@ def test_guessable_tokens_are_refused_like_short_ones(role: Role) -> None:
     ):
         message = error_of(role, {"auth_token": token})
         assert why in message and "--auth-token" in message and "openssl rand" in message
+
+
+def test_handoff_tag_defaults_empty_and_reads_its_env_var() -> None:
+    assert src().handoff_tag == ""
+    assert src({"QBSYNC_SOURCE_HANDOFF_TAG": "move-now"}).handoff_tag == "move-now"
+
+
+@pytest.mark.parametrize(
+    ("other", "value"),
+    [
+        ("synced_tag", "synced"),
+        ("sync_failed_tag", "sync-failed"),
+        ("exclude_sync_tag", "x"),
+        ("exclude_cleanup_tag", "x"),
+    ],
+)
+def test_handoff_tag_must_differ_from_the_other_tags(other: str, value: str) -> None:
+    """Sharing ``synced`` would hand off every torrent qbsync syncs."""
+    message = error_of("source", {"handoff_tag": value, other: value})
+    assert "--handoff-tag" in message and "--" + other.replace("_", "-") in message
+
+
+# -- reverse dialing (source --listen, destination --connect) ---------------------------------
+
+TOKEN = "7f3c9a12e4b85d60c1f2"  # not guessable: see config.token_weakness
+
+
+def test_source_listen_instead_of_destination_addr() -> None:
+    flags = {k: v for k, v in SRC_REQUIRED.items() if k != "destination_addr"}
+    config = resolve("source", {**flags, "listen": ":50052", "auth_token": TOKEN}, {})
+    assert isinstance(config, SourceConfig)
+    assert config.listen == HostPort("", 50052) and config.destination_addr is None
+    env = {"QBSYNC_SOURCE_LISTEN": "0.0.0.0:6000", "QBSYNC_SOURCE_AUTH_TOKEN": TOKEN}
+    config = resolve("source", flags, env)
+    assert isinstance(config, SourceConfig) and config.listen == HostPort("0.0.0.0", 6000)
+    # GRPC_PORT/PORT never become the source's listen port.
+    assert src({"GRPC_PORT": "6000", "PORT": "7000"}).listen is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"listen": ":1", "auth_token": TOKEN}, "not both"),  # with --destination-addr
+        ({"listen": ":1", "destination_addr": ""}, "--listen needs --auth-token"),
+        (
+            {
+                "listen": ":1",
+                "destination_addr": "",
+                "auth_token": TOKEN,
+                "tls_ca": "/etc/hostname",
+            },
+            "--tls-ca is for",
+        ),
+        ({"tls_cert": "/etc/hostname", "tls_key": "/etc/hostname"}, "are for a listening source"),
+    ],
+)
+def test_source_reach_impossible_combinations(flags: dict[str, str], needle: str) -> None:
+    message = error_of("source", flags)
+    assert needle in message, message
+
+
+def test_source_listen_without_destination_addr_still_checks_token() -> None:
+    base = {k: v for k, v in SRC_REQUIRED.items() if k != "destination_addr"}
+    with pytest.raises(ConfigError, match="--listen needs --auth-token"):
+        resolve("source", {**base, "listen": ":1"}, {})
+
+
+def test_destination_connect_opens_no_port_unless_listen_is_explicit() -> None:
+    d = dst(connect="seedbox.example:50052")
+    assert d.listen is None
+    assert d.connect_addrs == [HostPort("seedbox.example", 50052)]
+    # GRPC_PORT/PORT keep meaning the listen port, but open none next to --connect.
+    assert dst({"GRPC_PORT": "6000"}, connect="a:1").listen is None
+    assert dst(connect="a:1", listen=":50051").listen == HostPort("", 50051)
+    assert dst({"QBSYNC_DESTINATION_LISTEN": ":7"}, connect="a:1").listen == HostPort("", 7)
+    both = dst({"QBSYNC_DESTINATION_CONNECT": "a:1, b:2"})
+    assert both.connect_addrs == [HostPort("a", 1), HostPort("b", 2)]
+    assert both.listen is None
+    assert dst().listen == HostPort("", 50051) and dst().connect == ""
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"connect": "a:1,a:1"}, "given twice"),
+        ({"connect": ":1"}, "--connect"),
+        ({"tls_ca": "/etc/hostname"}, "--tls-ca is for dialing sources"),
+        (
+            {"connect": "a:1", "tls_cert": "/etc/hostname", "tls_key": "/etc/hostname"},
+            "there is none",
+        ),
+    ],
+)
+def test_destination_reach_impossible_combinations(flags: dict[str, str], needle: str) -> None:
+    message = error_of("destination", flags)
+    assert needle in message, message

@@ -319,3 +319,88 @@ async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path, 
     assert events == [("untag:synced", h), ("resync", h)]
     assert h not in rig.orch.cache
     assert rig.registry.get(h) is not None  # tracked: cleanup's candidates skip it
+
+
+def make_tagged(tmp_path: Path, qb: FakeQB, **kw: Any) -> tuple[Cleanup, CompletionCache, Any]:
+    cleanup, cache, started = make(tmp_path, qb, **kw)
+    cleanup.handoff_tag = "move"
+    cleanup.exclude_sync_tag = "nosync"
+    return cleanup, cache, started
+
+
+async def test_handoff_tag_moves_only_tagged_synced_torrents_whatever_space_and_keep(tmp_path):
+    """Precedence: the tag overrides --min-space, --min-seeding-time and the exclude-cleanup
+    tag; the exclude-sync tag wins; a tagged torrent not synced yet waits (pending)."""
+    qb = FakeQB()
+    cleanup, cache, started = make_tagged(tmp_path, qb, min_space=0)
+    for h in "abce":
+        await cache.put(h, "0")
+    torrents = [
+        t("a", tags="move, keep", seeding_time=0),  # exclude-cleanup: overridden
+        t("b"),  # untagged: stays
+        t("c", tags="move, nosync"),  # exclude-sync wins
+        t("d", tags="move"),  # not synced yet: pending
+        t("e", tags="synced, move"),
+    ]
+    assert await cleanup.run_tagged(torrents) == 2
+    assert started == ["a", "e"]
+    assert ("delete", "a") in qb.calls and ("delete", "e") in qb.calls
+    assert not any(h in ("b", "c", "d") for _, h in qb.calls)
+    assert cleanup.tag_status() == {"tag": "move", "pending": 1, "refused": {}}
+
+
+async def test_handoff_tag_disabled_does_nothing(tmp_path):
+    qb = FakeQB()
+    cleanup, cache, started = make(tmp_path, qb)
+    await cache.put("a", "0")
+    assert await cleanup.run_tagged([t("a", tags="synced, move")]) == 0
+    assert qb.calls == [] and started == []
+
+
+async def test_handoff_tag_dry_run_deletes_nothing(tmp_path, caplog):
+    qb = FakeQB()
+    cleanup, cache, started = make_tagged(tmp_path, qb, dry_run=True)
+    await cache.put("a", "0")
+    with caplog.at_level(logging.INFO, logger="qbsync.source.cleanup"):
+        assert await cleanup.run_tagged([t("a", tags="move")]) == 0
+        assert await cleanup.run_tagged([t("a", tags="move")]) == 0
+    assert qb.calls == [] and started == []
+    assert caplog.text.count("event=dry_run action=handoff") == 1
+
+
+async def test_handoff_tag_refusal_keeps_source_and_retries_with_backoff(tmp_path, autojump_clock):
+    """A refusal resumes the source (nothing deleted), shows in status and the metric, and is
+    retried after 5 s, then 10 s, while the tag stays; removing the tag forgets it."""
+    qb = FakeQB()
+    cleanup, cache, _started = make_tagged(tmp_path, qb, answer=WireError(ErrorCode.CONFLICT, "no"))
+    await cache.put("a", "0")
+    before = metrics.handoff_tag_results.labels("refused")._value.get()
+    torrents = [t("a", tags="move")]
+    assert await cleanup.run_tagged(torrents) == 0
+    assert qb.calls == [("stop", "a"), ("dest-start", "a"), ("start", "a")]
+    status = cleanup.tag_status()
+    assert status["refused"]["a"]["reason"] == "conflict"
+    assert status["refused"]["a"]["attempts"] == 1 and status["pending"] == 1
+    assert metrics.handoff_tag_results.labels("refused")._value.get() == before + 1
+    await cleanup.run_tagged(torrents)  # too early: not tried
+    assert len(qb.calls) == 3
+    await trio.sleep(5)
+    await cleanup.run_tagged(torrents)
+    assert len(qb.calls) == 6 and cleanup.tag_status()["refused"]["a"]["attempts"] == 2
+    await trio.sleep(5)
+    await cleanup.run_tagged(torrents)
+    assert len(qb.calls) == 6  # the second delay is 10 s
+    assert not any(c[0] == "delete" for c in qb.calls)
+    await cleanup.run_tagged([t("a", tags="synced")])  # the user took the tag away
+    assert cleanup.tag_status()["refused"] == {} and cleanup.tag_status()["pending"] == 0
+
+
+async def test_handoff_tag_hands_off_once_while_the_deleted_torrent_is_still_listed(tmp_path):
+    """qBittorrent deletes asynchronously: the next pass may still list the torrent."""
+    qb = FakeQB()
+    cleanup, cache, started = make_tagged(tmp_path, qb)
+    await cache.put("a", "0")
+    assert await cleanup.run_tagged([t("a", tags="move")]) == 1
+    assert await cleanup.run_tagged([t("a", tags="move")]) == 0
+    assert started == ["a"] and qb.calls.count(("delete", "a")) == 1
+    assert cleanup.tag_status()["pending"] == 0

@@ -413,3 +413,35 @@ async def test_synced_torrent_removed_from_source_is_started_on_destination(
         assert len(rig.dest.of_type(StartTorrent)) == 2
     stored = json.loads((tmp_path / "state" / "completed_on_dest.json").read_text())
     assert h not in stored
+
+
+async def test_owned_by_other_source_waits_then_records_the_finished_copy(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Several sources: another source is syncing the torrent into the destination. This one
+    neither tracks nor aborts it, probes again after --sleep, and when the other copy is
+    finalized records it as synced: one copy, no piece sent from here."""
+    torrents = on_disk(tmp_path, "t0", "t1", state="downloading", progress=0.5)
+    busy, free = list(torrents)
+    other_done = False
+
+    def init(msg: InitTorrent) -> InitResult:
+        if msg.info_hash == busy and not other_done:
+            raise WireError(ErrorCode.OWNED_BY_OTHER_SOURCE, "source 'b' is syncing it")
+        if msg.info_hash == busy:
+            return InitResult(SyncStatus.COMPLETE)
+        return InitResult(SyncStatus.READY)
+
+    rig = make(tmp_path, torrents, {InitTorrent: init})
+    async with running(rig):
+        await eventually(lambda: free in rig.registry)  # the other torrent is not held up
+        assert busy not in rig.registry
+        probes = len([m for m in rig.dest.of_type(InitTorrent) if m.info_hash == busy])
+        await eventually(
+            lambda: len([m for m in rig.dest.of_type(InitTorrent) if m.info_hash == busy]) > probes
+        )  # asked again (after --sleep)
+        other_done = True
+        await eventually(lambda: busy in rig.orch.cache)
+    assert (busy, ["synced"]) in rig.qb.tags
+    assert not [m for m in rig.dest.of_type(InitTorrent) if m.info_hash == busy and not m.probe]
+    assert not rig.dest.of_type(Abort)

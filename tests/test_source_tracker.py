@@ -103,3 +103,35 @@ async def test_queue_orders_live_before_backlog_and_skips_stale():
         with trio.fail_after(2):
             item = await q.get()  # parks until something is pushed
     assert (item.info_hash, item.index) == ("d", 1)
+
+
+async def test_handoff_tagged_torrent_jumps_the_queue() -> None:
+    """--handoff-tag: pieces of an urgent torrent go before live and backlog pieces, also when
+    the tag arrives while its pieces are already queued (the stale entries are skipped)."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from qbsync.source.state import Registry
+
+    def meta(h: str) -> Any:
+        return cast(Any, SimpleNamespace(info_hash=h, num_pieces=3))
+
+    registry = Registry()
+    old = registry.add(meta("old"), PieceTracker(3), since=0)
+    live = registry.add(meta("live"), PieceTracker(3), since=0)
+    live.first_poll_finished()
+    moved = registry.add(meta("moved"), PieceTracker(3), since=0)
+    for t in (old, live, moved):
+        registry.enqueue(t, t.tracker.mark_ready([2, 2, 2], 0.0))
+    registry.make_urgent(moved)
+    order = []
+    while (item := registry.queue.pop_nowait()) is not None:
+        got = registry.get(item.info_hash)
+        assert got is not None
+        if got.tracker.take(item.index):
+            order.append(item.info_hash)
+    assert order == ["moved"] * 3 + ["live"] * 3 + ["old"] * 3
+    fresh = registry.add(meta("fresh"), PieceTracker(2), since=0)
+    fresh.mark_urgent()
+    registry.enqueue(fresh, fresh.tracker.mark_ready([2, 2], 0.0))
+    assert registry.queue.pop_nowait().info_hash == "fresh"  # type: ignore[union-attr]

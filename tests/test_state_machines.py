@@ -312,7 +312,8 @@ def test_status_label_reads_the_phase(start: SourcePhase, label: str) -> None:
 SOURCE_OWNED = re.compile(
     r"(?<!\bself)\.(_?phase|_?active|_?init_generation|_?resync_pending|_?first_poll_done"
     r"|_?finalize_failures|_?finalize_polls|_?next_finalize_at|_?finalize_started"
-    r"|_?read_failures|_?removed_from_source|_?last_info)\s*(=|\+=|-=)(?!=)"
+    r"|_?read_failures|_?removed_from_source|_?last_info|_?urgent|_?owned_elsewhere)"
+    r"\s*(=|\+=|-=)(?!=)"
 )
 # The completion cache and --synced-tag change only in source/synced.py.
 SYNCED_OWNED = re.compile(r"cache\.(put|remove)\(|remove_tags\(|_tag\([^)]*synced_tag")

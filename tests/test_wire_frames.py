@@ -145,6 +145,8 @@ def test_every_message_type_round_trips_with_its_code() -> None:
         m.AbortResult(True),
         m.StartTorrent(H1, "synced"),
         m.StartResult(False),
+        m.OpenConnection(2),
+        m.OpenConnectionResult(1),
         m.PieceAck(H1, 3, ErrorCode.IO, "disk full"),
     ]
     assert {type(s) for s in samples} == set(codec.MESSAGE_TYPES.values())
@@ -172,6 +174,8 @@ def test_type_codes_are_stable() -> None:
         "AbortResult": 21,
         "StartTorrent": 22,
         "StartResult": 23,
+        "OpenConnection": 24,
+        "OpenConnectionResult": 25,
         "Piece": 32,
         "PieceAck": 33,
     }

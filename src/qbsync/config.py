@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,21 @@ def _parse_optional_listen(raw: str) -> HostPort | None:
     return parse_host_port(raw) if raw.strip() else None
 
 
+def _parse_optional_dial(raw: str) -> HostPort | None:
+    return parse_host_port(raw, need_host=True) if raw.strip() else None
+
+
+def _parse_dial_list(raw: str) -> str:
+    """``--connect``: host:port items, comma-separated or the flag repeated, no duplicates."""
+    seen: list[str] = []
+    for item in split_list(raw):
+        text = str(parse_host_port(item, need_host=True))
+        if text in seen:
+            raise ValueError(f"{text} is given twice")
+        seen.append(text)
+    return ",".join(seen)
+
+
 def _parse_path(raw: str) -> Path:
     return Path(raw.strip()).expanduser()
 
@@ -268,6 +284,28 @@ def _rate_non_negative(v: int | RateSchedule) -> str | None:
     return _non_negative(v) if isinstance(v, int) else None
 
 
+SOURCE_NAME_MAX = 64
+
+
+def _parse_source_name(raw: str) -> str:
+    """``--source-name``: letters, digits, ``.``, ``_``, ``-`` (it becomes a metric label and a
+    log field on the destination), at most :data:`SOURCE_NAME_MAX` characters."""
+    text = raw.strip()
+    if len(text) > SOURCE_NAME_MAX:
+        raise ValueError(f"at most {SOURCE_NAME_MAX} characters")
+    if any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in text):
+        raise ValueError("only letters, digits, '.', '_' and '-'")
+    return text
+
+
+def default_source_name() -> str:
+    """The host name, cut to what ``--source-name`` accepts (a container's is its id)."""
+    name = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in socket.gethostname()
+    )
+    return name[:SOURCE_NAME_MAX] or "source"
+
+
 def _tag_ok(v: str) -> str | None:
     return "must not contain a comma" if "," in v else None
 
@@ -311,7 +349,7 @@ def _parse_str_list(raw: str) -> str:
 # Sonarr/Radarr (qbsync.integrations.arr): comma-separated lists, the n-th key belongs to the
 # n-th URL. The flags may also be repeated (``--arr-url A --arr-url B``): the CLI joins them
 # with commas.
-REPEATABLE = frozenset({"arr_url", "arr_api_key"})
+REPEATABLE = frozenset({"arr_url", "arr_api_key", "connect"})
 
 
 def _arr_url() -> Any:
@@ -395,11 +433,11 @@ class SourceConfig:
     qb_username: str = _qb_username()
     qb_password: str = _qb_password()
     qb_api_key: str = _qb_api_key()
-    destination_addr: HostPort = option(
-        "Destination server address (host:port)",
+    # Required unless --listen (resolve() checks that exactly one of the two is given).
+    destination_addr: HostPort | None = option(
+        "Destination server address (host:port) (required) unless --listen is given",
         "",
-        _parse_dial,
-        required=True,
+        _parse_optional_dial,
         metavar="HOST:PORT",
     )
     min_space: float = option(  # GiB
@@ -492,6 +530,36 @@ class SourceConfig:
     auth_token: str = _auth_token()
     auth_token_file: Path | None = _auth_token_file()
     notify_url: str = _notify_url()
+    handoff_tag: str = option(
+        "Tag that moves a torrent now: synced first, handed off once verified and seeding on "
+        "the destination, whatever --min-space/--min-seeding-time say (empty to disable)",
+        "",
+        check=_tag_ok,
+    )
+    source_name: str = option(
+        "This source's name on the destination (per-source status and metrics; one source at "
+        "a time syncs an info-hash); give each source its own (empty: the host name)",
+        "",
+        _parse_source_name,
+        metavar="NAME",
+    )
+    # Reverse dialing (the destination connects to the source): see resolve() for the rules.
+    listen: HostPort | None = option(
+        "Accept the destination's connections on this address instead of dialing it "
+        "(host:port; the destination runs --connect; needs --auth-token)",
+        "",
+        _parse_optional_listen,
+        metavar="ADDR",
+    )
+    tls_cert: Path | None = option(
+        "TLS certificate (PEM) to serve the destination over TLS on --listen",
+        "",
+        _parse_optional_path,
+        metavar="PATH",
+    )
+    tls_key: Path | None = option(
+        "TLS private key (PEM) for --tls-cert", "", _parse_optional_path, metavar="PATH"
+    )
 
     role: Role = "source"
 
@@ -503,7 +571,8 @@ class SourceConfig:
 @attrs.frozen(kw_only=True)
 class DestinationConfig:
     data: Path = _data()
-    listen: HostPort = option(
+    # None only with --connect and no explicitly set listen address (see resolve()).
+    listen: HostPort | None = option(
         "Listen address for sources (host:port)", ":50051", _parse_listen, metavar="ADDR"
     )
     save_path: Path | None = option(
@@ -582,8 +651,32 @@ class DestinationConfig:
         _parse_optional_path,
         metavar="PATH",
     )
+    connect: str = option(  # comma-separated; see connect_addrs
+        "Sources to dial (host:port of a source's --listen), comma-separated or the flag "
+        "repeated; without an explicit --listen the destination then opens no wire port",
+        "",
+        _parse_dial_list,
+        metavar="HOST:PORT",
+    )
+    tls_ca: Path | None = option(
+        "CA bundle to verify the sources' TLS certificates when dialing them (--connect)",
+        "",
+        _parse_optional_path,
+        metavar="PATH",
+    )
+    reconnect_max_delay: float = option(
+        "Max reconnect backoff delay when dialing sources (seconds)",
+        "30",
+        _parse_float,
+        check=_non_negative,
+        zero_means="30",
+    )
 
     role: Role = "destination"
+
+    @property
+    def connect_addrs(self) -> list[HostPort]:
+        return [parse_host_port(a, need_host=True) for a in split_list(self.connect)]
 
     @property
     def max_stream_buffer_bytes(self) -> int:
@@ -710,22 +803,86 @@ def resolve(
                 f"--max-connections ({values['max_connections']}) "
                 f"(QBSYNC_SOURCE_MIN_CONNECTIONS / QBSYNC_SOURCE_MAX_CONNECTIONS)"
             )
+        _check_handoff_tag(values)
+        _check_source_reach(values)
+        if not values["source_name"]:
+            values["source_name"] = default_source_name()
         if values["state_dir"] is None:
             values["state_dir"] = _default_state_dir(env)
         _check_readable(values["tls_ca"], "--tls-ca / QBSYNC_SOURCE_TLS_CA")
+        _check_tls_pair(role, values)
         return SourceConfig(**values)
 
-    cert, key = values["tls_cert"], values["tls_key"]
-    if (cert is None) != (key is None):
+    _check_tls_pair(role, values)
+    if values["connect"]:
+        listen_explicit = flags.get("listen") is not None or "QBSYNC_DESTINATION_LISTEN" in env
+        if not listen_explicit:
+            # Dialing only: no wire port at all (GRPC_PORT/PORT do not open one either).
+            values["listen"] = None
+        if values["tls_cert"] is not None and values["listen"] is None:
+            raise ConfigError(
+                "--tls-cert/--tls-key serve TLS on the listen port, and with --connect and no "
+                "--listen there is none: the side that dials verifies the other with --tls-ca "
+                "(QBSYNC_DESTINATION_TLS_CERT / QBSYNC_DESTINATION_TLS_CA)"
+            )
+    elif values["tls_ca"] is not None:
         raise ConfigError(
-            "--tls-cert and --tls-key go together "
-            "(QBSYNC_DESTINATION_TLS_CERT / QBSYNC_DESTINATION_TLS_KEY)"
+            "--tls-ca is for dialing sources (--connect); a listening destination serves TLS "
+            "with --tls-cert/--tls-key (QBSYNC_DESTINATION_TLS_CA / QBSYNC_DESTINATION_CONNECT)"
         )
-    _check_readable(cert, "--tls-cert / QBSYNC_DESTINATION_TLS_CERT")
-    _check_readable(key, "--tls-key / QBSYNC_DESTINATION_TLS_KEY")
+    _check_readable(values["tls_ca"], "--tls-ca / QBSYNC_DESTINATION_TLS_CA")
     if values["state_dir"] is None:
         values["state_dir"] = destination_state_dir(values["data"])
     return DestinationConfig(**values)
+
+
+def _check_tls_pair(role: Role, values: Mapping[str, Any]) -> None:
+    cert, key = values["tls_cert"], values["tls_key"]
+    prefix = f"QBSYNC_{role.upper()}_"
+    if (cert is None) != (key is None):
+        raise ConfigError(
+            f"--tls-cert and --tls-key go together ({prefix}TLS_CERT / {prefix}TLS_KEY)"
+        )
+    _check_readable(cert, f"--tls-cert / {prefix}TLS_CERT")
+    _check_readable(key, f"--tls-key / {prefix}TLS_KEY")
+
+
+def _check_source_reach(values: Mapping[str, Any]) -> None:
+    """Exactly one of ``--destination-addr`` (the source dials) and ``--listen`` (the
+    destination dials in with ``--connect``). The side that listens is the TLS server
+    (``--tls-cert``/``--tls-key``), the side that dials verifies it (``--tls-ca``). A listening
+    source is reachable by anyone who finds the port, so it admits only a peer proving the
+    token: it refuses to start without one."""
+    dial, listen = values["destination_addr"], values["listen"]
+    if dial is not None and listen is not None:
+        raise ConfigError(
+            "give one of --destination-addr (this source dials the destination) or --listen "
+            "(the destination dials in with --connect), not both "
+            "(QBSYNC_SOURCE_DESTINATION_ADDR / QBSYNC_SOURCE_LISTEN)"
+        )
+    if dial is None and listen is None:
+        raise ConfigError(
+            "--destination-addr / QBSYNC_SOURCE_DESTINATION_ADDR is required "
+            "(or --listen / QBSYNC_SOURCE_LISTEN when the destination dials in with --connect)"
+        )
+    if listen is not None:
+        if not values.get("auth_token"):
+            raise ConfigError(
+                "--listen needs --auth-token or --auth-token-file: a listening source admits "
+                "only a destination that proves the token (QBSYNC_SOURCE_LISTEN / "
+                "QBSYNC_SOURCE_AUTH_TOKEN; generate one with: openssl rand -hex 32)"
+            )
+        if values["tls_ca"] is not None:
+            raise ConfigError(
+                "--tls-ca is for the side that dials; a listening source serves TLS with "
+                "--tls-cert/--tls-key (QBSYNC_SOURCE_TLS_CA / QBSYNC_SOURCE_LISTEN)"
+            )
+    elif values["tls_cert"] is not None or values["tls_key"] is not None:
+        raise ConfigError(
+            "--tls-cert/--tls-key are for a listening source (--listen); a source that dials "
+            "verifies the destination with --tls-ca (QBSYNC_SOURCE_TLS_CERT / "
+            "QBSYNC_SOURCE_DESTINATION_ADDR)"
+        )
 
 
 def destination_state_dir(data: Path) -> Path:
@@ -815,6 +972,23 @@ def _check_token(role: Role, token: str) -> None:
         f"{_option(role, 'auth_token_file').env(role)}): {problem}; "
         "generate one with: openssl rand -hex 32"
     )
+
+
+def _check_handoff_tag(values: Mapping[str, Any]) -> None:
+    """``--handoff-tag`` deletes the source copy of every torrent carrying it: sharing a name
+    with a tag qbsync itself sets (``--synced-tag``, ``--sync-failed-tag``) would hand off
+    everything it syncs, and sharing one with ``--exclude-sync-tag`` or
+    ``--exclude-cleanup-tag`` asks for two contradicting things at once."""
+    tag = values.get("handoff_tag") or ""
+    if not tag:
+        return
+    for other in ("synced_tag", "sync_failed_tag", "exclude_sync_tag", "exclude_cleanup_tag"):
+        if values.get(other) == tag:
+            flag = "--" + other.replace("_", "-")
+            raise ConfigError(
+                f"--handoff-tag ({tag!r}) must differ from {flag} "
+                f"(QBSYNC_SOURCE_HANDOFF_TAG / QBSYNC_SOURCE_{other.upper()})"
+            )
 
 
 def _check_readable(path: Path | None, where: str) -> None:

@@ -386,14 +386,43 @@ def _peer_verdicts(addr: HostPort, config: Config, name: str) -> list[Verdict]:
 
 def check_peer(config: Config) -> list[Verdict]:
     if isinstance(config, SourceConfig):
+        if config.destination_addr is None:
+            # Reverse mode: the destination dials this source's --listen.
+            return [
+                Verdict(
+                    "destination",
+                    "SKIP",
+                    f"this source listens on {config.listen}; the destination dials in with "
+                    "--connect: run `qbsync doctor destination` on that machine to check it",
+                )
+            ]
         return _peer_verdicts(config.destination_addr, config, "destination")
-    return check_listen(config)
+    verdicts = check_listen(config) if config.listen is not None else []
+    return verdicts + [_dial_verdict(addr) for addr in config.connect_addrs]
+
+
+def _dial_verdict(addr: HostPort) -> Verdict:
+    """A destination's ``--connect`` target: can this machine open a TCP connection to it?
+    (The handshake is the source's to answer; the daemon's log says whether it accepted.)"""
+    try:
+        with socket.create_connection((addr.host, addr.port), timeout=CONNECT_TIMEOUT):
+            pass
+    except OSError as exc:
+        return Verdict(
+            "source",
+            "FAIL",
+            f"cannot connect to {addr}: {exc.strerror or exc}",
+            "start the source with --listen on that address, and let its port through the "
+            "seedbox's firewall (--connect / QBSYNC_DESTINATION_CONNECT)",
+        )
+    return Verdict("source", "PASS", f"{addr} accepts connections (--connect)")
 
 
 def check_listen(config: DestinationConfig) -> list[Verdict]:
     """Whether the daemon could bind ``--listen``; when a qbsync destination already listens
     there, whether it accepts this configuration's handshake instead."""
     addr = config.listen
+    assert addr is not None  # check_peer calls this only for a destination that listens
     host = addr.host or "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -480,6 +509,8 @@ def check_auth(config: Config) -> list[Verdict]:
                 f"token: only sources that prove the same token may write to --data; {tls}",
             )
         ]
+    if config.listen is None:
+        return [Verdict("auth", "PASS", f"no wire port: this destination only dials; {tls}")]
     if _loopback(config.listen.host):
         return [Verdict("auth", "PASS", f"no token, but listening on loopback only; {tls}")]
     return [

@@ -120,6 +120,14 @@ handoff_refused = _c(
     "Hand-offs the destination did not confirm (the source keeps seeding), by reason",
     ("reason",),
 )
+handoff_tag_results = _c(
+    "handoff_tag_total",
+    "Hand-offs asked for with --handoff-tag, by result (handed_off, refused)",
+    ("result",),
+)
+handoff_tag_pending = _g(
+    "handoff_tag_pending", "Torrents carrying --handoff-tag that are not handed off yet"
+)
 exclude_sync_abort = _c(
     "exclude_sync_abort_total", "In-progress syncs aborted by the exclude-sync tag"
 )
@@ -214,6 +222,22 @@ finalization_duration = _h(
     ("result",),
 )
 state_flush_duration = _h("state_flush_duration_seconds", "fsync + bitmap persist", FLUSH_BUCKETS)
+
+
+# Several sources, one destination (qbsync.destination.sources): the ``source`` label is the
+# source's --source-name, at most 16 distinct values, the rest under "other".
+source_connections = _g(
+    "source_connections", "Authenticated connections open, per source", ("source",)
+)
+source_torrents = _g("source_torrents", "Torrents being synced, per source", ("source",))
+source_pieces_inflight = _g(
+    "source_pieces_inflight", "Pieces received and being written, per source", ("source",)
+)
+owned_by_other_source = _c(
+    "owned_by_other_source_total",
+    "Requests answered owned-by-other-source (another source syncs that torrent), per source",
+    ("source",),
+)
 
 
 def render() -> tuple[bytes, str]:

@@ -52,12 +52,14 @@ REQUESTS: dict[type, Any] = {
     m.Finalize: (m.Finalize(H, tags=("a",)), m.FinalizeResult),
     m.Abort: (m.Abort(H), m.AbortResult),
     m.StartTorrent: (m.StartTorrent(H, "synced"), m.StartResult),
+    m.OpenConnection: (m.OpenConnection(1), m.OpenConnectionResult),
 }
 RESULTS: dict[type, Any] = {
     m.InitResult: m.InitResult(m.SyncStatus.READY, b"\x01\x02", 3),
     m.FinalizeResult: m.FinalizeResult(m.SyncStatus.COMPLETE),
     m.AbortResult: m.AbortResult(True),
     m.StartResult: m.StartResult(True),
+    m.OpenConnectionResult: m.OpenConnectionResult(1),
 }
 
 

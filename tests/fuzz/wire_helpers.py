@@ -160,6 +160,8 @@ MESSAGE_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     m.AbortResult: st.builds(m.AbortResult, existed=st.booleans()),
     m.StartTorrent: st.builds(m.StartTorrent, info_hash=info_hashes, tag=small_text),
     m.StartResult: st.builds(m.StartResult, started=st.booleans()),
+    m.OpenConnection: st.builds(m.OpenConnection, count=i64),
+    m.OpenConnectionResult: st.builds(m.OpenConnectionResult, accepted=i64),
     m.PieceAck: st.builds(
         m.PieceAck, info_hash=info_hashes, index=i64, code=error_codes, message=small_text
     ),

@@ -11,11 +11,13 @@ makes them available by importing ``rig_fixture`` and ``rig_factory_fixture`` fr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import secrets
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,24 @@ def http_status(port: int, path: str) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read() or b"null")
 
 
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports process ``pid`` listens on (from /proc: its socket inodes in LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def tags_of(inst: QBInstance, info_hash: str) -> set[str]:
     info = inst.info(info_hash)
     if not info:
@@ -117,7 +137,9 @@ class Rig:
     def dst_data(self) -> Path:
         return self.dst_qb.save_path
 
-    def start_destination(self, *extra: str) -> QbsyncProcess:
+    def start_destination(self, *extra: str, reach: Sequence[str] | None = None) -> QbsyncProcess:
+        """The rig's ``qbsync destination``, listening on ``dest_port`` (or with ``reach``
+        instead, e.g. ``["--connect", addr]``)."""
         if not self.dest_port:
             self.dest_port, self.dest_health = free_port(), free_port()
         self.dest = self.qbsync_factory(
@@ -125,8 +147,7 @@ class Rig:
             [
                 "--data",
                 str(self.dst_data),
-                "--listen",
-                f"127.0.0.1:{self.dest_port}",
+                *(reach if reach is not None else ["--listen", f"127.0.0.1:{self.dest_port}"]),
                 *self.dst_qb.qbsync_args(),
                 "--health-addr",
                 f"127.0.0.1:{self.dest_health}",
@@ -147,18 +168,27 @@ class Rig:
         health_port: int | None = None,
         wait_started: bool = True,
         env: Mapping[str, str] | None = None,
+        qb: QBInstance | None = None,
+        state_dir: Path | None = None,
+        reach: Sequence[str] | None = None,
     ) -> tuple[QbsyncProcess, int]:
+        """A real ``qbsync source`` for the rig's source qBittorrent (or ``qb``), dialing the
+        rig's destination (or with ``reach`` instead, e.g. ``["--listen", addr]``)."""
         port = health_port or free_port()
+        qb = qb or self.src_qb
         proc = self.qbsync_factory(
             "source",
             [
                 "--data",
-                str(self.src_qb.save_path),
-                *self.src_qb.qbsync_args(),
-                "--destination-addr",
-                f"127.0.0.1:{self.dest_port}",
+                str(qb.save_path),
+                *qb.qbsync_args(),
+                *(
+                    reach
+                    if reach is not None
+                    else ["--destination-addr", f"127.0.0.1:{self.dest_port}"]
+                ),
                 "--state-dir",
-                str(self.state_dir),
+                str(state_dir or self.state_dir),
                 "--sleep",
                 "1",
                 "--health-addr",

@@ -44,8 +44,16 @@ from ..integrations import systemd
 from ..integrations.arr import ArrSet
 from ..integrations.notify import Notifier
 from ..qbittorrent.api import QB
-from ..wire import DEFAULT_MAX_PIECE, ByteBudget, OpenPeers, serve, server_ssl_context
+from ..wire import (
+    DEFAULT_MAX_PIECE,
+    ByteBudget,
+    OpenPeers,
+    client_ssl_context,
+    serve,
+    server_ssl_context,
+)
 from . import statetree
+from .dialer import Dialer
 from .finalizer import Finalizer, FinalizerSettings
 from .hardlinks import HardlinkRegistry
 from .server import DestinationServer
@@ -152,9 +160,11 @@ class Daemon:
         self.open_peers = OpenPeers()
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
+        self.dialers: list[Dialer] = []
         if self.qb is not None:
             self.health.add_ready_check("qbittorrent", self.qb.ping)
-        self.health.add_ready_check("listener", self._listener_up)
+        if config.listen is not None:  # dialing only (--connect): there is no listener
+            self.health.add_ready_check("listener", self._listener_up)
 
     async def _listener_up(self) -> None:
         if not self.listener_ports:
@@ -206,17 +216,43 @@ class Daemon:
             else None
         )
         with cancel:
-            await serve(
-                config.listen,
-                self.server,
-                token=config.auth_token or None,
-                ssl_context=ssl_context,
-                budget=self.budget,
-                hooks=metrics.WIRE_METRICS,
-                max_piece=DEFAULT_MAX_PIECE,
-                task_status=task_status,
-                peers=self.open_peers,
-            )
+            async with trio.open_nursery() as nursery:
+                ports: list[int] = []
+                if config.listen is not None:
+                    ports = await nursery.start(
+                        functools.partial(
+                            serve,
+                            config.listen,
+                            self.server,
+                            token=config.auth_token or None,
+                            ssl_context=ssl_context,
+                            budget=self.budget,
+                            hooks=metrics.WIRE_METRICS,
+                            max_piece=DEFAULT_MAX_PIECE,
+                            on_peer=self.server.sources.on_peer,
+                            peers=self.open_peers,
+                        )
+                    )
+                # Reverse dialing (--connect): the same handler, over connections we dial;
+                # the dialing side verifies the listener's certificate with --tls-ca.
+                client_context = (
+                    client_ssl_context(config.tls_ca) if config.tls_ca is not None else None
+                )
+                for addr in config.connect_addrs:
+                    dialer = Dialer(
+                        addr,
+                        self.server,
+                        token=config.auth_token or None,
+                        ssl_context=client_context,
+                        budget=self.budget,
+                        reconnect_max_delay=config.reconnect_max_delay,
+                        on_peer=self.server.sources.on_peer,
+                        peers=self.open_peers,
+                        max_piece=DEFAULT_MAX_PIECE,
+                    )
+                    self.dialers.append(dialer)
+                    await nursery.start(dialer.run)
+                task_status.started(ports)
 
     async def shutdown(self) -> None:
         """Cancel background work, flush every torrent and close its files (shielded)."""
@@ -250,8 +286,8 @@ def is_loopback(host: str) -> bool:
 
 
 def _warn_unauthenticated(config: DestinationConfig) -> None:
-    if config.auth_token:
-        return
+    if config.auth_token or config.listen is None:
+        return  # (dialing only: a source's --listen always requires the token)
     exposed = not is_loopback(config.listen.host)
     log.warning(
         "event=auth_disabled reason=no_token listen=%s exposed=%s hint=%s",
@@ -317,7 +353,11 @@ async def main(config: DestinationConfig) -> int:
             nursery.start_soon(sample_forever, daemon.throughput)
             await nursery.start(daemon.notifier.run)
             nursery.start_soon(daemon.reaper)
-            if not config.auth_token and not is_loopback(config.listen.host):
+            if (
+                not config.auth_token
+                and config.listen is not None
+                and not is_loopback(config.listen.host)
+            ):
                 nursery.start_soon(_warn_unauthenticated_hourly, config)
             daemon.health.mark_ready()
             systemd.notify("READY=1\nSTATUS=listening")
@@ -329,12 +369,14 @@ async def main(config: DestinationConfig) -> int:
 
                 nursery.start_soon(systemd.watchdog, live, interval)
             log.info(
-                "event=destination_ready listen=%s ports=%s recovered=%d qbittorrent=%s dry_run=%s",
-                config.listen,
+                "event=destination_ready listen=%s ports=%s recovered=%d qbittorrent=%s dry_run=%s"
+                " connect=%s",
+                config.listen if config.listen is not None else "none",
                 ",".join(map(str, daemon.listener_ports)),
                 recovered,
                 "configured" if daemon.qb is not None else "none",
                 str(config.dry_run).lower(),
+                config.connect or "none",
             )
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:

@@ -61,6 +61,8 @@ from ..wire.messages import (
     FinalizeResult,
     InitResult,
     InitTorrent,
+    OpenConnection,
+    OpenConnectionResult,
     Piece,
     PieceAck,
     StartResult,
@@ -73,6 +75,7 @@ from . import statetree
 from .finalizer import Finalizer
 from .layout import build_files
 from .ownership import OWNED_NAME, Ledger
+from .sources import Sources, source_name
 from .state import (
     META_NAME,
     FileMeta,
@@ -110,8 +113,10 @@ START_POLL = 0.25
 # count: it is what a stopped torrent shows even after its files were deleted).
 ACTIVE_SEEDING_STATES = frozenset({"uploading", "stalledUP", "forcedUP", "queuedUP"})
 
-Request = InitTorrent | Finalize | Abort | StartTorrent
-Response = InitResult | FinalizeResult | AbortResult | StartResult
+# OpenConnection is answered only on connections the destination dialed (.dialer wraps this
+# handler); on an accepted one it is a bad request.
+Request = InitTorrent | Finalize | Abort | StartTorrent | OpenConnection
+Response = InitResult | FinalizeResult | AbortResult | StartResult | OpenConnectionResult
 
 _COUNTED = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNSAFE_PATH})
 
@@ -211,12 +216,14 @@ class DestinationServer:
         self.max_metadata = max_metadata
         metrics.metadata_limit_bytes.set(max_metadata)
         metrics.metadata_bytes.set_function(self.metadata_in_use)  # read at scrape time
+        self.sources = Sources()  # per-source counts, and which source syncs which torrent
         # One handler per request row of wire.MESSAGE_TABLE (a test checks they match).
         self.handlers: dict[type[Request], Callable[[Any], Awaitable[Response]]] = {
             InitTorrent: self.init,
             Finalize: self.finalize,
             Abort: self.abort,
             StartTorrent: self.start,
+            OpenConnection: self.open_connection,
         }
 
     def metadata_in_use(self) -> int:
@@ -245,6 +252,8 @@ class DestinationServer:
         if handler is None:
             raise _reject(ErrorCode.BAD_REQUEST, f"unexpected request {type(request).__name__}")
         try:
+            if isinstance(request, (InitTorrent, Finalize, Abort)):
+                return await self._owned(peer, request, handler)
             return await handler(request)
         except WireError as exc:
             log.info(
@@ -256,6 +265,36 @@ class DestinationServer:
             )
             raise
 
+    async def _owned(
+        self,
+        peer: Peer,
+        request: InitTorrent | Finalize | Abort,
+        handler: Callable[[Any], Awaitable[Response]],
+    ) -> Response:
+        """InitTorrent, Finalize and Abort under the one-source-per-torrent rule (see
+        :mod:`.sources`): a full InitTorrent claims the torrent for the asking source, the
+        others only check that no other source owns its in-progress state."""
+        name = source_name(getattr(peer, "instance", ""))
+        h = normalize_hash(request.info_hash)
+        in_progress = h in self.store.torrents
+        claims = isinstance(request, InitTorrent) and bool(request.files) and not request.probe
+        if claims:
+            self.sources.claim(h, name)
+        else:
+            self.sources.check(h, name, in_progress)
+        try:
+            return await handler(request)
+        finally:
+            if claims:
+                self.sources.init_done(h)
+            self.sources.refresh(self.store.torrents)
+
+    async def open_connection(self, request: OpenConnection) -> OpenConnectionResult:
+        """``OpenConnection`` on a connection the source dialed: there is no dialer to open
+        more, so none are (``accepted=0``; the pool then dials itself). On a connection this
+        destination dialed (``--connect``), :class:`.dialer._DialedHandler` answers first."""
+        return OpenConnectionResult(0)
+
     async def handle_piece(self, peer: Peer, piece: Piece) -> PieceAck:
         raw_hash = piece.info_hash
         try:
@@ -265,6 +304,18 @@ class DestinationServer:
         state = self.store.torrents.get(h)
         if state is None or state.phase is Phase.CLOSED:
             return PieceAck(raw_hash, piece.index, ErrorCode.NOT_INITIALIZED, "send InitTorrent")
+        name = source_name(getattr(peer, "instance", ""))
+        try:
+            self.sources.check(h, name, in_progress=True)
+        except WireError as exc:
+            return PieceAck(raw_hash, piece.index, exc.code, exc.message)
+        self.sources.piece_started(name)
+        try:
+            return await self._piece(raw_hash, h, state, piece)
+        finally:
+            self.sources.piece_done(name)
+
+    async def _piece(self, raw_hash: str, h: str, state: TorrentState, piece: Piece) -> PieceAck:
         g = state.geometry
         reason = ""
         if not 0 <= piece.index < g.num_pieces:
@@ -703,7 +754,12 @@ class DestinationServer:
                     "idle_seconds": round(time.time() - state.last_activity, 1),
                 }
             )
-        return {"role": "destination", "dry_run": self.dry_run, "torrents": torrents}
+        return {
+            "role": "destination",
+            "dry_run": self.dry_run,
+            "torrents": torrents,
+            "sources": self.sources.status(),
+        }
 
 
 def _has_torrent_state(mdir: Path) -> bool:

@@ -487,6 +487,35 @@ def _daemon_line(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _source_lines(doc: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Extra lines under the daemon line: a destination's sources (several sources, one
+    destination: name -> counts), a source's refused ``--handoff-tag`` hand-offs."""
+    out = []
+    handoff = doc.get("handoff_tag")
+    if isinstance(handoff, Mapping):
+        for h, r in (handoff.get("refused") or {}).items():
+            if isinstance(r, Mapping):
+                out.append(
+                    (
+                        f"handoff {str(h)[:12]}",
+                        f"refused ({r.get('reason', '?')}), attempts {r.get('attempts', 0)}; "
+                        "still seeding here, retried while the tag stays",
+                    )
+                )
+    for s in doc.get("sources") or []:
+        if not isinstance(s, Mapping):
+            continue
+        state = "connected" if s.get("connected") else "disconnected"
+        out.append(
+            (
+                f"source {s.get('name', '?')}",
+                f"{state}, connections {s.get('connections', 0)}, "
+                f"torrents {s.get('torrents', 0)}, pieces in flight {s.get('pieces_inflight', 0)}",
+            )
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The HTML page for "/".
 
@@ -824,6 +853,12 @@ def render_html(doc: Mapping[str, Any] | None) -> str:
         slug = key.replace(" ", "-")
         parts.append(f'<dt>{e(key)}</dt><dd id="d-{e(slug)}">{e(value)}</dd>')
     parts.append("</dl>")
+    sources = _source_lines(doc)
+    if sources:
+        parts.append('<h2>Sources</h2><dl id="sources">')
+        for name, value in sources:
+            parts.append(f"<dt>{e(name)}</dt><dd>{e(value)}</dd>")
+        parts.append("</dl>")
     updated = time.strftime("%H:%M:%S", time.localtime(now))
     parts.append(
         f'<p class="muted">Updated {e(updated)}; refreshes every {REFRESH_SECONDS}s. '
@@ -908,6 +943,8 @@ def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
             head.append(("  " if i else "") + k, style="bold")
             head.append(" " + v)
         console.print(head, highlight=False)
+        for name, value in _source_lines(doc):
+            console.print(Text(f"{terminal_safe(name)}: {terminal_safe(value)}"), highlight=False)
         table = Table(*cols, expand=False)
         for r in rows:
             table.add_row(*(Text(r[c]) for c in cols))
@@ -916,6 +953,8 @@ def render_table(doc: Mapping[str, Any], out: IO[str]) -> None:
             console.print(Text(text), highlight=False)
         return
     out.write("  ".join(f"{k}: {v}" for k, v in daemon) + "\n")
+    for name, value in _source_lines(doc):
+        out.write(f"{name}: {value}\n")
     widths = {c: max([len(c), *(len(r[c]) for r in rows)]) for c in cols}
     out.write("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip() + "\n")
     for r in rows:

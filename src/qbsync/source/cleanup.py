@@ -16,6 +16,16 @@ then largest; a group whose shortest seeding time is below ``--min-seeding-time`
 Cleanup stops once the estimated free space (qBittorrent deletes asynchronously, so it is
 estimated, not re-read) reaches ``--min-space``.
 
+A *tagged* hand-off (``--handoff-tag``, :meth:`Cleanup.run_tagged`) is the same handoff asked
+for by the user: it runs every orchestrator cycle for each synced torrent carrying the tag,
+whatever ``--min-space``, ``--min-seeding-time`` and ``--exclude-cleanup-tag`` say (asking is
+explicit), alone (not with its hard-link group: nothing needs the space). ``--dry-run`` wins
+(it only logs) and so does ``--exclude-sync-tag`` (such a torrent is never synced, so nothing
+is handed off). A refusal keeps the source copy seeding, is logged, counted and shown in
+``/status``, and is retried with a growing delay while the tag stays. The tag leaves the source
+with the torrent (the delete removes both); the destination never gets it (the orchestrator
+leaves it out of the tags it sends with ``Finalize``).
+
 The drain (SIGTERM, gated by the pod annotation, see :mod:`qbsync.integrations.k8s`) is one pass in
 *draining* mode: free space, seeding time and the exclude-cleanup tag are ignored; the synced
 tag and the completion cache are still required. It reads a fresh torrent list (a cached one
@@ -49,6 +59,8 @@ log = logging.getLogger("qbsync.source.cleanup")
 
 GiB = 1024**3
 HANDOFF_TIMEOUT = 30.0
+TAG_RETRY_FIRST = 5.0  # seconds before a refused --handoff-tag hand-off is tried again
+TAG_RETRY_MAX = 300.0  # ... doubling up to this
 
 
 @attrs.define
@@ -128,6 +140,16 @@ def _candidate(info: dict[str, Any]) -> Candidate:
 
 
 @attrs.define
+class TagRefusal:
+    """Why the last ``--handoff-tag`` hand-off of a torrent did not happen, for ``/status``."""
+
+    reason: str
+    attempts: int
+    at: float  # unix time of the last attempt
+    retry_at: float  # trio time of the next one
+
+
+@attrs.define
 class CleanupResult:
     handed_off: int = 0
     groups_ok: int = 0
@@ -153,6 +175,8 @@ class Cleanup:
         exclude_cleanup_tag: str,
         dry_run: bool,
         syncing: Callable[[str], bool] = lambda h: False,
+        handoff_tag: str = "",
+        exclude_sync_tag: str = "",
     ) -> None:
         self.qb = qb
         self.request = request  # ConnectionPool.request
@@ -166,7 +190,17 @@ class Cleanup:
         self.dry_run = dry_run
         self.syncing = syncing  # a torrent being (re-)synced is never a candidate
         self.synced = SyncedMarks(cache, qb, synced_tag, dry_run=dry_run)
-        self._lock = trio.Lock()  # at most one pass (cleanup or drain) at a time
+        self._lock = trio.Lock()  # at most one pass (cleanup, drain or tagged) at a time
+        self.handoff_tag = handoff_tag
+        self.exclude_sync_tag = exclude_sync_tag
+        self.tag_refusals: dict[str, TagRefusal] = {}
+        self.tag_pending = 0
+        self.last_refusal = ""  # reason of the latest refusal of _handoff
+        self._tag_dry_logged: set[str] = set()
+        # Handed off and deleted: qBittorrent deletes asynchronously, so the torrent may stay
+        # listed for a moment; it must not be stopped and handed off a second time.
+        self._tag_done: set[str] = set()
+        self.last_delete_ok = False
         # Handed off by a pass and deleted here: the removal that follows is not a second
         # hand-off for the activity log (the orchestrator reads and clears it).
         self.handed_off: set[str] = set()
@@ -262,6 +296,100 @@ class Cleanup:
         cands = [_candidate(info) for info in torrents if self.eligible(info, False)]
         return group_candidates(sorted(cands, key=lambda c: c.size))[:limit]
 
+    async def run_tagged(self, torrents: Iterable[dict[str, Any]]) -> int:
+        """Hand off every synced torrent carrying ``--handoff-tag`` (see the module docstring
+        for its precedence). Returns how many were handed off. Torrents not synced yet are
+        counted as pending: the orchestrator syncs them first."""
+        tag = self.handoff_tag
+        if not tag:
+            return 0
+        now = trio.current_time()
+        handed = 0
+        pending = 0
+        seen: set[str] = set()
+        for info in torrents:
+            h = str(info.get("hash") or "")
+            tags = split_tags(str(info.get("tags") or ""))
+            if not h or tag not in tags:
+                continue
+            if self.exclude_sync_tag and self.exclude_sync_tag in tags:
+                continue  # never synced: nothing to hand off
+            seen.add(h)
+            pending += 1
+            if h in self._tag_done:
+                pending -= 1
+                continue
+            if h not in self.cache or self.syncing(h):
+                continue
+            refusal = self.tag_refusals.get(h)
+            if refusal is not None and now < refusal.retry_at:
+                continue
+            c = Candidate(
+                info_hash=h,
+                name=str(info.get("name") or ""),
+                size=int(info.get("size") or 0),
+                seeding_time=int(info.get("seeding_time") or 0),
+                popularity=0,
+            )
+            if self.dry_run:
+                if h not in self._tag_dry_logged:
+                    self._tag_dry_logged.add(h)
+                    log.info(
+                        "event=dry_run action=handoff hash=%s name=%s reason=handoff_tag tag=%s",
+                        h,
+                        kv(c.name),
+                        kv(tag),
+                    )
+                continue
+            if self._lock.locked():
+                break  # a cleanup or drain pass runs: the next cycle tries again
+            async with self._lock:
+                log.info("event=handoff_tag_start hash=%s name=%s tag=%s", h, kv(c.name), kv(tag))
+                ok = await self._handoff(c)
+            if ok:
+                handed += 1
+                pending -= 1
+                self.tag_refusals.pop(h, None)
+                if self.last_delete_ok:  # else the next pass tries the delete again
+                    self._tag_done.add(h)
+                metrics.handoff_tag_results.labels("handed_off").inc()
+                continue
+            attempts = refusal.attempts + 1 if refusal is not None else 1
+            delay = min(TAG_RETRY_MAX, TAG_RETRY_FIRST * 2 ** (attempts - 1))
+            self.tag_refusals[h] = TagRefusal(
+                reason=self.last_refusal or "error",
+                attempts=attempts,
+                at=time.time(),
+                retry_at=trio.current_time() + delay,
+            )
+            metrics.handoff_tag_results.labels("refused").inc()
+            log.warning(
+                "event=handoff_tag_refused hash=%s name=%s reason=%s attempts=%d retry_in_s=%g "
+                "action=keep_seeding_on_source",
+                h,
+                kv(c.name),
+                self.last_refusal or "error",
+                attempts,
+                delay,
+            )
+        self.tag_refusals = {h: r for h, r in self.tag_refusals.items() if h in seen}
+        self._tag_dry_logged &= seen
+        self._tag_done &= seen
+        self.tag_pending = pending
+        metrics.handoff_tag_pending.set(pending)
+        return handed
+
+    def tag_status(self) -> dict[str, Any]:
+        """``/status``: the ``--handoff-tag`` hand-offs not done yet and why."""
+        return {
+            "tag": self.handoff_tag,
+            "pending": self.tag_pending,
+            "refused": {
+                h: {"reason": r.reason, "attempts": r.attempts, "at": r.at}
+                for h, r in sorted(self.tag_refusals.items())
+            },
+        }
+
     async def _candidates(
         self, torrents: Iterable[dict[str, Any]], draining: bool
     ) -> list[Candidate]:
@@ -296,6 +424,8 @@ class Cleanup:
     async def _handoff(self, c: Candidate) -> bool:
         """Stop on the source, start on the destination, delete on the source."""
         h = c.info_hash
+        self.last_refusal = ""
+        self.last_delete_ok = False
         if self.dry_run:
             log.info("event=dry_run action=handoff hash=%s name=%s", h, kv(c.name))
             return True
@@ -303,6 +433,7 @@ class Cleanup:
         try:
             await self.qb.stop(h)
         except QBError as exc:
+            self.last_refusal = "stop-failed"
             metrics.torrent_stop_errors.labels("source").inc()
             log.warning(
                 "event=handoff_failed hash=%s step=stop code=qb-error error=%s", h, kv(str(exc))
@@ -322,6 +453,7 @@ class Cleanup:
             return False
         try:
             await self.qb.delete(h, delete_files=True)
+            self.last_delete_ok = True
         except QBError as exc:
             # The destination seeds already; a later pass retries the delete.
             log.warning(
@@ -375,6 +507,7 @@ class Cleanup:
             if isinstance(result, StartResult) and result.started is True:
                 return True
             reason, detail = "not-started", "destination answered started=false"
+        self.last_refusal = reason
         metrics.handoff_refused.labels(reason).inc()
         log.warning(
             "event=handoff_refused hash=%s step=start reason=%s then=%s error=%s",

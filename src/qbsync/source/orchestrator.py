@@ -27,8 +27,12 @@ A cycle (each step logs and survives its own errors):
    a failure; ``incomplete`` re-initializes (the destination lost or rejected pieces); other
    errors count, and the third consecutive one tags the torrent ``--sync-failed-tag``.
    Destination outages (no connection, timeouts, retryable codes) never count.
-6. **Disk-pressure cleanup** (every ``--sleep``): see :mod:`.cleanup`.
-7. **Maintenance** every 50 cycles' worth of time: hand over synced torrents removed from the
+6. **Tagged hand-offs** (``--handoff-tag``, every cycle): synced torrents carrying the tag are
+   handed off now (see :meth:`.cleanup.Cleanup.run_tagged`); such a torrent was also probed
+   first in discovery and its pieces jump the send queue, and the tag is left out of the tags
+   ``Finalize`` sends, so the destination's copy never carries it.
+7. **Disk-pressure cleanup** (every ``--sleep``): see :mod:`.cleanup`.
+8. **Maintenance** every 50 cycles' worth of time: hand over synced torrents removed from the
    source while we were not watching, and re-check tracked torrents' selection.
 
 Dry run (``--dry-run``) changes nothing on either side: no InitTorrent that creates state, no
@@ -201,6 +205,7 @@ class Orchestrator:
         self._link_waiting: dict[str, str] = {}  # waiting hash -> the tracked hash it waits on
         self._dry_logged: set[tuple[str, str]] = set()
         self._pending_aborts: set[str] = set()  # aborts that failed while unreachable
+        self._waiting_on_other: set[str] = set()  # another source syncs these (see _discover)
         self._last_timer_cycle = 0.0
         self._last_maintenance = trio.current_time()
         self.arr = ArrSet.from_config(config.arr_url, config.arr_api_key, mode="source")
@@ -216,6 +221,8 @@ class Orchestrator:
             exclude_cleanup_tag=config.exclude_cleanup_tag,
             dry_run=config.dry_run,
             syncing=lambda h: h in self.registry,  # being (re-)synced: never handed off
+            handoff_tag=config.handoff_tag,
+            exclude_sync_tag=config.exclude_sync_tag,
         )
         self.synced = self.cleanup.synced  # the only writer of the cache and --synced-tag
         monitor.on_update = self.on_update
@@ -313,6 +320,7 @@ class Orchestrator:
             self._handle_selection_changes,
             self._discover,
             self._finalize_ready,
+            self._handoff_tagged,
         ):
             try:
                 await step()
@@ -448,10 +456,31 @@ class Orchestrator:
             str(result.existed).lower(),
         )
 
+    def _wait_for_other_source(self, h: str, *, detail: str = "") -> None:
+        """Another source is syncing ``h`` into the same destination: stop tracking it here
+        (nothing is aborted: the partial copy there is the other source's) and probe again
+        after ``--sleep``; once the other sync is finalized the probe answers ``complete`` and
+        the torrent is recorded as synced without a second copy."""
+        if h in self.registry:
+            self._untrack(h)
+        self._probe_retry_at[h] = trio.current_time() + self.config.sleep
+        first = h not in self._waiting_on_other
+        self._waiting_on_other.add(h)  # logged at info once per wait, then at debug
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "event=sync_wait hash=%s code=owned-by-other-source retry_in_s=%g error=%s",
+            h,
+            self.config.sleep,
+            kv(detail or "another source is syncing this torrent"),
+        )
+
     # -- 2. exclusions ----------------------------------------------------------------------
 
     async def _handle_exclusions(self) -> None:
         for t in self.registry.all():
+            if t.owned_elsewhere:
+                self._wait_for_other_source(t.info_hash)
+                continue
             info = self.monitor.torrents.get(t.info_hash)
             if info is None:
                 continue
@@ -561,6 +590,7 @@ class Orchestrator:
             return
         if not self.pool.connected:
             return  # nothing to ask until the destination is back (no 30 s wait per cycle)
+        candidates.sort(key=lambda info: not self._urgent(info))  # stable: --handoff-tag first
         ready: list[tuple[int, str]] = []
         for info in candidates:
             h = str(info["hash"])
@@ -572,6 +602,9 @@ class Orchestrator:
                     InitTorrent(info_hash=h, probe=True), within=PROBE_TIMEOUT
                 )
             except WireError as exc:
+                if exc.code == ErrorCode.OWNED_BY_OTHER_SOURCE:
+                    self._wait_for_other_source(h, detail=exc.message)
+                    continue
                 if is_transient(exc):
                     log.warning(
                         "event=destination_unreachable step=discover code=%s error=%s",
@@ -584,6 +617,7 @@ class Orchestrator:
                 )
                 self._probe_retry_at[h] = now + self.config.sleep
                 continue
+            self._waiting_on_other.discard(h)
             if result.status == SyncStatus.COMPLETE:
                 await self._mark_complete_on_probe(h)
             elif result.status == SyncStatus.VERIFYING:
@@ -591,7 +625,8 @@ class Orchestrator:
                 self._probe_retry_at[h] = now + min(self.config.sleep, 5.0)
             else:
                 ready.append((result.pieces_have_count, h))
-        ready.sort(key=lambda x: (-x[0], x[1]))
+        urgent = {h for h, info in self.monitor.torrents.items() if self._urgent(info)}
+        ready.sort(key=lambda x: (x[1] not in urgent, -x[0], x[1]))
         for have, h in ready:
             current = self.monitor.torrents.get(h)
             if current is None or self._skip(current) is not None:
@@ -649,6 +684,7 @@ class Orchestrator:
         self.reader.forget(h)
         self._pending_aborts.discard(h)  # tracked again (tag removed, re-added): keep its data
         t = self.registry.add(meta, tracker, since, resync=resync)
+        t.mark_urgent(self._urgent(info))
         metrics.active_torrents.labels("source").set(len(self.registry))
         log.info(
             "event=torrent_tracked hash=%s name=%s pieces=%d piece_length=%d selected_bytes=%d "
@@ -666,6 +702,9 @@ class Orchestrator:
         try:
             await initialize(self.pool, self.registry, t, resync=resync, force=True)
         except (WireError, NotReady) as exc:
+            if t.owned_elsewhere:
+                self._wait_for_other_source(h, detail=str(exc))
+                return t
             # Senders initialize lazily before the first piece; nothing is lost.
             log.warning(
                 "event=init_deferred hash=%s code=%s error=%s",
@@ -711,7 +750,13 @@ class Orchestrator:
         request = Finalize(
             info_hash=h,
             category=str(info.get("category") or ""),
-            tags=tuple(split_tags(str(info.get("tags") or ""))),
+            # The hand-off request is for this source only: the destination's copy never
+            # carries it (it would hand the torrent on again if the home also ran a source).
+            tags=tuple(
+                tag
+                for tag in split_tags(str(info.get("tags") or ""))
+                if tag != self.config.handoff_tag
+            ),
             save_sub_path=t.meta.save_sub_path,
         )
         try:
@@ -868,7 +913,26 @@ class Orchestrator:
             return
         await self._tag(h, self.config.sync_failed_tag)
 
-    # -- 6. maintenance ---------------------------------------------------------------------
+    # -- 6. tagged hand-offs -----------------------------------------------------------------
+
+    def _urgent(self, info: dict[str, Any]) -> bool:
+        return has_tag(info, self.config.handoff_tag)
+
+    async def _handoff_tagged(self) -> None:
+        """``--handoff-tag``: tracked torrents that got the tag jump the queue; synced ones
+        are handed off now (the destination must be connected to confirm it seeds)."""
+        if not self.config.handoff_tag:
+            return
+        for t in self.registry.all():
+            info = self.monitor.torrents.get(t.info_hash)
+            if info is not None and self._urgent(info) and not t.urgent:
+                self.registry.make_urgent(t)
+                log.info("event=handoff_tag_priority hash=%s", t.info_hash)
+        if not self.pool.connected and not self.dry_run:
+            return  # a refusal for an outage would only delay the retry
+        await self.cleanup.run_tagged(list(self.monitor.torrents.values()))
+
+    # -- 8. maintenance ---------------------------------------------------------------------
 
     async def _maintenance(self) -> None:
         listed = self.monitor.torrents
@@ -957,6 +1021,7 @@ class Orchestrator:
             "aborted": self.stats.aborted,
             "completed_on_destination": len(self.cache),
             "tracked": torrents,
+            **({"handoff_tag": self.cleanup.tag_status()} if self.config.handoff_tag else {}),
         }
 
 

@@ -488,6 +488,7 @@ def make_connector(
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None = None,
     connect_timeout: float = 10.0,
+    instance: str = "",
 ) -> Connector:
     """A :data:`Connector` opening real wire connections."""
     from ..wire import open_connection
@@ -500,6 +501,7 @@ def make_connector(
             server_hostname=server_hostname,
             connect_timeout=connect_timeout,
             hooks=metrics.WIRE_METRICS,
+            instance=instance,
         )
 
     return connect

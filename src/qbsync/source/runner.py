@@ -39,12 +39,14 @@ from ..integrations.notify import Notifier
 from ..log import kv, redact_url
 from ..qbittorrent.api import QB, QBError
 from ..ratelimit import Backoff
+from ..wire import server_ssl_context
 from .cache import CompletionCache
 from .monitor import Monitor
 from .orchestrator import Orchestrator
 from .paths import PathMapper
 from .pool import ConnectionPool, make_connector
 from .reader import PieceReader
+from .reverse import ReverseHub
 from .sender import Senders
 from .state import Registry
 
@@ -81,6 +83,21 @@ async def _main(config: SourceConfig) -> int:
         from ..wire import client_ssl_context
 
         ssl_context = client_ssl_context(config.tls_ca)
+    hub: ReverseHub | None = None
+    if config.listen is not None:
+        # Reverse dialing: the destination connects here (--connect); the source stays the
+        # protocol client. The listening side is the TLS server.
+        hub = ReverseHub(
+            config.listen,
+            token=config.auth_token,
+            ssl_context=(
+                server_ssl_context(config.tls_cert, config.tls_key)
+                if config.tls_cert is not None and config.tls_key is not None
+                else None
+            ),
+            instance=config.source_name,
+            max_idle=config.max_connections,
+        )
     log.info(
         "event=drain_gate annotation=%s kube_config=%s",
         kv(config.drain_annotation or "(none: drain unconditionally)"),
@@ -101,9 +118,20 @@ async def _main(config: SourceConfig) -> int:
     )
     registry = Registry()
     reader = PieceReader()
+    if hub is not None:
+        connector, address = hub.connector(), hub.address
+    else:
+        assert config.destination_addr is not None  # resolve(): one of the two
+        connector = make_connector(
+            config.destination_addr,
+            token=token,
+            ssl_context=ssl_context,
+            instance=config.source_name,
+        )
+        address = str(config.destination_addr)
     pool = ConnectionPool(
-        make_connector(config.destination_addr, token=token, ssl_context=ssl_context),
-        address=str(config.destination_addr),
+        connector,
+        address=address,
         min_connections=config.min_connections,
         max_connections=config.max_connections,
         reconnect_max_delay=config.reconnect_max_delay,
@@ -163,6 +191,8 @@ async def _main(config: SourceConfig) -> int:
             if config.health_addr is not None:
                 ports = await outer.start(serve_http, config.health_addr, health)
                 log.info("event=health_listening addr=%s ports=%s", config.health_addr, ports)
+            if hub is not None:
+                await outer.start(hub.run)
             await outer.start(pool.run)
             await outer.start(notifier.run)
             with main_scope:

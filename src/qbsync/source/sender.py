@@ -117,7 +117,15 @@ async def initialize(
             # abort just deleted.
             return None
         t.tracker.begin_resync()
-        result: InitResult = await pool.request(request, within=INIT_TIMEOUT)
+        try:
+            result: InitResult = await pool.request(request, within=INIT_TIMEOUT)
+        except WireError as exc:
+            if exc.code == ErrorCode.OWNED_BY_OTHER_SOURCE:
+                # Another source syncs it into this destination: the orchestrator stops
+                # tracking it and probes again later (then it is complete there).
+                t.owned_by_other_source()
+                registry.notify_changed()
+            raise
         if result.status == SyncStatus.VERIFYING:
             raise NotReady("destination qBittorrent is verifying this torrent")
         t.tracker.apply_needed(parse_needed(result, t.tracker.num_pieces))
@@ -328,6 +336,15 @@ class Senders:
             t.tracker.fail(index, count=False)
             self.registry.requeue(t, index)
             log.info("event=piece_reinit hash=%s piece=%d code=%s", t.info_hash, index, code)
+            return
+        if code == ErrorCode.OWNED_BY_OTHER_SOURCE:
+            # Another source took this torrent over on the destination: stop sending it; the
+            # orchestrator untracks it and probes again later (see initialize()).
+            t.tracker.fail(index, count=False)
+            if not t.owned_elsewhere:
+                t.owned_by_other_source()
+                log.info("event=piece_refused hash=%s code=%s", t.info_hash, code.value)
+                self.registry.notify_changed()
             return
         n = t.tracker.fail(index, requeue=False)
         level = logging.INFO if code in RETRYABLE else logging.WARNING

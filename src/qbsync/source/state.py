@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from .meta import SourceMeta
-from .tracker import BACKLOG, LIVE, PieceQueue, PieceTracker, QueueItem
+from .tracker import BACKLOG, LIVE, URGENT, PieceQueue, PieceTracker, QueueItem
 
 # Piece-state polls after a torrent changed: now, then follow-ups that catch pieces qBittorrent
 # reported as "downloading" (1) while their last blocks were being written, which turn into
@@ -84,6 +84,9 @@ class Tracked:
     # finalized from it.
     _last_info: dict[str, Any] | None = None
     tracked_at: float = attrs.field(factory=time.time)  # wall clock; the activity log's duration
+    _urgent: bool = False  # carries --handoff-tag: its pieces go before every other torrent's
+    # The destination said another source syncs it: untrack, wait, probe again.
+    _owned_elsewhere: bool = False
 
     @property
     def name(self) -> str:
@@ -143,6 +146,14 @@ class Tracked:
     @property
     def last_info(self) -> dict[str, Any] | None:
         return self._last_info
+
+    @property
+    def urgent(self) -> bool:
+        return self._urgent
+
+    @property
+    def owned_elsewhere(self) -> bool:
+        return self._owned_elsewhere
 
     # -- phase transitions -----------------------------------------------------------------
 
@@ -218,6 +229,14 @@ class Tracked:
     def remember_info(self, info: dict[str, Any]) -> None:
         self._last_info = info
 
+    def mark_urgent(self, urgent: bool = True) -> None:
+        """It carries ``--handoff-tag``: its pieces jump the queue (see ``PieceQueue``)."""
+        self._urgent = urgent
+
+    def owned_by_other_source(self) -> None:
+        """The destination answered ``owned-by-other-source``: another source syncs it."""
+        self._owned_elsewhere = True
+
     def schedule_polls(self, now: float, offsets: tuple[float, ...] = FOLLOW_UPS) -> None:
         self.poll_times = sorted({*self.poll_times, *(now + o for o in offsets)})
 
@@ -292,7 +311,9 @@ class Registry:
     def enqueue(self, t: Tracked, indices: list[int]) -> None:
         """Queue pieces that the tracker just moved to pending."""
         if indices and t.active:
-            if t.first_poll_done:
+            if t.urgent:
+                self.queue.push(t.info_hash, indices, URGENT)
+            elif t.first_poll_done:
                 self.queue.push(t.info_hash, indices, LIVE)
             else:
                 self.queue.push(t.info_hash, indices, BACKLOG, key=t.seq)
@@ -300,7 +321,15 @@ class Registry:
     def requeue(self, t: Tracked, index: int) -> None:
         """A failed piece goes back to the front class (it is already late)."""
         if t.active and index in t.tracker.pending:
-            self.queue.push(t.info_hash, [index], LIVE)
+            self.queue.push(t.info_hash, [index], URGENT if t.urgent else LIVE)
+
+    def make_urgent(self, t: Tracked) -> None:
+        """The torrent got --handoff-tag while tracked: its waiting pieces jump the queue. The
+        older entries stay in the heap and are skipped when popped (the piece is no longer
+        pending by then)."""
+        if t.active and not t.urgent:
+            t.mark_urgent()
+            self.queue.push(t.info_hash, sorted(t.tracker.pending), URGENT)
 
     def notify_changed(self) -> None:
         self.changed.set()

@@ -29,7 +29,9 @@ from ..bitfield import Bitfield
 
 # Queue priority classes: pieces qBittorrent finished while we were watching go before the
 # backlog found when a torrent starts being tracked, so a live download keeps its sub-second
-# lag even while an old torrent resumes in the background.
+# lag even while an old torrent resumes in the background. A torrent carrying --handoff-tag
+# goes before both: the user asked for it to move now.
+URGENT = -1
 LIVE = 0
 BACKLOG = 1
 

@@ -9,7 +9,7 @@ in the middle of its write closes the connection (the stream cannot be resynchro
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar, cast
 
@@ -22,7 +22,7 @@ from .frames import PIECE_HEADER_SIZE
 from .hooks import NO_HOOKS, WireHooks
 from .protocol import CreditReceived, Endpoint, ProtocolEvent, Response, ResponseReceived
 from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, acquire, log
-from .transport import TRANSPORT_ERRORS, describe, tune_socket
+from .transport import TRANSPORT_ERRORS, accept_tls, describe, dial, peer_address
 
 
 class _Waiter:
@@ -259,6 +259,7 @@ async def open_connection(
     ping_interval: float = DEFAULT_PING_INTERVAL,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     hooks: WireHooks = NO_HOOKS,
+    instance: str = "",
 ) -> AsyncIterator[ClientConnection]:
     """Connect to a destination, run TLS (if ``ssl_context``) and the handshake, and yield the
     connection; it is closed when the block exits.
@@ -274,24 +275,83 @@ async def open_connection(
     """
     if not addr.host:
         raise ValueError("open_connection needs a host")
-    label = f"peer={addr}"
+
+    async def establish() -> trio.abc.Stream:
+        return await dial(addr, ssl_context=ssl_context, server_hostname=server_hostname)
+
+    async with _client_session(
+        establish,
+        label=f"peer={addr}",
+        timeout=connect_timeout,
+        timeout_message=f"connecting to {addr} timed out after {connect_timeout:g}s",
+        token=token,
+        instance=instance,
+        ping_interval=ping_interval,
+        idle_timeout=idle_timeout,
+        hooks=hooks,
+    ) as conn:
+        yield conn
+
+
+@asynccontextmanager
+async def accept_connection(
+    stream: trio.SocketStream,
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None = None,
+    handshake_timeout: float = 10.0,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    hooks: WireHooks = NO_HOOKS,
+    instance: str = "",
+) -> AsyncIterator[ClientConnection]:
+    """The source's end of a connection the *destination* dialed (``source --listen``): TLS as
+    the server (if ``ssl_context``), then the same handshake and connection as
+    :func:`open_connection` -- the source stays the protocol client whichever side dialed.
+    Errors as :func:`open_connection`'s; ``stream`` is closed when this ends."""
+
+    async def establish() -> trio.abc.Stream:
+        return await accept_tls(stream, ssl_context)
+
+    try:
+        async with _client_session(
+            establish,
+            label=f"peer={peer_address(stream)}",
+            timeout=handshake_timeout,
+            timeout_message=f"handshake timed out after {handshake_timeout:g}s",
+            token=token,
+            instance=instance,
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            hooks=hooks,
+        ) as conn:
+            yield conn
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def _client_session(
+    establish: Callable[[], Awaitable[trio.abc.Stream]],
+    *,
+    label: str,
+    timeout: float,  # noqa: ASYNC109  (the deadline covers establish + handshake together)
+    timeout_message: str,
+    token: str | None,
+    instance: str,
+    ping_interval: float,
+    idle_timeout: float,
+    hooks: WireHooks,
+) -> AsyncIterator[ClientConnection]:
+    """The protocol client over whatever ``establish`` returns (a dialed or an accepted
+    stream, TLS done; see :mod:`.transport`): the handshake under the same deadline, then the
+    connection's life."""
     stream: trio.abc.Stream | None = None
     conn: ClientConnection | None = None
     try:
-        with trio.move_on_after(connect_timeout) as cs:
-            tcp = await trio.open_tcp_stream(addr.host, addr.port)
-            stream = tcp
-            tune_socket(tcp)
-            if ssl_context is not None:
-                tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or addr.host)
-                stream = tls
-                try:
-                    await tls.do_handshake()
-                except TRANSPORT_ERRORS as exc:
-                    raise WireError(
-                        ErrorCode.AUTH_FAILED, f"TLS handshake with {addr} failed: {describe(exc)}"
-                    ) from None
-            endpoint = Endpoint(m.Role.SOURCE, token=token)
+        with trio.move_on_after(timeout) as cs:
+            stream = await establish()
+            endpoint = Endpoint(m.Role.SOURCE, token=token, instance=instance)
             conn = ClientConnection(
                 endpoint,
                 stream,
@@ -304,10 +364,7 @@ async def open_connection(
             done = await conn._handshake(remaining + 1.0)  # the outer deadline governs
             conn.version = done.version
         if cs.cancelled_caught:
-            raise WireError(
-                ErrorCode.TIMEOUT,
-                f"connecting to {addr} timed out after {connect_timeout:g}s",
-            )
+            raise WireError(ErrorCode.TIMEOUT, timeout_message)
     except BaseException as exc:
         if isinstance(exc, WireError):
             hooks.handshake_failed(exc.code)

@@ -25,6 +25,9 @@ class ErrorCode(enum.StrEnum):
     QB_ERROR = "qb-error"  # the destination's qBittorrent failed or is unreachable
     VERIFY_FAILED = "verify-failed"  # qBittorrent's recheck did not reach 100 %
     INTERNAL = "internal"  # a bug: logged with a traceback on the side that raised it
+    # Another source (Hello.instance) is syncing this info-hash right now: wait, never a
+    # second copy. The source retries later and finds it complete once that sync finished.
+    OWNED_BY_OTHER_SOURCE = "owned-by-other-source"
     # Connection-level failures (sent in an Error frame, then the connection closes).
     PROTOCOL = "protocol"  # malformed frame or message, or a message out of order
     UNSUPPORTED_VERSION = "unsupported-version"
@@ -45,6 +48,7 @@ RETRYABLE: frozenset[ErrorCode] = frozenset(
         ErrorCode.QB_ERROR,
         ErrorCode.TIMEOUT,
         ErrorCode.SHUTTING_DOWN,
+        ErrorCode.OWNED_BY_OTHER_SOURCE,
     }
 )
 

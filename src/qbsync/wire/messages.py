@@ -80,6 +80,10 @@ class Hello:
     nonce: bytes  # 32 random bytes
     software: str = "qbsync"
     auth_required: bool = True  # False when this side has no token configured
+    # The sender's announced name (a source's --source-name): the destination keeps per-source
+    # counts under it and lets one source at a time sync an info-hash. Covered by the Auth MACs
+    # (they sign both Hello bodies), so nobody on the path can change it.
+    instance: str = ""
 
 
 @attrs.frozen
@@ -212,6 +216,21 @@ class StartResult:
     started: bool
 
 
+@attrs.frozen
+class OpenConnection(RequestMessage["OpenConnectionResult"]):
+    """Reverse dialing (the destination dialed this source's ``--listen``): the source's pool
+    wants ``count`` more connections; the destination dials them. Its pool closes the extras
+    itself, and the destination does not redial a connection the source closed while another
+    one is up."""
+
+    count: int = 1
+
+
+@attrs.frozen
+class OpenConnectionResult:
+    accepted: int  # connections the destination is dialing now (fewer at its cap)
+
+
 # --- data -----------------------------------------------------------------------------------
 
 
@@ -254,13 +273,23 @@ ControlMessage = (
     | AbortResult
     | StartTorrent
     | StartResult
+    | OpenConnection
+    | OpenConnectionResult
     | PieceAck
 )
 Message = ControlMessage | Piece
 # The static view of the table's requests and their answers (the type checker cannot read a
 # table); tests/test_wire_frames.py checks these unions against MESSAGE_TABLE.
-Request = InitTorrent | Finalize | Abort | StartTorrent
-Response = InitResult | FinalizeResult | AbortResult | StartResult | PieceAck | Error
+Request = InitTorrent | Finalize | Abort | StartTorrent | OpenConnection
+Response = (
+    InitResult
+    | FinalizeResult
+    | AbortResult
+    | StartResult
+    | OpenConnectionResult
+    | PieceAck
+    | Error
+)
 
 
 # --- the message table ----------------------------------------------------------------------
@@ -326,6 +355,8 @@ MESSAGE_TABLE: Final[tuple[MessageSpec, ...]] = (
     _result(21, AbortResult, 4 * KiB),
     _request(22, StartTorrent, 64 * KiB),
     _result(23, StartResult, 4 * KiB),
+    _request(24, OpenConnection, 64),
+    _result(25, OpenConnectionResult, 64),
     # data: a binary body (see frames.py), never through the converter
     MessageSpec(32, Piece, Role.SOURCE, 0, answer=PieceAck),
     _result(33, PieceAck, 64 * KiB),

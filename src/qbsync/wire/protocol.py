@@ -127,6 +127,7 @@ class HandshakeComplete:
     max_frame: int  # largest piece frame body the destination accepts
     window: int  # the destination's credit window
     peer_software: str
+    peer_instance: str = ""  # the peer's Hello.instance
 
 
 @attrs.frozen
@@ -257,6 +258,7 @@ class Endpoint:
         window: int = DEFAULT_WINDOW,
         min_version: int = m.MIN_PROTOCOL_VERSION,
         max_version: int = m.PROTOCOL_VERSION,
+        instance: str = "",
     ) -> None:
         if nonce is None:
             nonce = secrets.token_bytes(NONCE_SIZE)
@@ -273,6 +275,7 @@ class Endpoint:
         self.state = State.HELLO
         self.version = 0
         self.peer_software = ""
+        self.peer_instance = ""
         self._out = bytearray()
         self._outstanding: dict[int, _Outstanding] = {}
         self._last_request_id = 0
@@ -287,6 +290,7 @@ class Endpoint:
             max_version=max_version,
             nonce=nonce,
             auth_required=self._token is not None,
+            instance=instance,
         )
         self._my_hello = codec.encode_message(hello)[1]
         self._peer_hello = b""
@@ -510,6 +514,7 @@ class Endpoint:
             )
         self.version = version
         self.peer_software = hello.software[:100]
+        self.peer_instance = hello.instance[:100]
         self._peer_hello = raw
         self._peer_nonce = hello.nonce
         me = "source" if self.is_client else "destination"
@@ -544,7 +549,9 @@ class Endpoint:
 
     def _open(self) -> HandshakeComplete:
         self._enter(State.OPEN)
-        return HandshakeComplete(self.version, self.max_frame, self.window, self.peer_software)
+        return HandshakeComplete(
+            self.version, self.max_frame, self.window, self.peer_software, self.peer_instance
+        )
 
     # -- requests and responses --------------------------------------------------------------
 

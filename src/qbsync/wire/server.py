@@ -53,7 +53,7 @@ from .protocol import (
     Response,
 )
 from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, log
-from .transport import TRANSPORT_ERRORS, describe, peer_address, tune_socket
+from .transport import TRANSPORT_ERRORS, describe, peer_address, socket_stream, tune_socket
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_CLOSE_GRACE = 10.0
@@ -79,6 +79,16 @@ class Peer:
 
     address: str  # "ip:port"
     conn_id: int
+    instance: str = ""  # the source's announced name (Hello.instance), known once authenticated
+
+
+# Told when an authenticated connection opens (True) and closes (False): the destination keeps
+# per-source counts with it (Peer.instance names the source).
+PeerHook = Callable[[Peer, bool], None]
+
+
+def _ignore_peer(peer: Peer, opened: bool) -> None:
+    return None
 
 
 @attrs.define
@@ -357,6 +367,7 @@ async def serve(
     max_pending_per_address: int = DEFAULT_MAX_PENDING_PER_ADDRESS,
     hooks: WireHooks = NO_HOOKS,
     peers: OpenPeers | None = None,
+    on_peer: PeerHook = _ignore_peer,
 ) -> None:
     """Accept sources on ``listen`` until cancelled.
 
@@ -401,6 +412,7 @@ async def serve(
             close_grace=close_grace,
             hooks=hooks,
             peers=peers,
+            on_peer=on_peer,
         )
 
     async with trio.open_nursery() as nursery:
@@ -413,6 +425,47 @@ async def serve(
             bool(token),
         )
         task_status.started(ports)
+
+
+async def serve_dialed(
+    stream: trio.abc.Stream,
+    handler: ServerHandler,
+    *,
+    token: str | None,
+    budget: ByteBudget,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    window: int = DEFAULT_WINDOW,
+    max_piece: int = DEFAULT_MAX_PIECE,
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    close_grace: float = DEFAULT_CLOSE_GRACE,
+    hooks: WireHooks = NO_HOOKS,
+    on_peer: PeerHook = _ignore_peer,
+    peers: OpenPeers | None = None,
+) -> None:
+    """Serve one connection the destination *dialed* (``destination --connect``; TCP and TLS
+    done by :func:`.transport.dial`): the same handshake -- the destination stays the protocol
+    server whichever side dialed -- and the same service as a connection :func:`serve`
+    accepted. Returns when it ends (a failed handshake is logged and counted here too)."""
+    await _serve_one(
+        stream,
+        handler,
+        gate=_HandshakeGate(1, 1, hooks),  # one outgoing connection: nothing to cap
+        token=token,
+        ssl_context=None,
+        budget=budget,
+        handshake_timeout=handshake_timeout,
+        ping_interval=ping_interval,
+        idle_timeout=idle_timeout,
+        window=window,
+        max_piece=max_piece,
+        max_concurrent_requests=max_concurrent_requests,
+        close_grace=close_grace,
+        hooks=hooks,
+        on_peer=on_peer,
+        peers=peers,
+    )
 
 
 def _host(address: str) -> str:
@@ -480,7 +533,7 @@ class _HandshakeGate:
 
 
 async def _serve_one(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     handler: ServerHandler,
     *,
     gate: _HandshakeGate,
@@ -496,6 +549,7 @@ async def _serve_one(
     close_grace: float,
     hooks: WireHooks,
     peers: OpenPeers | None = None,
+    on_peer: PeerHook = _ignore_peer,
 ) -> None:
     peer = Peer(peer_address(stream), next(_conn_ids))
     label = f"peer={peer.address} conn={peer.conn_id}"
@@ -534,15 +588,18 @@ async def _serve_one(
         if done is None:
             return  # failed (logged and counted) or closed by the gate to make room
         conn, info = done
+        conn.peer = peer = attrs.evolve(peer, instance=info.peer_instance)
         opened = True
         hooks.connection_opened("destination")
         log.info(
-            "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s",
+            "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s "
+            "peer_instance=%s",
             label,
             info.version,
             ssl_context is not None,
             bool(token),
             kv(info.peer_software),
+            kv(info.peer_instance),
         )
         if peers is not None:
             peers.add(
@@ -550,6 +607,7 @@ async def _serve_one(
                     peer, time.time(), info.peer_software, ssl_context is not None, bool(token)
                 )
             )
+        on_peer(peer, True)
         await conn.run(close_grace)
         reason = conn.close_reason
         log.info(
@@ -567,13 +625,14 @@ async def _serve_one(
             peers.discard(peer)
         if opened:
             hooks.connection_closed("destination")
+            on_peer(peer, False)
         if conn is not None:
             conn._abort(ConnectionClosed("connection closed", ErrorCode.OK))
         await trio.aclose_forcefully(stream)
 
 
 async def _handshake(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     label: str,
     *,
     token: str | None,
@@ -586,7 +645,9 @@ async def _handshake(
 ) -> tuple[_ServerConnection, HandshakeComplete] | None:
     """TLS (optional) and the qbsync handshake under one deadline. ``None`` when it failed
     (logged and counted here); the caller closes the stream."""
-    tune_socket(stream)
+    sock = socket_stream(stream)
+    if sock is not None:
+        tune_socket(sock)
     app_stream: trio.abc.Stream = stream
     endpoint = Endpoint(m.Role.DESTINATION, token=token, window=window, max_piece=max_piece)
     deadline = trio.current_time() + handshake_timeout

@@ -1,5 +1,13 @@
 """Byte transport for one wire connection: plain TCP with zero-copy fast paths, or TLS.
 
+Who opens the TCP connection is independent of the protocol roles: :func:`dial` (TCP connect,
+then TLS as the client, verifying the listener's certificate) and :func:`accept_tls` (TLS as
+the server on an accepted socket) are the only places that know the direction. Either side's
+protocol endpoint -- the source as the client that sends requests, the destination as the
+server that answers them -- then runs over the stream they return. So the side that listens is
+always the TLS server (``--tls-cert``/``--tls-key``) and the side that dials always verifies it
+(``--tls-ca``), whatever its role.
+
 Piece bodies are the bulk of the traffic, so this is where copies and scheduler round trips
 are avoided: on plain TCP a piece is received with ``readv`` straight into its final buffer
 and sent as header + payload with one ``writev``; over TLS (which copies anyway) the ordinary
@@ -10,12 +18,14 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from contextlib import suppress
 
 import trio
 
-from .errors import ConnectionClosed
+from .address import HostPort
+from .errors import ConnectionClosed, ErrorCode, WireError
 
 # Unsent bytes the kernel may queue before the socket stops being writable. Trio sets 16 KiB
 # (good for latency); bulk piece streams want much more (field notes B.4: 4 MiB lifted trio
@@ -45,6 +55,45 @@ def tune_socket(stream: trio.SocketStream) -> None:
     if hasattr(socket, "TCP_NOTSENT_LOWAT"):
         with suppress(OSError):
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, BULK_NOTSENT_LOWAT)
+
+
+async def dial(
+    addr: HostPort, *, ssl_context: ssl.SSLContext | None, server_hostname: str | None = None
+) -> trio.abc.Stream:
+    """The dialing side: TCP connect (``OSError`` when it fails), then TLS as the client.
+    A failed TLS handshake is ``auth-failed`` (a wrong CA or host name, or no TLS there)."""
+    tcp = await trio.open_tcp_stream(addr.host, addr.port)
+    tune_socket(tcp)
+    if ssl_context is None:
+        return tcp
+    tls = trio.SSLStream(tcp, ssl_context, server_hostname=server_hostname or addr.host)
+    try:
+        await tls.do_handshake()
+    except TRANSPORT_ERRORS as exc:
+        await trio.aclose_forcefully(tcp)
+        raise WireError(
+            ErrorCode.AUTH_FAILED, f"TLS handshake with {addr} failed: {describe(exc)}"
+        ) from None
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return tls
+
+
+async def accept_tls(
+    stream: trio.SocketStream, ssl_context: ssl.SSLContext | None
+) -> trio.abc.Stream:
+    """The listening side: TLS as the server on an accepted socket (the stream as it is
+    without ``ssl_context``). A failed TLS handshake is ``auth-failed``."""
+    tune_socket(stream)
+    if ssl_context is None:
+        return stream
+    tls = trio.SSLStream(stream, ssl_context, server_side=True)
+    try:
+        await tls.do_handshake()
+    except TRANSPORT_ERRORS as exc:
+        raise WireError(ErrorCode.AUTH_FAILED, f"TLS: {describe(exc)}") from None
+    return tls
 
 
 class Transport:
