@@ -128,7 +128,9 @@ file_selection_resyncs = _c(
 )
 stream_reconnects = _c("stream_reconnects_total", "Reconnects to the destination")
 connection_scale_events = _c(
-    "connection_scale_events_total", "Connections added or removed", ("direction",)
+    "connection_scale_events_total",
+    "Connections added or removed, and why",
+    ("direction", "reason"),
 )
 file_handle_cache = _c("file_handle_cache_total", "File-handle cache lookups", ("result",))
 file_handle_evictions = _c("file_handle_evictions_total", "File handles closed by the cache")
