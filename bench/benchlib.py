@@ -44,6 +44,37 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+GiB = 1024 * MiB
+
+
+def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    """``median (min-max)`` of several rounds: one round on a shared machine proves little."""
+    if not values:
+        return "n/a"
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def drop_caches() -> bool:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches`` (root only): the next reads come from disk.
+    False when not permitted (not root, or a container without a writable /proc/sys)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def cpu_seconds_with_children(pid: int) -> float:
+    """:func:`cpu_seconds` plus the CPU time of the children ``pid`` has reaped (an rsync
+    daemon forks one child per connection and reaps it when it exits)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / ticks
+
+
 def peak_rss_mb(pid: int) -> float:
     """``VmHWM`` (peak resident set) of a running process, in MB (MiB)."""
     try:
@@ -127,6 +158,7 @@ class Stack:
         self.others: list[subprocess.Popen[bytes]] = []
         self.spies: list[subprocess.Popen[bytes]] = []
         self.token = secrets.token_hex(16)
+        self.rsync_pid = 0
 
     def qb(self, name: str, **kw: Any) -> QBInstance:
         inst = QBInstance(
@@ -224,6 +256,7 @@ class Stack:
             stderr=subprocess.DEVNULL,
         )
         self.others.append(proc)
+        self.rsync_pid = proc.pid  # for its CPU time (children included)
 
         def listening() -> bool:
             with contextlib.suppress(OSError):
