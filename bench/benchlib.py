@@ -126,7 +126,8 @@ def metric_by_label(port: int, name: str, label: str) -> dict[str, float]:
         if not m or m.group(1) != full:
             continue
         got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        out[got.get(label, "")] = out.get(label, 0.0) + float(m.group(3))
+        key = got.get(label, "")
+        out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 
 
