@@ -189,3 +189,30 @@ def test_temp_path_reads_there_but_targets_the_final_location(layout, tmp_path):
     moved = {"content_path": str(save / "movies" / "payload"), "save_path": str(save / "movies")}
     assert meta.locate(mapper, moved)
     assert meta.local_dir == save / "movies" and meta.save_sub_path == "movies"
+
+
+async def test_reads_ahead_once_per_window_crossed(layout, monkeypatch):
+    """A cold source: each read that crosses a READ_AHEAD boundary asks the kernel for the next
+    window (POSIX_FADV_WILLNEED); reads inside a window ask nothing (a warm cache pays little)."""
+    import qbsync.source.reader as reader_mod
+
+    if not hasattr(os, "POSIX_FADV_WILLNEED"):
+        pytest.skip("no posix_fadvise on this platform")
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(reader_mod, "READ_AHEAD", 2 * PIECE)
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    meta = _meta(layout)
+    reader = PieceReader()
+    for index in range(3):  # a.bin holds pieces 0-2 and 100 bytes of piece 3
+        buf, view = await reader.read(meta, index)
+        reader.recycle(buf, view)
+    willneed = [(o, n) for o, n, a in calls if a == os.POSIX_FADV_WILLNEED]
+    assert willneed == [(2 * PIECE, 2 * PIECE)]  # piece 1 ends on the window boundary
+    assert [a for _, _, a in calls].count(os.POSIX_FADV_SEQUENTIAL) == 1  # on open
+    reader.close()
