@@ -12,7 +12,8 @@ The policy is TCP slow start applied to connections:
   waiting on it for the destination's credit or for the socket), the path has room the
   connections do not use. The pool doubles (adds as many as it has, up to
   ``--max-connections``) and judges the step once the new connections are up: mean throughput
-  over :attr:`GrowthPolicy.judge_intervals` whole intervals after, against before.
+  over :attr:`GrowthPolicy.judge_intervals` whole intervals after, against before (or after
+  one whole interval, if that one already shows at least half the expected gain).
 * **Keep what pays.** A step that raised throughput by at least ``min_gain`` is kept. If the
   gain was less than half of what the added connections would carry at the old per-connection
   rate, the path is nearly full: further steps add one connection at a time (congestion
@@ -144,12 +145,21 @@ class GrowthPolicy:
             step.ready_at = step.age
         # The interval in which the last one connected is not a fair sample: judge on the
         # judge_intervals whole intervals after it (or give up waiting after trial_max).
-        if step.age < self.trial_max and (
-            step.ready_at is None or step.age - step.ready_at < self.judge_intervals
-        ):
+        # A step that plainly pays (the first whole interval already gained at least half of
+        # the added connections' share) is kept at once, so the next doubling comes an
+        # interval sooner: a few-GiB transfer is over in seconds on a fast long path.
+        expected = step.added / step.before_n  # the gain if each new one carried as much
+        whole = 0 if step.ready_at is None else step.age - step.ready_at
+        early = (
+            whole >= 1
+            and step.before > 0
+            and (self._history[-1] - step.before) / step.before >= expected / 2
+        )
+        if not early and step.age < self.trial_max and whole < self.judge_intervals:
             return None
         self._step = None
-        after = sum(self._history[-self.judge_intervals :]) / self.judge_intervals
+        span = 1 if early else self.judge_intervals
+        after = sum(self._history[-span:]) / span
         gain = (after - step.before) / step.before if step.before > 0 else 0.0
         if not s.saturated and not s.demand:
             return Decision(Action.HOLD, 0, "no_demand", gain)
@@ -160,7 +170,6 @@ class GrowthPolicy:
             self._cooldown_until = now + wait
             return Decision(Action.RETIRE, step.added, "no_gain", gain)
         self._failed_steps = 0
-        expected = step.added / step.before_n  # the gain if each new one carried as much
         if gain < expected / 2:
             self._doubling = False
         return Decision(Action.HOLD, 0, "kept", gain)
