@@ -95,8 +95,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+def scrape(port: int, name: str = "") -> str:
+    """A daemon's /metrics; only the family ``name`` (``?name[]=``, cheap for the daemon:
+    the benchmarks poll every 20 ms) when given."""
+    query = f"?name[]={name}" if name else ""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics{query}", timeout=5) as resp:
         return str(resp.read().decode())
 
 
@@ -107,7 +110,7 @@ def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> flo
     """Sum of the samples of ``qbsync_<name>`` (matching ``labels``) on a daemon's /metrics."""
     full = name if name.startswith("qbsync_") else f"qbsync_{name}"
     total = 0.0
-    for line in scrape(port).splitlines():
+    for line in scrape(port, full).splitlines():
         m = _SAMPLE.match(line)
         if not m or m.group(1) != full:
             continue
