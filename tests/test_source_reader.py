@@ -216,3 +216,64 @@ async def test_reads_ahead_once_per_window_crossed(layout, monkeypatch):
     assert willneed == [(2 * PIECE, 2 * PIECE)]  # piece 1 ends on the window boundary
     assert [a for _, _, a in calls].count(os.POSIX_FADV_SEQUENTIAL) == 1  # on open
     reader.close()
+
+
+async def test_cached_pieces_are_read_without_a_worker_thread(layout, monkeypatch):
+    """Files already open and bytes in the page cache (the payload was just written): pieces
+    are read on the Trio thread with RWF_NOWAIT, no thread hand-off; the bytes are right."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT on this platform")
+    meta = _meta(layout)
+    reader = PieceReader()
+    threaded: list[int] = []
+    real = reader._read_sync
+
+    def counting(meta: SourceMeta, index: int, view: memoryview) -> None:
+        threaded.append(index)
+        real(meta, index, view)
+
+    monkeypatch.setattr(reader, "_read_sync", counting)
+    try:
+        for _ in range(2):  # the first pass opens the files (in threads), the second does not
+            for i in range(meta.num_pieces):
+                buf, view = await reader.read(meta, i)
+                assert hashlib.sha1(view).digest() == layout[5][i], i
+                reader.recycle(buf, view)
+        first = set(threaded)
+        assert first and len(threaded) == len(first)  # nothing went to a thread twice
+    finally:
+        reader.close()
+
+
+async def test_a_read_that_would_block_goes_to_a_worker_thread(layout, monkeypatch):
+    """RWF_NOWAIT says "not in the page cache" (EAGAIN): the piece is read in a worker thread,
+    whole and right."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT on this platform")
+    real = os.preadv
+
+    def cold(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            raise BlockingIOError(11, "would block")
+        return real(fd, buffers, offset, flags)
+
+    meta = _meta(layout)
+    reader = PieceReader()
+    try:
+        buf, view = await reader.read(meta, 0)  # opens a.bin
+        reader.recycle(buf, view)
+        monkeypatch.setattr(os, "preadv", cold)
+        threaded: list[int] = []
+        real_sync = reader._read_sync
+
+        def counting(meta: SourceMeta, index: int, view: memoryview) -> None:
+            threaded.append(index)
+            real_sync(meta, index, view)
+
+        monkeypatch.setattr(reader, "_read_sync", counting)
+        buf, view = await reader.read(meta, 1)
+        assert hashlib.sha1(view).digest() == layout[5][1]
+        assert threaded == [1]
+        reader.recycle(buf, view)
+    finally:
+        reader.close()
