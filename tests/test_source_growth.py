@@ -150,3 +150,31 @@ async def test_pool_shrinks_to_the_minimum_when_idle(autojump_clock, caplog):
     assert connected == 2
     downs = [e for e in _scale_log(caplog) if e[0] == "down"]
     assert downs == [("down", 1, "idle")] * 6
+
+
+async def test_pool_grows_when_the_memory_budget_hides_the_bottleneck(autojump_clock, caplog):
+    """Nothing queues on any connection because every byte of --max-inflight is between disk
+    and ack (window-limited connections hold it): with pieces waiting in the queue, that
+    counts as the connections being the bottleneck."""
+    caplog.set_level(logging.INFO, logger="qbsync.source.pool")
+    connector = FakeConnector(lambda n: FakeConn())
+    pool = ConnectionPool(
+        connector, address="d:1", min_connections=2, max_connections=4, queue_depth=lambda: 10
+    )
+    pool.memory_starved = lambda: True
+
+    async def link() -> None:
+        while True:
+            await trio.sleep(0.05)
+            for c in connector.conns:
+                c.inflight_bytes = MB  # carrying pieces; none queued behind them
+                pool.record_acked(MB)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        nursery.start_soon(link)
+        await trio.sleep(10)
+        connected = pool.connected
+        nursery.cancel_scope.cancel()
+    assert connected == 4
+    assert _scale_log(caplog) == [("up", 2, "saturated")]

@@ -24,9 +24,9 @@ The policy is TCP slow start applied to connections:
 * **Shrink on idle.** Connections above ``--min-connections`` are retired one per interval
   after ``idle_after`` seconds without traffic; the next transfer starts growing anew.
 
-Judging needs work to judge by: if the work ran out during a step (nothing queued, no
-connection busy) the step is kept without a verdict (reason ``no_demand``) and the idle rule
-takes it back later.
+Judging needs work to judge by: if the connections were no longer the bottleneck when the
+step is judged (the work ran out, or the end of a transfer fell into the judging window) the
+step is kept without a verdict (reason ``no_demand``) and the idle rule takes it back later.
 """
 
 from __future__ import annotations
@@ -161,7 +161,10 @@ class GrowthPolicy:
         span = 1 if early else self.judge_intervals
         after = sum(self._history[-span:]) / span
         gain = (after - step.before) / step.before if step.before > 0 else 0.0
-        if not s.saturated and not s.demand:
+        if not s.saturated:
+            # The connections are no longer the bottleneck (the work ran out, or its tail is
+            # in this window): a drop in throughput says nothing about the step. No verdict;
+            # the idle rule takes the connections back if they stay unused.
             return Decision(Action.HOLD, 0, "no_demand", gain)
         if gain < self.min_gain:
             self._doubling = False

@@ -174,6 +174,8 @@ class ConnectionPool:
         self.bytes_acked = 0
         self._piece_hint = 1  # size of a recent piece: "out of credit" means less than this
         self._nursery: trio.Nursery | None = None
+        # Set by the senders: True while one waits for --max-inflight memory (see _saturated).
+        self.memory_starved: Callable[[], bool] = lambda: False
         metrics.connections_configured.set(self.max_connections)
         metrics.connections_active.set(0)
 
@@ -449,11 +451,18 @@ class ConnectionPool:
 
     def _saturated(self, c: Connection) -> bool:
         """``c`` is the bottleneck right now: a piece is waiting on it (for credit or for the
-        socket), or it is out of credit while pieces wait in the queue."""
+        socket), or it is out of credit while pieces wait in the queue, or it is carrying
+        pieces while every byte of the in-flight memory budget is taken and pieces wait (then
+        nothing can queue on a connection, though the connections are what holds the bytes:
+        window-limited, each one drains slower than the path could)."""
         if c.closed:
             return True
         hint = self._piece_hint
-        return self.queued_bytes(c) >= hint or (c.credit < hint and self._queue_depth() > 0)
+        if self.queued_bytes(c) >= hint:
+            return True
+        if self._queue_depth() == 0:
+            return False
+        return c.credit < hint or (c.inflight_bytes > 0 and self.memory_starved())
 
     def _nursery_start(self, fn: Callable[[_Slot], Any], slot: _Slot) -> None:
         assert self._nursery is not None

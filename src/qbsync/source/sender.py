@@ -86,6 +86,10 @@ class InflightBytes:
         self.used -= n
         self._lot.unpark_all()
 
+    def starved(self) -> bool:
+        """A sender is waiting for memory: every byte allowed is between disk and ack."""
+        return len(self._lot) > 0
+
 
 def parse_needed(result: InitResult, num_pieces: int) -> Bitfield | None:
     """The pieces the destination still needs; None means "it has everything"."""
@@ -173,6 +177,9 @@ class Senders:
         self.piece_timeout = piece_timeout
         self.bucket = make_limiter(rate_limit)
         self.budget = InflightBytes(inflight_bytes)
+        # With the memory budget full, pieces cannot queue on the connections, which hides
+        # from the pool that they are its bottleneck (each one window-limited): tell it.
+        pool.memory_starved = self.budget.starved
         self._relocate = relocate
         self.retry_base = retry_base  # first retry delay after a retryable failure
         self._nursery: trio.Nursery | None = None
