@@ -25,16 +25,19 @@ the number of rounds. Then, on the same bytes:
   (polled every 20 ms).
 
 Medians over the rounds with (min-max); a ratio is computed per round (both sides measured
-back to back) and then summarised. By default both workflows read the payload from the page
-cache. ``--cold`` drops it (``sync; echo 3 > /proc/sys/vm/drop_caches``, root only: without the
-permission the run says so and ends with ``RESULT skipped=...``) before the rsync copy, before
-qBittorrent's check, and before the qbsync transfer, as on a home server whose cache does not
-hold the torrent; the drop itself is not timed. CPU seconds per GiB: each qbsync daemon's
-(``/proc/<pid>/stat``, from adding the torrent to ``synced``), the rsync daemon's (its forked
-sender included) and the rsync client's (the receiver), and the check instance's qBittorrent
-(the hashing that qbsync's SHA-1 on write replaces). Peak RSS is each qbsync process's
-``VmHWM`` at the end. The machine is shared, so only ratios measured in the same run mean
-anything. Last line::
+back to back) and then summarised. Before each timed step (rsync, the check, qbsync) the
+dirty pages the previous step left are written back (``sync``, untimed): otherwise each
+transfer's writes are throttled by the kernel writing back the one before (py-spy showed the
+destination's ``pwrite`` waiting on exactly that). By default both workflows read the payload
+from the page cache. ``--cold`` drops it (``sync; echo 3 > /proc/sys/vm/drop_caches``, root
+only: without the permission the run says so and ends with ``RESULT skipped=...``) before the
+rsync copy, before qBittorrent's check, and before the qbsync transfer, as on a home server
+whose cache does not hold the torrent; the drop itself is not timed. CPU seconds per GiB:
+each qbsync daemon's (``/proc/<pid>/stat``, from adding the torrent to ``synced``), the rsync
+daemon's (its forked sender included) and the rsync client's (the receiver), and the check
+instance's qBittorrent (the hashing that qbsync's SHA-1 on write replaces). Peak RSS is each
+qbsync process's ``VmHWM`` at the end. The machine is shared, so only ratios measured in the
+same run mean anything. Last line::
 
     RESULT size_mib=.. cold=.. rounds=.. start_s=.. stream_mb_s=.. rsync_mb_s=..
            ratio_stream_vs_rsync=.. (_min, _max) synced_s=.. last_byte_to_synced_s=..
@@ -47,6 +50,7 @@ anything. Last line::
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import subprocess
@@ -146,8 +150,12 @@ def main() -> int:
         return 0
 
     def cold() -> None:
+        """Before each timed step: write back what the previous step left dirty (untimed), so
+        no transfer is throttled by another's writeback; with --cold, also drop the cache."""
         if args.cold:
             drop_caches()
+        else:
+            os.sync()
 
     rows: list[dict[str, float]] = []
     started = time.monotonic()
