@@ -56,6 +56,15 @@ def test_policy_goes_additive_when_a_step_gains_less_than_half_of_its_share():
     assert n == 8  # the single extra one gained nothing and was undone
 
 
+def test_policy_waits_for_a_baseline_before_a_step():
+    """First interval of a long-RTT transfer: every connection has pieces waiting, no ack is
+    back yet. A step judged against 0 would be undone as "no gain"; it waits for traffic."""
+    p = GrowthPolicy(2, 8)
+    assert p.step(0.0, _sample(0.0, 2)).action is Action.HOLD
+    d = p.step(0.5, _sample(40 * MB, 2))
+    assert (d.action, d.count) == (Action.ADD, 2)
+
+
 def test_policy_holds_at_max_and_without_saturation():
     p = GrowthPolicy(2, 2)
     assert all(p.step(i, _sample(MB, 2)).action is Action.HOLD for i in range(10))

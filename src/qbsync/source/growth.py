@@ -114,8 +114,12 @@ class GrowthPolicy:
                 return HOLD
         if self.max_connections <= self.min_connections:
             return HOLD
+        # A step needs a baseline: in the first interval of a long-RTT transfer pieces wait
+        # on every connection before the first ack is back (throughput 0), and a step judged
+        # against 0 could not show a gain.
         if (
             self._saturated_run >= 1
+            and s.throughput > 0
             and s.slots < self.max_connections
             and now >= self._cooldown_until
         ):
