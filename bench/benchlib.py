@@ -44,6 +44,37 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+GiB = 1024 * MiB
+
+
+def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    """``median (min-max)`` of several rounds: one round on a shared machine proves little."""
+    if not values:
+        return "n/a"
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def drop_caches() -> bool:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches`` (root only): the next reads come from disk.
+    False when not permitted (not root, or a container without a writable /proc/sys)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def cpu_seconds_with_children(pid: int) -> float:
+    """:func:`cpu_seconds` plus the CPU time of the children ``pid`` has reaped (an rsync
+    daemon forks one child per connection and reaps it when it exits)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / ticks
+
+
 def peak_rss_mb(pid: int) -> float:
     """``VmHWM`` (peak resident set) of a running process, in MB (MiB)."""
     try:
@@ -64,8 +95,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+def scrape(port: int, name: str = "") -> str:
+    """A daemon's /metrics; only the family ``name`` (``?name[]=``, cheap for the daemon:
+    the benchmarks poll every 20 ms) when given."""
+    query = f"?name[]={name}" if name else ""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics{query}", timeout=5) as resp:
         return str(resp.read().decode())
 
 
@@ -76,7 +110,7 @@ def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> flo
     """Sum of the samples of ``qbsync_<name>`` (matching ``labels``) on a daemon's /metrics."""
     full = name if name.startswith("qbsync_") else f"qbsync_{name}"
     total = 0.0
-    for line in scrape(port).splitlines():
+    for line in scrape(port, full).splitlines():
         m = _SAMPLE.match(line)
         if not m or m.group(1) != full:
             continue
@@ -95,7 +129,8 @@ def metric_by_label(port: int, name: str, label: str) -> dict[str, float]:
         if not m or m.group(1) != full:
             continue
         got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        out[got.get(label, "")] = out.get(label, 0.0) + float(m.group(3))
+        key = got.get(label, "")
+        out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 
 
@@ -127,6 +162,7 @@ class Stack:
         self.others: list[subprocess.Popen[bytes]] = []
         self.spies: list[subprocess.Popen[bytes]] = []
         self.token = secrets.token_hex(16)
+        self.rsync_pid = 0
 
     def qb(self, name: str, **kw: Any) -> QBInstance:
         inst = QBInstance(
@@ -224,6 +260,7 @@ class Stack:
             stderr=subprocess.DEVNULL,
         )
         self.others.append(proc)
+        self.rsync_pid = proc.pid  # for its CPU time (children included)
 
         def listening() -> bool:
             with contextlib.suppress(OSError):

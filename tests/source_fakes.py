@@ -53,6 +53,7 @@ class FakeConn:
         self.closed = False
         self.inflight_bytes = 0
         self.credit = 1 << 30
+        self.on_change: Callable[[], None] = lambda: None
         self.requests: list[Any] = []
         self.pieces: list[tuple[str, int, bytes]] = []
         self.on_request = on_request or (lambda msg: None)

@@ -104,6 +104,11 @@ async def test_metrics(nursery: trio.Nursery) -> None:
     assert r.status == 200
     assert r.headers["content-type"].startswith("text/plain")
     assert b"qbsync_pieces_sent_total" in r.body
+    # ?name[]= (the Prometheus clients' convention) limits the answer to those series.
+    one = await request(port, "/metrics?name[]=qbsync_bytes_received_total")
+    assert one.status == 200
+    assert b"qbsync_bytes_received_total " in one.body
+    assert b"qbsync_pieces_sent_total" not in one.body
 
 
 async def test_status_provider(nursery: trio.Nursery) -> None:

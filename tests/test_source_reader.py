@@ -189,3 +189,91 @@ def test_temp_path_reads_there_but_targets_the_final_location(layout, tmp_path):
     moved = {"content_path": str(save / "movies" / "payload"), "save_path": str(save / "movies")}
     assert meta.locate(mapper, moved)
     assert meta.local_dir == save / "movies" and meta.save_sub_path == "movies"
+
+
+async def test_reads_ahead_once_per_window_crossed(layout, monkeypatch):
+    """A cold source: each read that crosses a READ_AHEAD boundary asks the kernel for the next
+    window (POSIX_FADV_WILLNEED); reads inside a window ask nothing (a warm cache pays little)."""
+    import qbsync.source.reader as reader_mod
+
+    if not hasattr(os, "POSIX_FADV_WILLNEED"):
+        pytest.skip("no posix_fadvise on this platform")
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(reader_mod, "READ_AHEAD", 2 * PIECE)
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    meta = _meta(layout)
+    reader = PieceReader()
+    for index in range(3):  # a.bin holds pieces 0-2 and 100 bytes of piece 3
+        buf, view = await reader.read(meta, index)
+        reader.recycle(buf, view)
+    willneed = [(o, n) for o, n, a in calls if a == os.POSIX_FADV_WILLNEED]
+    assert willneed == [(2 * PIECE, 2 * PIECE)]  # piece 1 ends on the window boundary
+    assert [a for _, _, a in calls].count(os.POSIX_FADV_SEQUENTIAL) == 1  # on open
+    reader.close()
+
+
+async def test_cached_pieces_are_read_without_a_worker_thread(layout, monkeypatch):
+    """Files already open and bytes in the page cache (the payload was just written): pieces
+    are read on the Trio thread with RWF_NOWAIT, no thread hand-off; the bytes are right."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT on this platform")
+    meta = _meta(layout)
+    reader = PieceReader()
+    threaded: list[int] = []
+    real = reader._read_sync
+
+    def counting(meta: SourceMeta, index: int, view: memoryview) -> None:
+        threaded.append(index)
+        real(meta, index, view)
+
+    monkeypatch.setattr(reader, "_read_sync", counting)
+    try:
+        for _ in range(2):  # the first pass opens the files (in threads), the second does not
+            for i in range(meta.num_pieces):
+                buf, view = await reader.read(meta, i)
+                assert hashlib.sha1(view).digest() == layout[5][i], i
+                reader.recycle(buf, view)
+        first = set(threaded)
+        assert first and len(threaded) == len(first)  # nothing went to a thread twice
+    finally:
+        reader.close()
+
+
+async def test_a_read_that_would_block_goes_to_a_worker_thread(layout, monkeypatch):
+    """RWF_NOWAIT says "not in the page cache" (EAGAIN): the piece is read in a worker thread,
+    whole and right."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT on this platform")
+    real = os.preadv
+
+    def cold(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            raise BlockingIOError(11, "would block")
+        return real(fd, buffers, offset, flags)
+
+    meta = _meta(layout)
+    reader = PieceReader()
+    try:
+        buf, view = await reader.read(meta, 0)  # opens a.bin
+        reader.recycle(buf, view)
+        monkeypatch.setattr(os, "preadv", cold)
+        threaded: list[int] = []
+        real_sync = reader._read_sync
+
+        def counting(meta: SourceMeta, index: int, view: memoryview) -> None:
+            threaded.append(index)
+            real_sync(meta, index, view)
+
+        monkeypatch.setattr(reader, "_read_sync", counting)
+        buf, view = await reader.read(meta, 1)
+        assert hashlib.sha1(view).digest() == layout[5][1]
+        assert threaded == [1]
+        reader.recycle(buf, view)
+    finally:
+        reader.close()

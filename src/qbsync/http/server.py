@@ -14,7 +14,8 @@ Endpoints (``GET`` and ``HEAD`` only):
     503 ``{"status": "not ready"}`` until the runner calls :meth:`Health.mark_ready`; then
     every ready check (qBittorrent reachable, listener up, ...) must pass within its timeout.
 ``/metrics``
-    Prometheus exposition of :mod:`qbsync.metrics`.
+    Prometheus exposition of :mod:`qbsync.metrics` (``?name[]=NAME``, repeatable: only those
+    series, so a tight poll of one counter stays cheap).
 ``/status``
     JSON from the runner's status provider (404 when none is set); schema in ``docs/status.md``.
 ``/``
@@ -39,6 +40,7 @@ import json
 import logging
 import math
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -284,7 +286,9 @@ async def _route(health: Health, method: bytes, target: bytes) -> _Response:
         ready = await health.check_ready()
         return _checks_response(ready, "not ready")
     if path == "/metrics":
-        body, content_type = metrics.render()
+        query = target.partition(b"?")[2].decode("ascii", "replace")
+        names = urllib.parse.parse_qs(query).get("name[]", [])
+        body, content_type = metrics.render(names)
         return _Response(200, body, content_type)
     if path == "/":
         from .status import CSP, render_html

@@ -15,16 +15,20 @@ that can take the most now (credit minus pieces already queued on it), and only 
 connection has fewer than :data:`QUEUE_AHEAD` pieces waiting, so pieces spread by what each
 connection can carry rather than by what was assigned long ago.
 
+Waiting for room is event-driven: an acknowledged piece (:meth:`ConnectionPool.unassign`) and
+a change on a connection (credit granted, a piece started, closed: the connection calls the
+``on_change`` callback the pool gives it) wake :meth:`ConnectionPool.pick`; nothing polls.
+
 Scaling (``--min-connections`` .. ``--max-connections``): every :data:`SCALE_INTERVAL` the
-pool looks at whether every connection had a piece waiting on it most of the time (for the
-destination's credit, or for the socket: the connections were the bottleneck). After two
-such intervals in a row it opens one more connection and keeps it only if the mean throughput
-over :data:`JUDGE_INTERVALS` intervals after it connected is at least :data:`MIN_GAIN` above
-the mean before; otherwise it closes it and waits :data:`COOLDOWN` before trying again (if the
-work ran out meanwhile there is nothing to judge and it stays).
-Connections above the minimum are closed after :data:`IDLE_AFTER` seconds without traffic.
-On loopback and LAN one connection already saturates, so the pool stays at the minimum
-there; the extra connections pay off on long fat links, where one TCP window is the limit.
+pool samples whether every connection had a piece waiting on it most of the time (for the
+destination's credit, or for the socket: the connections were the bottleneck) and the
+throughput, and lets :class:`~qbsync.source.growth.GrowthPolicy` decide: double while each
+step adds throughput, then one at a time, undo a step that adds nothing, shrink after a
+minute idle. Each decision is logged (``event=connection_scale direction=.. reason=..``)
+and counted in ``qbsync_connection_scale_events_total{direction,reason}``.
+On loopback and LAN one connection already saturates, so a step there is undone after a
+couple of seconds and retried ever more rarely; the extra connections pay off on long fat
+links, where one TCP window is the limit.
 """
 
 from __future__ import annotations
@@ -46,20 +50,15 @@ from ..wire.address import HostPort
 from ..wire.errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from ..wire.messages import PieceAck, RequestMessage
 from .codes import Code, SourceCode
+from .growth import Action, Decision, GrowthPolicy, Sample
 
 log = logging.getLogger("qbsync.source.pool")
 
 HEALTHY_AFTER = 10.0  # a connection up this long resets the reconnect backoff
 RECONNECT_BASE = 0.5
-SCALE_INTERVAL = 1.0
-SAMPLE_INTERVAL = 0.1
-MIN_GAIN = 0.10
-COOLDOWN = 60.0
-JUDGE_INTERVALS = 3  # a trial compares mean throughput over this many intervals before/after
-TRIAL_MAX = 12  # intervals a trial connection gets to connect before it is judged anyway
-IDLE_AFTER = 60.0
+SCALE_INTERVAL = 0.5  # one growth decision per interval (short: a step is judged in ~1.5 s)
+SAMPLE_INTERVAL = 0.05  # "is every connection the bottleneck" is sampled this often
 QUEUE_AHEAD = 1  # pieces that may wait on one connection before pick() waits for room
-ROOM_POLL = 0.005  # seconds; re-look for room this often while every connection is full
 RETIRE_GRACE = 30.0  # how long a retiring connection may finish its in-flight pieces
 
 
@@ -77,6 +76,9 @@ class Connection(Protocol):
 
     @property
     def credit(self) -> int: ...
+
+    #: Called (synchronously) when credit or in-flight bytes change or the connection closes.
+    on_change: Callable[[], None]
 
     async def request(self, msg: RequestMessage[R], *, timeout: float) -> R: ...  # noqa: ASYNC109
 
@@ -174,6 +176,8 @@ class ConnectionPool:
         self.bytes_acked = 0
         self._piece_hint = 1  # size of a recent piece: "out of credit" means less than this
         self._nursery: trio.Nursery | None = None
+        # Set by the senders: True while one waits for --max-inflight memory (see _saturated).
+        self.memory_starved: Callable[[], bool] = lambda: False
         metrics.connections_configured.set(self.max_connections)
         metrics.connections_active.set(0)
 
@@ -229,9 +233,8 @@ class ConnectionPool:
                 else:
                     if self._room.is_set():
                         self._room = trio.Event()
-                    # Acks set ``_room``; a write starting does not, hence the short timeout.
-                    with trio.move_on_after(ROOM_POLL):
-                        await self._room.wait()
+                    # Set by acks (unassign) and by every connection's on_change.
+                    await self._room.wait()
         raise DestinationUnavailable()
 
     def unassign(self, conn: Connection, nbytes: int) -> None:
@@ -241,6 +244,10 @@ class ConnectionPool:
             self._assigned[id(conn)] = left
         else:
             self._assigned.pop(id(conn), None)
+        self._room.set()
+
+    def _changed(self) -> None:
+        """A connection's credit or in-flight bytes changed: re-look for room."""
         self._room.set()
 
     async def request(self, msg: RequestMessage[R], *, within: float = 30.0) -> R:
@@ -355,6 +362,7 @@ class ConnectionPool:
     def _attach(self, slot: _Slot, conn: Connection) -> None:
         was_connected = self.connected > 0
         slot.conn = conn
+        conn.on_change = self._changed
         if not was_connected:
             self.generation += 1
             self.connected_since = time.time()  # for the status page's peer list
@@ -381,14 +389,12 @@ class ConnectionPool:
     # -- scaling ----------------------------------------------------------------------------
 
     async def _scaler(self) -> None:
-        cooldown_until = 0.0
-        trial: tuple[_Slot, float] | None = None  # (added slot, throughput before)
-        trial_age = trial_connected = 0  # intervals since it was added / until it connected
-        history: list[float] = []  # throughput of the last JUDGE_INTERVALS intervals
-        starved_run = 0  # consecutive intervals in which the connections were the bottleneck
+        """Feed :class:`~qbsync.source.growth.GrowthPolicy` one sample per
+        :data:`SCALE_INTERVAL` and carry out its decisions; also keeps the throughput gauge
+        current."""
+        policy = GrowthPolicy(self.min_connections, self.max_connections)
         last_bytes = self.bytes_acked
         last_time = trio.current_time()
-        last_traffic = last_time
         while True:
             starved = samples = 0
             end = trio.current_time() + SCALE_INTERVAL
@@ -402,79 +408,66 @@ class ConnectionPool:
             throughput = (self.bytes_acked - last_bytes) / max(1e-6, now - last_time)
             last_bytes, last_time = self.bytes_acked, now
             metrics.transfer_throughput.set(throughput)
-            history = [*history[-(JUDGE_INTERVALS - 1) :], throughput]
-            starved_run = starved_run + 1 if starved > samples // 2 else 0
-            if throughput > 0:
-                last_traffic = now
             active = [s for s in self._slots if not s.retiring]
-            if trial is not None:
-                trial_age += 1
-                # Judge the new connection on a whole interval after the one it connected in
-                # (that one is not a fair sample); give up waiting for it to connect after a
-                # few intervals.
-                connected = trial[0].conn is not None
-                if trial_age < TRIAL_MAX and (
-                    not connected or trial_age - trial_connected < 1 + JUDGE_INTERVALS
-                ):
-                    if connected and not trial_connected:
-                        trial_connected = trial_age
-                    continue
-            if trial is not None:
-                slot, before = trial
-                trial = None
-                after = sum(history[-JUDGE_INTERVALS:]) / JUDGE_INTERVALS
-                gain = (after - before) / before if before > 0 else 0.0
-                if starved == 0 and self._queue_depth() == 0:
-                    # The work ran out meanwhile: nothing to judge it by. It stays until it
-                    # has been idle for IDLE_AFTER, like any connection above the minimum.
-                    log.info(
-                        "event=connection_scale_kept reason=no_demand connections=%d", len(active)
-                    )
-                elif gain < MIN_GAIN and slot in self._slots:
-                    log.info(
-                        "event=connection_scale direction=down reason=no_gain gain=%.2f "
-                        "connections=%d",
-                        gain,
-                        len(active) - 1,
-                    )
-                    metrics.connection_scale_events.labels("down").inc()
-                    self._nursery_start(self._retire, slot)
-                    cooldown_until = now + COOLDOWN
-                    continue
-                else:
-                    log.info(
-                        "event=connection_scale_kept gain=%.2f connections=%d", gain, len(active)
-                    )
-            if self.max_connections <= self.min_connections:
-                continue
-            if starved_run >= 2 and len(active) < self.max_connections and now >= cooldown_until:
-                new = self._add_slot()
-                recent = history[-min(starved_run, JUDGE_INTERVALS) :]
-                before = sum(recent) / len(recent)
-                trial, trial_age, trial_connected = (new, before), 0, 0
-                metrics.connection_scale_events.labels("up").inc()
-                log.info(
-                    "event=connection_scale direction=up reason=credit_starved "
-                    "throughput_Bps=%.0f connections=%d",
-                    throughput,
-                    len(active) + 1,
-                )
-            elif now - last_traffic > IDLE_AFTER and len(active) > self.min_connections:
-                slot = active[-1]
-                metrics.connection_scale_events.labels("down").inc()
-                log.info(
-                    "event=connection_scale direction=down reason=idle connections=%d",
-                    len(active) - 1,
-                )
+            sample = Sample(
+                throughput=throughput,
+                slots=len(active),
+                connected=sum(1 for s in active if s.conn is not None and not s.conn.closed),
+                saturated=starved > samples // 2,
+                demand=self._queue_depth() > 0 or any(_busy(s) for s in active) or starved > 0,
+            )
+            decision = policy.step(now, sample)
+            self._apply(decision, sample, active)
+
+    def _apply(self, decision: Decision, sample: Sample, active: list[_Slot]) -> None:
+        gain = "" if decision.gain is None else f" gain={decision.gain:.2f}"
+        if decision.action is Action.ADD:
+            for _ in range(decision.count):
+                self._add_slot()
+            after = len(active) + decision.count
+        elif decision.action is Action.RETIRE:
+            # The newest first: a failed step's own connections, or the last ones grown.
+            for slot in active[len(active) - decision.count :]:
                 self._nursery_start(self._retire, slot)
+            after = len(active) - decision.count
+        else:
+            if decision.reason:  # a step judged and kept
+                log.info(
+                    "event=connection_scale_kept reason=%s%s throughput_Bps=%.0f connections=%d",
+                    decision.reason,
+                    gain,
+                    sample.throughput,
+                    len(active),
+                )
+            return
+        metrics.connection_scale_events.labels(decision.action.value, decision.reason).inc(
+            decision.count
+        )
+        log.info(
+            "event=connection_scale direction=%s reason=%s count=%d%s throughput_Bps=%.0f "
+            "connections=%d",
+            decision.action.value,
+            decision.reason,
+            decision.count,
+            gain,
+            sample.throughput,
+            after,
+        )
 
     def _saturated(self, c: Connection) -> bool:
         """``c`` is the bottleneck right now: a piece is waiting on it (for credit or for the
-        socket), or it is out of credit while pieces wait in the queue."""
+        socket), or it is out of credit while pieces wait in the queue, or it is carrying
+        pieces while every byte of the in-flight memory budget is taken and pieces wait (then
+        nothing can queue on a connection, though the connections are what holds the bytes:
+        window-limited, each one drains slower than the path could)."""
         if c.closed:
             return True
         hint = self._piece_hint
-        return self.queued_bytes(c) >= hint or (c.credit < hint and self._queue_depth() > 0)
+        if self.queued_bytes(c) >= hint:
+            return True
+        if self._queue_depth() == 0:
+            return False
+        return c.credit < hint or (c.inflight_bytes > 0 and self.memory_starved())
 
     def _nursery_start(self, fn: Callable[[_Slot], Any], slot: _Slot) -> None:
         assert self._nursery is not None

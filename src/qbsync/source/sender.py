@@ -32,6 +32,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import trio
 
 from .. import metrics
@@ -49,6 +50,16 @@ log = logging.getLogger("qbsync.source.sender")
 MAX_PIECE_FAILURES = 5
 INIT_TIMEOUT = 60.0
 DEFAULT_INFLIGHT_BYTES = 64 * MiB  # read-ahead: enough to fill 8 connections' windows
+
+
+@attrs.frozen
+class _Stamps:
+    """When a piece passed each stage on its way out (Trio clock), for the lag breakdown."""
+
+    taken: float  # a sender took it from the queue
+    budgeted: float  # its memory was reserved
+    read: float  # it was read from disk
+    picked: float  # a connection had room for it
 
 
 class NotReady(Exception):
@@ -73,6 +84,10 @@ class InflightBytes:
     def release(self, n: int) -> None:
         self.used -= n
         self._lot.unpark_all()
+
+    def starved(self) -> bool:
+        """A sender is waiting for memory: every byte allowed is between disk and ack."""
+        return len(self._lot) > 0
 
 
 def parse_needed(result: InitResult, num_pieces: int) -> Bitfield | None:
@@ -168,6 +183,9 @@ class Senders:
         self.piece_timeout = piece_timeout
         self.bucket = make_limiter(rate_limit)
         self.budget = InflightBytes(inflight_bytes)
+        # With the memory budget full, pieces cannot queue on the connections, which hides
+        # from the pool that they are its bottleneck (each one window-limited): tell it.
+        pool.memory_starved = self.budget.starved
         self._relocate = relocate
         self.retry_base = retry_base  # first retry delay after a retryable failure
         self._nursery: trio.Nursery | None = None
@@ -211,12 +229,12 @@ class Senders:
             if t.tracker.sends.get(item.index, 0) > 1:
                 metrics.pieces_resent.inc()
             try:
-                await self._prepare_and_send(t, item.index)
+                await self._prepare_and_send(t, item.index, trio.current_time())
             except BaseException:
                 t.tracker.requeue(item.index)
                 raise
 
-    async def _prepare_and_send(self, t: Tracked, index: int) -> None:
+    async def _prepare_and_send(self, t: Tracked, index: int, taken: float) -> None:
         """Everything up to handing the piece to a delivery task. On return, the piece has
         either been handed over or put back (released/failed) -- never lost."""
         # Reserve memory, read from disk.
@@ -225,7 +243,9 @@ class Senders:
         handed_over = False
         try:
             try:
+                budgeted = trio.current_time()
                 buf, view = await self._read(t, index)
+                read = trio.current_time()
             except ReadError as exc:
                 t.read_failed(str(exc))
                 log.warning(
@@ -245,7 +265,8 @@ class Senders:
                         await trio.sleep(wait)
                 conn = await self.pool.pick(nbytes=size)
                 assert self._nursery is not None
-                self._nursery.start_soon(self._deliver, t, index, conn, buf, view, reserved)
+                stamps = _Stamps(taken, budgeted, read, trio.current_time())
+                self._nursery.start_soon(self._deliver, t, index, conn, buf, view, reserved, stamps)
                 handed_over = True
             finally:
                 if not handed_over:
@@ -273,6 +294,7 @@ class Senders:
         buf: bytearray,
         view: memoryview,
         reserved: int,
+        stamps: _Stamps,
     ) -> None:
         start = trio.current_time()
         self.inflight += 1
@@ -293,7 +315,7 @@ class Senders:
                 t.tracker.fail(index)
                 self.registry.requeue(t, index)
                 return
-            self._on_ack(t, index, ack, start, len(view))
+            self._on_ack(t, index, ack, start, len(view), stamps)
         except ConnectionClosed:
             t.tracker.requeue(index)
             self.registry.requeue(t, index)
@@ -306,7 +328,9 @@ class Senders:
             self.reader.recycle(buf, view)
             self.budget.release(reserved)
 
-    def _on_ack(self, t: Tracked, index: int, ack: PieceAck, start: float, size: int) -> None:
+    def _on_ack(
+        self, t: Tracked, index: int, ack: PieceAck, start: float, size: int, stamps: _Stamps
+    ) -> None:
         now = trio.current_time()
         metrics.pieces_sent.inc()
         metrics.bytes_sent.inc(size)
@@ -322,7 +346,23 @@ class Senders:
         first = t.tracker.first_seen.pop(index, None)
         if first is not None:
             metrics.piece_lag.observe(now - first)
-        log.debug("event=piece_acked hash=%s piece=%d", t.info_hash, index)  # bench/lag.py
+        if log.isEnabledFor(logging.DEBUG):
+            # Where the lag goes, per stage (bench/lag.py): seen = since the monitor saw
+            # the piece ready; queue = waiting for a sender; budget = for --max-inflight
+            # memory; read = disk; pick = for a connection with room; send = credit, the
+            # socket, the destination's hash and write, the ack.
+            log.debug(
+                "event=piece_acked hash=%s piece=%d seen_ms=%.0f queue_ms=%.0f budget_ms=%.0f "
+                "read_ms=%.0f pick_ms=%.0f send_ms=%.0f",
+                t.info_hash,
+                index,
+                (now - first) * 1000 if first is not None else -1,
+                (stamps.taken - first) * 1000 if first is not None else -1,
+                (stamps.budgeted - stamps.taken) * 1000,
+                (stamps.read - stamps.budgeted) * 1000,
+                (stamps.picked - stamps.read) * 1000,
+                (now - stamps.picked) * 1000,
+            )
         if t.tracker.complete:
             log.info("event=torrent_streamed hash=%s pieces=%d", t.info_hash, t.tracker.num_pieces)
             self.registry.notify_changed()

@@ -25,6 +25,10 @@ from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, 
 from .transport import TRANSPORT_ERRORS, accept_tls, describe, dial, peer_address
 
 
+def _nothing() -> None:
+    """The default :attr:`ClientConnection.on_change`: nobody listens."""
+
+
 class _Waiter:
     """Where the receive loop leaves the answer (or the failure) for one request or piece."""
 
@@ -80,6 +84,9 @@ class ClientConnection(BaseConnection):
         self._credit_lock = trio.Lock()  # FIFO among piece senders
         self._credit_event = trio.Event()
         self.version = 0
+        # Called when credit or in-flight bytes change or the connection closes, so a
+        # scheduler (the source's pool) can wait for room on an event instead of polling.
+        self.on_change: Callable[[], None] = _nothing
 
     # -- public state ----------------------------------------------------------------------
 
@@ -192,6 +199,7 @@ class ClientConnection(BaseConnection):
                     raise self._closed_error()
                 rid, header = self._ep.send_piece(info_hash, index, offset, length)
                 self._waiters[rid] = waiter
+                self.on_change()
                 try:
                     await self._tr.send_header_and_payload(header, view)
                 except BaseException as exc:
@@ -228,6 +236,7 @@ class ClientConnection(BaseConnection):
     def _notify_credit(self) -> None:
         self._credit_event.set()
         self._credit_event = trio.Event()
+        self.on_change()
 
     def _on_closed(self, reason: ConnectionClosed) -> None:
         for waiter in self._waiters.values():
