@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def test_reverse_mode_tls_served_by_the_listening_source_and_token_required(
     )
     rig.add_to_source(download_limit=None)
     wrong = rig.start_destination(
-        "--tls-ca", str(cert), "--auth-token", "f" * 32, reach=["--connect", listen]
+        "--tls-ca", str(cert), "--auth-token", secrets.token_hex(16), reach=["--connect", listen]
     )
     wait_until(
         lambda: (

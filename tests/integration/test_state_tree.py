@@ -195,6 +195,8 @@ def _make_legacy(state: Path) -> None:
     (state / statetree.KEY_NAME).unlink()
     state.chmod(0o755)
     for mdir in state.iterdir():
+        if not mdir.is_dir():
+            continue  # the activity log (the status page's history) is not torrent state
         mdir.chmod(0o755)
         for p in mdir.iterdir():
             raw = p.read_bytes()
