@@ -1,4 +1,5 @@
-"""The ``qbsync`` command: ``qbsync source`` and ``qbsync destination``.
+"""The ``qbsync`` command: ``qbsync source`` and ``qbsync destination`` (and the tools:
+``demo``, ``status``, ``peers``).
 
 Flags, environment variables and defaults all come from :mod:`qbsync.config`; this module only
 turns them into argparse flags, prints ``--print-config`` and hands the resolved configuration
@@ -27,6 +28,7 @@ _DESCRIPTIONS: dict[Role, str] = {
 _TOOLS = {
     "demo": "Sync a sample torrent between throwaway qBittorrents on 127.0.0.1 and show it",
     "status": "Show a daemon's /status as a table (qbsync status --help)",
+    "peers": "List or forget a daemon's pinned peer keys (qbsync peers --help)",
 }
 
 
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sync torrents between two qBittorrent instances, piece by piece.",
     )
     parser.add_argument("--version", action="version", version=f"qbsync {__version__}")
-    sub = parser.add_subparsers(dest="role", metavar="{source,destination,demo,status}")
+    sub = parser.add_subparsers(dest="role", metavar="{source,destination,demo,status,peers}")
     sub.required = True
     for role in ("source", "destination"):
         p = sub.add_parser(
@@ -98,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .http import status
 
         return status.main(args_list[1:])
+    if args_list[:1] == ["peers"]:
+        from .identity import command
+
+        return command.main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     role: Role = args.role

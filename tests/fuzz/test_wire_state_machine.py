@@ -221,7 +221,7 @@ class WireMachine(RuleBasedStateMachine):
         available = self.client.available
         if size == 0 or size > limit or not fits:
             try:
-                self.client.send_piece(H, 0, 0, size)
+                self.client.send_piece(H, 0, 0, bytes(size))
             except LocalProtocolError as exc:
                 assert exc.code in (ErrorCode.FRAME_TOO_LARGE, ErrorCode.CREDIT_EXCEEDED)
                 refused = exc.code.value
@@ -232,8 +232,8 @@ class WireMachine(RuleBasedStateMachine):
             return
         index = self.next_index
         self.next_index += 1
-        rid, header = self.client.send_piece(H, index, index * 7, size)
-        body = payload(rid, size)
+        body = payload(self.client._last_request_id + 1, size)  # the id send_piece will use
+        rid, header = self.client.send_piece(H, index, index * 7, body)
         self.piece_data[rid] = body
         self.client_outstanding[rid] = (m.PieceAck, size)
         self.send("s", header + body)

@@ -60,6 +60,8 @@ class Receiver:
         assert self.start is not None
         if self.got < self.start.length:
             return False
+        if isinstance(self.target, Endpoint):  # as the shell does: the tag before any use
+            self.target.check_piece(self.start, self.body)
         events.append(PieceReceived(self.start, bytes(self.body)))
         self.start = None
         return True
@@ -89,6 +91,23 @@ class Receiver:
                 self.got = 0
                 continue
             events.append(event)
+
+
+def forge(sender: Endpoint, msg: m.ControlMessage, request_id: int = 0) -> bytes:
+    """A frame as ``sender`` would send it (tagged with its keys and next counter): how tests
+    inject frames an honest peer's protocol layer would never produce."""
+    return sender._frame(msg, request_id)
+
+
+def forge_piece_head(
+    sender: Endpoint, request_id: int, info_hash: str, index: int, offset: int, length: int
+) -> bytes:
+    """A piece frame's head (header, a zero tag, piece header) as ``sender`` would frame it,
+    without consuming its credit: for tests of checks made at the header, before the tag."""
+    from qbsync.wire.frames import HEADER_SIZE, encode_piece_header
+
+    head = encode_piece_header(request_id, info_hash, index, offset, length)
+    return head[:HEADER_SIZE] + bytes(16) + head[HEADER_SIZE:]
 
 
 def all_types_decoder(limit: int = 1 << 20, *, expect_magic: bool = False) -> FrameDecoder:

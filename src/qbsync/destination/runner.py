@@ -38,6 +38,8 @@ from .. import __version__, metrics
 from ..config import DestinationConfig, redacted
 from ..http import status as status_model
 from ..http.server import Health, serve_http
+from ..identity import IdentityError
+from ..identity.daemon import setup as identity_setup
 from ..integrations import systemd
 from ..integrations.arr import ArrSet
 from ..integrations.notify import Notifier
@@ -110,6 +112,8 @@ class Daemon:
         self.status_builder = status_model.StatusBuilder("destination")
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
+        # This destination's key and admission policy (raises IdentityError: main() reports it)
+        self.identity = identity_setup(config)
         if self.qb is not None:
             self.health.add_ready_check("qbittorrent", self.qb.ping)
         self.health.add_ready_check("listener", self._listener_up)
@@ -151,6 +155,7 @@ class Daemon:
         self, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[list[int]]
     ) -> None:
         config = self.config
+        identity, admission = self.identity
         ssl_context = (
             server_ssl_context(config.tls_cert, config.tls_key)
             if config.tls_cert is not None and config.tls_key is not None
@@ -161,6 +166,8 @@ class Daemon:
                 config.listen,
                 self.server,
                 token=config.auth_token or None,
+                identity=identity.key,
+                admission=admission,
                 ssl_context=ssl_context,
                 budget=self.budget,
                 hooks=metrics.WIRE_METRICS,
@@ -200,9 +207,9 @@ def _warn_unauthenticated(config: DestinationConfig) -> None:
         "event=auth_disabled reason=no_token listen=%s exposed=%s hint=%s",
         config.listen,
         str(exposed).lower(),
-        '"anyone who can reach the listener can add torrents under --data (never remove data '
-        "qbsync did not create); set --auth-token or --auth-token-file (generate one with: "
-        'openssl rand -hex 32)"',
+        '"the first source to connect is paired (trust on first use) and every other key '
+        "is refused from then on; pin the source with --peer-fingerprint, or set "
+        '--auth-token or --auth-token-file (generate one with: openssl rand -hex 32)"',
     )
 
 
@@ -232,7 +239,11 @@ async def main(config: DestinationConfig) -> int:
     except OSError as exc:
         log.error("event=startup_failed error=%s", json.dumps(f"cannot create --data: {exc}"))
         return 1
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except IdentityError as exc:
+        log.error("event=startup_failed code=identity error=%s", json.dumps(str(exc)))
+        return 2
     code = 0
     try:
         async with trio.open_nursery() as nursery:

@@ -37,12 +37,14 @@ from typing import Any, Protocol, TypeVar
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import metrics
 from ..log import kv
 from ..ratelimit import Backoff
 from ..wire.address import HostPort
 from ..wire.errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
+from ..wire.keys import Admission
 from ..wire.messages import PieceAck, RequestMessage
 from .codes import Code, SourceCode
 
@@ -483,14 +485,18 @@ def make_connector(
     ssl_context: ssl.SSLContext | None,
     server_hostname: str | None = None,
     connect_timeout: float = 10.0,
+    identity: Ed25519PrivateKey | None = None,
+    admission: Admission | None = None,
 ) -> Connector:
     """A :data:`Connector` opening real wire connections."""
-    from ..wire import open_connection
+    from ..wire import ADMIT_ANY, open_connection
 
     def connect() -> contextlib.AbstractAsyncContextManager[Connection]:
         return open_connection(
             addr,
             token=token,
+            identity=identity,
+            admission=admission if admission is not None else ADMIT_ANY,
             ssl_context=ssl_context,
             server_hostname=server_hostname,
             connect_timeout=connect_timeout,

@@ -32,6 +32,8 @@ from ..config import SourceConfig, redacted
 from ..http import status as status_model
 from ..http.server import Health, serve_http
 from ..http.status import StatusBuilder
+from ..identity import IdentityError
+from ..identity.daemon import setup as identity_setup
 from ..integrations import systemd
 from ..integrations.k8s import drain_decision, kube_source
 from ..integrations.notify import Notifier
@@ -51,6 +53,7 @@ log = logging.getLogger("qbsync.source.runner")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # the daemon cannot start as configured (one logged line says why)
 
 
 def run(config: SourceConfig) -> int:
@@ -73,7 +76,10 @@ async def _main(config: SourceConfig) -> int:
     if token is None:
         log.warning(
             "event=auth_disabled role=source reason=%s",
-            kv("no --auth-token/--auth-token-file: the destination must also run without one"),
+            kv(
+                "no --auth-token/--auth-token-file: the destination must also run without "
+                "one; keys are pinned on first use unless --peer-fingerprint is set"
+            ),
         )
     ssl_context = None
     if config.tls_ca is not None:
@@ -88,6 +94,11 @@ async def _main(config: SourceConfig) -> int:
     if config.dry_run:
         log.warning("event=dry_run_enabled reason=%s", kv("nothing is sent, tagged or deleted"))
     _check_state_dir(config.state_dir, config.dry_run)
+    try:
+        identity, admission = identity_setup(config)
+    except IdentityError as exc:
+        log.error("event=startup_failed code=identity error=%s", kv(str(exc)))
+        return EXIT_CONFIG
 
     health = Health()
     notifier = Notifier(config.notify_url, "source")
@@ -101,7 +112,13 @@ async def _main(config: SourceConfig) -> int:
     registry = Registry()
     reader = PieceReader()
     pool = ConnectionPool(
-        make_connector(config.destination_addr, token=token, ssl_context=ssl_context),
+        make_connector(
+            config.destination_addr,
+            token=token,
+            ssl_context=ssl_context,
+            identity=identity.key,
+            admission=admission,
+        ),
         address=str(config.destination_addr),
         min_connections=config.min_connections,
         max_connections=config.max_connections,

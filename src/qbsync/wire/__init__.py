@@ -3,7 +3,8 @@
 Layers (inner to outer): :mod:`.codec` (control messages <-> bytes, one cattrs converter),
 :mod:`.frames` (sans-IO framing and the incremental decoder), :mod:`.protocol` (sans-IO
 handshake, authentication, request ids and credit), then the Trio shell: :mod:`.transport`
-(TCP/TLS bytes), :mod:`.shell` (what both ends share), :mod:`.server` (:func:`serve`, the
+(TCP/TLS bytes), :mod:`.keys` (the handshake's signatures, key derivation and frame
+tags), :mod:`.shell` (what both ends share), :mod:`.server` (:func:`serve`, the
 destination), :mod:`.client` (:func:`open_connection`, the source), :mod:`.budget`
 (:class:`ByteBudget`), and :mod:`.tls` (contexts). :mod:`.hooks` is how the wire reports
 metrics without knowing them, :mod:`.address` its address type.
@@ -25,6 +26,7 @@ from .errors import (
     leaf_exceptions,
 )
 from .hooks import NO_HOOKS, WireHooks
+from .keys import ADMIT_ANY, Admission, PeerKey, fingerprint, new_identity
 from .messages import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -47,6 +49,7 @@ from .server import Peer, ServerHandler, serve
 from .tls import client_ssl_context, server_ssl_context
 
 __all__ = [
+    "ADMIT_ANY",
     "DEFAULT_MAX_PIECE",
     "DEFAULT_WINDOW",
     "MAX_CONTROL_FRAME",
@@ -56,6 +59,7 @@ __all__ = [
     "RETRYABLE",
     "Abort",
     "AbortResult",
+    "Admission",
     "ByteBudget",
     "ClientConnection",
     "ConnectionClosed",
@@ -68,6 +72,7 @@ __all__ = [
     "InitTorrent",
     "LocalProtocolError",
     "Peer",
+    "PeerKey",
     "Piece",
     "PieceAck",
     "Request",
@@ -79,7 +84,9 @@ __all__ = [
     "WireError",
     "WireHooks",
     "client_ssl_context",
+    "fingerprint",
     "leaf_exceptions",
+    "new_identity",
     "open_connection",
     "serve",
     "server_ssl_context",

@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from typing import TypeVar, cast
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import messages as m
 from .address import HostPort
 from .errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from .frames import PIECE_HEADER_SIZE
 from .hooks import NO_HOOKS, WireHooks
+from .keys import ADMIT_ANY, Admission
 from .protocol import CreditReceived, Endpoint, ProtocolEvent, Response, ResponseReceived
 from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, acquire, log
 from .transport import TRANSPORT_ERRORS, describe, tune_socket
@@ -80,6 +82,7 @@ class ClientConnection(BaseConnection):
         self._credit_lock = trio.Lock()  # FIFO among piece senders
         self._credit_event = trio.Event()
         self.version = 0
+        self.peer_fingerprint = ""  # the destination's identity key, once admitted
 
     # -- public state ----------------------------------------------------------------------
 
@@ -190,7 +193,7 @@ class ClientConnection(BaseConnection):
             try:
                 if self.closed:
                     raise self._closed_error()
-                rid, header = self._ep.send_piece(info_hash, index, offset, length)
+                rid, header = self._ep.send_piece(info_hash, index, offset, view)
                 self._waiters[rid] = waiter
                 try:
                     await self._tr.send_header_and_payload(header, view)
@@ -253,6 +256,8 @@ async def open_connection(
     addr: HostPort,
     *,
     token: str | None,
+    identity: Ed25519PrivateKey | None = None,
+    admission: Admission = ADMIT_ANY,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     connect_timeout: float = 10.0,
@@ -263,7 +268,9 @@ async def open_connection(
     """Connect to a destination, run TLS (if ``ssl_context``) and the handshake, and yield the
     connection; it is closed when the block exits.
 
-    ``connect_timeout`` bounds TCP connect + TLS + handshake together. Raises ``OSError`` if
+    ``identity`` is this source's Ed25519 key and ``admission`` decides whether the
+    destination's proven key is accepted (see :mod:`.keys`). ``connect_timeout`` bounds TCP
+    connect + TLS + handshake together. Raises ``OSError`` if
     the TCP connection fails, and :class:`WireError` for everything else (``auth-failed`` for
     a token mismatch or a failed TLS verification, ``unsupported-version``, ``timeout``, ...).
 
@@ -291,7 +298,13 @@ async def open_connection(
                     raise WireError(
                         ErrorCode.AUTH_FAILED, f"TLS handshake with {addr} failed: {describe(exc)}"
                     ) from None
-            endpoint = Endpoint(m.Role.SOURCE, token=token)
+            endpoint = Endpoint(
+                m.Role.SOURCE,
+                token=token,
+                identity=identity,
+                admission=admission,
+                peer_address=str(addr),
+            )
             conn = ClientConnection(
                 endpoint,
                 stream,
@@ -303,6 +316,7 @@ async def open_connection(
             remaining = max(cs.deadline - trio.current_time(), 0.0)
             done = await conn._handshake(remaining + 1.0)  # the outer deadline governs
             conn.version = done.version
+            conn.peer_fingerprint = done.peer_fingerprint
         if cs.cancelled_caught:
             raise WireError(
                 ErrorCode.TIMEOUT,

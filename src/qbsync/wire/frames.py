@@ -52,7 +52,7 @@ Decoder design (why it looks like this)
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import attrs
@@ -95,12 +95,15 @@ END_OF_STREAM: Final = Sentinel("END_OF_STREAM")
 
 @attrs.frozen
 class ControlFrame:
-    """A complete control frame. ``raw`` is the body as received, kept only for ``Hello``
-    frames (the handshake MACs cover both Hellos verbatim)."""
+    """A complete control frame. ``raw`` is the body as received, kept for ``Hello`` frames
+    (the handshake proofs cover both Hellos verbatim) and for tagged frames (the tag covers
+    ``header`` and the body); ``tag`` is empty for frames sent before the sender's Auth."""
 
     request_id: int
     message: m.ControlMessage
     raw: bytes = b""
+    header: bytes = b""
+    tag: bytes = b""
 
 
 @attrs.frozen
@@ -114,6 +117,12 @@ class PieceStart:
     index: int
     offset: int
     length: int
+    # Tagged connections: the 16-byte frame header plus the 48-byte piece header (the first
+    # bytes the tag covers; the payload follows), the tag, and the frame counter the protocol
+    # layer assigned (see ``Endpoint.check_piece``).
+    header: bytes = b""
+    tag: bytes = b""
+    counter: int = 0
 
 
 Event = ControlFrame | PieceStart | Sentinel
@@ -122,13 +131,18 @@ Event = ControlFrame | PieceStart | Sentinel
 # --- encoders -------------------------------------------------------------------------------
 
 
-def encode_frame(type_code: int, request_id: int, body: bytes) -> bytes:
-    """Header plus body in one ``bytes`` (for control frames, which are small)."""
+def frame_header(type_code: int, request_id: int, length: int) -> bytes:
+    """The 16-byte header of a frame with a ``length``-byte body."""
     if not 0 <= request_id <= MAX_REQUEST_ID:
         raise LocalProtocolError(ErrorCode.PROTOCOL, f"request id {request_id} out of range")
-    if len(body) > MAX_FRAME_LENGTH:
-        raise LocalProtocolError(ErrorCode.FRAME_TOO_LARGE, f"body of {len(body)} bytes")
-    return HEADER.pack(len(body), type_code, 0, 0, request_id) + body
+    if length > MAX_FRAME_LENGTH:
+        raise LocalProtocolError(ErrorCode.FRAME_TOO_LARGE, f"body of {length} bytes")
+    return HEADER.pack(length, type_code, 0, 0, request_id)
+
+
+def encode_frame(type_code: int, request_id: int, body: bytes) -> bytes:
+    """Header plus body in one ``bytes`` (for control frames, which are small)."""
+    return frame_header(type_code, request_id, len(body)) + body
 
 
 def encode_control(msg: m.ControlMessage, request_id: int = 0) -> bytes:
@@ -191,6 +205,15 @@ class FrameDecoder:
         self._error: WireError | None = None
         self._state = _MAGIC_STATE if expect_magic else _HEADER_STATE
         self._limits: dict[int, int] = dict(limits)
+        # Bytes of tag between each header and its body (0 until the peer's Auth, then 16);
+        # set by the protocol layer at a frame boundary, like the limits.
+        self.tag_size = 0
+        # Verifies a control frame's tag before its body is decoded (nothing an attacker on
+        # the path injects is ever parsed); raises WireError. Pieces are checked by the shell
+        # once their payload is in (``Endpoint.check_piece``).
+        self.check_tag: Callable[[bytes, bytes, bytes], None] | None = None
+        self._header = b""
+        self._tag = b""
         # current frame
         self._type = 0
         self._request_id = 0
@@ -246,7 +269,7 @@ class FrameDecoder:
         """How many more bytes complete the current step (a read-size hint for the shell)."""
         need = {
             _MAGIC_STATE: len(MAGIC),
-            _HEADER_STATE: HEADER_SIZE,
+            _HEADER_STATE: HEADER_SIZE + self.tag_size,
             _CONTROL_BODY: self._length,
             _PIECE_HEADER_STATE: PIECE_HEADER_SIZE,
         }.get(self._state)
@@ -331,13 +354,17 @@ class FrameDecoder:
                 self._state = _HEADER_STATE
                 continue
             if state == _HEADER_STATE:
-                if avail < HEADER_SIZE:
+                tagged = HEADER_SIZE + self.tag_size
+                if avail < tagged:
                     return self._need(avail)
                 length, type_code, flags, reserved, request_id = HEADER.unpack_from(
                     self._buf, self._pos
                 )
                 self._check_header(length, type_code, flags, reserved)
-                self._consume(HEADER_SIZE)
+                if self.tag_size:
+                    self._header = bytes(self._buf[self._pos : self._pos + HEADER_SIZE])
+                    self._tag = bytes(self._buf[self._pos + HEADER_SIZE : self._pos + tagged])
+                self._consume(tagged)
                 self._type, self._length, self._request_id = type_code, length, request_id
                 self._state = _PIECE_HEADER_STATE if type_code == codec.PIECE else _CONTROL_BODY
                 continue
@@ -347,7 +374,11 @@ class FrameDecoder:
                 body = bytes(self._buf[self._pos : self._pos + self._length])
                 self._consume(self._length)
                 self._state = _HEADER_STATE
+                if self.tag_size and self.check_tag is not None:
+                    self.check_tag(self._header, body, self._tag)
                 msg = codec.decode_message(self._type, body)
+                if self.tag_size:
+                    return ControlFrame(self._request_id, msg, body, self._header, self._tag)
                 raw = body if self._type == codec.HELLO else b""
                 return ControlFrame(self._request_id, msg, raw)
             # _PIECE_HEADER_STATE
@@ -356,11 +387,20 @@ class FrameDecoder:
             hash_len, zero, raw_hash, index, offset = PIECE_HEADER.unpack_from(self._buf, self._pos)
             if hash_len not in (20, 32) or zero != _ZERO3 or any(raw_hash[hash_len:]):
                 raise WireError(ErrorCode.PROTOCOL, "malformed piece header")
+            covered = b""
+            if self.tag_size:
+                covered = self._header + bytes(self._buf[self._pos : self._pos + PIECE_HEADER_SIZE])
             self._consume(PIECE_HEADER_SIZE)
             self._remaining = self._length - PIECE_HEADER_SIZE
             self._state = _PIECE_BODY if self._remaining else _HEADER_STATE
             return PieceStart(
-                self._request_id, raw_hash[:hash_len].hex(), index, offset, self._remaining
+                self._request_id,
+                raw_hash[:hash_len].hex(),
+                index,
+                offset,
+                self._remaining,
+                covered,
+                self._tag if self.tag_size else b"",
             )
 
     def _check_header(self, length: int, type_code: int, flags: int, reserved: int) -> None:
