@@ -132,6 +132,7 @@ class CleanupResult:
     groups_ok: int = 0
     groups_failed: int = 0
     groups_skipped: int = 0
+    deferred: bool = False  # stopped early: no authenticated destination connection
 
 
 class Cleanup:
@@ -151,6 +152,7 @@ class Cleanup:
         exclude_cleanup_tag: str,
         dry_run: bool,
         syncing: Callable[[str], bool] = lambda h: False,
+        destination_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.qb = qb
         self.request = request  # ConnectionPool.request
@@ -163,6 +165,10 @@ class Cleanup:
         self.exclude_cleanup_tag = exclude_cleanup_tag
         self.dry_run = dry_run
         self.syncing = syncing  # a torrent being (re-)synced is never a candidate
+        # Whether an authenticated destination connection is up right now. A torrent is
+        # stopped for a hand-off only then: stopping it and waiting for a destination that
+        # is away (or an impostor that fails the handshake) only takes it off the swarm.
+        self.destination_ready = destination_ready
         self._lock = trio.Lock()  # at most one pass (cleanup or drain) at a time
 
     async def run_pass(
@@ -206,6 +212,15 @@ class Cleanup:
                     result.groups_skipped += 1
                     metrics.cleanup_groups.labels("skipped_seeding").inc()
                     continue
+                if not self.destination_ready():
+                    result.deferred = True
+                    log.warning(
+                        "event=cleanup_deferred draining=%s reason=no_authenticated_destination "
+                        "note=%s",
+                        str(draining).lower(),
+                        kv("no torrent is stopped until the destination is connected"),
+                    )
+                    break
                 ok = True
                 for c in group.members:
                     if await self._handoff(c):
@@ -279,6 +294,9 @@ class Cleanup:
         if self.dry_run:
             log.info("event=dry_run action=handoff hash=%s name=%s", h, kv(c.name))
             return True
+        if not self.destination_ready():  # the connection dropped during this pass
+            log.warning("event=handoff_deferred hash=%s reason=no_authenticated_destination", h)
+            return False
         try:
             await self.qb.stop(h)
         except QBError as exc:

@@ -215,6 +215,7 @@ class Orchestrator:
             exclude_cleanup_tag=config.exclude_cleanup_tag,
             dry_run=config.dry_run,
             syncing=lambda h: h in self.registry,  # being (re-)synced: never handed off
+            destination_ready=lambda: pool.connected > 0,  # authenticated connections only
         )
         monitor.on_update = self.on_update
         monitor.on_removed = self.on_removed
