@@ -591,8 +591,8 @@ async def test_credit_violation_is_refused_before_the_body() -> None:
             ep = await raw_handshake(stream, "s3cret")
             # Legal: a first piece when all credit is available. Then one more piece with the
             # credit still consumed: a violation, refused at its header.
-            rid, header = ep.send_piece(H1, 0, 0, bytes(900))
-            await stream.send_all(header + bytes(900))
+            rid, frame = ep.piece_frame(H1, 0, 0, bytes(900))
+            await stream.send_all(frame)
             await stream.send_all(forge_piece_head(ep, rid + 1, H1, 1, 0, 500))
             replies = decode_all(await read_until_eof(stream), expect_magic=False)
             assert replies[-1].code == ErrorCode.CREDIT_EXCEEDED
@@ -669,7 +669,7 @@ async def test_client_that_closes_mid_piece_leaves_the_server_intact() -> None:
         async with running_server() as (port, handler, budget):
             stream = await trio.open_tcp_stream(LOCAL, port)
             ep = await raw_handshake(stream, "s3cret")
-            _, header = ep.send_piece(H1, 0, 0, bytes(100_000))
+            _, header, _ = ep.send_piece(H1, 0, 0, 100_000)
             await stream.send_all(header + bytes(30_000))
             await stream.aclose()
             async with connect(port) as conn:

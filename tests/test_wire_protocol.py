@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attrs
@@ -388,10 +389,10 @@ def test_server_refuses_wrong_answers_locally() -> None:
 
 def test_pieces_consume_and_return_credit() -> None:
     pair = Pair(window=1000).open()
-    rid, header = pair.client.send_piece(H1, 7, 70, b"p" * 600)
+    rid, frame = pair.client.piece_frame(H1, 7, 70, b"p" * 600)
     assert pair.client.available == 400 and pair.client.inflight_bytes == 600
     assert not pair.client.piece_fits(401) and pair.client.piece_fits(400)
-    pair.to_server += header + b"p" * 600
+    pair.to_server += frame
     pair.pump()
     assert pair.server_events[-1] == PieceReceived(pair.server_events[-1].start, b"p" * 600)
     assert pair.server.available == 400
@@ -409,9 +410,9 @@ def test_pieces_consume_and_return_credit() -> None:
 def test_piece_larger_than_the_window_needs_an_empty_pipe() -> None:
     pair = Pair(window=1000, max_piece=5000).open()
     assert pair.client.piece_fits(5000)  # nothing in flight: allowed
-    rid, header = pair.client.send_piece(H1, 0, 0, bytes(3000))
+    rid, frame = pair.client.piece_frame(H1, 0, 0, bytes(3000))
     assert pair.client.available == -2000 and not pair.client.piece_fits(1)
-    pair.to_server += header + bytes(3000)
+    pair.to_server += frame
     pair.pump()
     assert pair.server.available == -2000
     pair.to_client += pair.server.send_response(rid, m.PieceAck(H1, 0))
@@ -422,8 +423,8 @@ def test_piece_larger_than_the_window_needs_an_empty_pipe() -> None:
 
 def test_credit_violation_is_detected_at_the_header() -> None:
     pair = Pair(window=1000).open()
-    rid, header = pair.client.send_piece(H1, 0, 0, bytes(900))
-    pair.to_server += header + bytes(900)
+    rid, frame = pair.client.piece_frame(H1, 0, 0, bytes(900))
+    pair.to_server += frame
     pair.pump()
     pair.server.receive_data(forge_piece_head(pair.client, rid + 1, H1, 1, 0, 101))
     with pytest.raises(WireError) as err:
@@ -435,16 +436,16 @@ def test_credit_violation_is_detected_at_the_header() -> None:
 def test_local_credit_and_size_checks() -> None:
     pair = Pair(window=1000, max_piece=2000).open()
     with pytest.raises(LocalProtocolError) as err:
-        pair.client.send_piece(H1, 0, 0, bytes(2001))
+        pair.client.send_piece(H1, 0, 0, 2001)
     assert err.value.code == ErrorCode.FRAME_TOO_LARGE
     with pytest.raises(LocalProtocolError):
-        pair.client.send_piece(H1, 0, 0, bytes(0))
-    pair.client.send_piece(H1, 0, 0, bytes(800))
+        pair.client.send_piece(H1, 0, 0, 0)
+    pair.client.send_piece(H1, 0, 0, 800)
     with pytest.raises(LocalProtocolError) as err:
-        pair.client.send_piece(H1, 1, 0, bytes(201))
+        pair.client.send_piece(H1, 1, 0, 201)
     assert err.value.code == ErrorCode.CREDIT_EXCEEDED
     with pytest.raises(LocalProtocolError):
-        pair.client.send_piece("bad", 1, 0, bytes(1))
+        pair.client.send_piece("bad", 1, 0, 1)
     assert pair.client.available == 200  # a refused piece consumes nothing
 
 
@@ -485,7 +486,7 @@ def test_destination_refuses_violations(frames: Any, code: ErrorCode) -> None:
     assert pair.server.state == State.CLOSED
     fatal = pair.server.data_to_send()  # the Error frame telling the source why
     # (tagged: the destination has sent its Auth)
-    assert codec.decode_message(codec.ERROR, fatal[32:]) == m.Error(code, str(err.value.message))
+    assert codec.decode_message(codec.ERROR, fatal[16:-16]) == m.Error(code, str(err.value.message))
 
 
 @pytest.mark.parametrize(
@@ -506,7 +507,7 @@ def test_destination_refuses_violations(frames: Any, code: ErrorCode) -> None:
 def test_source_refuses_violations(frame: Any, why: str) -> None:
     pair = Pair(window=1000).open()
     pair.client.send_request(m.InitTorrent(H1))
-    pair.client.send_piece(H1, 0, 0, bytes(10))
+    pair.client.send_piece(H1, 0, 0, 10)
     pair.client.receive_data(frame(pair.server))
     with pytest.raises(WireError) as err:
         pair.client.next_event()
@@ -539,7 +540,7 @@ def test_role_misuse_is_local() -> None:
     with pytest.raises(LocalProtocolError):
         pair.server.send_request(m.Abort(H1))
     with pytest.raises(LocalProtocolError):
-        pair.server.send_piece(H1, 0, 0, bytes(1))
+        pair.server.send_piece(H1, 0, 0, 1)
     with pytest.raises(LocalProtocolError):
         pair.client.send_response(1, m.AbortResult(True))
     with pytest.raises(LocalProtocolError):
@@ -582,3 +583,18 @@ def test_control_frames_are_limited_per_type_at_the_header(type_code: int, lengt
     assert err.value.code == ErrorCode.FRAME_TOO_LARGE
     assert pair.server.decoder.buffered <= HEADER.size + 16  # the header and tag, nothing more
     assert pair.server.state == State.CLOSED
+
+
+@pytest.mark.parametrize("flip", [64, 64 + 300, -1])  # a piece-header byte, payload, tag
+def test_an_altered_piece_is_refused_before_use(flip: int) -> None:
+    pair = Pair(window=1000).open()
+    _, frame = pair.client.piece_frame(H1, 3, 30, os.urandom(600))
+    altered = bytearray(frame)
+    altered[flip] ^= 1
+    pair.to_server += altered
+    with pytest.raises(WireError) as err:
+        pair.pump()
+    assert err.value.code in (ErrorCode.BAD_TAG, ErrorCode.PROTOCOL)
+    assert not [e for e in pair.server_events if isinstance(e, PieceReceived)]
+    if flip != 64:  # (the first piece-header byte is the hash length: refused at the header)
+        assert err.value.code == ErrorCode.BAD_TAG

@@ -221,7 +221,7 @@ class WireMachine(RuleBasedStateMachine):
         available = self.client.available
         if size == 0 or size > limit or not fits:
             try:
-                self.client.send_piece(H, 0, 0, bytes(size))
+                self.client.send_piece(H, 0, 0, size)
             except LocalProtocolError as exc:
                 assert exc.code in (ErrorCode.FRAME_TOO_LARGE, ErrorCode.CREDIT_EXCEEDED)
                 refused = exc.code.value
@@ -233,10 +233,10 @@ class WireMachine(RuleBasedStateMachine):
         index = self.next_index
         self.next_index += 1
         body = payload(self.client._last_request_id + 1, size)  # the id send_piece will use
-        rid, header = self.client.send_piece(H, index, index * 7, body)
+        rid, frame = self.client.piece_frame(H, index, index * 7, body)
         self.piece_data[rid] = body
         self.client_outstanding[rid] = (m.PieceAck, size)
-        self.send("s", header + body)
+        self.send("s", frame)
 
     @precondition(lambda self: self.server.state == State.OPEN and self.server_requests)
     @rule(data=st.data(), fail=st.booleans())

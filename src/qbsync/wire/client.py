@@ -26,6 +26,9 @@ from .protocol import CreditReceived, Endpoint, ProtocolEvent, Response, Respons
 from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, acquire, log
 from .transport import TRANSPORT_ERRORS, describe, tune_socket
 
+# Piece payload bytes tagged and written per step (see ClientConnection.send_piece).
+TAG_CHUNK = 1024 * 1024
+
 
 class _Waiter:
     """Where the receive loop leaves the answer (or the failure) for one request or piece."""
@@ -193,10 +196,18 @@ class ClientConnection(BaseConnection):
             try:
                 if self.closed:
                     raise self._closed_error()
-                rid, header = self._ep.send_piece(info_hash, index, offset, view)
+                rid, header, tag = self._ep.send_piece(info_hash, index, offset, length)
                 self._waiters[rid] = waiter
                 try:
-                    await self._tr.send_header_and_payload(header, view)
+                    # The tag is computed chunk by chunk just before each chunk is written:
+                    # the bytes are cache-hot for the write, and the kernel keeps sending the
+                    # previous chunk meanwhile (the link never idles for a whole-piece pass).
+                    for start in range(0, length, TAG_CHUNK):
+                        chunk = view[start : start + TAG_CHUNK]
+                        tag.update(chunk)
+                        await self._tr.send_header_and_payload(header, chunk)
+                        header = b""
+                    await self._tr.send_all(tag.finalize())
                 except BaseException as exc:
                     self._waiters.pop(rid, None)
                     if isinstance(exc, TRANSPORT_ERRORS):

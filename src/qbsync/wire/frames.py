@@ -7,6 +7,9 @@ and the encoders return bytes for the caller to write.
 Wire layout
 -----------
 
+After a side's ``Auth`` every frame it sends is followed by a 16-byte tag (not counted in
+``length``; see :mod:`.keys` and :attr:`FrameDecoder.tag_size`).
+
 Each side first sends the 8-byte :data:`MAGIC` (PNG-style: a high-bit byte, so 7-bit
 channels, ``\\r\\n`` translation and HTTP clients are caught on the very first read). Then
 frames::
@@ -96,8 +99,10 @@ END_OF_STREAM: Final = Sentinel("END_OF_STREAM")
 @attrs.frozen
 class ControlFrame:
     """A complete control frame. ``raw`` is the body as received, kept for ``Hello`` frames
-    (the handshake proofs cover both Hellos verbatim) and for tagged frames (the tag covers
-    ``header`` and the body); ``tag`` is empty for frames sent before the sender's Auth."""
+    (the handshake proofs cover both Hellos verbatim) and for tagged frames (the tag, which
+    follows the body on the wire, covers ``header`` and the body; the decoder has checked it
+    through ``check_tag`` before decoding). ``tag`` is empty for frames sent before the
+    sender's Auth."""
 
     request_id: int
     message: m.ControlMessage
@@ -118,10 +123,10 @@ class PieceStart:
     offset: int
     length: int
     # Tagged connections: the 16-byte frame header plus the 48-byte piece header (the first
-    # bytes the tag covers; the payload follows), the tag, and the frame counter the protocol
-    # layer assigned (see ``Endpoint.check_piece``).
+    # bytes the tag covers; the payload follows, then the 16-byte tag, which the shell reads
+    # after the payload), and the frame counter the protocol layer assigned (see
+    # ``Endpoint.piece_mac``).
     header: bytes = b""
-    tag: bytes = b""
     counter: int = 0
 
 
@@ -205,7 +210,7 @@ class FrameDecoder:
         self._error: WireError | None = None
         self._state = _MAGIC_STATE if expect_magic else _HEADER_STATE
         self._limits: dict[int, int] = dict(limits)
-        # Bytes of tag between each header and its body (0 until the peer's Auth, then 16);
+        # Bytes of tag after each frame's body (0 until the peer's Auth, then 16);
         # set by the protocol layer at a frame boundary, like the limits.
         self.tag_size = 0
         # Verifies a control frame's tag before its body is decoded (nothing an attacker on
@@ -213,7 +218,6 @@ class FrameDecoder:
         # once their payload is in (``Endpoint.check_piece``).
         self.check_tag: Callable[[bytes, bytes, bytes], None] | None = None
         self._header = b""
-        self._tag = b""
         # current frame
         self._type = 0
         self._request_id = 0
@@ -269,8 +273,8 @@ class FrameDecoder:
         """How many more bytes complete the current step (a read-size hint for the shell)."""
         need = {
             _MAGIC_STATE: len(MAGIC),
-            _HEADER_STATE: HEADER_SIZE + self.tag_size,
-            _CONTROL_BODY: self._length,
+            _HEADER_STATE: HEADER_SIZE,
+            _CONTROL_BODY: self._length + self.tag_size,
             _PIECE_HEADER_STATE: PIECE_HEADER_SIZE,
         }.get(self._state)
         if need is None:
@@ -354,8 +358,7 @@ class FrameDecoder:
                 self._state = _HEADER_STATE
                 continue
             if state == _HEADER_STATE:
-                tagged = HEADER_SIZE + self.tag_size
-                if avail < tagged:
+                if avail < HEADER_SIZE:
                     return self._need(avail)
                 length, type_code, flags, reserved, request_id = HEADER.unpack_from(
                     self._buf, self._pos
@@ -363,22 +366,23 @@ class FrameDecoder:
                 self._check_header(length, type_code, flags, reserved)
                 if self.tag_size:
                     self._header = bytes(self._buf[self._pos : self._pos + HEADER_SIZE])
-                    self._tag = bytes(self._buf[self._pos + HEADER_SIZE : self._pos + tagged])
-                self._consume(tagged)
+                self._consume(HEADER_SIZE)
                 self._type, self._length, self._request_id = type_code, length, request_id
                 self._state = _PIECE_HEADER_STATE if type_code == codec.PIECE else _CONTROL_BODY
                 continue
             if state == _CONTROL_BODY:
-                if avail < self._length:
+                tagged = self._length + self.tag_size  # a tagged frame's tag follows its body
+                if avail < tagged:
                     return self._need(avail)
                 body = bytes(self._buf[self._pos : self._pos + self._length])
-                self._consume(self._length)
+                tag = bytes(self._buf[self._pos + self._length : self._pos + tagged])
+                self._consume(tagged)
                 self._state = _HEADER_STATE
                 if self.tag_size and self.check_tag is not None:
-                    self.check_tag(self._header, body, self._tag)
+                    self.check_tag(self._header, body, tag)
                 msg = codec.decode_message(self._type, body)
                 if self.tag_size:
-                    return ControlFrame(self._request_id, msg, body, self._header, self._tag)
+                    return ControlFrame(self._request_id, msg, body, self._header, tag)
                 raw = body if self._type == codec.HELLO else b""
                 return ControlFrame(self._request_id, msg, raw)
             # _PIECE_HEADER_STATE
@@ -391,16 +395,13 @@ class FrameDecoder:
             if self.tag_size:
                 covered = self._header + bytes(self._buf[self._pos : self._pos + PIECE_HEADER_SIZE])
             self._consume(PIECE_HEADER_SIZE)
-            self._remaining = self._length - PIECE_HEADER_SIZE
+            payload = self._length - PIECE_HEADER_SIZE
+            # The "body" the shell takes is the payload and then, on a tagged connection, the
+            # 16-byte tag that follows it (PieceStart.length counts the payload only).
+            self._remaining = payload + self.tag_size
             self._state = _PIECE_BODY if self._remaining else _HEADER_STATE
             return PieceStart(
-                self._request_id,
-                raw_hash[:hash_len].hex(),
-                index,
-                offset,
-                self._remaining,
-                covered,
-                self._tag if self.tag_size else b"",
+                self._request_id, raw_hash[:hash_len].hex(), index, offset, payload, covered
             )
 
     def _check_header(self, length: int, type_code: int, flags: int, reserved: int) -> None:

@@ -145,11 +145,12 @@ class FrameMac:
     """Tags for one direction of a connection: ``tag(counter, parts)`` is exactly
     ``ChaCha20Poly1305(key).encrypt(frame_nonce(counter), b"", b"".join(parts))``.
 
-    For long frames the same tag is computed without joining (and so without copying a
-    16 MiB piece): ChaCha20-Poly1305 of an empty plaintext is, by RFC 8439 section 2.8,
-    Poly1305 keyed with the first 32 bytes of the ChaCha20 block for (key, counter 0, nonce)
-    over ``aad || zero pad to 16 || le64(len(aad)) || le64(0)``. Both paths use the library's
-    primitives; ``tests/test_wire_keys.py`` checks them against each other.
+    For long frames the same tag is computed part by part (:meth:`begin`), so a 16 MiB piece
+    is never joined into a copy and can be fed as it is written or received: ChaCha20-Poly1305
+    of an empty plaintext is, by RFC 8439 section 2.8, Poly1305 keyed with the first 32 bytes
+    of the ChaCha20 block for (key, block counter 0, nonce) over ``aad || zero pad to 16 ||
+    le64(len(aad)) || le64(0)``. Both paths use the library's primitives;
+    ``tests/test_pairing.py`` checks them against each other.
     """
 
     __slots__ = ("_aead", "_key")
@@ -158,25 +159,49 @@ class FrameMac:
         self._key = key
         self._aead = ChaCha20Poly1305(key)
 
+    def begin(self, counter: int) -> IncrementalTag:
+        """An incremental tag for frame ``counter``: feed the parts, then :meth:`finalize`."""
+        nonce = frame_nonce(counter)
+        block = Cipher(algorithms.ChaCha20(self._key, b"\0\0\0\0" + nonce), mode=None)
+        return IncrementalTag(block.encryptor().update(bytes(32)))
+
     def tag(self, counter: int, parts: Sequence[bytes | bytearray | memoryview]) -> bytes:
         total = sum(len(p) for p in parts)
-        nonce = frame_nonce(counter)
         if total <= _JOIN_MAX:
-            return self._aead.encrypt(nonce, b"", b"".join(parts))
-        block = Cipher(algorithms.ChaCha20(self._key, b"\0\0\0\0" + nonce), mode=None)
-        one_time_key = block.encryptor().update(bytes(32))
-        poly = Poly1305(one_time_key)
+            return self._aead.encrypt(frame_nonce(counter), b"", b"".join(parts))
+        inc = self.begin(counter)
         for part in parts:
-            poly.update(part)
-        if total % 16:
-            poly.update(_ZERO16[: 16 - total % 16])
-        poly.update(struct.pack("<QQ", total, 0))
-        return poly.finalize()
+            inc.update(part)
+        return inc.finalize()
 
     def check(
         self, counter: int, parts: Sequence[bytes | bytearray | memoryview], tag: bytes
     ) -> bool:
         return hmac.compare_digest(self.tag(counter, parts), tag)
+
+
+class IncrementalTag:
+    """One frame's tag, fed in order (see :class:`FrameMac`)."""
+
+    __slots__ = ("_poly", "_total")
+
+    def __init__(self, one_time_key: bytes) -> None:
+        self._poly = Poly1305(one_time_key)
+        self._total = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._poly.update(data)
+        self._total += len(data) if not isinstance(data, memoryview) else data.nbytes
+
+    def finalize(self) -> bytes:
+        total = self._total
+        if total % 16:
+            self._poly.update(_ZERO16[: 16 - total % 16])
+        self._poly.update(struct.pack("<QQ", total, 0))
+        return self._poly.finalize()
+
+    def verify(self, tag: bytes) -> bool:
+        return hmac.compare_digest(self.finalize(), tag)
 
 
 @attrs.frozen

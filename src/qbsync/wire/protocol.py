@@ -25,7 +25,7 @@ Handshake (protocol 2; the exact bytes are in docs/wire-protocol.md, "Handshake"
 * A proven key is then admitted or refused by the injected :class:`~.keys.Admission` (pins,
   ``--peer-fingerprint``, trust on first use: ``qbsync.identity``) before anything else
   happens; refused keys get ``unknown-peer``.
-* From its own ``Auth`` on, each side appends a 16-byte tag to every frame header: the
+* From its own ``Auth`` on, each side follows every frame with a 16-byte tag: the
   ChaCha20-Poly1305 tag over header and body, with per-direction keys derived from the X25519
   exchange and a per-direction frame counter as nonce (:class:`~.keys.FrameMac`). So an
   attacker on the path cannot inject, drop, reorder or alter a frame after an honest
@@ -59,7 +59,7 @@ from __future__ import annotations
 import enum
 import hmac
 import secrets
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -71,7 +71,6 @@ from . import messages as m
 from .errors import ConnectionClosed, ErrorCode, LocalProtocolError, WireError
 from .frames import (
     END_OF_STREAM,
-    HEADER_SIZE,
     MAGIC,
     NEED_DATA,
     PIECE_HEADER_SIZE,
@@ -335,7 +334,7 @@ class Endpoint:
         assert self._send_mac is not None
         tag = self._send_mac.tag(self._send_counter, (header, body))
         self._send_counter += 1
-        return header + tag + body
+        return header + body + tag
 
     def _check_tag(self, header: bytes, body: bytes, tag: bytes) -> None:
         """The decoder's check of the next received control frame's tag, before the body is
@@ -619,25 +618,44 @@ class Endpoint:
         self._outstanding[start.request_id] = _Outstanding(
             m.Piece, start.info_hash, start.index, start.length
         )
-        if start.tag:  # the frame counter is taken now, in stream order; checked after the body
+        if self._recv_mac is not None and start.header:  # counted now, in stream order
             start = attrs.evolve(start, counter=self._recv_counter)
             self._recv_counter += 1
         return start
 
-    def check_piece(self, start: PieceStart, payload: bytes | bytearray | memoryview) -> None:
-        """Destination: verify a piece's tag once its whole payload has been received, before
-        anything uses it. Raises ``WireError(bad-tag)`` after queueing the Error frame for the
-        peer (send :meth:`data_to_send`, then close), like :meth:`next_event`."""
-        if self._recv_mac is not None and start.tag:
-            if self._recv_mac.check(start.counter, (start.header, payload), start.tag):
-                return
-            exc = WireError(
-                ErrorCode.BAD_TAG,
-                f"piece {start.index} (frame {start.counter}) from the {self.peer_name} failed "
-                "its tag check (altered or injected on the path)",
+    def piece_mac(self, start: PieceStart) -> k.IncrementalTag:
+        """Destination: the tag of a piece being received, already fed its headers: feed it
+        the payload as it arrives, then :meth:`check_piece_tag` with the 16 bytes that follow
+        the payload. Raises ``bad-tag`` for a piece on an untagged connection."""
+        if self._recv_mac is None or not start.header:
+            self._fail_with(WireError(ErrorCode.BAD_TAG, "piece without a tag"))
+        assert self._recv_mac is not None
+        mac = self._recv_mac.begin(start.counter)
+        mac.update(start.header)
+        return mac
+
+    def check_piece_tag(self, start: PieceStart, mac: k.IncrementalTag, tag: bytes) -> None:
+        """Destination: verify a piece's tag once its whole payload has been fed to ``mac``,
+        before anything uses the piece. Raises ``WireError(bad-tag)`` after queueing the Error
+        frame for the peer (send :meth:`data_to_send`, then close), like :meth:`next_event`."""
+        if not mac.verify(tag):
+            self._fail_with(
+                WireError(
+                    ErrorCode.BAD_TAG,
+                    f"piece {start.index} (frame {start.counter}) from the {self.peer_name} "
+                    "failed its tag check (altered or injected on the path)",
+                )
             )
-        else:
-            exc = WireError(ErrorCode.BAD_TAG, "piece without a tag")
+
+    def check_piece(
+        self, start: PieceStart, payload: bytes | bytearray | memoryview, tag: bytes
+    ) -> None:
+        """:meth:`piece_mac` and :meth:`check_piece_tag` in one call (a payload in one buffer)."""
+        mac = self.piece_mac(start)
+        mac.update(payload)
+        self.check_piece_tag(start, mac, tag)
+
+    def _fail_with(self, exc: WireError) -> NoReturn:
         self._fail(exc)
         raise exc
 
@@ -686,15 +704,15 @@ class Endpoint:
         return length <= self.available or self.available == self.window
 
     def send_piece(
-        self, info_hash: str, index: int, offset: int, payload: bytes | bytearray | memoryview
-    ) -> tuple[int, bytes]:
-        """Source: consume credit and return ``(request id, head)``; the caller writes
-        ``payload`` right after ``head`` (frame header, tag, piece header: 80 bytes). The tag
-        covers the payload, which is read once here and never copied."""
+        self, info_hash: str, index: int, offset: int, length: int
+    ) -> tuple[int, bytes, k.IncrementalTag]:
+        """Source: consume credit and return ``(request id, head, tag)``. The caller writes
+        ``head`` (frame and piece header, 64 bytes), then the ``length`` payload bytes while
+        feeding each to ``tag`` (the payload is read once, as it is written, never copied),
+        then ``tag.finalize()`` (16 bytes)."""
         self._require_open()
         if not self.is_client:
             raise LocalProtocolError(ErrorCode.PROTOCOL, "only a source sends pieces")
-        length = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
         if not 0 < length <= self.max_frame - PIECE_HEADER_SIZE:
             raise LocalProtocolError(
                 ErrorCode.FRAME_TOO_LARGE,
@@ -707,15 +725,25 @@ class Endpoint:
                 f"piece of {length} bytes with {self.available} bytes of credit",
             )
         rid = self._last_request_id + 1
-        header = encode_piece_header(rid, info_hash, index, offset, length)
+        head = encode_piece_header(rid, info_hash, index, offset, length)
         assert self._send_mac is not None and self._sending_tagged
-        tag = self._send_mac.tag(self._send_counter, (header, payload))
+        tag = self._send_mac.begin(self._send_counter)
+        tag.update(head)
         self._send_counter += 1
         self._last_request_id = rid
         self.available -= length
         self.inflight_bytes += length
         self._outstanding[rid] = _Outstanding(m.Piece, info_hash, index, length)
-        return rid, header[:HEADER_SIZE] + tag + header[HEADER_SIZE:]
+        return rid, head, tag
+
+    def piece_frame(
+        self, info_hash: str, index: int, offset: int, payload: bytes | bytearray | memoryview
+    ) -> tuple[int, bytes]:
+        """Source: :meth:`send_piece` for a payload in one buffer: ``(request id, the whole
+        frame)`` (a copy of the payload: for tests and small pieces)."""
+        rid, head, tag = self.send_piece(info_hash, index, offset, len(payload))
+        tag.update(payload)
+        return rid, head + bytes(payload) + tag.finalize()
 
     # -- output: destination ---------------------------------------------------------------
 
