@@ -584,6 +584,24 @@ async def test_protocol_violation_after_auth_is_reported_and_contained() -> None
     assert counter(metrics.wire_protocol_errors, "unknown-type") >= before + 1
 
 
+async def test_an_altered_piece_is_refused_and_never_handled() -> None:
+    """An attacker on the path flips one payload byte of an authenticated source's piece: the
+    tag fails, the destination answers ``bad-tag`` and closes, the handler never sees it, and
+    the piece's budget charge is returned."""
+    with trio.fail_after(20):
+        async with running_server() as (port, handler, budget):
+            stream = await trio.open_tcp_stream(LOCAL, port)
+            ep = await raw_handshake(stream, "s3cret")
+            _, frame = ep.piece_frame(H1, 0, 0, bytes(300_000))
+            altered = bytearray(frame)
+            altered[100_000] ^= 0x40
+            await stream.send_all(altered)
+            replies = decode_all(await read_until_eof(stream), expect_magic=False)
+            assert replies[-1].code == ErrorCode.BAD_TAG
+            assert handler.pieces == []
+            await wait_for(lambda: budget.used == 0)
+
+
 async def test_credit_violation_is_refused_before_the_body() -> None:
     with trio.fail_after(20):
         async with running_server(window=1000) as (port, _, budget):
