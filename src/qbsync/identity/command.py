@@ -107,9 +107,16 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     store = PinStore(directory)
     if args.action == "list":
         own = "(no key yet: created on the daemon's first start)"
-        if (directory / KEY_FILE).exists():
+        prefix = f"QBSYNC_{role.upper()}_"
+        key_text = env.get(prefix + "IDENTITY", "")
+        key_file = (
+            Path(env[prefix + "IDENTITY_FILE"]) if env.get(prefix + "IDENTITY_FILE") else None
+        )
+        if key_text or key_file is not None or (directory / KEY_FILE).exists():
             try:
-                key = load_identity(directory, create=False).key
+                key = load_identity(
+                    directory, key_text=key_text, key_file=key_file, create=False
+                ).key
                 own = fingerprint(raw_public(key.public_key()))
             except IdentityError as exc:
                 own = f"(unreadable: {exc})"
