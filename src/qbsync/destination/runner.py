@@ -200,7 +200,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _warn_unauthenticated(config: DestinationConfig) -> None:
-    if config.auth_token:
+    if config.auth_token or config.peer_fingerprint:  # no first-use window to warn about
         return
     exposed = not is_loopback(config.listen.host)
     log.warning(
@@ -256,7 +256,9 @@ async def main(config: DestinationConfig) -> int:
             nursery.start_soon(daemon.flusher)
             await nursery.start(daemon.notifier.run)
             nursery.start_soon(daemon.reaper)
-            if not config.auth_token and not is_loopback(config.listen.host):
+            if not (config.auth_token or config.peer_fingerprint) and not is_loopback(
+                config.listen.host
+            ):
                 nursery.start_soon(_warn_unauthenticated_hourly, config)
             daemon.health.mark_ready()
             systemd.notify("READY=1\nSTATUS=listening")
