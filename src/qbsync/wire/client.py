@@ -205,9 +205,10 @@ class ClientConnection(BaseConnection):
                     for start in range(0, length, TAG_CHUNK):
                         chunk = view[start : start + TAG_CHUNK]
                         tag.update(chunk)
-                        await self._tr.send_header_and_payload(header, chunk)
+                        last = start + TAG_CHUNK >= length
+                        trailer = tag.finalize() if last else b""
+                        await self._tr.send_header_and_payload(header, chunk, trailer)
                         header = b""
-                    await self._tr.send_all(tag.finalize())
                 except BaseException as exc:
                     self._waiters.pop(rid, None)
                     if isinstance(exc, TRANSPORT_ERRORS):

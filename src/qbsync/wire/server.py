@@ -226,9 +226,8 @@ class _ServerConnection(BaseConnection):
             # the work overlaps the wait for the next ones); nothing uses a byte of the piece
             # before the 16 bytes after it verify.
             mac = self._ep.piece_mac(start)
-            await self._receive_into(view, mac)
             tag = bytearray(TAG_SIZE)
-            await self._receive_into(memoryview(tag), None)
+            await self._receive_into(view, memoryview(tag), mac)
             self._ep.check_piece_tag(start, mac, bytes(tag))
         except BaseException:
             if charge:
@@ -237,26 +236,31 @@ class _ServerConnection(BaseConnection):
             raise
         handlers.start_soon(self._run_piece, start, buf, view, charge)
 
-    async def _receive_into(self, view: memoryview, mac: IncrementalTag | None) -> None:
-        """Fill ``view`` with the next body bytes (buffered ones first, then straight from the
-        socket), feeding each chunk to ``mac`` as it lands."""
+    async def _receive_into(
+        self, view: memoryview, trailer: memoryview, mac: IncrementalTag
+    ) -> None:
+        """Fill ``view`` (the payload) and ``trailer`` (its tag) with the next body bytes:
+        buffered ones first, then straight from the socket in one ``readv`` per chunk, feeding
+        each payload chunk to ``mac`` as it lands."""
         decoder = self._ep.decoder
         got = decoder.readinto_body(view)
-        if mac is not None and got:
+        if got:
             mac.update(view[:got])
-        if got == len(view):
+        tgot = decoder.readinto_body(trailer) if got == len(view) else 0
+        if got == len(view) and tgot == len(trailer):
             return
         pos = got
 
         def progress(n: int) -> None:
             nonlocal pos
-            if mac is not None:
-                mac.update(view[pos : pos + n])
-            pos += n
+            take = min(n, len(view) - pos)
+            if take > 0:
+                mac.update(view[pos : pos + take])
+                pos += take
             self._body_progress(n)
 
         try:
-            await self._tr.recv_body(view[got:], progress)
+            await self._tr.recv_body(view[got:], progress, trailer[tgot:])
         except TRANSPORT_ERRORS as exc:
             if self.closed:
                 raise self._closed_error() from None
