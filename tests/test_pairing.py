@@ -446,6 +446,23 @@ def test_identity_from_text_and_file(tmp_path: Path) -> None:
         parse_private_key(base64.b64encode(b"short").decode())
 
 
+def test_a_planted_key_symlink_is_refused_but_a_named_secret_may_be_one(tmp_path: Path) -> None:
+    """The daemon's own identity.key is never read through a symlink (a planted one would swap
+    its identity); an --identity-file may be one (Kubernetes mounts Secrets that way)."""
+    key = Ed25519PrivateKey.generate()
+    secret = tmp_path / "secret.pem"
+    secret.write_bytes(private_key_pem(key))
+    secret.chmod(0o600)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "identity.key").symlink_to(secret)
+    with pytest.raises(Exception, match="cannot open"):
+        load_identity(state)
+    link = tmp_path / "mounted-key"
+    link.symlink_to(secret)
+    assert load_identity(tmp_path / "other", key_file=link).fingerprint == fp(key)
+
+
 def test_dry_run_writes_no_key(tmp_path: Path) -> None:
     loaded = load_identity(tmp_path / "state", create=False)
     assert "dry run" in loaded.origin and not (tmp_path / "state").exists()

@@ -89,9 +89,13 @@ class LoadedIdentity:
         return fingerprint(raw_public(self.key.public_key()))
 
 
-def _read_key_file(path: Path) -> Ed25519PrivateKey:
+def _read_key_file(path: Path, *, follow: bool = False) -> Ed25519PrivateKey:
+    """Read a key file. The daemon's own ``identity.key`` is never read through a symlink
+    (one planted there would swap the daemon's identity); an ``--identity-file`` the operator
+    names may be one (Kubernetes mounts Secrets as symlinks)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as exc:
         raise IdentityError(f"cannot open {str(path)!r}: {exc.strerror}") from None
     try:
@@ -133,7 +137,7 @@ def load_identity(
         except IdentityError as exc:
             raise IdentityError(f"--identity: {exc}") from None
     if key_file is not None:
-        return LoadedIdentity(_read_key_file(key_file), f"file {key_file}")
+        return LoadedIdentity(_read_key_file(key_file, follow=True), f"file {key_file}")
     path = directory / KEY_FILE
     if path.exists() or path.is_symlink():
         return LoadedIdentity(_read_key_file(path), f"file {path}")
