@@ -310,9 +310,8 @@ class ConnectionPool:
                     event = (
                         "destination_connection_lost" if up_for else "destination_connect_failed"
                     )
-                    level = (
-                        logging.ERROR if code == ErrorCode.AUTH_FAILED.value else (logging.WARNING)
-                    )
+                    # Configuration problems only an operator fixes: an error, not a warning.
+                    level = logging.ERROR if code in _OPERATOR_CODES else logging.WARNING
                     log.log(
                         level,
                         "event=%s conn=%d addr=%s code=%s retry_in_s=%.1f attempt=%d error=%s",
@@ -476,6 +475,11 @@ class ConnectionPool:
     def _nursery_start(self, fn: Callable[[_Slot], Any], slot: _Slot) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, slot)
+
+
+_OPERATOR_CODES = frozenset(
+    c.value for c in (ErrorCode.AUTH_FAILED, ErrorCode.UNKNOWN_PEER, ErrorCode.UPGRADE_REQUIRED)
+)
 
 
 def make_connector(
