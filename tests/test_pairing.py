@@ -504,3 +504,21 @@ def test_an_unreadable_pin_file_refuses_instead_of_trusting(tmp_path: Path) -> N
         admission.admit(stranger, "SHA256:me")
     assert err.value.code == ErrorCode.UNKNOWN_PEER
     assert "unreadable" in err.value.message
+
+
+def test_explicit_trust_check_for_a_listening_source(tmp_path: Path) -> None:
+    from qbsync.config import resolve
+    from qbsync.identity.daemon import explicit_trust_missing
+
+    base = {
+        "data": str(tmp_path),
+        "qb_url": "http://127.0.0.1:1",
+        "destination_addr": "127.0.0.1:2",
+        "state_dir": str(tmp_path / "s"),
+    }
+    bare = resolve("source", base, env={})
+    assert "never trusts on first use" in (explicit_trust_missing(bare) or "")
+    pinned = resolve("source", {**base, "peer_fingerprint": "SHA256:" + "A" * 43}, env={})
+    assert explicit_trust_missing(pinned) is None
+    with_token = resolve("source", {**base, "auth_token": TOKEN}, env={})
+    assert explicit_trust_missing(with_token) is None

@@ -13,6 +13,18 @@ from .pins import PeerPolicy, PinStore
 log = logging.getLogger("qbsync.identity")
 
 
+def explicit_trust_missing(config: Config) -> str | None:
+    """Why ``config`` cannot listen for its peer (``None`` if it can): a listening source
+    never trusts on first use, so it needs ``--auth-token`` or ``--peer-fingerprint``. For
+    the reverse-dialing configuration check (one line for a ConfigError, exit 2)."""
+    if config.auth_token or config.peer_fingerprint:
+        return None
+    return (
+        f"a listening {config.role} never trusts on first use: set --peer-fingerprint "
+        f"(the peer's event=identity fingerprint) or --auth-token"
+    )
+
+
 def setup(config: Config, *, listening: bool | None = None) -> tuple[LoadedIdentity, PeerPolicy]:
     """Load (or create) ``config``'s identity key and build its :class:`PeerPolicy`.
 
