@@ -522,3 +522,55 @@ def test_explicit_trust_check_for_a_listening_source(tmp_path: Path) -> None:
     assert explicit_trust_missing(pinned) is None
     with_token = resolve("source", {**base, "auth_token": TOKEN}, env={})
     assert explicit_trust_missing(with_token) is None
+
+
+async def test_reverse_dial_over_real_sockets(tmp_path: Path) -> None:
+    """The destination dials a listening source (``serve_dialed`` / ``open_connection(
+    accepted=...)``): it proves itself first, the listening source admits only its listed
+    key, and the source still sends the requests."""
+    from qbsync.wire.server import serve_dialed
+
+    src_key, dst_key, stranger = (Ed25519PrivateKey.generate() for _ in range(3))
+    results: list[object] = []
+    listening = policy(
+        tmp_path / "src", "source", fingerprints=frozenset({fp(dst_key)}), allow_first_use=False
+    )
+
+    async def source_side(stream: trio.SocketStream) -> None:
+        try:
+            async with open_connection(
+                HostPort(LOCAL, 1),
+                token=None,
+                identity=src_key,
+                admission=listening,
+                accepted=stream,
+            ) as conn:
+                answer: InitResult = await conn.request(InitTorrent(H1, name="x"), timeout=10)
+                results.append(answer)
+        except WireError as exc:
+            results.append(exc.code)
+
+    async def dial(key: Ed25519PrivateKey, handler: Handler) -> None:
+        stream = await trio.open_tcp_stream(LOCAL, port)
+        await serve_dialed(
+            stream,
+            handler,
+            token=None,
+            ssl_context=None,
+            budget=ByteBudget(16 << 20),
+            identity=key,
+            admission=policy(tmp_path / f"dst-{fp(key)[7:12]}", "destination"),
+        )
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host=LOCAL)
+            port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, source_side, listeners)
+            refused = Handler()
+            await dial(stranger, refused)  # not the listed destination: refused
+            real = Handler()
+            await dial(dst_key, real)
+            nursery.cancel_scope.cancel()
+    assert results[0] == ErrorCode.UNKNOWN_PEER and refused.requests == []
+    assert isinstance(results[1], InitResult) and len(real.requests) == 1

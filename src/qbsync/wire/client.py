@@ -276,13 +276,16 @@ async def open_connection(
     ping_interval: float = DEFAULT_PING_INTERVAL,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     hooks: WireHooks = NO_HOOKS,
+    accepted: trio.SocketStream | None = None,
 ) -> AsyncIterator[ClientConnection]:
     """Connect to a destination, run TLS (if ``ssl_context``) and the handshake, and yield the
     connection; it is closed when the block exits.
 
     ``identity`` is this source's Ed25519 key and ``admission`` decides whether the
-    destination's proven key is accepted (see :mod:`.keys`). ``connect_timeout`` bounds TCP
-    connect + TLS + handshake together. Raises ``OSError`` if
+    destination's proven key is accepted (see :mod:`.keys`). ``accepted``: a connection the
+    *destination* dialed to this listening source (reverse dialing); it is used instead of
+    connecting, and the destination, having dialed, proves itself first. ``connect_timeout``
+    bounds TCP connect + TLS + handshake together. Raises ``OSError`` if
     the TCP connection fails, and :class:`WireError` for everything else (``auth-failed`` for
     a token mismatch or a failed TLS verification, ``unsupported-version``, ``timeout``, ...).
 
@@ -298,7 +301,7 @@ async def open_connection(
     conn: ClientConnection | None = None
     try:
         with trio.move_on_after(connect_timeout) as cs:
-            tcp = await trio.open_tcp_stream(addr.host, addr.port)
+            tcp = accepted or await trio.open_tcp_stream(addr.host, addr.port)
             stream = tcp
             tune_socket(tcp)
             if ssl_context is not None:
@@ -315,6 +318,7 @@ async def open_connection(
                 token=token,
                 identity=identity,
                 admission=admission,
+                initiator=accepted is None,
                 peer_address=str(addr),
             )
             conn = ClientConnection(

@@ -416,6 +416,48 @@ async def serve(
         task_status.started(ports)
 
 
+async def serve_dialed(
+    stream: trio.SocketStream,
+    handler: ServerHandler,
+    *,
+    token: str | None,
+    ssl_context: ssl.SSLContext | None,
+    budget: ByteBudget,
+    identity: Ed25519PrivateKey | None = None,
+    admission: Admission = ADMIT_ANY,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    window: int = DEFAULT_WINDOW,
+    max_piece: int = DEFAULT_MAX_PIECE,
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    close_grace: float = DEFAULT_CLOSE_GRACE,
+    hooks: WireHooks = NO_HOOKS,
+) -> None:
+    """Serve one connection this destination *dialed* to a listening source (reverse
+    dialing): the same as a connection :func:`serve` accepted, except that this side proves
+    itself first in the handshake. Returns when the connection closes."""
+    await _serve_one(
+        stream,
+        handler,
+        gate=_HandshakeGate(1, 1, hooks),
+        token=token,
+        identity=identity,
+        admission=admission,
+        ssl_context=ssl_context,
+        budget=budget,
+        handshake_timeout=handshake_timeout,
+        ping_interval=ping_interval,
+        idle_timeout=idle_timeout,
+        window=window,
+        max_piece=max_piece,
+        max_concurrent_requests=max_concurrent_requests,
+        close_grace=close_grace,
+        hooks=hooks,
+        initiator=True,
+    )
+
+
 def _host(address: str) -> str:
     """The host part of ``ip:port`` (``[v6]:port``): the unit of the per-address cap."""
     return address.rpartition(":")[0] or address
@@ -498,6 +540,7 @@ async def _serve_one(
     max_concurrent_requests: int,
     close_grace: float,
     hooks: WireHooks,
+    initiator: bool = False,
 ) -> None:
     peer = Peer(peer_address(stream), next(_conn_ids))
     label = f"peer={peer.address} conn={peer.conn_id}"
@@ -517,6 +560,7 @@ async def _serve_one(
                 identity=identity,
                 admission=admission,
                 peer_address=peer.address,
+                initiator=initiator,
                 ssl_context=ssl_context,
                 handshake_timeout=handshake_timeout,
                 window=window,
@@ -579,6 +623,7 @@ async def _handshake(
     identity: Ed25519PrivateKey | None,
     admission: Admission,
     peer_address: str,
+    initiator: bool,
     ssl_context: ssl.SSLContext | None,
     handshake_timeout: float,
     window: int,
@@ -596,6 +641,7 @@ async def _handshake(
         identity=identity,
         admission=admission,
         peer_address=peer_address,
+        initiator=initiator,
         window=window,
         max_piece=max_piece,
     )
