@@ -45,7 +45,7 @@ from .messages import (
     valid_info_hash,
 )
 from .protocol import DEFAULT_MAX_PIECE, DEFAULT_WINDOW, MAX_CONTROL_FRAME, Request, Response
-from .server import Peer, ServerHandler, serve
+from .server import Peer, ServerHandler, serve, serve_dialed
 from .tls import client_ssl_context, server_ssl_context
 
 __all__ = [
@@ -89,6 +89,7 @@ __all__ = [
     "new_identity",
     "open_connection",
     "serve",
+    "serve_dialed",
     "server_ssl_context",
     "valid_info_hash",
 ]
