@@ -282,3 +282,34 @@ def test_seed_flags_are_all_options() -> None:
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(["--version"], capsys)
     assert code == 0 and out.startswith("qbsync ")
+
+
+def test_peer_fingerprint_is_repeatable_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = "SHA256:" + "A" * 43, "SHA256:" + "b" * 43
+    argv = ["destination", *DST_ARGS, "--peer-fingerprint", a, "--peer-fingerprint", b]
+    code, out, _ = run_main([*argv, "--print-config"], capsys)
+    assert code == 0 and json.loads(out)["peer_fingerprint"] == f"{a},{b}"
+    code, _, err = run_main(["source", *SRC_ARGS, "--peer-fingerprint", "md5:xx"], capsys)
+    assert code == 2
+    assert "--peer-fingerprint / QBSYNC_SOURCE_PEER_FINGERPRINT" in err and "SHA256:" in err
+
+
+def test_identity_text_is_a_secret_in_print_config(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QBSYNC_SOURCE_IDENTITY", "c2VjcmV0")
+    code, out, _ = run_main(["source", *SRC_ARGS, "--print-config"], capsys)
+    assert code == 0 and json.loads(out)["identity"] == "***"
+    assert "c2VjcmV0" not in out
+
+
+def test_an_unusable_identity_stops_the_source_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key that cannot be loaded is a start-up error (exit 2, one logged line), before
+    anything connects."""
+    monkeypatch.setenv("QBSYNC_SOURCE_IDENTITY", "not a key")
+    argv = ["source", *SRC_ARGS, "--state-dir", str(tmp_path), "--health-addr", ""]
+    code, _, err = run_main(argv, capsys)
+    assert code == 2
+    assert "event=startup_failed code=identity" in err and "--identity" in err

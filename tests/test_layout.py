@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"metrics"},
     {"ratelimit"},
     {"config"},
-    {"http", "integrations"},
+    {"http", "integrations", "identity"},
     {"qbittorrent"},
     {"source", "destination", "demo", "doctor"},
     {"cli"},

@@ -129,6 +129,24 @@ async def test_cleanup_hands_off_until_enough_space(tmp_path):
     assert await cleanup.run_pass(torrents, free_bytes=20 * GiB, draining=False) is None
 
 
+async def test_nothing_is_stopped_without_an_authenticated_destination(tmp_path):
+    """Issue 15: with no authenticated destination connection (away, or an impostor failing
+    the handshake) a pass under disk pressure stops nothing; it hands off once one is up."""
+    qb = FakeQB()
+    cleanup, cache, started = make(tmp_path, qb, min_space=10)
+    ready = False
+    cleanup.destination_ready = lambda: ready
+    await cache.put("b", "0")
+    result = await cleanup.run_pass([t("b", size=4 * GiB)], free_bytes=3 * GiB, draining=False)
+    assert result is not None and result.deferred and result.handed_off == 0
+    assert qb.calls == []  # not stopped, not asked for
+    result = await cleanup.run_pass([t("b", size=4 * GiB)], free_bytes=0, draining=True)
+    assert result is not None and result.deferred and qb.calls == []
+    ready = True
+    result = await cleanup.run_pass([t("b", size=4 * GiB)], free_bytes=3 * GiB, draining=False)
+    assert result is not None and result.handed_off == 1 and started == ["b"]
+
+
 async def test_start_failure_resumes_source_and_missing_synced_tag_is_added(tmp_path):
     qb = FakeQB()
     cleanup, cache, _ = make(tmp_path, qb, start_fails=True, min_seeding=0)

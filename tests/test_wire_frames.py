@@ -120,7 +120,9 @@ def test_unpack_malformed(body: bytes, why: str) -> None:
 def test_every_message_type_round_trips_with_its_code() -> None:
     samples: list[m.ControlMessage] = [
         m.Hello(m.Role.SOURCE, 1, 2, b"n" * 32, "qbsync/test", False),
+        m.Hello(m.Role.SOURCE, 2, 2, b"n" * 32, "qbsync/test", True, b"k" * 32, b"e" * 32),
         m.Auth(b"\x01" * 32),
+        m.Auth(b"", b"\x02" * 64),
         m.AuthOk(1, 1 << 20, 1 << 26),
         m.Error(ErrorCode.HASH_MISMATCH, "x"),
         m.CreditGrant(5),

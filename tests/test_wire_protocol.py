@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import attrs
 import pytest
 
-from qbsync.wire import codec
+from qbsync.wire import codec, keys
 from qbsync.wire import messages as m
 from qbsync.wire.errors import ConnectionClosed, ErrorCode, LocalProtocolError, WireError
 from qbsync.wire.frames import (
@@ -29,9 +31,8 @@ from qbsync.wire.protocol import (
     RequestReceived,
     ResponseReceived,
     State,
-    auth_mac,
 )
-from tests.fuzz.wire_helpers import PieceReceived, Receiver
+from tests.fuzz.wire_helpers import PieceReceived, Receiver, forge, forge_piece_head
 
 H1 = "c" * 40
 SRC, DST = m.Role.SOURCE, m.Role.DESTINATION
@@ -47,8 +48,8 @@ class Pair:
         *,
         window: int = 1000,
         max_piece: int = 5000,
-        client_versions: tuple[int, int] = (1, 1),
-        server_versions: tuple[int, int] = (1, 1),
+        client_versions: tuple[int, int] = (2, 2),
+        server_versions: tuple[int, int] = (2, 2),
     ) -> None:
         self.client = Endpoint(
             SRC,
@@ -113,8 +114,8 @@ def test_handshake_succeeds(ctok: str | None, stok: str | None) -> None:
     pair = Pair(ctok, stok, window=777, max_piece=4000).open()
     client_done = [e for e in pair.client_events if isinstance(e, HandshakeComplete)]
     server_done = [e for e in pair.server_events if isinstance(e, HandshakeComplete)]
-    assert client_done == [HandshakeComplete(1, 4048, 777, "qbsync")]
-    assert server_done == [HandshakeComplete(1, 4048, 777, "qbsync")]
+    assert client_done == [HandshakeComplete(2, 4048, 777, "qbsync", pair.server.fingerprint)]
+    assert server_done == [HandshakeComplete(2, 4048, 777, "qbsync", pair.client.fingerprint)]
     assert pair.client.available == pair.client.window == 777
 
 
@@ -182,22 +183,27 @@ def test_token_on_one_side_only(
     )
 
 
-def test_macs_bind_role_nonces_version_and_transcript() -> None:
-    args = (b"tok", SRC, 1, b"c" * 32, b"s" * 32, b"hello-c", b"hello-s")
-    base = auth_mac(*args)
+def test_proofs_bind_role_version_and_transcript() -> None:
+    th = keys.transcript_hash(b"hello-s", b"hello-d")
+    base = keys.token_mac(b"tok", SRC, 2, th)
     assert len(base) == 32
     variants = [
-        (b"tok2", *args[1:]),
-        (args[0], DST, *args[2:]),
-        (*args[:2], 2, *args[3:]),
-        (*args[:3], b"x" * 32, *args[4:]),
-        (*args[:4], b"x" * 32, *args[5:]),
-        (*args[:5], b"hello-X", args[6]),
-        (*args[:6], b"hello-X"),
-        (*args[:5], b"hello-cX", b"ello-s"),  # the split between the Hellos matters too
+        keys.token_mac(b"tok2", SRC, 2, th),
+        keys.token_mac(b"tok", DST, 2, th),
+        keys.token_mac(b"tok", SRC, 3, th),
+        keys.token_mac(b"tok", SRC, 2, keys.transcript_hash(b"hello-X", b"hello-d")),
+        keys.token_mac(b"tok", SRC, 2, keys.transcript_hash(b"hello-s", b"hello-X")),
+        # the split between the Hellos matters too
+        keys.token_mac(b"tok", SRC, 2, keys.transcript_hash(b"hello-sh", b"ello-d")),
     ]
-    macs = {auth_mac(*v) for v in variants}
-    assert base not in macs and len(macs) == len(variants)
+    assert base not in variants and len(set(variants)) == len(variants)
+    signed = {
+        keys.signed_bytes(SRC, 2, th),
+        keys.signed_bytes(DST, 2, th),
+        keys.signed_bytes(SRC, 3, th),
+        keys.signed_bytes(SRC, 2, keys.transcript_hash(b"hello-sh", b"ello-d")),
+    }
+    assert len(signed) == 4
 
 
 def test_tampered_hello_breaks_authentication() -> None:
@@ -206,7 +212,7 @@ def test_tampered_hello_breaks_authentication() -> None:
     flight = client.data_to_send()
     hello = codec.decode_message(codec.HELLO, flight[len(MAGIC) + 16 :])
     assert isinstance(hello, m.Hello)
-    forged = m.Hello(hello.role, hello.min_version, hello.max_version, hello.nonce, "evil")
+    forged = attrs.evolve(hello, software="evil")
     server.receive_data(MAGIC + encode_control(forged))
     assert server.next_event() is NEED_DATA
     client.receive_data(server.data_to_send())
@@ -218,7 +224,7 @@ def test_tampered_hello_breaks_authentication() -> None:
 
 
 def test_version_negotiation_picks_the_highest_common_version() -> None:
-    pair = Pair(client_versions=(1, 3), server_versions=(2, 5))
+    pair = Pair(client_versions=(2, 3), server_versions=(2, 5))
     pair.pump()
     assert pair.client.version == pair.server.version == 3
 
@@ -289,17 +295,25 @@ def test_auth_out_of_phase_and_malformed() -> None:
 @pytest.mark.parametrize(
     ("auth_ok", "code"),
     [
-        (m.AuthOk(2, 1000, 1000), ErrorCode.UNSUPPORTED_VERSION),
-        (m.AuthOk(1, 48, 1000), ErrorCode.PROTOCOL),
-        (m.AuthOk(1, 2**32, 1000), ErrorCode.PROTOCOL),
-        (m.AuthOk(1, 1000, 0), ErrorCode.PROTOCOL),
+        (m.AuthOk(3, 1000, 1000), ErrorCode.UNSUPPORTED_VERSION),
+        (m.AuthOk(2, 48, 1000), ErrorCode.PROTOCOL),
+        (m.AuthOk(2, 2**32, 1000), ErrorCode.PROTOCOL),
+        (m.AuthOk(2, 1000, 0), ErrorCode.PROTOCOL),
     ],
 )
 def test_bad_auth_ok(auth_ok: m.AuthOk, code: ErrorCode) -> None:
     client = Endpoint(SRC, token=None)
     server = Endpoint(DST, token=None)
-    hello = server.data_to_send()  # magic + hello only; the real AuthOk is replaced
-    client.receive_data(hello + encode_control(auth_ok))
+    server.receive_data(client.data_to_send())
+    assert server.next_event() is NEED_DATA
+    client.receive_data(server.data_to_send())  # magic + Hello
+    assert client.next_event() is NEED_DATA
+    server.receive_data(client.data_to_send())  # the source's Auth
+    assert isinstance(server.next_event(), HandshakeComplete)
+    flight = server.data_to_send()  # Auth + AuthOk; the real AuthOk is replaced
+    auth_len = HEADER.size + HEADER.unpack_from(flight)[0]
+    server._send_counter = 0  # the forged AuthOk takes the real one's place in the stream
+    client.receive_data(flight[:auth_len] + forge(server, auth_ok))
     with pytest.raises(WireError) as err:
         while client.next_event() is not NEED_DATA:
             pass
@@ -375,10 +389,10 @@ def test_server_refuses_wrong_answers_locally() -> None:
 
 def test_pieces_consume_and_return_credit() -> None:
     pair = Pair(window=1000).open()
-    rid, header = pair.client.send_piece(H1, 7, 70, 600)
+    rid, frame = pair.client.piece_frame(H1, 7, 70, b"p" * 600)
     assert pair.client.available == 400 and pair.client.inflight_bytes == 600
     assert not pair.client.piece_fits(401) and pair.client.piece_fits(400)
-    pair.to_server += header + b"p" * 600
+    pair.to_server += frame
     pair.pump()
     assert pair.server_events[-1] == PieceReceived(pair.server_events[-1].start, b"p" * 600)
     assert pair.server.available == 400
@@ -396,9 +410,9 @@ def test_pieces_consume_and_return_credit() -> None:
 def test_piece_larger_than_the_window_needs_an_empty_pipe() -> None:
     pair = Pair(window=1000, max_piece=5000).open()
     assert pair.client.piece_fits(5000)  # nothing in flight: allowed
-    rid, header = pair.client.send_piece(H1, 0, 0, 3000)
+    rid, frame = pair.client.piece_frame(H1, 0, 0, bytes(3000))
     assert pair.client.available == -2000 and not pair.client.piece_fits(1)
-    pair.to_server += header + bytes(3000)
+    pair.to_server += frame
     pair.pump()
     assert pair.server.available == -2000
     pair.to_client += pair.server.send_response(rid, m.PieceAck(H1, 0))
@@ -409,10 +423,10 @@ def test_piece_larger_than_the_window_needs_an_empty_pipe() -> None:
 
 def test_credit_violation_is_detected_at_the_header() -> None:
     pair = Pair(window=1000).open()
-    rid, header = pair.client.send_piece(H1, 0, 0, 900)
-    pair.to_server += header + bytes(900)
+    rid, frame = pair.client.piece_frame(H1, 0, 0, bytes(900))
+    pair.to_server += frame
     pair.pump()
-    pair.server.receive_data(encode_piece_header(rid + 1, H1, 1, 0, 101))
+    pair.server.receive_data(forge_piece_head(pair.client, rid + 1, H1, 1, 0, 101))
     with pytest.raises(WireError) as err:
         pair.server.next_event()
     assert err.value.code == ErrorCode.CREDIT_EXCEEDED
@@ -438,27 +452,29 @@ def test_local_credit_and_size_checks() -> None:
 @pytest.mark.parametrize(
     ("frames", "code"),
     [
-        (lambda: encode_piece_header(1, H1, 0, 0, 0), ErrorCode.PROTOCOL),  # empty piece
-        (lambda: encode_control(m.Abort(H1), 0), ErrorCode.PROTOCOL),  # request id 0
+        (lambda c: forge_piece_head(c, 1, H1, 0, 0, 0), ErrorCode.PROTOCOL),  # empty piece
+        (lambda c: forge(c, m.Abort(H1), 0), ErrorCode.PROTOCOL),  # request id 0
         (
-            lambda: encode_control(m.Abort(H1), 5) + encode_control(m.Abort(H1), 5),
+            lambda c: forge(c, m.Abort(H1), 5) + forge(c, m.Abort(H1), 5),
             ErrorCode.PROTOCOL,  # ids must increase
         ),
         (
-            lambda: encode_control(m.Abort(H1), 5) + encode_control(m.Abort(H1), 4),
+            lambda c: forge(c, m.Abort(H1), 5) + forge(c, m.Abort(H1), 4),
             ErrorCode.PROTOCOL,
         ),
-        (lambda: encode_control(m.Ping(), 3), ErrorCode.PROTOCOL),  # ping with an id
-        (lambda: encode_control(m.Error(ErrorCode.IO), 3), ErrorCode.PROTOCOL),
-        (lambda: encode_control(m.CreditGrant(1)), ErrorCode.PROTOCOL),  # sources never grant
-        (lambda: encode_control(m.PieceAck(H1, 0), 1), ErrorCode.PROTOCOL),
-        (lambda: encode_frame(99, 0, b""), ErrorCode.UNKNOWN_TYPE),
-        (lambda: encode_piece_header(1, H1, 0, 0, 5001), ErrorCode.FRAME_TOO_LARGE),
+        (lambda c: forge(c, m.Ping(), 3), ErrorCode.PROTOCOL),  # ping with an id
+        (lambda c: forge(c, m.Error(ErrorCode.IO), 3), ErrorCode.PROTOCOL),
+        (lambda c: forge(c, m.CreditGrant(1)), ErrorCode.PROTOCOL),  # sources never grant
+        (lambda c: forge(c, m.PieceAck(H1, 0), 1), ErrorCode.PROTOCOL),
+        (lambda c: encode_frame(99, 0, bytes(16)), ErrorCode.UNKNOWN_TYPE),
+        (lambda c: forge_piece_head(c, 1, H1, 0, 0, 5001), ErrorCode.FRAME_TOO_LARGE),
+        (lambda c: encode_control(m.Abort(H1), 1) + bytes(16), ErrorCode.BAD_TAG),  # untagged
+        (lambda c: forge(c, m.Ping()) + forge(c, m.Ping())[:-1] + b"!", ErrorCode.BAD_TAG),
     ],
 )
 def test_destination_refuses_violations(frames: Any, code: ErrorCode) -> None:
     pair = Pair(window=10_000, max_piece=5000).open()
-    pair.server.receive_data(frames())
+    pair.server.receive_data(frames(pair.client))
     with pytest.raises(WireError) as err:
         while True:
             event = pair.server.next_event()
@@ -469,28 +485,30 @@ def test_destination_refuses_violations(frames: Any, code: ErrorCode) -> None:
     assert err.value.code == code
     assert pair.server.state == State.CLOSED
     fatal = pair.server.data_to_send()  # the Error frame telling the source why
-    assert codec.decode_message(codec.ERROR, fatal[16:]) == m.Error(code, str(err.value.message))
+    # (tagged: the destination has sent its Auth)
+    assert codec.decode_message(codec.ERROR, fatal[16:-16]) == m.Error(code, str(err.value.message))
 
 
 @pytest.mark.parametrize(
     ("frame", "why"),
     [
-        (encode_control(m.InitResult(m.SyncStatus.READY), 9), "unknown request id"),
-        (encode_control(m.AbortResult(True), 1), "answers a InitTorrent"),
-        (encode_control(m.PieceAck(H1, 0), 1), "answers a InitTorrent"),
-        (encode_control(m.PieceAck(H1, 9), 2), "wrong piece"),
-        (encode_control(m.CreditGrant(11)), "exceed the window"),  # 10 bytes are in flight
-        (encode_control(m.CreditGrant(0)), "exceed the window"),
-        (encode_control(m.CreditGrant(-5)), "exceed the window"),
-        (encode_control(m.Pong(), 1), "with a request id"),
-        (encode_control(m.Abort(H1), 3), "not allowed"),
+        (lambda d: forge(d, m.InitResult(m.SyncStatus.READY), 9), "unknown request id"),
+        (lambda d: forge(d, m.AbortResult(True), 1), "answers a InitTorrent"),
+        (lambda d: forge(d, m.PieceAck(H1, 0), 1), "answers a InitTorrent"),
+        (lambda d: forge(d, m.PieceAck(H1, 9), 2), "wrong piece"),
+        (lambda d: forge(d, m.CreditGrant(11)), "exceed the window"),  # 10 bytes are in flight
+        (lambda d: forge(d, m.CreditGrant(0)), "exceed the window"),
+        (lambda d: forge(d, m.CreditGrant(-5)), "exceed the window"),
+        (lambda d: forge(d, m.Pong(), 1), "with a request id"),
+        (lambda d: forge(d, m.Abort(H1), 3), "not allowed"),
+        (lambda d: encode_control(m.StartResult(True), 1) + bytes(16), "tag check"),
     ],
 )
-def test_source_refuses_violations(frame: bytes, why: str) -> None:
+def test_source_refuses_violations(frame: Any, why: str) -> None:
     pair = Pair(window=1000).open()
     pair.client.send_request(m.InitTorrent(H1))
     pair.client.send_piece(H1, 0, 0, 10)
-    pair.client.receive_data(frame)
+    pair.client.receive_data(frame(pair.server))
     with pytest.raises(WireError) as err:
         pair.client.next_event()
     assert why in err.value.message
@@ -539,7 +557,7 @@ def test_role_misuse_is_local() -> None:
 
 def test_trailing_bytes_after_close_are_ignored() -> None:
     pair = Pair().open()
-    pair.client.receive_data(encode_control(m.Error(ErrorCode.SHUTTING_DOWN)))
+    pair.client.receive_data(forge(pair.server, m.Error(ErrorCode.SHUTTING_DOWN)))
     assert isinstance(pair.client.next_event(), PeerClosed)
     pair.client.receive_data(b"garbage after the end")
     assert pair.client.next_event() is END_OF_STREAM
@@ -559,9 +577,24 @@ def test_control_frames_are_limited_per_type_at_the_header(type_code: int, lengt
     """Each type has its own limit from the message table, checked before any of the body is
     buffered: a 64 MiB InitTorrent costs the destination 16 bytes, not 64 MiB."""
     pair = Pair().open()
-    pair.server.receive_data(HEADER.pack(length, type_code, 0, 0, 7))
+    pair.server.receive_data(HEADER.pack(length, type_code, 0, 0, 7) + bytes(16))
     with pytest.raises(WireError) as err:
         pair.server.next_event()
     assert err.value.code == ErrorCode.FRAME_TOO_LARGE
-    assert pair.server.decoder.buffered <= HEADER.size  # the header, nothing more
+    assert pair.server.decoder.buffered <= HEADER.size + 16  # the header and tag, nothing more
     assert pair.server.state == State.CLOSED
+
+
+@pytest.mark.parametrize("flip", [64, 64 + 300, -1])  # a piece-header byte, payload, tag
+def test_an_altered_piece_is_refused_before_use(flip: int) -> None:
+    pair = Pair(window=1000).open()
+    _, frame = pair.client.piece_frame(H1, 3, 30, os.urandom(600))
+    altered = bytearray(frame)
+    altered[flip] ^= 1
+    pair.to_server += altered
+    with pytest.raises(WireError) as err:
+        pair.pump()
+    assert err.value.code in (ErrorCode.BAD_TAG, ErrorCode.PROTOCOL)
+    assert not [e for e in pair.server_events if isinstance(e, PieceReceived)]
+    if flip != 64:  # (the first piece-header byte is the hash length: refused at the header)
+        assert err.value.code == ErrorCode.BAD_TAG

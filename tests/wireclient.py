@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qbsync.bitfield import Bitfield
 from qbsync.wire import (
@@ -254,11 +255,28 @@ class WireClient:
         )
 
 
+# Every test client is the same source, as far as a destination can tell: one fixed key, so a
+# destination without a token (trust on first use) pins it once and admits every later test
+# connection. Tests of pairing pass another ``identity`` to play a stranger.
+TEST_SOURCE_KEY = Ed25519PrivateKey.from_private_bytes(
+    hashlib.sha256(b"qbsync test source").digest()
+)
+
+
 @asynccontextmanager
 async def wire_client(
-    port: int, token: str | None, *, host: str = "127.0.0.1", request_timeout: float = 30.0
+    port: int,
+    token: str | None,
+    *,
+    host: str = "127.0.0.1",
+    request_timeout: float = 30.0,
+    identity: Ed25519PrivateKey | None = None,
 ) -> AsyncIterator[WireClient]:
-    async with open_connection(HostPort(host, port), token=token) as conn:
+    async with open_connection(
+        HostPort(host, port),
+        token=token,
+        identity=identity if identity is not None else TEST_SOURCE_KEY,
+    ) as conn:
         yield WireClient(conn, request_timeout)
 
 

@@ -1,5 +1,5 @@
-"""The ``qbsync`` command: ``qbsync source`` and ``qbsync destination`` (and ``qbsync doctor``
-with either's flags).
+"""The ``qbsync`` command: ``qbsync source`` and ``qbsync destination`` (and the tools:
+``demo``, ``status``, ``peers``, and ``doctor`` with either daemon's flags).
 
 Flags, environment variables and defaults all come from :mod:`qbsync.config`; this module only
 turns them into argparse flags, prints ``--print-config`` and hands the resolved configuration
@@ -30,6 +30,7 @@ _TOOLS = {
     "status": "Show a daemon's /status as a table (qbsync status --help)",
     "doctor": "Check a daemon's set-up with its own flags, one verdict and fix per check "
     "(qbsync doctor source|destination --help)",
+    "peers": "List or forget a daemon's pinned peer keys (qbsync peers --help)",
 }
 
 
@@ -68,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sync torrents between two qBittorrent instances, piece by piece.",
     )
     parser.add_argument("--version", action="version", version=f"qbsync {__version__}")
-    sub = parser.add_subparsers(dest="role", metavar="{source,destination,demo,status,doctor}")
+    sub = parser.add_subparsers(
+        dest="role", metavar="{source,destination,demo,status,peers,doctor}"
+    )
     sub.required = True
     for role in ("source", "destination"):
         p = sub.add_parser(
@@ -149,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .http import status
 
         return status.main(args_list[1:])
+    if args_list[:1] == ["peers"]:
+        from .identity import command
+
+        return command.main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     role: Role = args.role

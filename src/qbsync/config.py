@@ -34,6 +34,7 @@ from .log import redact_url
 from .paths import STATE_DIR_NAME
 from .ratelimit import RateSchedule
 from .wire.address import HostPort
+from .wire.keys import parse_fingerprint
 
 GiB = 1024**3
 MiB = 1024**2
@@ -349,7 +350,7 @@ def _parse_str_list(raw: str) -> str:
 # Sonarr/Radarr (qbsync.integrations.arr): comma-separated lists, the n-th key belongs to the
 # n-th URL. The flags may also be repeated (``--arr-url A --arr-url B``): the CLI joins them
 # with commas.
-REPEATABLE = frozenset({"arr_url", "arr_api_key", "connect"})
+REPEATABLE = frozenset({"arr_url", "arr_api_key", "connect", "peer_fingerprint"})
 
 
 def _arr_url() -> Any:
@@ -416,6 +417,40 @@ def _auth_token() -> Any:
 def _auth_token_file() -> Any:
     return option(
         "File holding the shared secret (overrides --auth-token)",
+        "",
+        _parse_optional_path,
+        metavar="PATH",
+    )
+
+
+def _parse_fingerprints(raw: str) -> tuple[str, ...]:
+    return tuple(parse_fingerprint(v) for v in split_list(raw))
+
+
+def _peer_fingerprint() -> Any:
+    return option(
+        "Admit only the peer whose key has this fingerprint (SHA256:..., repeatable or "
+        "comma-separated; printed in the peer's event=identity log line): no trust on first use",
+        "",
+        _parse_fingerprints,
+        metavar="FINGERPRINT",
+    )
+
+
+def _identity() -> Any:
+    return option(
+        "This daemon's Ed25519 private key as text (PEM or base64 of 32 bytes; use the "
+        "environment variable, e.g. from a Kubernetes Secret; overrides --identity-file)",
+        "",
+        secret=True,
+        metavar="KEY",
+    )
+
+
+def _identity_file() -> Any:
+    return option(
+        "File holding this daemon's private key (default: identity.key in its state "
+        "directory, created on first start with mode 0600)",
         "",
         _parse_optional_path,
         metavar="PATH",
@@ -560,6 +595,9 @@ class SourceConfig:
     tls_key: Path | None = option(
         "TLS private key (PEM) for --tls-cert", "", _parse_optional_path, metavar="PATH"
     )
+    peer_fingerprint: tuple[str, ...] = _peer_fingerprint()
+    identity: str = _identity()
+    identity_file: Path | None = _identity_file()
 
     role: Role = "source"
 
@@ -671,6 +709,9 @@ class DestinationConfig:
         check=_non_negative,
         zero_means="30",
     )
+    peer_fingerprint: tuple[str, ...] = _peer_fingerprint()
+    identity: str = _identity()
+    identity_file: Path | None = _identity_file()
 
     role: Role = "destination"
 
@@ -721,6 +762,9 @@ def _default_state_dir(env: Mapping[str, str]) -> Path:
         return Path(env["XDG_STATE_HOME"]) / "qbsync"
     home = env.get("HOME") or os.path.expanduser("~")
     return Path(home) / ".local" / "state" / "qbsync"
+
+
+default_state_dir = _default_state_dir  # public: `qbsync peers` finds the same directory
 
 
 def resolve(
@@ -787,6 +831,10 @@ def resolve(
         values["auth_token"] = token
 
     _check_token(role, values.get("auth_token") or "")
+    _check_readable(
+        values["identity_file"],
+        f"--identity-file / {_option(role, 'identity_file').env(role)}",
+    )
 
     arr_urls, arr_keys = split_list(values["arr_url"]), split_list(values["arr_api_key"])
     if len(arr_urls) != len(arr_keys):
@@ -866,11 +914,12 @@ def _check_source_reach(values: Mapping[str, Any]) -> None:
             "(or --listen / QBSYNC_SOURCE_LISTEN when the destination dials in with --connect)"
         )
     if listen is not None:
-        if not values.get("auth_token"):
+        if not values.get("auth_token") and not values.get("peer_fingerprint"):
             raise ConfigError(
-                "--listen needs --auth-token or --auth-token-file: a listening source admits "
-                "only a destination that proves the token (QBSYNC_SOURCE_LISTEN / "
-                "QBSYNC_SOURCE_AUTH_TOKEN; generate one with: openssl rand -hex 32)"
+                "--listen needs --auth-token/--auth-token-file or --peer-fingerprint: a listening "
+                "source is reachable by anyone, so it never trusts a key on first use "
+                "(QBSYNC_SOURCE_LISTEN / QBSYNC_SOURCE_AUTH_TOKEN / "
+                "QBSYNC_SOURCE_PEER_FINGERPRINT; generate a token with: openssl rand -hex 32)"
             )
         if values["tls_ca"] is not None:
             raise ConfigError(
@@ -1016,6 +1065,8 @@ def redacted(config: Config) -> dict[str, Any]:
             out[opt.name] = None
         elif isinstance(value, (Path, HostPort, RateSchedule)):
             out[opt.name] = str(value)
+        elif isinstance(value, tuple):  # a repeatable option: as the user would type it
+            out[opt.name] = ",".join(map(str, value))
         else:
             out[opt.name] = value
     return out

@@ -234,11 +234,11 @@ class WireMachine(RuleBasedStateMachine):
             return
         index = self.next_index
         self.next_index += 1
-        rid, header = self.client.send_piece(H, index, index * 7, size)
-        body = payload(rid, size)
+        body = payload(self.client._last_request_id + 1, size)  # the id send_piece will use
+        rid, frame = self.client.piece_frame(H, index, index * 7, body)
         self.piece_data[rid] = body
         self.client_outstanding[rid] = (m.PieceAck, size)
-        self.send("s", header + body)
+        self.send("s", frame)
 
     @precondition(lambda self: self.server.state == State.OPEN and self.server_requests)
     @rule(data=st.data(), fail=st.booleans())

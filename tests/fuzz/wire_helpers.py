@@ -18,6 +18,7 @@ from qbsync.wire import codec
 from qbsync.wire import messages as m
 from qbsync.wire.errors import ErrorCode
 from qbsync.wire.frames import END_OF_STREAM, NEED_DATA, FrameDecoder, PieceStart
+from qbsync.wire.keys import TAG_SIZE
 from qbsync.wire.protocol import Endpoint
 
 
@@ -36,6 +37,7 @@ class Receiver:
         self.start: PieceStart | None = None
         self.body = bytearray()
         self.got = 0
+        self._want = 0  # body bytes of the current piece: payload, then its tag if tagged
         self.ended = False
 
     def feed(self, data: bytes | memoryview) -> list[Any]:
@@ -46,7 +48,7 @@ class Receiver:
             return self._drain(events)
         # The direct path: nothing buffered, inside a body -> "recv_into" the piece buffer.
         if self.start is not None and self.decoder.buffered == 0:
-            k = min(self.start.length - self.got, len(view))
+            k = min(self._want - self.got, len(view))
             self.body[self.got : self.got + k] = view[:k]
             self.decoder.body_received(k)
             self.got += k
@@ -58,16 +60,20 @@ class Receiver:
 
     def _finish(self, events: list[Any]) -> bool:
         assert self.start is not None
-        if self.got < self.start.length:
+        if self.got < self._want:
             return False
-        events.append(PieceReceived(self.start, bytes(self.body)))
+        payload = bytes(self.body[: self.start.length])
+        if isinstance(self.target, Endpoint) and self.start.header:
+            # as the shell does: the tag (the 16 bytes after the payload) before any use
+            self.target.check_piece(self.start, payload, bytes(self.body[self.start.length :]))
+        events.append(PieceReceived(self.start, payload))
         self.start = None
         return True
 
     def _drain(self, events: list[Any]) -> list[Any]:
         while True:
             if self.start is not None:
-                if self.got < self.start.length:
+                if self.got < self._want:
                     self.got += self.decoder.readinto_body(memoryview(self.body)[self.got :])
                 if not self._finish(events):
                     if self.decoder.buffered == 0 and not self.decoder.at_eof:
@@ -85,10 +91,27 @@ class Receiver:
                 return events
             if isinstance(event, PieceStart):
                 self.start = event
-                self.body = bytearray(event.length)
+                self._want = event.length + (TAG_SIZE if event.header else 0)
+                self.body = bytearray(self._want)
                 self.got = 0
                 continue
             events.append(event)
+
+
+def forge(sender: Endpoint, msg: m.ControlMessage, request_id: int = 0) -> bytes:
+    """A frame as ``sender`` would send it (tagged with its keys and next counter): how tests
+    inject frames an honest peer's protocol layer would never produce."""
+    return sender._frame(msg, request_id)
+
+
+def forge_piece_head(
+    sender: Endpoint, request_id: int, info_hash: str, index: int, offset: int, length: int
+) -> bytes:
+    """A piece frame's head (frame and piece header) as ``sender`` would frame it, without
+    consuming its credit: for tests of checks made at the header, before the tag."""
+    from qbsync.wire.frames import encode_piece_header
+
+    return encode_piece_header(request_id, info_hash, index, offset, length)
 
 
 def all_types_decoder(limit: int = 1 << 20, *, expect_magic: bool = False) -> FrameDecoder:

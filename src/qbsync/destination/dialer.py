@@ -21,6 +21,7 @@ import ssl
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import metrics
 from ..log import kv
@@ -28,6 +29,7 @@ from ..ratelimit import Backoff
 from ..wire.address import HostPort
 from ..wire.budget import ByteBudget
 from ..wire.errors import WireError
+from ..wire.keys import ADMIT_ANY, Admission
 from ..wire.messages import OpenConnection, OpenConnectionResult, Piece, PieceAck
 from ..wire.server import OpenPeers, Peer, PeerHook, ServerHandler, serve_dialed
 from ..wire.transport import describe, dial
@@ -47,6 +49,8 @@ class Dialer:
         handler: ServerHandler,
         *,
         token: str | None,
+        identity: Ed25519PrivateKey | None = None,
+        admission: Admission = ADMIT_ANY,
         ssl_context: ssl.SSLContext | None,
         budget: ByteBudget,
         reconnect_max_delay: float,
@@ -57,6 +61,8 @@ class Dialer:
         self.addr = addr
         self.handler = handler
         self.token = token
+        self.identity = identity
+        self.admission = admission
         self.ssl_context = ssl_context
         self.budget = budget
         self.reconnect_max_delay = reconnect_max_delay
@@ -125,6 +131,8 @@ class Dialer:
                 stream,
                 _DialedHandler(self.handler, self),
                 token=self.token,
+                identity=self.identity,
+                admission=self.admission,
                 budget=self.budget,
                 max_piece=self.max_piece,
                 hooks=metrics.WIRE_METRICS,

@@ -40,6 +40,8 @@ from ..config import DestinationConfig, redacted
 from ..http import status as status_model
 from ..http.activity import ActivityLog, Throughput, counter_value, sample_forever
 from ..http.server import Health, serve_http
+from ..identity import IdentityError
+from ..identity.daemon import setup as identity_setup
 from ..integrations import systemd
 from ..integrations.arr import ArrSet
 from ..integrations.notify import Notifier
@@ -161,6 +163,8 @@ class Daemon:
         self.health.set_status_provider(self.status)
         self.listener_ports: list[int] = []
         self.dialers: list[Dialer] = []
+        # This destination's key and admission policy (raises IdentityError: main() reports it)
+        self.identity = identity_setup(config)
         if self.qb is not None:
             self.health.add_ready_check("qbittorrent", self.qb.ping)
         if config.listen is not None:  # dialing only (--connect): there is no listener
@@ -210,6 +214,7 @@ class Daemon:
         self, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[list[int]]
     ) -> None:
         config = self.config
+        identity, admission = self.identity
         ssl_context = (
             server_ssl_context(config.tls_cert, config.tls_key)
             if config.tls_cert is not None and config.tls_key is not None
@@ -225,6 +230,8 @@ class Daemon:
                             config.listen,
                             self.server,
                             token=config.auth_token or None,
+                            identity=identity.key,
+                            admission=admission,
                             ssl_context=ssl_context,
                             budget=self.budget,
                             hooks=metrics.WIRE_METRICS,
@@ -243,6 +250,8 @@ class Daemon:
                         addr,
                         self.server,
                         token=config.auth_token or None,
+                        identity=identity.key,
+                        admission=admission,
                         ssl_context=client_context,
                         budget=self.budget,
                         reconnect_max_delay=config.reconnect_max_delay,
@@ -286,16 +295,18 @@ def is_loopback(host: str) -> bool:
 
 
 def _warn_unauthenticated(config: DestinationConfig) -> None:
-    if config.auth_token or config.listen is None:
-        return  # (dialing only: a source's --listen always requires the token)
+    if config.auth_token or config.peer_fingerprint:  # no first-use window to warn about
+        return
+    if config.listen is None:
+        return  # dialing only: the sources it dials require a token or a fingerprint
     exposed = not is_loopback(config.listen.host)
     log.warning(
         "event=auth_disabled reason=no_token listen=%s exposed=%s hint=%s",
         config.listen,
         str(exposed).lower(),
-        '"anyone who can reach the listener can add torrents under --data (never remove data '
-        "qbsync did not create); set --auth-token or --auth-token-file (generate one with: "
-        'openssl rand -hex 32)"',
+        '"the first source to connect is paired (trust on first use) and every other key '
+        "is refused from then on; pin the source with --peer-fingerprint, or set "
+        '--auth-token or --auth-token-file (generate one with: openssl rand -hex 32)"',
     )
 
 
@@ -338,7 +349,11 @@ async def main(config: DestinationConfig) -> int:
         return 1
     if adopted:
         log.info("event=state_tree_adopted dirs=%d", adopted)
-    daemon = Daemon(config)
+    try:
+        daemon = Daemon(config)
+    except IdentityError as exc:
+        log.error("event=startup_failed code=identity error=%s", json.dumps(str(exc)))
+        return 2
     daemon.history.load()
     code = 0
     try:
@@ -354,7 +369,7 @@ async def main(config: DestinationConfig) -> int:
             await nursery.start(daemon.notifier.run)
             nursery.start_soon(daemon.reaper)
             if (
-                not config.auth_token
+                not (config.auth_token or config.peer_fingerprint)
                 and config.listen is not None
                 and not is_loopback(config.listen.host)
             ):

@@ -155,6 +155,7 @@ class CleanupResult:
     groups_ok: int = 0
     groups_failed: int = 0
     groups_skipped: int = 0
+    deferred: bool = False  # stopped early: no authenticated destination connection
 
 
 class Cleanup:
@@ -177,6 +178,7 @@ class Cleanup:
         syncing: Callable[[str], bool] = lambda h: False,
         handoff_tag: str = "",
         exclude_sync_tag: str = "",
+        destination_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.qb = qb
         self.request = request  # ConnectionPool.request
@@ -191,6 +193,10 @@ class Cleanup:
         self.syncing = syncing  # a torrent being (re-)synced is never a candidate
         self.synced = SyncedMarks(cache, qb, synced_tag, dry_run=dry_run)
         self._lock = trio.Lock()  # at most one pass (cleanup, drain or tagged) at a time
+        # Whether an authenticated destination connection is up right now. A torrent is
+        # stopped for a hand-off only then: stopping it and waiting for a destination that
+        # is away (or an impostor that fails the handshake) only takes it off the swarm.
+        self.destination_ready = destination_ready
         self.handoff_tag = handoff_tag
         self.exclude_sync_tag = exclude_sync_tag
         self.tag_refusals: dict[str, TagRefusal] = {}
@@ -246,6 +252,15 @@ class Cleanup:
                     result.groups_skipped += 1
                     metrics.cleanup_groups.labels("skipped_seeding").inc()
                     continue
+                if not self.destination_ready():
+                    result.deferred = True
+                    log.warning(
+                        "event=cleanup_deferred draining=%s reason=no_authenticated_destination "
+                        "note=%s",
+                        str(draining).lower(),
+                        kv("no torrent is stopped until the destination is connected"),
+                    )
+                    break
                 ok = True
                 for c in group.members:
                     if await self._handoff(c):
@@ -429,6 +444,9 @@ class Cleanup:
         if self.dry_run:
             log.info("event=dry_run action=handoff hash=%s name=%s", h, kv(c.name))
             return True
+        if not self.destination_ready():  # the connection dropped during this pass
+            log.warning("event=handoff_deferred hash=%s reason=no_authenticated_destination", h)
+            return False
         started = time.monotonic()
         try:
             await self.qb.stop(h)

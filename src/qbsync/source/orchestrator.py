@@ -223,6 +223,7 @@ class Orchestrator:
             syncing=lambda h: h in self.registry,  # being (re-)synced: never handed off
             handoff_tag=config.handoff_tag,
             exclude_sync_tag=config.exclude_sync_tag,
+            destination_ready=lambda: pool.connected > 0,  # authenticated connections only
         )
         self.synced = self.cleanup.synced  # the only writer of the cache and --synced-tag
         monitor.on_update = self.on_update

@@ -42,12 +42,14 @@ from typing import Any, Protocol, TypeVar
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import metrics
 from ..log import kv
 from ..ratelimit import Backoff
 from ..wire.address import HostPort
 from ..wire.errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
+from ..wire.keys import Admission
 from ..wire.messages import PieceAck, RequestMessage
 from .codes import Code, SourceCode
 from .growth import Action, Decision, GrowthPolicy, Sample
@@ -317,9 +319,8 @@ class ConnectionPool:
                     event = (
                         "destination_connection_lost" if up_for else "destination_connect_failed"
                     )
-                    level = (
-                        logging.ERROR if code == ErrorCode.AUTH_FAILED.value else (logging.WARNING)
-                    )
+                    # Configuration problems only an operator fixes: an error, not a warning.
+                    level = logging.ERROR if code in _OPERATOR_CODES else logging.WARNING
                     log.log(
                         level,
                         "event=%s conn=%d addr=%s code=%s retry_in_s=%.1f attempt=%d error=%s",
@@ -474,6 +475,11 @@ class ConnectionPool:
         self._nursery.start_soon(fn, slot)
 
 
+_OPERATOR_CODES = frozenset(
+    c.value for c in (ErrorCode.AUTH_FAILED, ErrorCode.UNKNOWN_PEER, ErrorCode.UPGRADE_REQUIRED)
+)
+
+
 def make_connector(
     addr: HostPort,
     *,
@@ -482,14 +488,18 @@ def make_connector(
     server_hostname: str | None = None,
     connect_timeout: float = 10.0,
     instance: str = "",
+    identity: Ed25519PrivateKey | None = None,
+    admission: Admission | None = None,
 ) -> Connector:
     """A :data:`Connector` opening real wire connections."""
-    from ..wire import open_connection
+    from ..wire import ADMIT_ANY, open_connection
 
     def connect() -> contextlib.AbstractAsyncContextManager[Connection]:
         return open_connection(
             addr,
             token=token,
+            identity=identity,
+            admission=admission if admission is not None else ADMIT_ANY,
             ssl_context=ssl_context,
             server_hostname=server_hostname,
             connect_timeout=connect_timeout,

@@ -33,12 +33,14 @@ from collections.abc import AsyncIterator
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import metrics
 from ..log import kv
 from ..wire.address import HostPort
 from ..wire.client import ClientConnection, accept_connection
 from ..wire.errors import ErrorCode, WireError, leaf_exceptions
+from ..wire.keys import ADMIT_ANY, Admission
 from ..wire.messages import OpenConnection
 from ..wire.transport import peer_address
 from .pool import Connection, Connector
@@ -68,8 +70,12 @@ class ReverseHub:
         ssl_context: ssl.SSLContext | None,
         instance: str,
         max_idle: int,
+        identity: Ed25519PrivateKey | None = None,
+        admission: Admission = ADMIT_ANY,
     ) -> None:
         self.listen = listen
+        self.identity = identity
+        self.admission = admission  # never trust on first use: see identity.daemon.setup
         self.token = token
         self.ssl_context = ssl_context
         self.instance = instance
@@ -114,6 +120,8 @@ class ReverseHub:
             async with accept_connection(
                 stream,
                 token=self.token,
+                identity=self.identity,
+                admission=self.admission,
                 ssl_context=self.ssl_context,
                 handshake_timeout=HANDSHAKE_TIMEOUT,
                 hooks=metrics.WIRE_METRICS,

@@ -33,6 +33,8 @@ from ..http import status as status_model
 from ..http.activity import ActivityLog, Throughput, counter_value, sample_forever
 from ..http.server import Health, serve_http
 from ..http.status import StatusBuilder
+from ..identity import IdentityError
+from ..identity.daemon import setup as identity_setup
 from ..integrations import systemd
 from ..integrations.k8s import drain_decision, kube_source
 from ..integrations.notify import Notifier
@@ -54,6 +56,7 @@ log = logging.getLogger("qbsync.source.runner")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # the daemon cannot start as configured (one logged line says why)
 
 
 def run(config: SourceConfig) -> int:
@@ -76,13 +79,31 @@ async def _main(config: SourceConfig) -> int:
     if token is None:
         log.warning(
             "event=auth_disabled role=source reason=%s",
-            kv("no --auth-token/--auth-token-file: the destination must also run without one"),
+            kv(
+                "no --auth-token/--auth-token-file: the destination must also run without "
+                "one; keys are pinned on first use unless --peer-fingerprint is set"
+            ),
         )
     ssl_context = None
     if config.tls_ca is not None:
         from ..wire import client_ssl_context
 
         ssl_context = client_ssl_context(config.tls_ca)
+    log.info(
+        "event=drain_gate annotation=%s kube_config=%s",
+        kv(config.drain_annotation or "(none: drain unconditionally)"),
+        kv(kube_source().describe() if config.drain_annotation else "unused"),
+    )
+    if config.dry_run:
+        log.warning("event=dry_run_enabled reason=%s", kv("nothing is sent, tagged or deleted"))
+    _check_state_dir(config.state_dir, config.dry_run)
+    try:
+        # A listening source (reverse dialing) never trusts on first use: its port is
+        # reachable by anyone (identity.daemon.setup).
+        identity, admission = identity_setup(config, listening=config.listen is not None)
+    except IdentityError as exc:
+        log.error("event=startup_failed code=identity error=%s", kv(str(exc)))
+        return EXIT_CONFIG
     hub: ReverseHub | None = None
     if config.listen is not None:
         # Reverse dialing: the destination connects here (--connect); the source stays the
@@ -96,17 +117,10 @@ async def _main(config: SourceConfig) -> int:
                 else None
             ),
             instance=config.source_name,
+            identity=identity.key,
+            admission=admission,
             max_idle=config.max_connections,
         )
-    log.info(
-        "event=drain_gate annotation=%s kube_config=%s",
-        kv(config.drain_annotation or "(none: drain unconditionally)"),
-        kv(kube_source().describe() if config.drain_annotation else "unused"),
-    )
-    if config.dry_run:
-        log.warning("event=dry_run_enabled reason=%s", kv("nothing is sent, tagged or deleted"))
-    _check_state_dir(config.state_dir, config.dry_run)
-
     health = Health()
     notifier = Notifier(config.notify_url, "source")
     qb = QB(
@@ -127,6 +141,8 @@ async def _main(config: SourceConfig) -> int:
             token=token,
             ssl_context=ssl_context,
             instance=config.source_name,
+            identity=identity.key,
+            admission=admission,
         )
         address = str(config.destination_addr)
     pool = ConnectionPool(

@@ -3,7 +3,8 @@
 Layers (inner to outer): :mod:`.codec` (control messages <-> bytes, one cattrs converter),
 :mod:`.frames` (sans-IO framing and the incremental decoder), :mod:`.protocol` (sans-IO
 handshake, authentication, request ids and credit), then the Trio shell: :mod:`.transport`
-(TCP/TLS bytes), :mod:`.shell` (what both ends share), :mod:`.server` (:func:`serve`, the
+(TCP/TLS bytes), :mod:`.keys` (the handshake's signatures, key derivation and frame
+tags), :mod:`.shell` (what both ends share), :mod:`.server` (:func:`serve`, the
 destination), :mod:`.client` (:func:`open_connection`, the source), :mod:`.budget`
 (:class:`ByteBudget`), and :mod:`.tls` (contexts). :mod:`.hooks` is how the wire reports
 metrics without knowing them, :mod:`.address` its address type.
@@ -25,6 +26,7 @@ from .errors import (
     leaf_exceptions,
 )
 from .hooks import NO_HOOKS, WireHooks
+from .keys import ADMIT_ANY, Admission, PeerKey, fingerprint, new_identity
 from .messages import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -45,10 +47,11 @@ from .messages import (
     valid_info_hash,
 )
 from .protocol import DEFAULT_MAX_PIECE, DEFAULT_WINDOW, MAX_CONTROL_FRAME, Request, Response
-from .server import OpenPeer, OpenPeers, Peer, ServerHandler, serve
+from .server import OpenPeer, OpenPeers, Peer, ServerHandler, serve, serve_dialed
 from .tls import client_ssl_context, server_ssl_context
 
 __all__ = [
+    "ADMIT_ANY",
     "DEFAULT_MAX_PIECE",
     "DEFAULT_WINDOW",
     "MAX_CONTROL_FRAME",
@@ -58,6 +61,7 @@ __all__ = [
     "RETRYABLE",
     "Abort",
     "AbortResult",
+    "Admission",
     "ByteBudget",
     "ClientConnection",
     "ConnectionClosed",
@@ -74,6 +78,7 @@ __all__ = [
     "OpenPeer",
     "OpenPeers",
     "Peer",
+    "PeerKey",
     "Piece",
     "PieceAck",
     "Request",
@@ -85,9 +90,12 @@ __all__ = [
     "WireError",
     "WireHooks",
     "client_ssl_context",
+    "fingerprint",
     "leaf_exceptions",
+    "new_identity",
     "open_connection",
     "serve",
+    "serve_dialed",
     "server_ssl_context",
     "valid_info_hash",
 ]

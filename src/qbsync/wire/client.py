@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from typing import TypeVar, cast
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import messages as m
 from .address import HostPort
 from .errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from .frames import PIECE_HEADER_SIZE
 from .hooks import NO_HOOKS, WireHooks
+from .keys import ADMIT_ANY, Admission
 from .protocol import CreditReceived, Endpoint, ProtocolEvent, Response, ResponseReceived
 from .shell import DEFAULT_IDLE_TIMEOUT, DEFAULT_PING_INTERVAL, BaseConnection, acquire, log
 from .transport import TRANSPORT_ERRORS, accept_tls, describe, dial, peer_address
@@ -27,6 +29,10 @@ from .transport import TRANSPORT_ERRORS, accept_tls, describe, dial, peer_addres
 
 def _nothing() -> None:
     """The default :attr:`ClientConnection.on_change`: nobody listens."""
+
+
+# Piece payload bytes tagged and written per step (see ClientConnection.send_piece).
+TAG_CHUNK = 1024 * 1024
 
 
 class _Waiter:
@@ -87,6 +93,7 @@ class ClientConnection(BaseConnection):
         # Called when credit or in-flight bytes change or the connection closes, so a
         # scheduler (the source's pool) can wait for room on an event instead of polling.
         self.on_change: Callable[[], None] = _nothing
+        self.peer_fingerprint = ""  # the destination's identity key, once admitted
 
     # -- public state ----------------------------------------------------------------------
 
@@ -197,11 +204,20 @@ class ClientConnection(BaseConnection):
             try:
                 if self.closed:
                     raise self._closed_error()
-                rid, header = self._ep.send_piece(info_hash, index, offset, length)
+                rid, header, tag = self._ep.send_piece(info_hash, index, offset, length)
                 self._waiters[rid] = waiter
                 self.on_change()
                 try:
-                    await self._tr.send_header_and_payload(header, view)
+                    # The tag is computed chunk by chunk just before each chunk is written:
+                    # the bytes are cache-hot for the write, and the kernel keeps sending the
+                    # previous chunk meanwhile (the link never idles for a whole-piece pass).
+                    for start in range(0, length, TAG_CHUNK):
+                        chunk = view[start : start + TAG_CHUNK]
+                        tag.update(chunk)
+                        last = start + TAG_CHUNK >= length
+                        trailer = tag.finalize() if last else b""
+                        await self._tr.send_header_and_payload(header, chunk, trailer)
+                        header = b""
                 except BaseException as exc:
                     self._waiters.pop(rid, None)
                     if isinstance(exc, TRANSPORT_ERRORS):
@@ -262,6 +278,8 @@ async def open_connection(
     addr: HostPort,
     *,
     token: str | None,
+    identity: Ed25519PrivateKey | None = None,
+    admission: Admission = ADMIT_ANY,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     connect_timeout: float = 10.0,
@@ -273,9 +291,12 @@ async def open_connection(
     """Connect to a destination, run TLS (if ``ssl_context``) and the handshake, and yield the
     connection; it is closed when the block exits.
 
-    ``connect_timeout`` bounds TCP connect + TLS + handshake together. Raises ``OSError`` if
-    the TCP connection fails, and :class:`WireError` for everything else (``auth-failed`` for
-    a token mismatch or a failed TLS verification, ``unsupported-version``, ``timeout``, ...).
+    ``identity`` is this source's Ed25519 key and ``admission`` decides whether the
+    destination's proven key is accepted (see :mod:`.keys`); having dialed, this side proves
+    itself first. ``connect_timeout`` bounds TCP connect + TLS + handshake together. Raises
+    ``OSError`` if the TCP connection fails, and :class:`WireError` for everything else
+    (``auth-failed`` for a token mismatch or a failed TLS verification,
+    ``unsupported-version``, ``timeout``, ...).
 
     The receive loop and keepalive run in a nursery owned by this context manager. They never
     raise into the block: when the connection dies, pending and later calls raise
@@ -295,6 +316,10 @@ async def open_connection(
         timeout_message=f"connecting to {addr} timed out after {connect_timeout:g}s",
         token=token,
         instance=instance,
+        identity=identity,
+        admission=admission,
+        initiator=True,
+        peer=str(addr),
         ping_interval=ping_interval,
         idle_timeout=idle_timeout,
         hooks=hooks,
@@ -307,6 +332,8 @@ async def accept_connection(
     stream: trio.SocketStream,
     *,
     token: str | None,
+    identity: Ed25519PrivateKey | None = None,
+    admission: Admission = ADMIT_ANY,
     ssl_context: ssl.SSLContext | None = None,
     handshake_timeout: float = 10.0,
     ping_interval: float = DEFAULT_PING_INTERVAL,
@@ -316,7 +343,9 @@ async def accept_connection(
 ) -> AsyncIterator[ClientConnection]:
     """The source's end of a connection the *destination* dialed (``source --listen``): TLS as
     the server (if ``ssl_context``), then the same handshake and connection as
-    :func:`open_connection` -- the source stays the protocol client whichever side dialed.
+    :func:`open_connection` -- the source stays the protocol client whichever side dialed, and
+    the destination, having dialed, proves itself first. ``admission`` must not trust on first
+    use here (a listening port is reachable by anyone: see ``identity.daemon.setup``).
     Errors as :func:`open_connection`'s; ``stream`` is closed when this ends."""
 
     async def establish() -> trio.abc.Stream:
@@ -330,6 +359,10 @@ async def accept_connection(
             timeout_message=f"handshake timed out after {handshake_timeout:g}s",
             token=token,
             instance=instance,
+            identity=identity,
+            admission=admission,
+            initiator=False,
+            peer=peer_address(stream),
             ping_interval=ping_interval,
             idle_timeout=idle_timeout,
             hooks=hooks,
@@ -348,6 +381,10 @@ async def _client_session(
     timeout_message: str,
     token: str | None,
     instance: str,
+    identity: Ed25519PrivateKey | None,
+    admission: Admission,
+    initiator: bool,
+    peer: str,
     ping_interval: float,
     idle_timeout: float,
     hooks: WireHooks,
@@ -360,7 +397,15 @@ async def _client_session(
     try:
         with trio.move_on_after(timeout) as cs:
             stream = await establish()
-            endpoint = Endpoint(m.Role.SOURCE, token=token, instance=instance)
+            endpoint = Endpoint(
+                m.Role.SOURCE,
+                token=token,
+                instance=instance,
+                identity=identity,
+                admission=admission,
+                initiator=initiator,
+                peer_address=peer,
+            )
             conn = ClientConnection(
                 endpoint,
                 stream,
@@ -372,6 +417,7 @@ async def _client_session(
             remaining = max(cs.deadline - trio.current_time(), 0.0)
             done = await conn._handshake(remaining + 1.0)  # the outer deadline governs
             conn.version = done.version
+            conn.peer_fingerprint = done.peer_fingerprint
         if cs.cancelled_caught:
             raise WireError(ErrorCode.TIMEOUT, timeout_message)
     except BaseException as exc:

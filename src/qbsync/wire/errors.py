@@ -37,6 +37,13 @@ class ErrorCode(enum.StrEnum):
     CREDIT_EXCEEDED = "credit-exceeded"  # peer sent more piece bytes than it was granted
     TIMEOUT = "timeout"  # handshake or keepalive deadline passed
     SHUTTING_DOWN = "shutting-down"
+    # The peer speaks the old, unauthenticated handshake (protocol 1): upgrade it.
+    UPGRADE_REQUIRED = "upgrade-required"
+    # The peer proved its key, but the key is not admitted: not pinned (another key is), not
+    # in --peer-fingerprint, or no token proved it where first use is not trusted.
+    UNKNOWN_PEER = "unknown-peer"
+    # A frame after the handshake whose tag does not verify (injected or altered on the path).
+    BAD_TAG = "bad-tag"
 
 
 # Codes after which the same request may succeed if simply retried later.

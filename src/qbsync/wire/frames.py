@@ -7,6 +7,9 @@ and the encoders return bytes for the caller to write.
 Wire layout
 -----------
 
+After a side's ``Auth`` every frame it sends is followed by a 16-byte tag (not counted in
+``length``; see :mod:`.keys` and :attr:`FrameDecoder.tag_size`).
+
 Each side first sends the 8-byte :data:`MAGIC` (PNG-style: a high-bit byte, so 7-bit
 channels, ``\\r\\n`` translation and HTTP clients are caught on the very first read). Then
 frames::
@@ -52,7 +55,7 @@ Decoder design (why it looks like this)
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import attrs
@@ -95,12 +98,17 @@ END_OF_STREAM: Final = Sentinel("END_OF_STREAM")
 
 @attrs.frozen
 class ControlFrame:
-    """A complete control frame. ``raw`` is the body as received, kept only for ``Hello``
-    frames (the handshake MACs cover both Hellos verbatim)."""
+    """A complete control frame. ``raw`` is the body as received, kept for ``Hello`` frames
+    (the handshake proofs cover both Hellos verbatim) and for tagged frames (the tag, which
+    follows the body on the wire, covers ``header`` and the body; the decoder has checked it
+    through ``check_tag`` before decoding). ``tag`` is empty for frames sent before the
+    sender's Auth."""
 
     request_id: int
     message: m.ControlMessage
     raw: bytes = b""
+    header: bytes = b""
+    tag: bytes = b""
 
 
 @attrs.frozen
@@ -130,6 +138,12 @@ class PieceStart:
     index: int
     offset: int
     length: int
+    # Tagged connections: the 16-byte frame header plus the 48-byte piece header (the first
+    # bytes the tag covers; the payload follows, then the 16-byte tag, which the shell reads
+    # after the payload), and the frame counter the protocol layer assigned (see
+    # ``Endpoint.piece_mac``).
+    header: bytes = b""
+    counter: int = 0
 
 
 Event = ControlFrame | UndecodedControl | PieceStart | Sentinel
@@ -138,13 +152,18 @@ Event = ControlFrame | UndecodedControl | PieceStart | Sentinel
 # --- encoders -------------------------------------------------------------------------------
 
 
-def encode_frame(type_code: int, request_id: int, body: bytes) -> bytes:
-    """Header plus body in one ``bytes`` (for control frames, which are small)."""
+def frame_header(type_code: int, request_id: int, length: int) -> bytes:
+    """The 16-byte header of a frame with a ``length``-byte body."""
     if not 0 <= request_id <= MAX_REQUEST_ID:
         raise LocalProtocolError(ErrorCode.PROTOCOL, f"request id {request_id} out of range")
-    if len(body) > MAX_FRAME_LENGTH:
-        raise LocalProtocolError(ErrorCode.FRAME_TOO_LARGE, f"body of {len(body)} bytes")
-    return HEADER.pack(len(body), type_code, 0, 0, request_id) + body
+    if length > MAX_FRAME_LENGTH:
+        raise LocalProtocolError(ErrorCode.FRAME_TOO_LARGE, f"body of {length} bytes")
+    return HEADER.pack(length, type_code, 0, 0, request_id)
+
+
+def encode_frame(type_code: int, request_id: int, body: bytes) -> bytes:
+    """Header plus body in one ``bytes`` (for control frames, which are small)."""
+    return frame_header(type_code, request_id, len(body)) + body
 
 
 def encode_control(msg: m.ControlMessage, request_id: int = 0) -> bytes:
@@ -210,6 +229,14 @@ class FrameDecoder:
         # Control bodies above this many bytes come out as UndecodedControl for the caller to
         # decode off the event loop; None decodes every body inline (sans-IO users, tests).
         self.decode_inline_max: int | None = None
+        # Bytes of tag after each frame's body (0 until the peer's Auth, then 16);
+        # set by the protocol layer at a frame boundary, like the limits.
+        self.tag_size = 0
+        # Verifies a control frame's tag before its body is decoded (nothing an attacker on
+        # the path injects is ever parsed); raises WireError. Pieces are checked by the shell
+        # once their payload is in (``Endpoint.check_piece``).
+        self.check_tag: Callable[[bytes, bytes | bytearray, bytes], None] | None = None
+        self._header = b""
         # current frame
         self._type = 0
         self._request_id = 0
@@ -266,7 +293,7 @@ class FrameDecoder:
         need = {
             _MAGIC_STATE: len(MAGIC),
             _HEADER_STATE: HEADER_SIZE,
-            _CONTROL_BODY: self._length,
+            _CONTROL_BODY: self._length + self.tag_size,
             _PIECE_HEADER_STATE: PIECE_HEADER_SIZE,
         }.get(self._state)
         if need is None:
@@ -356,19 +383,28 @@ class FrameDecoder:
                     self._buf, self._pos
                 )
                 self._check_header(length, type_code, flags, reserved)
+                if self.tag_size:
+                    self._header = bytes(self._buf[self._pos : self._pos + HEADER_SIZE])
                 self._consume(HEADER_SIZE)
                 self._type, self._length, self._request_id = type_code, length, request_id
                 self._state = _PIECE_HEADER_STATE if type_code == codec.PIECE else _CONTROL_BODY
                 continue
             if state == _CONTROL_BODY:
-                if avail < self._length:
+                tagged = self._length + self.tag_size  # a tagged frame's tag follows its body
+                if avail < tagged:
                     return self._need(avail)
-                body = self._take_control_body()
+                body, tag = self._take_control_body()
                 self._state = _HEADER_STATE
+                # The tag is checked here, in stream order and before any decoding (inline or
+                # on a worker thread): nothing an attacker on the path injects is ever parsed.
+                if self.tag_size and self.check_tag is not None:
+                    self.check_tag(self._header, body, tag)
                 inline_max = self.decode_inline_max
                 if inline_max is not None and self._length > inline_max:
                     return UndecodedControl(self._request_id, self._type, body)
                 msg = codec.decode_message(self._type, body)
+                if self.tag_size:
+                    return ControlFrame(self._request_id, msg, b"", self._header, tag)
                 raw = bytes(body) if self._type == codec.HELLO else b""
                 return ControlFrame(self._request_id, msg, raw)
             # _PIECE_HEADER_STATE
@@ -377,11 +413,17 @@ class FrameDecoder:
             hash_len, zero, raw_hash, index, offset = PIECE_HEADER.unpack_from(self._buf, self._pos)
             if hash_len not in (20, 32) or zero != _ZERO3 or any(raw_hash[hash_len:]):
                 raise WireError(ErrorCode.PROTOCOL, "malformed piece header")
+            covered = b""
+            if self.tag_size:
+                covered = self._header + bytes(self._buf[self._pos : self._pos + PIECE_HEADER_SIZE])
             self._consume(PIECE_HEADER_SIZE)
-            self._remaining = self._length - PIECE_HEADER_SIZE
+            payload = self._length - PIECE_HEADER_SIZE
+            # The "body" the shell takes is the payload and then, on a tagged connection, the
+            # 16-byte tag that follows it (PieceStart.length counts the payload only).
+            self._remaining = payload + self.tag_size
             self._state = _PIECE_BODY if self._remaining else _HEADER_STATE
             return PieceStart(
-                self._request_id, raw_hash[:hash_len].hex(), index, offset, self._remaining
+                self._request_id, raw_hash[:hash_len].hex(), index, offset, payload, covered
             )
 
     def _check_header(self, length: int, type_code: int, flags: int, reserved: int) -> None:
@@ -402,20 +444,25 @@ class FrameDecoder:
         if type_code == codec.PIECE and length < PIECE_HEADER_SIZE:
             raise WireError(ErrorCode.PROTOCOL, f"piece frame of {length} bytes is too short")
 
-    def _take_control_body(self) -> bytes | bytearray:
-        """The current control body, consumed. A large body that ends the buffer (the usual
-        case: the peer sent nothing after it yet) is handed over as the buffer itself instead
-        of copied, so a 32 MiB frame costs 32 MiB, not twice that, while it is decoded."""
+    def _take_control_body(self) -> tuple[bytes | bytearray, bytes]:
+        """The current control body and the tag after it (empty on an untagged connection),
+        consumed. A large body that ends the buffer (the usual case: the peer sent nothing
+        after it yet) is handed over as the buffer itself instead of copied, so a 32 MiB frame
+        costs 32 MiB, not twice that, while it is decoded."""
         end = self._pos + self._length
-        if self._length >= _COMPACT_MIN and end == len(self._buf):
+        tagged = end + self.tag_size
+        if self._length >= _COMPACT_MIN and tagged == len(self._buf):
             body = self._buf
+            tag = bytes(body[end:tagged])
+            del body[end:]  # dropping a suffix does not move the rest
             del body[: self._pos]  # O(1): bytearray drops a prefix by moving its start
             self._buf = bytearray()
             self._pos = 0
-            return body
+            return body, tag
         copied = bytes(self._buf[self._pos : end])
-        self._consume(self._length)
-        return copied
+        tag = bytes(self._buf[end:tagged])
+        self._consume(tagged - self._pos)
+        return copied, tag
 
     def _need(self, avail: int) -> Sentinel:
         if not self._eof:

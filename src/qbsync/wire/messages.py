@@ -33,8 +33,9 @@ import attrs
 
 from .errors import ErrorCode
 
-PROTOCOL_VERSION = 1  # bump when a change is not backward compatible
-MIN_PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # bump when a change is not backward compatible
+# Version 1 had no peer identities and no frame tags: it is refused with ``upgrade-required``.
+MIN_PROTOCOL_VERSION = 2
 
 _HASH_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
@@ -72,7 +73,9 @@ class RequestMessage(Generic[R]):
 
 @attrs.frozen
 class Hello:
-    """First message from each side. Carries the nonce the *other* side must sign."""
+    """First message from each side: versions, a fresh nonce, the sender's long-term identity
+    key and a fresh ephemeral key. Both Hello bodies go into the transcript every proof covers.
+    (Version 1 peers send no keys; they are refused with ``upgrade-required``.)"""
 
     role: Role
     min_version: int
@@ -80,6 +83,8 @@ class Hello:
     nonce: bytes  # 32 random bytes
     software: str = "qbsync"
     auth_required: bool = True  # False when this side has no token configured
+    identity: bytes = b""  # raw Ed25519 public key (32 bytes); required from version 2
+    ephemeral: bytes = b""  # raw X25519 public key (32 bytes), fresh per connection
     # The sender's announced name (a source's --source-name): the destination keeps per-source
     # counts under it and lets one source at a time sync an info-hash. Covered by the Auth MACs
     # (they sign both Hello bodies), so nobody on the path can change it.
@@ -88,11 +93,12 @@ class Hello:
 
 @attrs.frozen
 class Auth:
-    """The sender's proof of the shared token: ``protocol.auth_mac`` defines it (an HMAC-SHA256
-    over the sender's role, the version, both nonces and both Hello bodies; the exact bytes are
-    in docs/wire-protocol.md, "Handshake")."""
+    """The sender's proofs over the transcript (``wire.keys``; the exact bytes are in
+    docs/wire-protocol.md, "Handshake"): an Ed25519 signature with its identity key, and the
+    HMAC-SHA256 of the shared token when both sides have one (empty otherwise)."""
 
-    mac: bytes
+    mac: bytes = b""
+    signature: bytes = b""
 
 
 @attrs.frozen

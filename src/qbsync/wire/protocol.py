@@ -1,4 +1,4 @@
-"""Sans-IO protocol endpoint: handshake, authentication, request ids and credits.
+"""Sans-IO protocol endpoint: handshake, peer authentication, frame tags, request ids, credit.
 
 :class:`Endpoint` is the whole protocol state machine of one side of one connection, with no
 I/O and no clock (h11's ``Connection`` is the model): the Trio shell (:mod:`.shell`, with
@@ -7,34 +7,38 @@ I/O and no clock (h11's ``Connection`` is the model): the Trio shell (:mod:`.she
 Everything that decides *whether* a frame is legal lives here, so the hypothesis state-machine
 tests can drive two endpoints through every interleaving without sockets.
 
-Handshake (both sides send their first flight at once)::
+Handshake (protocol 2; the exact bytes are in docs/wire-protocol.md, "Handshake")::
 
-    source (client)                            destination (server)
-    MAGIC + Hello(source, versions, Nc)  --->
-                                         <---  MAGIC + Hello(destination, versions, Ns)
-    Auth(MAC_source)                     --->  (only when both sides have a token)
-                                         <---  Auth(MAC_destination) + AuthOk(version, limits)
+    dialer (usually the source)                   listener (usually the destination)
+    MAGIC + Hello(role, versions, N, K, E)  --->
+                                            <---  MAGIC + Hello(role, versions, N, K, E)
+    Auth(sig, token MAC)                    --->  checks it, asks Admission, then:
+                                            <---  Auth(sig, token MAC) [+ AuthOk if destination]
+    [AuthOk, if the dialer is the destination] --->
 
-* Version: the highest version both ranges contain, else ``unsupported-version``.
-* ``MAC_x = HMAC-SHA256(token, "qbsync-auth-v1" | x's role | version | Nc | Ns |
-  SHA-256(both Hello bodies))``. Each side proves knowledge of the token over a nonce the
-  *other* side just chose, so a recorded proof is useless later (replay), and the sender's role
-  is inside the MAC, so a destination's proof can never pass as a source's (reflection). The
-  Hello transcript is covered too, so a tampered version range or auth flag breaks the proof.
-  The token itself never crosses the wire. The source proves first: a destination reveals
-  nothing token-derived to a peer that has not proven itself, which denies scanners an
-  offline-guessing oracle (use a long random token all the same).
+* Each Hello carries a fresh nonce ``N``, the sender's long-term Ed25519 identity key ``K``
+  and a fresh X25519 key ``E``. Each side signs the transcript (both Hello bodies, source
+  first) with its identity key, and, when both have a token, MACs it with the token
+  (:mod:`.keys`). The dialer proves first (``initiator``, independent of the role, so a
+  destination dialing a listening source runs the same code): a listener reveals nothing to a
+  peer that has not proven itself. No secret crosses the wire.
+* A proven key is then admitted or refused by the injected :class:`~.keys.Admission` (pins,
+  ``--peer-fingerprint``, trust on first use: ``qbsync.identity``) before anything else
+  happens; refused keys get ``unknown-peer``.
+* From its own ``Auth`` on, each side follows every frame with a 16-byte tag: the
+  ChaCha20-Poly1305 tag over header and body, with per-direction keys derived from the X25519
+  exchange and a per-direction frame counter as nonce (:class:`~.keys.FrameMac`). So an
+  attacker on the path cannot inject, drop, reorder or alter a frame after an honest
+  handshake (a tag that does not verify closes the connection with ``bad-tag``).
+* Version 1 peers (no keys, no tags) are refused with ``upgrade-required``.
 * Tokens are all-or-nothing: if exactly one side has one, *both* sides fail with
-  ``auth-failed`` and a message naming the side that lacks it (a source with a token must never
-  silently talk to an unauthenticated destination, which might be an impostor).
-* Until ``AuthOk`` only the one handshake frame the current state expects (and Error), of at
-  most :data:`HANDSHAKE_MAX_FRAME` bytes, is accepted; anything else is refused at its header.
+  ``auth-failed`` and a message naming the side that lacks it.
+* Until the handshake completes only the one handshake frame the current state expects (and
+  Error), of at most :data:`HANDSHAKE_MAX_FRAME` bytes, is accepted; anything else is refused
+  at its header.
 * :class:`State` is the endpoint's one state; :meth:`Endpoint._enter` is the only place it
   changes, and it sets the frame types and sizes the decoder accepts in the new state, derived
   from :data:`~qbsync.wire.messages.MESSAGE_TABLE`.
-* The token authenticates the *handshake*; it does not MAC every frame. On an untrusted network
-  an on-path attacker could still hijack an authenticated TCP stream, which is what the optional
-  TLS layer is for.
 
 After the handshake the source sends requests (InitTorrent, Finalize, Abort, StartTorrent) and
 pieces with strictly increasing, non-zero request ids; the destination answers each exactly once
@@ -53,15 +57,16 @@ piece bytes are thus bounded by ``max(W, largest piece)`` per connection.
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import secrets
-import struct
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from . import codec
+from . import keys as k
 from . import messages as m
 from .errors import ConnectionClosed, ErrorCode, LocalProtocolError, WireError
 from .frames import (
@@ -74,8 +79,8 @@ from .frames import (
     PieceStart,
     Sentinel,
     UndecodedControl,
-    encode_control,
     encode_piece_header,
+    frame_header,
 )
 from .messages import HANDSHAKE_MAX_FRAME, MAX_CONTROL_FRAME, REQUEST_TYPES, Request, Response
 
@@ -94,17 +99,14 @@ DEFAULT_MAX_PIECE: Final = 256 * 1024 * 1024  # largest piece size libtorrent cr
 DEFAULT_WINDOW: Final = 64 * 1024 * 1024
 MAX_CREDIT: Final = 2**62
 NONCE_SIZE: Final = 32
-MAC_SIZE: Final = 32
 MAX_ERROR_MESSAGE: Final = 1000
-
-_AUTH_LABEL = b"qbsync-auth-v1\0"
 
 
 class State(enum.Enum):
     """Where an endpoint is. Changed only by :meth:`Endpoint._enter`."""
 
     HELLO = "hello"  # waiting for the peer's Hello
-    AUTH = "auth"  # waiting for the peer's Auth (both sides have a token)
+    AUTH = "auth"  # waiting for the peer's Auth (its signature, and token MAC if any)
     AUTH_OK = "authok"  # source: waiting for the destination's AuthOk
     OPEN = "open"  # authenticated: requests, pieces, credit, pings
     CLOSED = "closed"
@@ -127,6 +129,7 @@ class HandshakeComplete:
     max_frame: int  # largest piece frame body the destination accepts
     window: int  # the destination's credit window
     peer_software: str
+    peer_fingerprint: str = ""  # the admitted peer's identity key (``keys.fingerprint``)
     peer_instance: str = ""  # the peer's Hello.instance
 
 
@@ -209,40 +212,22 @@ class _Outstanding:
         return None
 
 
-def auth_mac(
-    token: bytes,
-    sender: m.Role,
-    version: int,
-    client_nonce: bytes,
-    server_nonce: bytes,
-    client_hello: bytes,
-    server_hello: bytes,
-) -> bytes:
-    """The handshake proof ``sender`` sends (see the module docstring)."""
-    transcript = hashlib.sha256(
-        struct.pack(">I", len(client_hello)) + client_hello + server_hello
-    ).digest()
-    msg = (
-        _AUTH_LABEL
-        + sender.value.encode()
-        + b"\0"
-        + struct.pack(">H", version)
-        + client_nonce
-        + server_nonce
-        + transcript
-    )
-    return hmac.new(token, msg, hashlib.sha256).digest()
-
-
 def _truncate(text: str) -> str:
     return text if len(text) <= MAX_ERROR_MESSAGE else text[: MAX_ERROR_MESSAGE - 3] + "..."
 
 
 class Endpoint:
-    """One side of a connection. ``role`` SOURCE is the client, DESTINATION the server.
+    """One side of a connection. ``role`` SOURCE is the protocol client (it sends requests and
+    pieces), DESTINATION the server, whichever of them dialed.
 
     Args:
         token: the shared secret, or ``None``/``""`` for none (see the module docstring).
+        identity: this side's long-term Ed25519 key (a fresh one by default: tests).
+        admission: decides which proven peer keys are accepted (:data:`keys.ADMIT_ANY` by
+            default: tests and library use; the daemons pass ``qbsync.identity.PeerPolicy``).
+        initiator: whether this side dialed (it then proves itself first); defaults to
+            ``role == SOURCE``, the usual direction.
+        peer_address: for admission logs only.
         nonce: this side's 32-byte handshake nonce (random by default; tests pin it).
         max_piece: destination only: the largest piece payload accepted.
         window: destination only: the credit window announced to the source.
@@ -253,6 +238,10 @@ class Endpoint:
         role: m.Role,
         *,
         token: str | None,
+        identity: Ed25519PrivateKey | None = None,
+        admission: k.Admission = k.ADMIT_ANY,
+        initiator: bool | None = None,
+        peer_address: str = "",
         nonce: bytes | None = None,
         max_piece: int = DEFAULT_MAX_PIECE,
         window: int = DEFAULT_WINDOW,
@@ -268,7 +257,15 @@ class Endpoint:
             raise ValueError("window and max_piece must be positive")
         self.role = role
         self.is_client = role == m.Role.SOURCE
+        self.initiator = self.is_client if initiator is None else initiator
         self._token = token.encode("utf-8") if token else None
+        self._identity = identity if identity is not None else k.new_identity()
+        self._identity_raw = k.raw_public(self._identity.public_key())
+        self.fingerprint = k.fingerprint(self._identity_raw)
+        self._ephemeral = X25519PrivateKey.generate()
+        self._admission = admission
+        self.peer_address = peer_address
+        self.peer_key: k.PeerKey | None = None  # set once the peer is admitted
         self._nonce = nonce
         self._min_version = min_version
         self._max_version = max_version
@@ -284,19 +281,30 @@ class Endpoint:
         self.available = self.window
         self.max_frame = max_piece + PIECE_HEADER_SIZE if not self.is_client else 0
         self.inflight_bytes = 0  # source: piece bytes sent and not yet answered
+        # Frame tags (keys.FrameMac): set up from the ephemeral exchange when the peer's Hello
+        # arrives, switched on per direction at the Auth frames.
+        self._transcript = b""
+        self._send_mac: k.FrameMac | None = None
+        self._recv_mac: k.FrameMac | None = None
+        self._sending_tagged = False
+        self._send_counter = 0
+        self._recv_counter = 0
         hello = m.Hello(
             role=role,
             min_version=min_version,
             max_version=max_version,
             nonce=nonce,
             auth_required=self._token is not None,
+            identity=self._identity_raw,
+            ephemeral=k.raw_public(self._ephemeral.public_key()),
             instance=instance,
         )
         self._my_hello = codec.encode_message(hello)[1]
         self._peer_hello = b""
         self._peer_nonce = b""
+        self._peer_identity = b""
         self._decoder = FrameDecoder(self._limits(State.HELLO))
-        self._out += MAGIC + encode_control(hello)
+        self._out += MAGIC + self._frame(hello)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -323,23 +331,37 @@ class Endpoint:
                 limits[spec.code] = self.max_frame if spec.cls is m.Piece else spec.max_body
         return limits
 
-    def _macs(self) -> tuple[bytes, bytes]:
-        """(this side's proof, the proof expected from the peer)."""
-        assert self._token is not None
-        if self.is_client:
-            cn, sn, ch, sh = self._nonce, self._peer_nonce, self._my_hello, self._peer_hello
-        else:
-            cn, sn, ch, sh = self._peer_nonce, self._nonce, self._peer_hello, self._my_hello
-        mine = m.Role.SOURCE if self.is_client else m.Role.DESTINATION
-        theirs = m.Role.DESTINATION if self.is_client else m.Role.SOURCE
-        return (
-            auth_mac(self._token, mine, self.version, cn, sn, ch, sh),
-            auth_mac(self._token, theirs, self.version, cn, sn, ch, sh),
-        )
+    def _frame(self, msg: m.ControlMessage, request_id: int = 0) -> bytes:
+        """A complete control frame for ``msg``: tagged once this side has sent its Auth."""
+        type_code, body = codec.encode_message(msg)
+        header = frame_header(type_code, request_id, len(body))
+        if not self._sending_tagged:
+            return header + body
+        assert self._send_mac is not None
+        tag = self._send_mac.tag(self._send_counter, (header, body))
+        self._send_counter += 1
+        return header + body + tag
+
+    def _check_tag(self, header: bytes, body: bytes | bytearray, tag: bytes) -> None:
+        """The decoder's check of the next received control frame's tag, before the body is
+        decoded (raises ``bad-tag``)."""
+        assert self._recv_mac is not None
+        counter = self._recv_counter
+        self._recv_counter += 1
+        if not self._recv_mac.check(counter, (header, body), tag):
+            raise WireError(
+                ErrorCode.BAD_TAG,
+                f"frame {counter} from the {self.peer_name} failed its tag check "
+                "(altered or injected on the path)",
+            )
 
     @property
     def peer_name(self) -> str:
         return "destination" if self.is_client else "source"
+
+    @property
+    def _me(self) -> str:
+        return "source" if self.is_client else "destination"
 
     # -- input -----------------------------------------------------------------------------
 
@@ -418,7 +440,7 @@ class Endpoint:
     def _fail(self, exc: WireError) -> None:
         """Queue the Error frame telling the peer why we close."""
         if self.state != State.CLOSED:
-            self._out += encode_control(m.Error(exc.code, _truncate(exc.message)))
+            self._out += self._frame(m.Error(exc.code, _truncate(exc.message)))
         self._close()
 
     def _on_control(self, frame: ControlFrame) -> ProtocolEvent | None:
@@ -456,21 +478,7 @@ class Endpoint:
         if isinstance(msg, m.Hello) and self.state == State.HELLO:
             return self._on_hello(msg, raw)
         if isinstance(msg, m.Auth) and self.state == State.AUTH:
-            if len(msg.mac) != MAC_SIZE:
-                raise WireError(ErrorCode.PROTOCOL, "malformed Auth")
-            mine, expected = self._macs()
-            if not hmac.compare_digest(msg.mac, expected):
-                me = "source" if self.is_client else "destination"
-                raise WireError(
-                    ErrorCode.AUTH_FAILED,
-                    f"auth token mismatch: the {self.peer_name}'s proof does not match this "
-                    f"{me}'s token",
-                )
-            if self.is_client:
-                self._enter(State.AUTH_OK)
-                return None
-            self._out += encode_control(m.Auth(mine))
-            return self._accept()
+            return self._on_auth(msg)
         if isinstance(msg, m.AuthOk) and self.state == State.AUTH_OK:
             assert self.is_client
             if msg.version != self.version:
@@ -504,6 +512,13 @@ class Endpoint:
                 ErrorCode.PROTOCOL,
                 f"invalid version range {hello.min_version}..{hello.max_version}",
             )
+        if hello.max_version < 2:
+            raise WireError(
+                ErrorCode.UPGRADE_REQUIRED,
+                f"the {self.peer_name} speaks the old unauthenticated handshake (protocol "
+                f"{hello.max_version}, software {hello.software[:100]!r}): upgrade it to a "
+                f"qbsync with protocol {self._max_version} (see the README, Upgrading)",
+            )
         version = min(self._max_version, hello.max_version)
         if version < max(self._min_version, hello.min_version):
             raise WireError(
@@ -512,37 +527,85 @@ class Endpoint:
                 f"{hello.max_version}, this side {self._min_version}..{self._max_version}: "
                 "upgrade the older side",
             )
+        if len(hello.identity) != k.PUBLIC_KEY_SIZE or len(hello.ephemeral) != k.PUBLIC_KEY_SIZE:
+            raise WireError(
+                ErrorCode.PROTOCOL, "Hello identity and ephemeral keys must be 32 bytes"
+            )
         self.version = version
         self.peer_software = hello.software[:100]
         self.peer_instance = hello.instance[:100]
         self._peer_hello = raw
         self._peer_nonce = hello.nonce
-        me = "source" if self.is_client else "destination"
+        self._peer_identity = hello.identity
         if self._token is not None and not hello.auth_required:
             raise WireError(
                 ErrorCode.AUTH_FAILED,
-                f"this {me} has an auth token but the {self.peer_name} has none configured: "
-                "set the same --auth-token on both sides",
+                f"this {self._me} has an auth token but the {self.peer_name} has none "
+                "configured: set the same --auth-token on both sides",
             )
         if self._token is None and hello.auth_required:
             raise WireError(
                 ErrorCode.AUTH_FAILED,
-                f"the {self.peer_name} requires an auth token but this {me} has none "
+                f"the {self.peer_name} requires an auth token but this {self._me} has none "
                 "configured: set the same --auth-token on both sides",
             )
+        source_hello, dest_hello = (
+            (self._my_hello, raw) if self.is_client else (raw, self._my_hello)
+        )
+        self._transcript = k.transcript_hash(source_hello, dest_hello)
+        try:
+            to_dest, to_source = k.derive_frame_keys(
+                self._ephemeral, hello.ephemeral, self._transcript
+            )
+        except ValueError:
+            raise WireError(ErrorCode.PROTOCOL, "unusable ephemeral key in Hello") from None
+        send, recv = (to_dest, to_source) if self.is_client else (to_source, to_dest)
+        self._send_mac, self._recv_mac = k.FrameMac(send), k.FrameMac(recv)
+        self._enter(State.AUTH)
+        if self.initiator:
+            self._send_auth()
+        return None
+
+    def _send_auth(self) -> None:
+        """Queue our Auth; every frame after it carries a tag."""
+        mine = self.role
+        mac = b""
         if self._token is not None:
-            self._enter(State.AUTH)
-            if self.is_client:
-                self._out += encode_control(m.Auth(self._macs()[0]))
-            return None
+            mac = k.token_mac(self._token, mine, self.version, self._transcript)
+        signature = k.sign(self._identity, mine, self.version, self._transcript)
+        self._out += self._frame(m.Auth(mac=mac, signature=signature))
+        self._sending_tagged = True
+
+    def _on_auth(self, auth: m.Auth) -> ProtocolEvent | None:
+        peer_role = m.Role.DESTINATION if self.is_client else m.Role.SOURCE
+        if len(auth.signature) != k.SIGNATURE_SIZE or len(auth.mac) not in (0, k.TOKEN_MAC_SIZE):
+            raise WireError(ErrorCode.PROTOCOL, "malformed Auth")
+        if not k.verify_signature(
+            self._peer_identity, auth.signature, peer_role, self.version, self._transcript
+        ):
+            raise WireError(
+                ErrorCode.AUTH_FAILED,
+                f"the {self.peer_name}'s signature does not verify with the key it presented",
+            )
+        if self._token is not None:
+            expected = k.token_mac(self._token, peer_role, self.version, self._transcript)
+            if not hmac.compare_digest(auth.mac, expected):
+                raise WireError(
+                    ErrorCode.AUTH_FAILED,
+                    f"auth token mismatch: the {self.peer_name}'s proof does not match this "
+                    f"{self._me}'s token",
+                )
+        peer = k.PeerKey(peer_role, self._peer_identity, self._token is not None, self.peer_address)
+        self._admission.admit(peer, self.fingerprint)  # raises WireError to refuse
+        self.peer_key = peer
+        self._decoder.tag_size = k.TAG_SIZE  # every later frame of the peer is tagged
+        self._decoder.check_tag = self._check_tag
+        if not self.initiator:
+            self._send_auth()
         if self.is_client:
             self._enter(State.AUTH_OK)
             return None
-        return self._accept()
-
-    def _accept(self) -> ProtocolEvent:
-        """Destination: authentication done, announce the limits."""
-        self._out += encode_control(
+        self._out += self._frame(
             m.AuthOk(version=self.version, max_frame=self.max_frame, initial_credit=self.window)
         )
         return self._open()
@@ -550,7 +613,12 @@ class Endpoint:
     def _open(self) -> HandshakeComplete:
         self._enter(State.OPEN)
         return HandshakeComplete(
-            self.version, self.max_frame, self.window, self.peer_software, self.peer_instance
+            self.version,
+            self.max_frame,
+            self.window,
+            self.peer_software,
+            self.peer_key.fingerprint if self.peer_key is not None else "",
+            self.peer_instance,
         )
 
     # -- requests and responses --------------------------------------------------------------
@@ -576,7 +644,46 @@ class Endpoint:
         self._outstanding[start.request_id] = _Outstanding(
             m.Piece, start.info_hash, start.index, start.length
         )
+        if self._recv_mac is not None and start.header:  # counted now, in stream order
+            start = attrs.evolve(start, counter=self._recv_counter)
+            self._recv_counter += 1
         return start
+
+    def piece_mac(self, start: PieceStart) -> k.IncrementalTag:
+        """Destination: the tag of a piece being received, already fed its headers: feed it
+        the payload as it arrives, then :meth:`check_piece_tag` with the 16 bytes that follow
+        the payload. Raises ``bad-tag`` for a piece on an untagged connection."""
+        if self._recv_mac is None or not start.header:
+            self._fail_with(WireError(ErrorCode.BAD_TAG, "piece without a tag"))
+        assert self._recv_mac is not None
+        mac = self._recv_mac.begin(start.counter)
+        mac.update(start.header)
+        return mac
+
+    def check_piece_tag(self, start: PieceStart, mac: k.IncrementalTag, tag: bytes) -> None:
+        """Destination: verify a piece's tag once its whole payload has been fed to ``mac``,
+        before anything uses the piece. Raises ``WireError(bad-tag)`` after queueing the Error
+        frame for the peer (send :meth:`data_to_send`, then close), like :meth:`next_event`."""
+        if not mac.verify(tag):
+            self._fail_with(
+                WireError(
+                    ErrorCode.BAD_TAG,
+                    f"piece {start.index} (frame {start.counter}) from the {self.peer_name} "
+                    "failed its tag check (altered or injected on the path)",
+                )
+            )
+
+    def check_piece(
+        self, start: PieceStart, payload: bytes | bytearray | memoryview, tag: bytes
+    ) -> None:
+        """:meth:`piece_mac` and :meth:`check_piece_tag` in one call (a payload in one buffer)."""
+        mac = self.piece_mac(start)
+        mac.update(payload)
+        self.check_piece_tag(start, mac, tag)
+
+    def _fail_with(self, exc: WireError) -> NoReturn:
+        self._fail(exc)
+        raise exc
 
     def _on_response(self, rid: int, msg: Response) -> ResponseReceived:
         pending = self._outstanding.get(rid)
@@ -616,15 +723,19 @@ class Endpoint:
             raise LocalProtocolError(ErrorCode.PROTOCOL, f"cannot send {type(msg).__name__}")
         rid = self._new_request_id()
         self._outstanding[rid] = _Outstanding(type(msg))
-        return rid, encode_control(msg, rid)
+        return rid, self._frame(msg, rid)
 
     def piece_fits(self, length: int) -> bool:
         """Source: whether a piece of ``length`` bytes may be sent now (credit rule)."""
         return length <= self.available or self.available == self.window
 
-    def send_piece(self, info_hash: str, index: int, offset: int, length: int) -> tuple[int, bytes]:
-        """Source: consume credit and return ``(request id, header)``; the caller writes the
-        ``length`` payload bytes right after the header."""
+    def send_piece(
+        self, info_hash: str, index: int, offset: int, length: int
+    ) -> tuple[int, bytes, k.IncrementalTag]:
+        """Source: consume credit and return ``(request id, head, tag)``. The caller writes
+        ``head`` (frame and piece header, 64 bytes), then the ``length`` payload bytes while
+        feeding each to ``tag`` (the payload is read once, as it is written, never copied),
+        then ``tag.finalize()`` (16 bytes)."""
         self._require_open()
         if not self.is_client:
             raise LocalProtocolError(ErrorCode.PROTOCOL, "only a source sends pieces")
@@ -640,12 +751,25 @@ class Endpoint:
                 f"piece of {length} bytes with {self.available} bytes of credit",
             )
         rid = self._last_request_id + 1
-        header = encode_piece_header(rid, info_hash, index, offset, length)
+        head = encode_piece_header(rid, info_hash, index, offset, length)
+        assert self._send_mac is not None and self._sending_tagged
+        tag = self._send_mac.begin(self._send_counter)
+        tag.update(head)
+        self._send_counter += 1
         self._last_request_id = rid
         self.available -= length
         self.inflight_bytes += length
         self._outstanding[rid] = _Outstanding(m.Piece, info_hash, index, length)
-        return rid, header
+        return rid, head, tag
+
+    def piece_frame(
+        self, info_hash: str, index: int, offset: int, payload: bytes | bytearray | memoryview
+    ) -> tuple[int, bytes]:
+        """Source: :meth:`send_piece` for a payload in one buffer: ``(request id, the whole
+        frame)`` (a copy of the payload: for tests and small pieces)."""
+        rid, head, tag = self.send_piece(info_hash, index, offset, len(payload))
+        tag.update(payload)
+        return rid, head + bytes(payload) + tag.finalize()
 
     # -- output: destination ---------------------------------------------------------------
 
@@ -668,7 +792,7 @@ class Endpoint:
         if isinstance(msg, m.Error):
             msg = m.Error(msg.code, _truncate(msg.message))
         del self._outstanding[request_id]
-        return encode_control(msg, request_id)
+        return self._frame(msg, request_id)
 
     def grant_credit(self, nbytes: int) -> bytes:
         """Destination: give ``nbytes`` of piece credit back to the source."""
@@ -678,7 +802,7 @@ class Endpoint:
                 ErrorCode.PROTOCOL, f"cannot grant {nbytes} bytes (available {self.available})"
             )
         self.available += nbytes
-        return encode_control(m.CreditGrant(nbytes))
+        return self._frame(m.CreditGrant(nbytes))
 
     @property
     def outstanding(self) -> int:
@@ -689,11 +813,11 @@ class Endpoint:
 
     def send_ping(self, payload: int = 0) -> bytes:
         self._require_open()
-        return encode_control(m.Ping(payload))
+        return self._frame(m.Ping(payload))
 
     def send_pong(self, payload: int = 0) -> bytes:
         self._require_open()
-        return encode_control(m.Pong(payload))
+        return self._frame(m.Pong(payload))
 
     def send_error(self, code: ErrorCode, message: str = "") -> bytes:
         """A connection-level Error frame; the endpoint is closed afterwards. Returns ``b""``
@@ -701,4 +825,4 @@ class Endpoint:
         if self.state == State.CLOSED:
             return b""
         self._close()
-        return encode_control(m.Error(code, _truncate(message)))
+        return self._frame(m.Error(code, _truncate(message)))

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import messages as m
 from .address import HostPort
@@ -41,6 +42,7 @@ from .budget import ByteBudget
 from .errors import ConnectionClosed, ErrorCode, WireError, leaf_exceptions
 from .frames import PieceStart
 from .hooks import NO_HOOKS, WireHooks
+from .keys import ADMIT_ANY, TAG_SIZE, Admission, IncrementalTag
 from .logfmt import kv
 from .protocol import (
     DEFAULT_MAX_PIECE,
@@ -259,21 +261,49 @@ class _ServerConnection(BaseConnection):
             # One buffer of exactly the piece's size; the kernel writes into it directly.
             buf = self._budget.take_buffer(start.length)
             view = memoryview(buf)
-            decoder = self._ep.decoder
-            got = decoder.readinto_body(view)
-            if got < start.length:
-                try:
-                    await self._tr.recv_body(view[got:], self._body_progress)
-                except TRANSPORT_ERRORS as exc:
-                    if self.closed:
-                        raise self._closed_error() from None
-                    raise ConnectionClosed(f"receive failed: {describe(exc)}") from None
+            # The tag is computed as the bytes arrive (they are still in the CPU cache, and
+            # the work overlaps the wait for the next ones); nothing uses a byte of the piece
+            # before the 16 bytes after it verify.
+            mac = self._ep.piece_mac(start)
+            tag = bytearray(TAG_SIZE)
+            await self._receive_into(view, memoryview(tag), mac)
+            self._ep.check_piece_tag(start, mac, bytes(tag))
         except BaseException:
             if charge:
                 self._budget.release(charge)
             self._piece_slots.release()
             raise
         handlers.start_soon(self._run_piece, start, buf, view, charge)
+
+    async def _receive_into(
+        self, view: memoryview, trailer: memoryview, mac: IncrementalTag
+    ) -> None:
+        """Fill ``view`` (the payload) and ``trailer`` (its tag) with the next body bytes:
+        buffered ones first, then straight from the socket in one ``readv`` per chunk, feeding
+        each payload chunk to ``mac`` as it lands."""
+        decoder = self._ep.decoder
+        got = decoder.readinto_body(view)
+        if got:
+            mac.update(view[:got])
+        tgot = decoder.readinto_body(trailer) if got == len(view) else 0
+        if got == len(view) and tgot == len(trailer):
+            return
+        pos = got
+
+        def progress(n: int) -> None:
+            nonlocal pos
+            take = min(n, len(view) - pos)
+            if take > 0:
+                mac.update(view[pos : pos + take])
+                pos += take
+            self._body_progress(n)
+
+        try:
+            await self._tr.recv_body(view[got:], progress, trailer[tgot:])
+        except TRANSPORT_ERRORS as exc:
+            if self.closed:
+                raise self._closed_error() from None
+            raise ConnectionClosed(f"receive failed: {describe(exc)}") from None
 
     async def _run_piece(
         self, start: PieceStart, buf: bytearray, view: memoryview, charge: int
@@ -355,6 +385,8 @@ async def serve(
     token: str | None,
     ssl_context: ssl.SSLContext | None,
     budget: ByteBudget,
+    identity: Ed25519PrivateKey | None = None,
+    admission: Admission = ADMIT_ANY,
     task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ping_interval: float = DEFAULT_PING_INTERVAL,
@@ -401,6 +433,8 @@ async def serve(
             handler,
             gate=gate,
             token=token,
+            identity=identity,
+            admission=admission,
             ssl_context=ssl_context,
             budget=budget,
             handshake_timeout=handshake_timeout,
@@ -433,6 +467,8 @@ async def serve_dialed(
     *,
     token: str | None,
     budget: ByteBudget,
+    identity: Ed25519PrivateKey | None = None,
+    admission: Admission = ADMIT_ANY,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ping_interval: float = DEFAULT_PING_INTERVAL,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -447,13 +483,16 @@ async def serve_dialed(
     """Serve one connection the destination *dialed* (``destination --connect``; TCP and TLS
     done by :func:`.transport.dial`): the same handshake -- the destination stays the protocol
     server whichever side dialed -- and the same service as a connection :func:`serve`
-    accepted. Returns when it ends (a failed handshake is logged and counted here too)."""
+    accepted, except that this side, having dialed, proves itself first in the handshake.
+    Returns when it ends (a failed handshake is logged and counted here too)."""
     await _serve_one(
         stream,
         handler,
         gate=_HandshakeGate(1, 1, hooks),  # one outgoing connection: nothing to cap
         token=token,
         ssl_context=None,
+        identity=identity,
+        admission=admission,
         budget=budget,
         handshake_timeout=handshake_timeout,
         ping_interval=ping_interval,
@@ -465,6 +504,7 @@ async def serve_dialed(
         hooks=hooks,
         on_peer=on_peer,
         peers=peers,
+        initiator=True,
     )
 
 
@@ -538,6 +578,8 @@ async def _serve_one(
     *,
     gate: _HandshakeGate,
     token: str | None,
+    identity: Ed25519PrivateKey | None,
+    admission: Admission,
     ssl_context: ssl.SSLContext | None,
     budget: ByteBudget,
     handshake_timeout: float,
@@ -550,6 +592,7 @@ async def _serve_one(
     hooks: WireHooks,
     peers: OpenPeers | None = None,
     on_peer: PeerHook = _ignore_peer,
+    initiator: bool = False,
 ) -> None:
     peer = Peer(peer_address(stream), next(_conn_ids))
     label = f"peer={peer.address} conn={peer.conn_id}"
@@ -566,6 +609,10 @@ async def _serve_one(
                 stream,
                 label,
                 token=token,
+                identity=identity,
+                admission=admission,
+                peer_address=peer.address,
+                initiator=initiator,
                 ssl_context=ssl_context,
                 handshake_timeout=handshake_timeout,
                 window=window,
@@ -593,12 +640,13 @@ async def _serve_one(
         hooks.connection_opened("destination")
         log.info(
             "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s "
-            "peer_instance=%s",
+            "peer_fingerprint=%s peer_instance=%s",
             label,
             info.version,
             ssl_context is not None,
             bool(token),
             kv(info.peer_software),
+            info.peer_fingerprint,
             kv(info.peer_instance),
         )
         if peers is not None:
@@ -636,6 +684,10 @@ async def _handshake(
     label: str,
     *,
     token: str | None,
+    identity: Ed25519PrivateKey | None,
+    admission: Admission,
+    peer_address: str,
+    initiator: bool,
     ssl_context: ssl.SSLContext | None,
     handshake_timeout: float,
     window: int,
@@ -649,7 +701,16 @@ async def _handshake(
     if sock is not None:
         tune_socket(sock)
     app_stream: trio.abc.Stream = stream
-    endpoint = Endpoint(m.Role.DESTINATION, token=token, window=window, max_piece=max_piece)
+    endpoint = Endpoint(
+        m.Role.DESTINATION,
+        token=token,
+        identity=identity,
+        admission=admission,
+        peer_address=peer_address,
+        initiator=initiator,
+        window=window,
+        max_piece=max_piece,
+    )
     deadline = trio.current_time() + handshake_timeout
     if ssl_context is not None:
         app_stream = trio.SSLStream(stream, ssl_context, server_side=True)

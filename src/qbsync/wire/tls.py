@@ -7,9 +7,9 @@ deliberately no "insecure" switch (qBittorrent's CVE-2024-51774 is the cautionar
 certificate must name the address the source connects to (a DNS or IP subjectAltName), or the
 source passes ``server_hostname`` explicitly.
 
-TLS and the auth token are complementary: the token (HMAC challenge-response in the
-handshake) decides *who* may talk to the destination, TLS keeps the stream confidential and
-un-hijackable on an untrusted network. Use both across the internet.
+TLS and the handshake are complementary: the peer keys (and the token, when set) decide
+*who* may talk to whom, and the per-frame tags keep an authenticated stream from being
+hijacked; TLS adds confidentiality. Use TLS (or a VPN) across the internet.
 """
 
 from __future__ import annotations

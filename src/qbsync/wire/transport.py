@@ -114,30 +114,44 @@ class Transport:
         view[:n] = data
         return n
 
-    async def recv_body(self, view: memoryview, progress: Callable[[int], None]) -> None:
-        """Fill ``view`` completely from the stream (a piece body), reporting each chunk.
+    async def recv_body(
+        self,
+        view: memoryview,
+        progress: Callable[[int], None],
+        trailer: memoryview | None = None,
+    ) -> None:
+        """Fill ``view`` and then ``trailer`` (a piece body and the tag after it) from the
+        stream, reporting each chunk's size in order.
 
-        On plain TCP this reads with ``readv`` on the non-blocking socket and only goes through
-        the scheduler when the socket is empty (or every :data:`BULK_YIELD_BYTES`, so a huge
-        piece cannot starve other tasks): Trio's ``recv_into`` yields after *every* successful
-        call, which on a multi-MiB piece costs more than the copies themselves.
+        On plain TCP this reads with ``readv`` on the non-blocking socket, both buffers in one
+        call (the 16-byte tag costs no syscall of its own), and only goes through the
+        scheduler when the socket is empty (or every :data:`BULK_YIELD_BYTES`, so a huge piece
+        cannot starve other tasks): Trio's ``recv_into`` yields after *every* successful call,
+        which on a multi-MiB piece costs more than the copies themselves.
         """
+        segments = [view] if trailer is None else [view, trailer]
+        total = sum(len(seg) for seg in segments)
         got = 0
         if self._raw is None or not self._vectored:
-            while got < len(view):
-                n = await self.recv_into(view[got:])
-                if n == 0:
-                    raise ConnectionClosed("peer closed the connection in the middle of a piece")
-                got += n
-                progress(n)
+            for seg in segments:
+                done = 0
+                while done < len(seg):
+                    n = await self.recv_into(seg[done:])
+                    if n == 0:
+                        raise ConnectionClosed(
+                            "peer closed the connection in the middle of a piece"
+                        )
+                    done += n
+                    progress(n)
             return
         unyielded = 0
-        while got < len(view):
+        while got < total:
             fd = self._raw.fileno()  # re-read after every await: -1 once closed
             if fd < 0:
                 raise trio.ClosedResourceError("socket was closed")
+            iov = _remaining(segments, got)
             try:
-                n = os.readv(fd, [view[got:]])
+                n = os.readv(fd, iov)
             except BlockingIOError:
                 unyielded = 0
                 await trio.lowlevel.wait_readable(self._raw)
@@ -147,43 +161,46 @@ class Transport:
             got += n
             progress(n)
             unyielded += n
-            if unyielded >= BULK_YIELD_BYTES and got < len(view):
+            if unyielded >= BULK_YIELD_BYTES and got < total:
                 unyielded = 0
                 await trio.lowlevel.checkpoint()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
 
-    async def send_header_and_payload(self, header: bytes, payload: memoryview) -> None:
-        """Write ``header`` then ``payload`` without concatenating them.
+    async def send_header_and_payload(
+        self, header: bytes, payload: memoryview, trailer: bytes = b""
+    ) -> None:
+        """Write ``header``, ``payload`` and ``trailer`` without concatenating them.
 
         On plain TCP: ``writev`` (scatter/gather) on the non-blocking socket, so the 64-byte
-        header costs neither a syscall nor a TCP segment of its own, and the scheduler is only
-        entered when the socket buffer is full (or every :data:`BULK_YIELD_BYTES`); see
-        :meth:`recv_body`. Over TLS, two ``send_all`` calls (TLS copies anyway).
+        header and the 16-byte tag cost neither a syscall nor a TCP segment of their own, and
+        the scheduler is only entered when the socket buffer is full (or every
+        :data:`BULK_YIELD_BYTES`); see :meth:`recv_body`. Over TLS, ``send_all`` calls (TLS
+        copies anyway).
         """
         if self._raw is None or not self._vectored:
-            await self.stream.send_all(header)
-            await self.stream.send_all(payload)
+            for part in (header, payload, trailer):
+                if len(part):
+                    await self.stream.send_all(part)
             return
-        head = memoryview(header)
-        body = payload
+        segments = [memoryview(header), payload, memoryview(trailer)]
+        total = sum(len(seg) for seg in segments)
+        done = 0
         unyielded = 0
-        while len(head) or len(body):
+        while done < total:
             fd = self._raw.fileno()  # re-read after every await: -1 once closed
             if fd < 0:
                 raise trio.ClosedResourceError("socket was closed")
             try:
-                sent = os.writev(fd, [head, body] if len(head) else [body])
+                sent = os.writev(fd, _remaining(segments, done))
             except BlockingIOError:
                 unyielded = 0
                 await trio.lowlevel.wait_writable(self._raw)
                 continue
-            taken = min(sent, len(head))
-            head = head[taken:]
-            body = body[sent - taken :]
+            done += sent
             unyielded += sent
-            if unyielded >= BULK_YIELD_BYTES and (len(head) or len(body)):
+            if unyielded >= BULK_YIELD_BYTES and done < total:
                 unyielded = 0
                 await trio.lowlevel.checkpoint()
         # A schedule point, but not a cancellation point: the frame is complete, and a cancel
@@ -197,6 +214,18 @@ class Transport:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+def _remaining(segments: list[memoryview], done: int) -> list[memoryview]:
+    """The non-empty rest of ``segments`` after their first ``done`` bytes (an iovec)."""
+    out: list[memoryview] = []
+    for seg in segments:
+        if done >= len(seg):
+            done -= len(seg)
+            continue
+        out.append(seg[done:] if done else seg)
+        done = 0
+    return out
 
 
 def peer_address(stream: trio.abc.Stream) -> str:
