@@ -255,6 +255,7 @@ class _Peers:
 class _WirePeer:
     address: str
     conn_id: int
+    fingerprint: str = "SHA256:source-a"
 
 
 @attrs.frozen
@@ -266,18 +267,30 @@ class _Open:
     auth: bool = True
 
 
-def test_destination_names_its_sources_by_address() -> None:
+def test_destination_names_its_sources_by_address_and_key() -> None:
+    """One entry per source: its connections share an address and a key; two sources behind
+    one address (a NAT) are two entries, told apart by their keys."""
     open_peers = _Peers(
         [
             _Open(_WirePeer("10.0.0.5:40001", 1), 5.0),
             _Open(_WirePeer("10.0.0.5:40002", 2), 3.0),
-            _Open(_WirePeer("[2001:db8::1]:5000", 3), 9.0, auth=False),
+            _Open(_WirePeer("[2001:db8::1]:5000", 3, "SHA256:source-b"), 9.0, auth=False),
         ]
     )
     peers = status.destination_peers(open_peers)
-    assert [(p.address, p.connections, p.since, p.auth) for p in peers] == [
-        ("10.0.0.5", 2, 3.0, "token"),
-        ("[2001:db8::1]", 1, 9.0, "none"),
+    assert [(p.address, p.connections, p.since, p.auth, p.fingerprint) for p in peers] == [
+        ("10.0.0.5", 2, 3.0, "key + token", "SHA256:source-a"),
+        ("[2001:db8::1]", 1, 9.0, "key", "SHA256:source-b"),
+    ]
+    behind_nat = _Peers(
+        [
+            _Open(_WirePeer("10.0.0.5:40001", 1), 5.0),
+            _Open(_WirePeer("10.0.0.5:40003", 4, "SHA256:source-c"), 6.0),
+        ]
+    )
+    assert [p.fingerprint for p in status.destination_peers(behind_nat)] == [
+        "SHA256:source-a",
+        "SHA256:source-c",
     ]
     daemon = status.destination_daemon(_Budget(), [48105], peers)
     assert daemon.peer == "10.0.0.5, [2001:db8::1]"
@@ -302,7 +315,7 @@ async def test_the_page_shows_activity_totals_chart_disk_candidates_and_peers(
     sections = Sections(
         activity=log,
         throughput=tp,
-        peers=[Peer("192.0.2.1:7000", "destination", 2, T0 - 60, "qbsync", "token", True)],
+        peers=[Peer("192.0.2.1:7000", "destination", 2, T0 - 60, "qbsync", "key + token", True)],
         free_bytes=5 * 1024**3,
         min_space_bytes=10 * 1024**3,
         handoff_candidates=[
@@ -324,7 +337,7 @@ async def test_the_page_shows_activity_totals_chart_disk_candidates_and_peers(
     assert "complete → seeding on destination in 30s" in page
     assert 'id="total-handed-off"' in page and "Old &lt;Movie&gt;" in page
     assert "below: handing off synced torrents" in page
-    assert 'data-address="192.0.2.1:7000"' in page and "2 connections · TLS · token" in page
+    assert 'data-address="192.0.2.1:7000"' in page and "2 connections · TLS · key + token" in page
     peak = float(page.split('data-peak="', 1)[1].split('"', 1)[0])
     assert peak == 200_000.0 and '<path class="bars"' in page
     out = io.StringIO()

@@ -160,7 +160,8 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     assert_valid(doc)
     [peer] = doc["peers"]
     assert peer["address"] == f"127.0.0.1:{rig.dest_port}" and peer["role"] == "destination"
-    assert peer["auth"] == "token" and peer["connections"] >= 1 and peer["fingerprint"] is None
+    assert peer["auth"] == "key + token" and peer["connections"] >= 1
+    assert str(peer["fingerprint"]).startswith("SHA256:")  # the destination's pinned key
     dom = browser.dom(health)
     assert '<span class="chip state">downloading + streaming</span>' in dom
     assert f'data-address="127.0.0.1:{rig.dest_port}"' in dom

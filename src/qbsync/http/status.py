@@ -179,15 +179,16 @@ class StatusBuilder:
 class Peer:
     """A connected peer as the user sees it: where it is and who it says it is.
 
-    ``fingerprint`` is the peer's key fingerprint once the handshake carries one (null until
-    then); ``auth`` says what admitted it now (``token`` or ``none``)."""
+    ``fingerprint`` is the peer's admitted identity key (``SHA256:...``); ``auth`` says what
+    admitted it: ``key + token`` (its key, proved, and the shared token) or ``key`` (its
+    key, pinned or listed with ``--peer-fingerprint``)."""
 
     address: str
     role: str  # the peer's role: "destination" (on a source) or "source"
     connections: int
     since: float | None = None  # Unix time its oldest open connection was established
     software: str = ""
-    auth: str = "none"
+    auth: str = "key"
     tls: bool = False
     fingerprint: str | None = None
 
@@ -345,6 +346,7 @@ def source_peers(pool: Any, *, auth: str, tls: bool) -> list[Peer]:
     if not conns:
         return []
     software = next((str(c.peer_software) for c in conns if getattr(c, "peer_software", "")), "")
+    key = next((str(c.peer_fingerprint) for c in conns if getattr(c, "peer_fingerprint", "")), "")
     return [
         Peer(
             address=str(pool.address),
@@ -354,17 +356,20 @@ def source_peers(pool: Any, *, auth: str, tls: bool) -> list[Peer]:
             software=software,
             auth=auth,
             tls=tls,
+            fingerprint=key or None,
         )
     ]
 
 
 def destination_peers(open_peers: Any) -> list[Peer]:
-    """The sources connected to a destination (``wire.OpenPeers``), one entry per host: a
-    source's connections come from different ports of the same address."""
-    by_host: dict[str, list[Any]] = {}
+    """The sources connected to a destination (``wire.OpenPeers``), one entry per source: its
+    connections come from different ports of one address and prove the same key (two sources
+    behind one NAT address are told apart by their keys)."""
+    by_source: dict[tuple[str, str], list[Any]] = {}
     for p in open_peers.all():
         host = str(p.peer.address).rpartition(":")[0] or str(p.peer.address)
-        by_host.setdefault(host, []).append(p)
+        key = str(getattr(p.peer, "fingerprint", "") or "")
+        by_source.setdefault((host, key), []).append(p)
     return [
         Peer(
             address=host,
@@ -372,10 +377,11 @@ def destination_peers(open_peers: Any) -> list[Peer]:
             connections=len(ps),
             since=min(p.opened for p in ps),
             software=str(ps[0].software),
-            auth="token" if ps[0].auth else "none",
+            auth="key + token" if ps[0].auth else "key",
             tls=bool(ps[0].tls),
+            fingerprint=key or None,
         )
-        for host, ps in sorted(by_host.items())
+        for (host, key), ps in sorted(by_source.items())
     ]
 
 
@@ -766,7 +772,7 @@ def _peers_card(doc: Mapping[str, Any], now: float) -> list[str]:
         for p in peers:
             ident = [f"{p.get('connections')} connection{'s' if p.get('connections') != 1 else ''}"]
             ident.append("TLS" if p.get("tls") else "no TLS")
-            ident.append("token" if p.get("auth") == "token" else "no auth")
+            ident.append(str(p.get("auth") or "key"))
             if p.get("fingerprint"):
                 ident.append(f"key {p.get('fingerprint')}")
             if p.get("software"):

@@ -406,7 +406,7 @@ def _status(
         activity=history,
         throughput=throughput,
         peers=status_model.source_peers(
-            pool, auth="token" if config.auth_token else "none", tls=config.tls_ca is not None
+            pool, auth="key + token" if config.auth_token else "key", tls=config.tls_ca is not None
         ),
         free_bytes=int(free) if isinstance(free, int | float) else None,
         min_space_bytes=config.min_space_bytes,

@@ -82,6 +82,7 @@ class Peer:
     address: str  # "ip:port"
     conn_id: int
     instance: str = ""  # the source's announced name (Hello.instance), known once authenticated
+    fingerprint: str = ""  # the source's admitted identity key (keys.fingerprint), likewise
 
 
 # Told when an authenticated connection opens (True) and closes (False): the destination keeps
@@ -635,7 +636,9 @@ async def _serve_one(
         if done is None:
             return  # failed (logged and counted) or closed by the gate to make room
         conn, info = done
-        conn.peer = peer = attrs.evolve(peer, instance=info.peer_instance)
+        conn.peer = peer = attrs.evolve(
+            peer, instance=info.peer_instance, fingerprint=info.peer_fingerprint
+        )
         opened = True
         hooks.connection_opened("destination")
         log.info(
