@@ -184,3 +184,22 @@ def test_a_claim_holds_while_its_init_runs() -> None:
     sources.init_done("h")
     sources.refresh(set())  # the init failed or found it complete: no state, no claim
     sources.claim("h", "b")
+
+
+def test_a_name_belongs_to_the_first_key_that_announced_it() -> None:
+    """A paired source cannot pass for another one by announcing its name: the name stays
+    bound to the first key, and the other key is known by the name plus its fingerprint, so
+    it neither shares the first source's counts nor owns the torrents it claimed."""
+    sources = Sources()
+    real = SimpleNamespace(instance="box-a", fingerprint="SHA256:realkey123", conn_id=1)
+    rogue = SimpleNamespace(instance="box-a", fingerprint="SHA256:roguekey45", conn_id=2)
+    assert sources.identify(real) == "box-a"
+    assert sources.identify(rogue) == "box-a~roguekey"
+    assert sources.identify(real) == "box-a"  # the binding does not move
+    sources.on_peer(real, True)
+    sources.on_peer(rogue, True)
+    sources.claim("h", sources.identify(real))
+    sources.init_done("h")
+    with pytest.raises(WireError) as exc:
+        sources.check("h", sources.identify(rogue), in_progress=True)
+    assert exc.value.code == ErrorCode.OWNED_BY_OTHER_SOURCE

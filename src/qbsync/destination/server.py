@@ -75,7 +75,7 @@ from . import statetree
 from .finalizer import Finalizer
 from .layout import build_files
 from .ownership import OWNED_NAME, Ledger
-from .sources import Sources, source_name
+from .sources import Sources
 from .state import (
     META_NAME,
     FileMeta,
@@ -274,7 +274,7 @@ class DestinationServer:
         """InitTorrent, Finalize and Abort under the one-source-per-torrent rule (see
         :mod:`.sources`): a full InitTorrent claims the torrent for the asking source, the
         others only check that no other source owns its in-progress state."""
-        name = source_name(getattr(peer, "instance", ""))
+        name = self.sources.identify(peer)
         h = normalize_hash(request.info_hash)
         in_progress = h in self.store.torrents
         claims = isinstance(request, InitTorrent) and bool(request.files) and not request.probe
@@ -304,7 +304,7 @@ class DestinationServer:
         state = self.store.torrents.get(h)
         if state is None or state.phase is Phase.CLOSED:
             return PieceAck(raw_hash, piece.index, ErrorCode.NOT_INITIALIZED, "send InitTorrent")
-        name = source_name(getattr(peer, "instance", ""))
+        name = self.sources.identify(peer)
         try:
             self.sources.check(h, name, in_progress=True)
         except WireError as exc:

@@ -65,6 +65,30 @@ class Sources:
         # Full InitTorrents in flight per info-hash: their claim holds before the state exists.
         self._initializing: dict[str, int] = {}
         self._labels: set[str] = set()
+        self._keys: dict[str, str] = {}  # source name -> the identity key that first used it
+
+    def identify(self, peer: Any) -> str:
+        """The name this source is known by: the name it announced, bound to the first
+        identity key that announced it. Another key announcing the same name gets the name
+        with its key's fingerprint appended, so a paired source cannot pass for another one
+        (and take over the torrents it syncs) by announcing its name."""
+        name = source_name(getattr(peer, "instance", ""))
+        key = str(getattr(peer, "fingerprint", "") or "")
+        if not key:
+            return name
+        bound = self._keys.setdefault(name, key)
+        if bound == key:
+            return name
+        alias = f"{name}~{key.removeprefix('SHA256:')[:8]}"
+        if alias not in self._by_name:
+            log.warning(
+                "event=source_name_taken name=%s by=%s key=%s known_as=%s",
+                kv(name),
+                bound,
+                key,
+                kv(alias),
+            )
+        return alias
 
     def _stats(self, name: str) -> SourceStats:
         stats = self._by_name.get(name)
@@ -80,7 +104,7 @@ class Sources:
     # -- connections (the wire server's on_peer hook) -----------------------------------------
 
     def on_peer(self, peer: Any, opened: bool) -> None:
-        stats = self._stats(source_name(getattr(peer, "instance", "")))
+        stats = self._stats(self.identify(peer))
         now = time.time()
         if opened:
             if stats.connections == 0:
