@@ -506,6 +506,25 @@ def test_an_unreadable_pin_file_refuses_instead_of_trusting(tmp_path: Path) -> N
     assert "unreadable" in err.value.message
 
 
+def test_a_pin_file_removed_while_running_refuses_instead_of_trusting(tmp_path: Path) -> None:
+    """Issue 15: an account that can rename the state directory must not re-open trust on
+    first use on a running daemon by making peers.json disappear."""
+    admission = policy(tmp_path, "destination")
+
+    def key() -> keys.PeerKey:
+        return keys.PeerKey(
+            m.Role.SOURCE, raw_public(Ed25519PrivateKey.generate().public_key()), False
+        )
+
+    admission.admit(key(), "SHA256:me")  # first use: pinned, peers.json written
+    assert (tmp_path / "peers.json").exists()
+    (tmp_path / "peers.json").unlink()
+    with pytest.raises(WireError) as err:
+        admission.admit(key(), "SHA256:me")
+    assert err.value.code == ErrorCode.UNKNOWN_PEER
+    assert not (tmp_path / "peers.json").exists()  # nothing was pinned instead
+
+
 def test_explicit_trust_check_for_a_listening_source(tmp_path: Path) -> None:
     from qbsync.config import resolve
     from qbsync.identity.daemon import explicit_trust_missing

@@ -68,17 +68,38 @@ class PinStore:
         self.read_only = read_only
         self._stamp: tuple[int, int, int] | None = None
         self._pins: dict[str, Pin] = {}
+        # Seen since this process started: a pin file that then disappears was removed
+        # behind the daemon's back (``qbsync peers forget`` rewrites it, never removes it).
+        self._seen = False
+        self._missing_logged = False
 
     # -- reading -----------------------------------------------------------------------------
 
     def pins(self) -> dict[str, Pin]:
         """The current pins by fingerprint (re-read if the file changed since last time)."""
         try:
-            st = os.stat(self.path)
+            st = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
+            if self._seen and not self.read_only:
+                # Treating it as "nothing pinned" would re-open trust on first use to whoever
+                # connects next (an account that can rename the state directory could arrange
+                # that): admit no new key until the daemon restarts.
+                if not self._missing_logged:
+                    self._missing_logged = True
+                    log.error(
+                        "event=peers_file_missing path=%s hint=%s",
+                        kv(str(self.path)),
+                        kv(
+                            "the pin file disappeared while the daemon ran: no new key is "
+                            "admitted until it is restored or the daemon restarts"
+                        ),
+                    )
+                return {"!unreadable": Pin("!unreadable", "", "", "", "")}
             if not self.read_only:
                 self._pins, self._stamp = {}, None
             return dict(self._pins)
+        self._seen = True
+        self._missing_logged = False
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._pins = self._read()
@@ -141,6 +162,7 @@ class PinStore:
             finally:
                 os.close(fd)
             os.rename(tmp, self.path)  # replaces only our own pin file
+            self._seen = True
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)  # our own temporary file, created above with O_EXCL
