@@ -156,3 +156,22 @@ async def test_dry_run_start_answers_not_started(tmp_path: Path, nursery: trio.N
     d.server.dry_run = True
     assert not (await d.server.start(StartTorrent(t.info_hash))).started
     assert qb.calls == []
+
+
+async def test_a_handed_off_torrent_is_never_resynced(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Issue 15: after ``started=True`` the source may delete its copy, so the torrent and its
+    files belong to the destination qBittorrent alone. A resync (which would remove qbsync's
+    entry and stop the last copy seeding) is refused with ``conflict``; nothing is removed."""
+    t, d, qb = await finalized(tmp_path, nursery)
+    assert (await d.server.start(StartTorrent(t.info_hash))).started
+    before = list(qb.calls)
+    on_disk = {rel: (d.root / rel).read_bytes() for rel, _ in t.files}
+    with pytest.raises(WireError) as err:
+        await d.server.init(t.init_msg(resync=True))
+    assert err.value.code == ErrorCode.CONFLICT
+    assert qb.calls == before and t.info_hash in qb.info  # the entry is still there
+    assert {rel: (d.root / rel).read_bytes() for rel, _ in t.files} == on_disk
+    # Asked again (the source's cache pruning), the hand-off is still answered the same.
+    assert (await d.server.start(StartTorrent(t.info_hash))).started

@@ -368,6 +368,17 @@ class DestinationServer:
             broken: str | None = None
             if state is None and marker is not None:
                 broken = await trio.to_thread.run_sync(self.store.copy_problem, marker)
+            if req.resync and marker is not None and not self.dry_run:
+                handed = await trio.to_thread.run_sync(self.store.handed_off, h)
+                if handed:
+                    # After a hand-off the torrent and its files belong to the destination
+                    # qBittorrent alone (the source may have deleted its copy): a resync would
+                    # remove qbsync's entry and stop the last copy seeding.
+                    raise _reject(
+                        ErrorCode.CONFLICT,
+                        "this torrent was handed off here (StartTorrent answered started): it "
+                        "belongs to the destination qBittorrent now and is not synced again",
+                    )
             if req.resync and checked is not None and (state is not None or marker is not None):
                 # Only a torrent qbsync has state or a marker for is wiped: a resync of any
                 # other hash is a plain init and never touches qBittorrent.
@@ -648,6 +659,8 @@ class DestinationServer:
                 except QBError as exc:
                     metrics.tag_application_errors.labels("destination").inc()
                     log.warning("event=tag_failed hash=%s error=%s", h, paths_kv(str(exc)))
+            if not self.dry_run:
+                await trio.to_thread.run_sync(self.store.record_handed_off, h)
             log.info("event=torrent_started hash=%s tag=%s state=%s", h, paths_kv(req.tag), seeding)
             if self.activity is not None and not already_seeding:
                 await self.activity.record(

@@ -62,6 +62,9 @@ FINALIZED_NAME = ".finalized"
 # proof that the entry is qbsync's. Without it (and without a ``.finalized`` marker) an entry
 # of that hash is the user's own, and qbsync never stops, rechecks, renames or removes it.
 QB_ADDED_NAME = "qb-added"
+# Written once StartTorrent answered started=True: the source may have deleted its copy, so the
+# torrent and its files now belong to the destination qBittorrent alone.
+HANDED_OFF_NAME = "handed-off"
 
 _PIECES_MAGIC = b"QBSP"
 _PIECES_VERSION = 1

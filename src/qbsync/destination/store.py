@@ -40,6 +40,7 @@ from .names import NameClaims, names_of
 from .ownership import OWNED_NAME, ConflictError, Ledger
 from .state import (
     FINALIZED_NAME,
+    HANDED_OFF_NAME,
     META_NAME,
     PIECES_NAME,
     QB_ADDED_NAME,
@@ -189,6 +190,16 @@ class Store:
         qBittorrent (written before the add: a crash in between leaves a record of an entry
         that may not exist, never an entry of ours without its record)."""
         atomic_write(state.meta_dir, QB_ADDED_NAME, b"1\n")
+
+    def handed_off(self, info_hash: str) -> bool:
+        """StartTorrent answered ``started=True`` for ``info_hash`` (its record exists): the
+        source may have deleted its copy, so nothing a request does may touch it again."""
+        return statetree.exists(self.meta_dir(info_hash), HANDED_OFF_NAME)
+
+    def record_handed_off(self, info_hash: str) -> None:
+        """Blocking: record, durably, that seeding was handed over (written before
+        ``started=True`` is answered: the source deletes its copy on that answer)."""
+        atomic_write(self.meta_dir(info_hash), HANDED_OFF_NAME, b"1\n")
 
     def disown_finalized(self, info_hash: str) -> None:
         """Blocking: drop the files a ``.finalized`` marker lists from the torrent's ledger
