@@ -108,7 +108,7 @@ def test_systemd_units() -> None:
             line.split("=", 1) for line in unit.splitlines() if re.match(r"^[A-Z]\w*=", line)
         )
         # Both runners send READY=1/STOPPING=1/WATCHDOG=1 (tests/integration/test_systemd_notify.py
-        # and tests/test_source_systemd.py), so the units rely on it.
+        # and tests/integrations/test_source_systemd.py), so the units rely on it.
         assert directives["Type"] == "notify"
         assert directives["NotifyAccess"] == "main"
         assert "WatchdogSec" in directives

@@ -1,7 +1,8 @@
 """The package layout is the architecture: imports only go down the layers below, and no two
 modules import each other, directly or in a circle.
 
-``tests/test_wire_imports.py`` holds the stricter rule for ``wire/`` (nothing of qbsync at all);
+``tests/wire/test_wire_imports.py`` holds the stricter rule for ``wire/`` (nothing of qbsync at
+all);
 this test holds the rule between every other part of ``src/qbsync``. The layers are also drawn
 in ``docs/architecture.md``; a new module must be placed in one of them here.
 """

@@ -18,7 +18,7 @@ from qbsync.destination.state import FileStatus, Phase
 from qbsync.source import state as src
 from qbsync.source.state import SourcePhase
 from qbsync.source.tracker import PieceTracker
-from tests.test_destination_store import fresh_state
+from tests.destination.test_destination_store import fresh_state
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "qbsync"
 

@@ -24,9 +24,9 @@ import trio
 from hypothesis import strategies as st
 
 from qbsync.wire import Abort, Finalize, Piece, StartTorrent, WireError
+from tests.destination.test_destination_handoff import FakeQB
+from tests.destination.test_destination_writer import PEER, build
 from tests.qbharness import KiB, make_payload
-from tests.test_destination_handoff import FakeQB
-from tests.test_destination_writer import PEER, build
 from tests.wireclient import LocalTorrent
 
 FILES = {"a.bin": 32 * KiB, "b.bin": 20_000, "d/c.bin": 9_000}

@@ -13,13 +13,14 @@ renamed *parameter* is silently ignored by qBittorrent, so trial and error canno
 failure. 4.x's
 ``paused*`` states are reported as 5.x's ``stopped*``. Login (5.2 answers 204, or 401 on bad
 credentials, with a ``QBT_SID_<port>`` cookie) and API keys (``Authorization: Bearer``) are
-qbittorrent-api's job; the contract tests in tests/test_qb_versions.py hold it to that.
+qbittorrent-api's job; the contract tests in tests/qbittorrent/test_qb_versions.py hold it to that.
 
 What qbittorrent-api does by itself, and why qbsync names these calls: its ``torrents_stop``/
 ``torrents_start`` ask ``app/webapiVersion`` on *every* call to choose ``stop`` or ``pause``,
 and its ``torrents_add`` sends both ``paused`` and ``stopped``, and both ``skip_checking`` and
-``seedMode``, whatever the version (tests/test_qb_versions.py pins that behaviour). qbsync
-sends only the names the server reads, from one version lookup per connection.
+``seedMode``, whatever the version (tests/qbittorrent/test_qb_versions.py pins that
+behaviour). qbsync sends only the names the server reads, from one version lookup per
+connection.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ destination), :mod:`.client` (:func:`open_connection`, the source), :mod:`.budge
 (:class:`ByteBudget`), and :mod:`.tls` (contexts). :mod:`.hooks` is how the wire reports
 metrics without knowing them, :mod:`.address` its address type.
 
-The package imports nothing from the rest of qbsync (``tests/test_wire_imports.py``), so it
+The package imports nothing from the rest of qbsync (``tests/wire/test_wire_imports.py``), so it
 can be read, tested and reused on its own. The protocol itself is specified in
 ``docs/wire-protocol.md``.
 """

@@ -150,7 +150,7 @@ class FrameMac:
     of an empty plaintext is, by RFC 8439 section 2.8, Poly1305 keyed with the first 32 bytes
     of the ChaCha20 block for (key, block counter 0, nonce) over ``aad || zero pad to 16 ||
     le64(len(aad)) || le64(0)``. Both paths use the library's primitives;
-    ``tests/test_pairing.py`` checks them against each other.
+    ``tests/identity/test_pairing.py`` checks them against each other.
     """
 
     __slots__ = ("_aead", "_key")

@@ -285,7 +285,7 @@ ControlMessage = (
 )
 Message = ControlMessage | Piece
 # The static view of the table's requests and their answers (the type checker cannot read a
-# table); tests/test_wire_frames.py checks these unions against MESSAGE_TABLE.
+# table); tests/wire/test_wire_frames.py checks these unions against MESSAGE_TABLE.
 Request = InitTorrent | Finalize | Abort | StartTorrent | OpenConnection
 Response = (
     InitResult

@@ -15,9 +15,9 @@ import trio
 from qbsync.config import ConfigError, resolve
 from qbsync.integrations.arr import ArrSet, download_id
 from qbsync.wire import ErrorCode, Finalize, InitResult, InitTorrent, SyncStatus
+from tests.destination.test_destination_writer import build, torrent
 from tests.fakearr import serve_fake_arr
-from tests.test_destination_writer import build, torrent
-from tests.test_source_orchestrator import Rig, make, on_disk
+from tests.source.test_source_orchestrator import Rig, make, on_disk
 from tests.wireclient import needed_indices
 
 

@@ -15,7 +15,7 @@ from qbsync.destination import server as server_module
 from qbsync.torrent import MAX_ITEMS, MetainfoError, bencode, parse_metainfo
 from qbsync.wire import ErrorCode, WireError
 from qbsync.wire.messages import valid_info_hash
-from tests.test_destination_writer import build, torrent
+from tests.destination.test_destination_writer import build, torrent
 
 
 def bomb(items: int) -> bytes:

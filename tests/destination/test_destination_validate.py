@@ -10,8 +10,8 @@ import trio
 
 from qbsync.destination.state import FINALIZED_NAME
 from qbsync.wire import Abort, ErrorCode, StartTorrent, SyncStatus, WireError
-from tests.test_destination_handoff import fake_qb, finalized
-from tests.test_destination_writer import build, torrent
+from tests.destination.test_destination_handoff import fake_qb, finalized
+from tests.destination.test_destination_writer import build, torrent
 
 
 async def test_bogus_resync_of_a_finalized_torrent_changes_nothing(

@@ -23,7 +23,7 @@ from qbsync.wire import (
     SyncStatus,
 )
 from qbsync.wire.errors import RETRYABLE, ErrorCode, WireError
-from tests.test_destination_writer import build, torrent
+from tests.destination.test_destination_writer import build, torrent
 from tests.wireclient import needed_indices
 
 

@@ -16,7 +16,7 @@ from qbsync.config import DestinationConfig, resolve
 from qbsync.destination.runner import _warn_unauthenticated, is_loopback
 from qbsync.log import redact_url
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 @pytest.mark.parametrize("role", ["source", "destination"])

@@ -367,7 +367,7 @@ async def test_source_records_synced_failed_and_removed_handoffs(
         StartTorrent,
         SyncStatus,
     )
-    from tests.test_source_orchestrator import (
+    from tests.source.test_source_orchestrator import (
         NOTHING_NEEDED,
         eventually,
         make,
@@ -413,7 +413,7 @@ async def test_the_removal_after_a_cleanup_hand_off_is_not_a_second_one(
     tmp_path: Path, autojump_clock: Any
 ) -> None:
     from qbsync.wire.messages import StartResult, StartTorrent
-    from tests.test_source_orchestrator import eventually, make, running
+    from tests.source.test_source_orchestrator import eventually, make, running
 
     h = "ab" * 20
     rig = make(tmp_path, {}, {StartTorrent: StartResult(True)})

@@ -16,8 +16,8 @@ import trio
 from qbsync import paths
 from qbsync.destination.ownership import ConflictError, Ledger
 from qbsync.wire import Abort, ErrorCode, Finalize, SyncStatus, WireError
-from tests.test_destination_server import complete
-from tests.test_destination_writer import Dest, build, torrent, wait_for
+from tests.destination.test_destination_server import complete
+from tests.destination.test_destination_writer import Dest, build, torrent, wait_for
 from tests.wireclient import LocalTorrent, needed_indices
 
 KiB = 1024

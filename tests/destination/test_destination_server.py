@@ -26,7 +26,7 @@ from qbsync.wire import (
     SyncStatus,
     WireError,
 )
-from tests.test_destination_writer import PEER, Dest, build, torrent, wait_for
+from tests.destination.test_destination_writer import PEER, Dest, build, torrent, wait_for
 from tests.wireclient import LocalTorrent, needed_indices
 
 

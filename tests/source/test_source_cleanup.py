@@ -308,8 +308,8 @@ async def test_resync_removes_the_sources_synced_tag_before_it_starts(tmp_path, 
     it), and the torrent is tracked, so cleanup skips it too."""
     from qbsync.source.monitor import MaindataUpdate
     from qbsync.wire.messages import InitResult, InitTorrent, SyncStatus
-    from tests.test_source_orchestrator import eventually, on_disk, running
-    from tests.test_source_orchestrator import make as make_orchestrator
+    from tests.source.test_source_orchestrator import eventually, on_disk, running
+    from tests.source.test_source_orchestrator import make as make_orchestrator
 
     events: list[tuple[str, str]] = []
 

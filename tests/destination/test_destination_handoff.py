@@ -15,8 +15,8 @@ import trio
 
 from qbsync.destination import server as server_module
 from qbsync.wire import ErrorCode, Finalize, StartTorrent, SyncStatus, WireError
-from tests.test_destination_server import complete
-from tests.test_destination_writer import Dest, build, torrent
+from tests.destination.test_destination_server import complete
+from tests.destination.test_destination_writer import Dest, build, torrent
 from tests.wireclient import LocalTorrent
 
 

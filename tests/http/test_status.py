@@ -163,7 +163,7 @@ def test_human_seconds(s: float | None, text: str) -> None:
 async def test_http_root_serves_the_page_with_a_strict_content_security_policy(
     nursery: trio.Nursery,
 ) -> None:
-    from tests.test_httpserver import request, start
+    from tests.http.test_httpserver import request, start
 
     port, health = await start(nursery)
     empty = await request(port, "/")
@@ -188,7 +188,7 @@ async def test_destination_torrent_status_after_a_hash_mismatch(
     """A real destination store and writer: /status counts streamed and verified pieces and
     shows the last error with its code after a corrupt piece arrives."""
     from qbsync.wire.errors import ErrorCode
-    from tests.test_destination_writer import initialized
+    from tests.destination.test_destination_writer import initialized
 
     t, d = await initialized(tmp_path, nursery)
     [before] = status.destination_torrents(d.store)

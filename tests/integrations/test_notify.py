@@ -177,7 +177,7 @@ async def test_orchestrator_notifies_failed_for_good_and_status_shows_the_last_e
     from qbsync.http import status as status_model
     from qbsync.wire.errors import ErrorCode, WireError
     from qbsync.wire.messages import Finalize, InitTorrent
-    from tests.test_source_orchestrator import (
+    from tests.source.test_source_orchestrator import (
         NOTHING_NEEDED,
         eventually,
         make,
