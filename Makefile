@@ -77,8 +77,11 @@ check: lint typecheck
 integration: venv qbittorrent chromium
 	$(BIN)/pytest -q tests/integration
 
+# Unit and property tests on two workers (pure, no shared state), then the integration tests
+# one at a time (each runs real qbittorrent-nox and qbsync processes).
 test: venv qbittorrent chromium lint typecheck
-	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q --durations=15 tests
+	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q -n 2 tests --ignore=tests/integration
+	$(BIN)/pytest -q --durations=15 tests/integration
 
 # stress-ng keeps every core busy for test-stress (a Debian package).
 stress-ng:
