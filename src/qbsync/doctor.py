@@ -11,7 +11,12 @@ check and prints one verdict per check with the fix:
 
 It changes nothing: no keys, pins, state directories or files are created, except one temporary
 file in ``--data`` to prove it is writable, which it created itself (``O_EXCL``, a name of its
-own) and removes at once. It logs in to qBittorrent once (a wrong password counts towards
+own) and removes at once. Its handshakes use the daemon's own identity key and pins,
+read-only; without a key file (before the daemon's first start) it does not handshake at all,
+since the wire would present a throwaway key that a peer trusting on first use would pin. With
+the daemon's key the handshake is what the daemon's first connection would be (such a peer
+pins that same key). The ``listen`` check reads a running destination's ``Hello`` and never
+authenticates to it. It logs in to qBittorrent once (a wrong password counts towards
 qBittorrent's ban threshold, like one daemon start would).
 
 Exit status: 0 when no check fails (warnings and skipped checks allowed), 1 when one fails;
