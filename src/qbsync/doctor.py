@@ -597,15 +597,23 @@ def check_peer(config: Config) -> list[Verdict]:
     return verdicts
 
 
-class _HandshakeOutcome(WireHooks):
-    """What :func:`serve_dialed` reports through its hooks: it logs a failed handshake and
-    returns, so the code comes from here."""
+class _HandshakeOutcome(WireHooks, logging.Handler):
+    """What :func:`serve_dialed` reports: it logs a failed handshake and returns, so the code
+    comes from its hooks and the reason from its ``event=wire_handshake_failed`` log line
+    (this handler stands in for the log while the doctor's handshake runs)."""
 
     def __init__(self) -> None:
+        logging.Handler.__init__(self)
         self.failed: ErrorCode | None = None
+        self.reason = ""
 
     def handshake_failed(self, code: ErrorCode) -> None:
         self.failed = code
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "event=wire_handshake_failed" in text and " reason=" in text:
+            self.reason = text.split(" reason=", 1)[1].strip('"')
 
 
 class _NoService:
@@ -620,17 +628,20 @@ class _NoService:
 
 
 async def _dial_handshake(
-    addr: HostPort, config: DestinationConfig, identity: LoadedIdentity, judge: _Judge
-) -> ErrorCode | None:
+    addr: HostPort,
+    config: DestinationConfig,
+    identity: LoadedIdentity,
+    judge: _Judge,
+    outcome: _HandshakeOutcome,
+) -> None:
     """One handshake as the dialing destination (``serve_dialed``, as the daemon's dialer),
-    closed as soon as it is authenticated; the failure code, or ``None``. Raises ``OSError``
-    when the TCP connection fails and :class:`WireError` for TLS and timeouts."""
+    closed as soon as it is authenticated; a failure is left in ``outcome``. Raises
+    ``OSError`` when the TCP connection fails and :class:`WireError` for TLS and timeouts."""
     ssl_context = client_ssl_context(config.tls_ca) if config.tls_ca is not None else None
     with trio.move_on_after(CONNECT_TIMEOUT) as cs:
         stream = await dial(addr, ssl_context=ssl_context)
     if cs.cancelled_caught:
         raise WireError(ErrorCode.TIMEOUT, f"connecting to {addr} timed out")
-    outcome = _HandshakeOutcome()
     async with trio.open_nursery() as nursery:
 
         def opened(peer: Peer, is_open: bool) -> None:
@@ -652,7 +663,6 @@ async def _dial_handshake(
                 on_peer=opened,
             )
         )
-    return outcome.failed
 
 
 def _dial_verdicts(addr: HostPort, config: DestinationConfig) -> list[Verdict]:
@@ -679,10 +689,12 @@ def _dial_verdicts(addr: HostPort, config: DestinationConfig) -> list[Verdict]:
     identity, policy = own
     judge = _Judge(policy, identity.fingerprint)
     wire_log = logging.getLogger("qbsync.wire")
-    level = wire_log.level
-    wire_log.setLevel(logging.CRITICAL)  # its handshake log lines: the verdict says it
+    outcome = _HandshakeOutcome()
+    propagate = wire_log.propagate
+    wire_log.addHandler(outcome)
+    wire_log.propagate = False  # its log lines: the verdict says what they say
     try:
-        failed = trio.run(_dial_handshake, addr, config, identity, judge)
+        trio.run(_dial_handshake, addr, config, identity, judge, outcome)
     except OSError as exc:
         return [
             reached,
@@ -696,10 +708,11 @@ def _dial_verdicts(addr: HostPort, config: DestinationConfig) -> list[Verdict]:
     except WireError as exc:
         return [reached, _handshake_failed(config, exc, judge)]
     finally:
-        wire_log.setLevel(level)
-    if failed is not None:
-        message = "the source closed the handshake" if not judge.refused else judge.peer
-        return [reached, _handshake_failed(config, WireError(failed, message), judge)]
+        wire_log.removeHandler(outcome)
+        wire_log.propagate = propagate
+    if outcome.failed is not None:
+        failure = WireError(outcome.failed, outcome.reason or "the source ended the handshake")
+        return [reached, _handshake_failed(config, failure, judge)]
     auth = "authenticated with the token" if config.auth_token else "without a token"
     return [
         reached,

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from qbsync.wire import fingerprint
 from qbsync.wire.keys import raw_public
 from tests.integration.conftest import QbFactory, QbsyncFactory
-from tests.qbharness import QB_USERNAME, QBInstance, QbsyncProcess, free_port
+from tests.qbharness import QB_USERNAME, QBInstance, QbsyncProcess, free_port, make_self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -390,3 +390,35 @@ def test_reverse_mode_destination_checks_the_listening_source(
     assert r.code == 1
     hs = r.verdict("handshake")
     assert hs.startswith("FAIL") and "auth-failed" in hs and "same token" in hs
+    assert "token mismatch" in hs  # the source's own reason, from the wire's log line
+
+
+def test_listen_recognises_a_running_tls_destination_without_authenticating(
+    tmp_path: Path, qbsync_factory: QbsyncFactory
+) -> None:
+    cert, key = make_self_signed(tmp_path / "tls", "destination")
+    port = free_port()
+    data = tmp_path / "tls-data"
+    data.mkdir()
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    dest = qbsync_factory(
+        "destination",
+        [
+            *("--data", str(data), "--listen", f"127.0.0.1:{port}", *tls),
+            *("--health-addr", f"127.0.0.1:{free_port()}"),
+        ],
+    )
+    dest.wait_for_log("event=destination_ready", timeout=120)
+    own = (
+        next(line for line in dest.log_text().splitlines() if "event=identity" in line)
+        .split("fingerprint=")[1]
+        .split()[0]
+    )
+    other = tmp_path / "other-data"
+    other.mkdir()
+    r = doctor("destination", "--data", str(other), "--listen", f"127.0.0.1:{port}", *tls)
+    line = r.verdict("listen")
+    assert line.startswith("PASS") and "running qbsync destination" in line, r.out + r.err
+    assert f"key {own}" in line  # read from its Hello, inside TLS
+    assert "event=wire_connection_open" not in dest.log_text()
+    assert not (data / ".qbsync" / "peers.json").exists()
