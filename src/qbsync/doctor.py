@@ -907,7 +907,7 @@ def check_auth(config: Config) -> list[Verdict]:
         Verdict(
             "auth",
             "WARN",
-            f"{text}: anyone who reaches that port before your source is paired",
+            f"{text}; anyone who reaches that port before your source does is paired instead of it",
             fix,
         )
     ]
