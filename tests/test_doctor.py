@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
 from qbsync import doctor
 from qbsync.config import Config, resolve
+from qbsync.identity import PEERS_FILE, PeerPolicy, PinStore
+from qbsync.wire import ErrorCode, PeerKey, WireError, new_identity
+from qbsync.wire.keys import raw_public
+from qbsync.wire.messages import Role
 from tests import fakeqb
 from tests.fakeqb import serve_fake_qb
 
@@ -72,3 +78,65 @@ def test_run_prints_one_line_per_verdict_and_exit_status(tmp_path: Path) -> None
     assert lines[0] == "qbsync doctor source"
     assert lines[-1].startswith("FAILED: ")
     assert all(line[:5] in ("PASS ", "FAIL ", "WARN ", "SKIP ") for line in lines[1:-1])
+
+
+def _peer() -> PeerKey:
+    return PeerKey(Role.DESTINATION, raw_public(new_identity().public_key()), False)
+
+
+def _judge(tmp_path: Path, **policy: Any) -> doctor._Judge:
+    store = PinStore(tmp_path, read_only=True)
+    return doctor._Judge(PeerPolicy(role="source", store=store, **policy), "SHA256:own")
+
+
+def test_judge_decides_as_the_daemon_would_and_pins_nothing(tmp_path: Path) -> None:
+    """The doctor's admission: the daemon's table (identity.pins), nothing written."""
+    first = _judge(tmp_path)
+    peer = _peer()
+    first.admit(peer, "SHA256:own")
+    assert first.peer == peer.fingerprint and "pins it on first use" in first.outcome
+    assert not (tmp_path / PEERS_FILE).exists()  # read-only: not pinned by the doctor
+
+    token = _judge(tmp_path, token=True)
+    token.admit(_peer(), "SHA256:own")
+    assert "(token)" in token.outcome and not (tmp_path / PEERS_FILE).exists()
+
+    PinStore(tmp_path).pin(peer, "first-use")  # the daemon pinned this one
+    pinned = (tmp_path / PEERS_FILE).read_bytes()
+    again = _judge(tmp_path)
+    again.admit(peer, "SHA256:own")
+    assert again.outcome == "pinned by this source" and not again.refused
+
+    other = _peer()
+    refused = _judge(tmp_path)
+    with pytest.raises(WireError) as caught:
+        refused.admit(other, "SHA256:own")
+    assert caught.value.code == ErrorCode.UNKNOWN_PEER and refused.refused
+    assert other.fingerprint in caught.value.message
+    assert f"qbsync peers source forget {peer.fingerprint}" in refused.outcome
+    assert (tmp_path / PEERS_FILE).read_bytes() == pinned
+
+
+def test_judge_peer_fingerprint_list_and_listening_source(tmp_path: Path) -> None:
+    peer = _peer()
+    listed = _judge(tmp_path, fingerprints=frozenset({peer.fingerprint}))
+    listed.admit(peer, "SHA256:own")
+    assert listed.outcome == "listed in --peer-fingerprint"
+    with pytest.raises(WireError):
+        listed.admit(_peer(), "SHA256:own")
+    assert "--peer-fingerprint" in listed.outcome
+
+    never = _judge(tmp_path, allow_first_use=False)  # a listening source, nothing pinned
+    with pytest.raises(WireError) as caught:
+        never.admit(peer, "SHA256:own")
+    assert "never trusts on first use" in caught.value.message
+
+
+def test_auth_and_handshake_without_a_key_create_nothing(tmp_path: Path) -> None:
+    config = _config("http://127.0.0.1:9", tmp_path)
+    state = tmp_path / "state"
+    config = attrs.evolve(config, state_dir=state)
+    [auth] = doctor.check_auth(config)
+    assert "no identity key yet" in auth.text and "0 peer keys pinned" in auth.text
+    assert doctor._own_identity(config) is None
+    assert not state.exists()

@@ -11,7 +11,12 @@ check and prints one verdict per check with the fix:
 
 It changes nothing: no keys, pins, state directories or files are created, except one temporary
 file in ``--data`` to prove it is writable, which it created itself (``O_EXCL``, a name of its
-own) and removes at once. It logs in to qBittorrent once (a wrong password counts towards
+own) and removes at once. Its handshakes use the daemon's own identity key and pins,
+read-only; without a key file (before the daemon's first start) it does not handshake at all,
+since the wire would present a throwaway key that a peer trusting on first use would pin. With
+the daemon's key the handshake is what the daemon's first connection would be (such a peer
+pins that same key). The ``listen`` check reads a running destination's ``Hello`` and never
+authenticates to it. It logs in to qBittorrent once (a wrong password counts towards
 qBittorrent's ban threshold, like one daemon start would).
 
 Exit status: 0 when no check fails (warnings and skipped checks allowed), 1 when one fails;
@@ -22,11 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
+import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import sys
 import tempfile
@@ -41,11 +49,38 @@ import trio
 
 from . import paths
 from .config import Config, DestinationConfig, SourceConfig
+from .identity import (
+    PEERS_FILE,
+    IdentityError,
+    LoadedIdentity,
+    PeerPolicy,
+    PinStore,
+    identity_dir,
+    load_identity,
+)
+from .identity import daemon as identity_daemon
+from .identity.keyfile import KEY_FILE
 from .log import redact_url
 from .qbittorrent.api import QB, QBError, WebApi, parse_version
-from .wire import WireError, client_ssl_context, open_connection
+from .wire import (
+    ByteBudget,
+    PeerKey,
+    Request,
+    Response,
+    WireError,
+    WireHooks,
+    client_ssl_context,
+    fingerprint,
+    open_connection,
+    serve_dialed,
+)
 from .wire.address import HostPort
+from .wire.codec import HELLO as HELLO_TYPE
 from .wire.errors import ErrorCode
+from .wire.frames import NEED_DATA, ControlFrame, FrameDecoder
+from .wire.messages import HANDSHAKE_MAX_FRAME, Hello, Piece, PieceAck, Role
+from .wire.server import Peer
+from .wire.transport import dial
 
 GiB = 1024**3
 # torrents/export (the .torrent of a synced torrent) appeared in Web API 2.8.14; qbsync needs it.
@@ -311,9 +346,98 @@ def check_state_dir(config: Config) -> list[Verdict]:
 
 # ---------------------------------------------------------------------------------------------
 # The peer, the listen port, the clock and the authentication mode.
+#
+# The handshake checks use the daemon's own identity key and its pins, read-only
+# (``identity.daemon.setup`` with ``dry_run``: no key file created, pins kept in memory), so
+# the verdict is the one the daemon would get. Without a key file they do not handshake at
+# all: the wire would present a throwaway key, and a destination that trusts on first use
+# would pin *that* as its source and lock the real one out.
 
 
-async def _handshake(addr: HostPort, config: Config) -> int:
+def _has_key(config: Config) -> bool:
+    """Whether the daemon has an identity key now (``--identity``, ``--identity-file`` or the
+    key file it created on its first start)."""
+    if config.identity or config.identity_file is not None:
+        return True
+    path = identity_dir(config) / KEY_FILE
+    return path.exists() or path.is_symlink()
+
+
+def _own_identity(config: Config) -> tuple[LoadedIdentity, PeerPolicy] | None:
+    """The daemon's key and admission policy, read-only; ``None`` when it has no key yet.
+    Raises :class:`IdentityError`. The setup's ``event=identity`` log line is not shown: the
+    doctor prints its own lines."""
+    if not _has_key(config):
+        return None
+    quiet = logging.getLogger("qbsync.identity")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        identity, policy = identity_daemon.setup(
+            attrs.evolve(config, dry_run=True),
+            # As the daemons call it: a listening source never trusts on first use.
+            listening=(config.listen is not None) if isinstance(config, SourceConfig) else None,
+        )
+    finally:
+        quiet.setLevel(level)
+    assert policy.store.read_only  # the doctor never writes a pin
+    return identity, policy
+
+
+class _Judge:
+    """The doctor's :class:`~qbsync.wire.Admission`: the same decision as the daemon's
+    :class:`PeerPolicy` (its table in ``identity.pins``), but it pins nothing and logs
+    nothing; it records what the daemon would have done with the peer's key."""
+
+    def __init__(self, policy: PeerPolicy, own: str) -> None:
+        self.policy = policy
+        self.own = own  # this daemon's fingerprint
+        self.peer = ""
+        self.outcome = ""
+        self.refused = False
+
+    def admit(self, peer: PeerKey, own_fingerprint: str) -> None:
+        fp, them, me = peer.fingerprint, peer.role.value, self.policy.role
+        self.peer = fp
+        policy = self.policy
+        if policy.fingerprints:
+            if fp in policy.fingerprints:
+                self.outcome = "listed in --peer-fingerprint"
+                return
+            self._refuse(f"the {them}'s key {fp} is not in this {me}'s --peer-fingerprint", "")
+        pins = policy.store.pins()
+        pinned = sorted(p for p in pins if not p.startswith("!"))
+        if fp in pins:
+            self.outcome = f"pinned by this {me}"
+        elif policy.token:
+            self.outcome = f"not pinned yet: the {me} pins it on its first connection (token)"
+        elif policy.allow_first_use and not pins:
+            self.outcome = f"not pinned yet: the {me} pins it on first use"
+        elif "!unreadable" in pins:
+            self._refuse(f"this {me}'s pin file {policy.store.path} is unreadable", "")
+        elif pinned:
+            self._refuse(
+                f"this {me} is paired with the {them} key {', '.join(pinned)}, not {fp}",
+                pinned[0] if len(pinned) == 1 else "--all",
+            )
+        else:
+            self._refuse(f"this {me} never trusts on first use and {fp} is not pinned", "")
+
+    def _refuse(self, why: str, old: str) -> None:
+        self.refused = True
+        fix = (
+            f"if the {'destination' if self.policy.role == 'source' else 'source'} was "
+            f"re-created, re-pair: {self.policy.command.format(old)}"
+            if old
+            else "add the key to --peer-fingerprint, or set the same --auth-token on both"
+        )
+        self.outcome = fix
+        raise WireError(ErrorCode.UNKNOWN_PEER, why)
+
+
+async def _handshake(
+    addr: HostPort, config: Config, identity: LoadedIdentity, judge: _Judge
+) -> tuple[int, str]:
     ssl_context = None
     tls_ca = getattr(config, "tls_ca", None)
     if tls_ca is not None:
@@ -321,66 +445,136 @@ async def _handshake(addr: HostPort, config: Config) -> int:
     async with open_connection(
         addr,
         token=config.auth_token or None,
+        identity=identity.key,
+        admission=judge,
         ssl_context=ssl_context,
         connect_timeout=CONNECT_TIMEOUT,
     ) as conn:
-        return conn.version
+        return conn.version, conn.peer_fingerprint
 
 
-def _peer_verdicts(addr: HostPort, config: Config, name: str) -> list[Verdict]:
-    """Connect and handshake as the source does: reachability and the handshake, apart."""
-    token_where = f"{_flag_env(config, 'auth_token')} (or {_flag_env(config, 'auth_token_file')})"
+def _connect_reason(exc: OSError) -> str:
+    # trio's "all attempts to connect failed" carries the real reasons as its cause.
+    cause: BaseException = exc
+    if isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
+        cause = exc.__cause__.exceptions[-1]
+    return getattr(cause, "strerror", None) or str(cause)
+
+
+def _tcp(addr: HostPort) -> str:
+    """``""`` when a TCP connection to ``addr`` opens (closed at once, nothing sent), else
+    why not."""
     try:
-        version = trio.run(_handshake, addr, config)
+        with socket.create_connection((addr.host, addr.port), timeout=CONNECT_TIMEOUT):
+            return ""
     except OSError as exc:
-        # trio's "all attempts to connect failed" carries the real reasons as its cause.
-        cause: BaseException = exc
-        if isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
-            cause = exc.__cause__.exceptions[-1]
-        reason = getattr(cause, "strerror", None) or str(cause)
+        return exc.strerror or str(exc)
+
+
+def _no_key_verdict(config: Config) -> Verdict:
+    where = identity_dir(config) / KEY_FILE
+    return Verdict(
+        "handshake",
+        "SKIP",
+        f"no identity key yet ({where}): the daemon creates it on first start; a handshake "
+        "now would present a throwaway key (which a peer trusting on first use would pin)",
+    )
+
+
+def _identity_failed(config: Config, exc: IdentityError) -> Verdict:
+    return Verdict(
+        "handshake",
+        "FAIL",
+        f"this {config.role}'s identity key is unusable: {exc}",
+        f"fix {_flag_env(config, 'identity')} / {_flag_env(config, 'identity_file')}, or the "
+        f"key file in {identity_dir(config)}",
+    )
+
+
+def _handshake_failed(config: Config, exc: WireError, judge: _Judge) -> Verdict:
+    token_where = f"{_flag_env(config, 'auth_token')} (or {_flag_env(config, 'auth_token_file')})"
+    them = "destination" if config.role == "source" else "source"
+    refused = f"refused ({exc.code}): {exc.message}"
+    if exc.code == ErrorCode.UNKNOWN_PEER:
+        if judge.refused:  # this side's own pins or --peer-fingerprint refuse the peer
+            return Verdict(
+                "handshake",
+                "FAIL",
+                f"this {config.role} refuses the {them}'s key ({exc.code}): {exc.message}",
+                judge.outcome,
+            )
+        return Verdict(
+            "handshake",
+            "FAIL",
+            f"the {them} refuses this {config.role}'s key {judge.own} ({exc.code}): {exc.message}",
+            f"if this {config.role} was re-created (new key), re-pair on the {them}: "
+            f"qbsync peers {them} forget <old fingerprint>, or give the {them} "
+            f"--peer-fingerprint {judge.own} (or the same --auth-token on both)",
+        )
+    fixes = {
+        ErrorCode.AUTH_FAILED: f"give both daemons the same token: {token_where}; with TLS, "
+        "check the certificate against --tls-ca",
+        ErrorCode.UPGRADE_REQUIRED: f"the {them} runs a qbsync older than protocol 2 "
+        "(no identity keys): upgrade it to this version",
+        ErrorCode.UNSUPPORTED_VERSION: "run the same qbsync version on both sides",
+        ErrorCode.BAD_TAG: "a frame was altered on the path (a proxy or middlebox rewrites the "
+        "stream): connect directly, or use TLS",
+        ErrorCode.TIMEOUT: f"check that the address is the {them}'s port, not another service",
+    }
+    return Verdict(
+        "handshake",
+        "FAIL",
+        refused,
+        fixes.get(exc.code, "run the same qbsync version on both sides"),
+    )
+
+
+def _peer_verdicts(addr: HostPort, config: SourceConfig) -> list[Verdict]:
+    """The source's destination: TCP reachability, then the handshake with the source's own
+    key and pins (read-only), apart."""
+    why = _tcp(addr)
+    if why:
         return [
             Verdict(
-                name,
+                "destination",
                 "FAIL",
-                f"cannot connect to {addr}: {reason}",
+                f"cannot connect to {addr}: {why}",
                 "start the destination, or correct --destination-addr; a firewall or NAT "
                 "between the hosts must let the port through",
             )
         ]
-    except WireError as exc:
-        if exc.code == ErrorCode.TIMEOUT:
-            return [
-                Verdict(
-                    name,
-                    "FAIL",
-                    f"{addr}: no qbsync handshake within {CONNECT_TIMEOUT:g} s",
-                    "check that the address is the destination's --listen, not another service",
-                )
-            ]
-        reached = Verdict(name, "PASS", f"{addr} accepts connections")
-        if exc.code == ErrorCode.AUTH_FAILED:
-            return [
-                reached,
-                Verdict(
-                    "handshake",
-                    "FAIL",
-                    f"refused ({exc.code}): {exc.message}",
-                    f"give both daemons the same token: {token_where}",
-                ),
-            ]
+    reached = Verdict("destination", "PASS", f"{addr} accepts connections")
+    try:
+        own = _own_identity(config)
+    except IdentityError as exc:
+        return [reached, _identity_failed(config, exc)]
+    if own is None:
+        return [reached, _no_key_verdict(config)]
+    identity, policy = own
+    judge = _Judge(policy, identity.fingerprint)
+    try:
+        version, peer = trio.run(_handshake, addr, config, identity, judge)
+    except OSError as exc:
         return [
             reached,
             Verdict(
                 "handshake",
                 "FAIL",
-                f"refused ({exc.code}): {exc.message}",
-                "run the same qbsync version on both sides",
+                f"connecting to {addr} again failed: {_connect_reason(exc)}",
+                "check that the destination is not restarting",
             ),
         ]
+    except WireError as exc:
+        return [reached, _handshake_failed(config, exc, judge)]
     auth = "authenticated with the token" if config.auth_token else "without a token"
     return [
-        Verdict(name, "PASS", f"{addr} accepts connections"),
-        Verdict("handshake", "PASS", f"accepted, protocol version {version}, {auth}"),
+        reached,
+        Verdict(
+            "handshake",
+            "PASS",
+            f"accepted, protocol version {version}, {auth}, as {identity.fingerprint}; the "
+            f"destination's key {peer} is {judge.outcome}",
+        ),
     ]
 
 
@@ -396,31 +590,146 @@ def check_peer(config: Config) -> list[Verdict]:
                     "--connect: run `qbsync doctor destination` on that machine to check it",
                 )
             ]
-        return _peer_verdicts(config.destination_addr, config, "destination")
+        return _peer_verdicts(config.destination_addr, config)
     verdicts = check_listen(config) if config.listen is not None else []
-    return verdicts + [_dial_verdict(addr) for addr in config.connect_addrs]
+    for addr in config.connect_addrs:
+        verdicts += _dial_verdicts(addr, config)
+    return verdicts
 
 
-def _dial_verdict(addr: HostPort) -> Verdict:
-    """A destination's ``--connect`` target: can this machine open a TCP connection to it?
-    (The handshake is the source's to answer; the daemon's log says whether it accepted.)"""
-    try:
-        with socket.create_connection((addr.host, addr.port), timeout=CONNECT_TIMEOUT):
-            pass
-    except OSError as exc:
-        return Verdict(
-            "source",
-            "FAIL",
-            f"cannot connect to {addr}: {exc.strerror or exc}",
-            "start the source with --listen on that address, and let its port through the "
-            "seedbox's firewall (--connect / QBSYNC_DESTINATION_CONNECT)",
+class _HandshakeOutcome(WireHooks, logging.Handler):
+    """What :func:`serve_dialed` reports: it logs a failed handshake and returns, so the code
+    comes from its hooks and the reason from its ``event=wire_handshake_failed`` log line
+    (this handler stands in for the log while the doctor's handshake runs)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+        self.failed: ErrorCode | None = None
+        self.reason = ""
+
+    def handshake_failed(self, code: ErrorCode) -> None:
+        self.failed = code
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "event=wire_handshake_failed" in text and " reason=" in text:
+            self.reason = text.split(" reason=", 1)[1].strip('"')
+
+
+class _NoService:
+    """The doctor's :class:`~qbsync.wire.ServerHandler`: it closes the connection as soon as
+    the handshake is done, so nothing reaches this; refuse if it does."""
+
+    async def handle_request(self, peer: Peer, request: Request) -> Response:
+        raise WireError(ErrorCode.SHUTTING_DOWN, "qbsync doctor checks the handshake only")
+
+    async def handle_piece(self, peer: Peer, piece: Piece) -> PieceAck:
+        raise WireError(ErrorCode.SHUTTING_DOWN, "qbsync doctor checks the handshake only")
+
+
+async def _dial_handshake(
+    addr: HostPort,
+    config: DestinationConfig,
+    identity: LoadedIdentity,
+    judge: _Judge,
+    outcome: _HandshakeOutcome,
+) -> None:
+    """One handshake as the dialing destination (``serve_dialed``, as the daemon's dialer),
+    closed as soon as it is authenticated; a failure is left in ``outcome``. Raises
+    ``OSError`` when the TCP connection fails and :class:`WireError` for TLS and timeouts."""
+    ssl_context = client_ssl_context(config.tls_ca) if config.tls_ca is not None else None
+    with trio.move_on_after(CONNECT_TIMEOUT) as cs:
+        stream = await dial(addr, ssl_context=ssl_context)
+    if cs.cancelled_caught:
+        raise WireError(ErrorCode.TIMEOUT, f"connecting to {addr} timed out")
+    async with trio.open_nursery() as nursery:
+
+        def opened(peer: Peer, is_open: bool) -> None:
+            if is_open:
+                nursery.cancel_scope.cancel()  # authenticated: that is all the doctor wanted
+
+        nursery.start_soon(
+            functools.partial(
+                serve_dialed,
+                stream,
+                _NoService(),
+                token=config.auth_token or None,
+                budget=ByteBudget(1 << 20),
+                identity=identity.key,
+                admission=judge,
+                handshake_timeout=CONNECT_TIMEOUT,
+                close_grace=0.0,
+                hooks=outcome,
+                on_peer=opened,
+            )
         )
-    return Verdict("source", "PASS", f"{addr} accepts connections (--connect)")
+
+
+def _dial_verdicts(addr: HostPort, config: DestinationConfig) -> list[Verdict]:
+    """A destination's ``--connect`` target: TCP reachability, then the handshake as the
+    dialing side with the destination's own key and pins (read-only)."""
+    why = _tcp(addr)
+    if why:
+        return [
+            Verdict(
+                "source",
+                "FAIL",
+                f"cannot connect to {addr}: {why}",
+                "start the source with --listen on that address, and let its port through the "
+                "seedbox's firewall (--connect / QBSYNC_DESTINATION_CONNECT)",
+            )
+        ]
+    reached = Verdict("source", "PASS", f"{addr} accepts connections (--connect)")
+    try:
+        own = _own_identity(config)
+    except IdentityError as exc:
+        return [reached, _identity_failed(config, exc)]
+    if own is None:
+        return [reached, _no_key_verdict(config)]
+    identity, policy = own
+    judge = _Judge(policy, identity.fingerprint)
+    wire_log = logging.getLogger("qbsync.wire")
+    outcome = _HandshakeOutcome()
+    propagate = wire_log.propagate
+    wire_log.addHandler(outcome)
+    wire_log.propagate = False  # its log lines: the verdict says what they say
+    try:
+        trio.run(_dial_handshake, addr, config, identity, judge, outcome)
+    except OSError as exc:
+        return [
+            reached,
+            Verdict(
+                "handshake",
+                "FAIL",
+                f"connecting to {addr} again failed: {_connect_reason(exc)}",
+                "check that the source is not restarting",
+            ),
+        ]
+    except WireError as exc:
+        return [reached, _handshake_failed(config, exc, judge)]
+    finally:
+        wire_log.removeHandler(outcome)
+        wire_log.propagate = propagate
+    if outcome.failed is not None:
+        failure = WireError(outcome.failed, outcome.reason or "the source ended the handshake")
+        return [reached, _handshake_failed(config, failure, judge)]
+    auth = "authenticated with the token" if config.auth_token else "without a token"
+    return [
+        reached,
+        Verdict(
+            "handshake",
+            "PASS",
+            f"accepted by {addr}, {auth}, as {identity.fingerprint}; the source's key "
+            f"{judge.peer} is {judge.outcome}",
+        ),
+    ]
 
 
 def check_listen(config: DestinationConfig) -> list[Verdict]:
-    """Whether the daemon could bind ``--listen``; when a qbsync destination already listens
-    there, whether it accepts this configuration's handshake instead."""
+    """Whether the daemon could bind ``--listen``; when something already listens there,
+    whether it is a qbsync destination: it reads the magic and ``Hello`` the peer sends at
+    once and closes, never authenticating (a handshake with this destination's own key would
+    be pinned by the running one as a source, in trust-on-first-use mode)."""
     addr = config.listen
     assert addr is not None  # check_peer calls this only for a destination that listens
     host = addr.host or "0.0.0.0"
@@ -440,22 +749,59 @@ def check_listen(config: DestinationConfig) -> list[Verdict]:
                     "CAP_NET_BIND_SERVICE) in --listen / QBSYNC_DESTINATION_LISTEN",
                 )
             ]
-        dial = HostPort("127.0.0.1" if host in ("0.0.0.0", "::") else host, addr.port)
-        running = _peer_verdicts(dial, config, "listen")
-        if running[-1].status == "PASS":
+        dial_to = HostPort("127.0.0.1" if host in ("0.0.0.0", "::") else host, addr.port)
+        hello, why = _peek_hello(dial_to, tls=config.tls_cert is not None)
+        if hello is not None and hello.role == Role.DESTINATION:
+            key = fingerprint(hello.identity) if hello.identity else "no identity key"
             return [
-                Verdict("listen", "PASS", f"{addr} is in use by a running qbsync destination"),
-                running[-1],
+                Verdict(
+                    "listen",
+                    "PASS",
+                    f"{addr} is in use by a running qbsync destination ({hello.software}, "
+                    f"protocol {hello.min_version}..{hello.max_version}, key {key}); the "
+                    "doctor did not authenticate to it",
+                )
             ]
+        what = f"a qbsync {hello.role.value}" if hello is not None else f"another program ({why})"
         return [
             Verdict(
                 "listen",
                 "FAIL",
-                f"{addr} is in use by another program ({running[-1].text})",
+                f"{addr} is in use by {what}",
                 "stop it, or choose another --listen / QBSYNC_DESTINATION_LISTEN port",
             )
         ]
     return [Verdict("listen", "PASS", f"{addr} is free to bind")]
+
+
+def _peek_hello(addr: HostPort, *, tls: bool) -> tuple[Hello | None, str]:
+    """The ``Hello`` a qbsync daemon at ``addr`` sends first (magic + Hello frame, read with
+    the wire's decoder), or ``None`` and why not. Sends nothing; closes at once. With TLS
+    the certificate is not verified: nothing secret is sent, and only the peer's public Hello
+    is read (whose key the verdict shows)."""
+    decoder = FrameDecoder({HELLO_TYPE: HANDSHAKE_MAX_FRAME})
+    try:
+        with socket.create_connection((addr.host, addr.port), timeout=CONNECT_TIMEOUT) as raw:
+            sock: socket.socket = raw
+            if tls:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE  # see the docstring: nothing is sent
+                sock = context.wrap_socket(raw)
+            while True:
+                event = decoder.next_event()
+                if isinstance(event, ControlFrame) and isinstance(event.message, Hello):
+                    return event.message, ""
+                if event is not NEED_DATA:
+                    return None, "no qbsync Hello"
+                chunk = sock.recv(HANDSHAKE_MAX_FRAME)
+                decoder.receive_data(chunk)
+                if not chunk:
+                    return None, "it closed without a qbsync Hello"
+    except TimeoutError:
+        return None, f"no qbsync Hello within {CONNECT_TIMEOUT:g} s"
+    except (OSError, WireError) as exc:
+        return None, f"not qbsync: {exc}"
 
 
 def check_clock(config: Config) -> list[Verdict]:
@@ -476,50 +822,93 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _identity_summary(config: Config) -> str:
+    """This daemon's fingerprint (if it has a key) and how many keys it has pinned, read
+    without creating or changing anything."""
+    directory = identity_dir(config)
+    if not _has_key(config):
+        own = f"no identity key yet (created in {directory} on first start)"
+    else:
+        try:
+            loaded = load_identity(
+                directory, key_text=config.identity, key_file=config.identity_file, create=False
+            )
+            own = f"this {config.role} is {loaded.fingerprint}"
+        except IdentityError as exc:
+            own = f"identity key unusable: {exc}"
+    pins = PinStore(directory, read_only=True).pins()
+    if "!unreadable" in pins:
+        pinned = f"the pin file {directory / PEERS_FILE} is unreadable (every new key refused)"
+    else:
+        pinned = f"{len(pins)} peer key{'' if len(pins) == 1 else 's'} pinned"
+    return f"{own}; {pinned}"
+
+
+def _admits(config: Config, *, listening: bool) -> tuple[Status, str]:
+    """The admission mode in force (``PeerPolicy.mode``'s table) and what it admits."""
+    them = "destination" if config.role == "source" else "source"
+    if config.peer_fingerprint:
+        keys = ", ".join(config.peer_fingerprint)
+        return (
+            "PASS",
+            f"--peer-fingerprint: only the {them} key(s) {keys}",
+        )
+    if config.auth_token:
+        return "PASS", (
+            f"token: pinned {them} keys, and a new {them} key only when it proves the token "
+            "(then pinned)"
+        )
+    if listening and config.role == "source":
+        return "PASS", (
+            "no token or --peer-fingerprint: this listening source never trusts on first use, "
+            f"it admits only {them} keys pinned before"
+        )
+    return "WARN", (
+        f"trust on first use: the first {them} key is pinned and only it admitted after; "
+        f"compare its fingerprint with the {them}'s event=identity log line"
+    )
+
+
 def check_auth(config: Config) -> list[Verdict]:
+    summary = _identity_summary(config)
+    fix = (
+        "set the same --auth-token-file on both daemons (openssl rand -hex 32), or "
+        "--peer-fingerprint"
+    )
     if isinstance(config, SourceConfig):
+        listening = config.listen is not None
         tls = (
             f"TLS, the destination's certificate verified against {config.tls_ca}"
             if config.tls_ca is not None
             else "no TLS (the data crosses the network in clear)"
         )
-        if config.auth_token:
-            return [
-                Verdict(
-                    "auth",
-                    "PASS",
-                    f"token: only a destination that proves the same token is used; {tls}",
-                )
-            ]
-        return [
-            Verdict(
-                "auth",
-                "WARN",
-                f"no token: any program answering at {config.destination_addr} is sent your "
-                f"data; {tls}",
-                "set the same --auth-token-file on both daemons (openssl rand -hex 32)",
-            )
-        ]
-    tls = "TLS" if config.tls_cert is not None else "no TLS"
-    if config.auth_token:
-        return [
-            Verdict(
-                "auth",
-                "PASS",
-                f"token: only sources that prove the same token may write to --data; {tls}",
-            )
-        ]
+        status, admits = _admits(config, listening=listening)
+        where = (
+            f"the destination dials this source's --listen {config.listen}"
+            if listening
+            else f"dials {config.destination_addr}"
+        )
+        text = f"{admits}; {where}; {summary}; {tls}"
+        if status == "WARN":
+            return [Verdict("auth", "WARN", text, fix)]
+        return [Verdict("auth", "PASS", text)]
+    tls = "TLS" if config.tls_cert is not None or config.tls_ca is not None else "no TLS"
+    status, admits = _admits(config, listening=config.listen is not None)
     if config.listen is None:
-        return [Verdict("auth", "PASS", f"no wire port: this destination only dials; {tls}")]
-    if _loopback(config.listen.host):
-        return [Verdict("auth", "PASS", f"no token, but listening on loopback only; {tls}")]
+        where = "no wire port: this destination only dials (--connect)"
+    else:
+        where = f"listening on {config.listen}"
+    text = f"{admits}; {where}; {summary}; {tls}"
+    if status == "PASS":
+        return [Verdict("auth", "PASS", text)]
+    if config.listen is None or _loopback(config.listen.host):
+        return [Verdict("auth", "PASS", text + " (loopback only)" * (config.listen is not None))]
     return [
         Verdict(
             "auth",
             "WARN",
-            f"no token and listening on {config.listen}: anyone who reaches that port may "
-            f"write to --data; {tls}",
-            "set the same --auth-token-file on both daemons (openssl rand -hex 32)",
+            f"{text}; anyone who reaches that port before your source does is paired instead of it",
+            fix,
         )
     ]
 
