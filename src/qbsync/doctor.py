@@ -399,29 +399,15 @@ class _Judge:
     def admit(self, peer: PeerKey, own_fingerprint: str) -> None:
         fp, them, me = peer.fingerprint, peer.role.value, self.policy.role
         self.peer = fp
-        policy = self.policy
-        if policy.fingerprints:
-            if fp in policy.fingerprints:
-                self.outcome = "listed in --peer-fingerprint"
-                return
-            self._refuse(f"the {them}'s key {fp} is not in this {me}'s --peer-fingerprint", "")
-        pins = policy.store.pins()
-        pinned = sorted(p for p in pins if not p.startswith("!"))
-        if fp in pins:
-            self.outcome = f"pinned by this {me}"
-        elif policy.token:
-            self.outcome = f"not pinned yet: the {me} pins it on its first connection (token)"
-        elif policy.allow_first_use and not pins:
-            self.outcome = f"not pinned yet: the {me} pins it on first use"
-        elif "!unreadable" in pins:
-            self._refuse(f"this {me}'s pin file {policy.store.path} is unreadable", "")
-        elif pinned:
-            self._refuse(
-                f"this {me} is paired with the {them} key {', '.join(pinned)}, not {fp}",
-                pinned[0] if len(pinned) == 1 else "--all",
-            )
-        else:
-            self._refuse(f"this {me} never trusts on first use and {fp} is not pinned", "")
+        decision = self.policy.decide(fp, them)  # the daemon's own rules; pins nothing
+        if decision.action == "refuse":
+            self._refuse(decision.why, decision.old)
+        self.outcome = {
+            "listed": "listed in --peer-fingerprint",
+            "pinned": f"pinned by this {me}",
+            "pin-token": f"not pinned yet: the {me} pins it on its first connection (token)",
+            "pin-first-use": f"not pinned yet: the {me} pins it on first use",
+        }[decision.action]
 
     def _refuse(self, why: str, old: str) -> None:
         self.refused = True

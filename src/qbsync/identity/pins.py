@@ -206,6 +206,17 @@ class PinStore:
         return [fp for fp in gone if not fp.startswith("!")]
 
 
+@attrs.frozen
+class Decision:
+    """:meth:`PeerPolicy.decide`'s answer. ``action``: ``listed`` (in --peer-fingerprint),
+    ``pinned`` (pinned before), ``pin-token`` / ``pin-first-use`` (admitted and pinned now),
+    or ``refuse`` with ``why``; ``old`` is the pinned key a re-pair would forget."""
+
+    action: str
+    why: str = ""
+    old: str = ""
+
+
 @attrs.define
 class PeerPolicy:
     """The :class:`qbsync.wire.Admission` of a daemon (see the module docstring's table).
@@ -230,23 +241,51 @@ class PeerPolicy:
             return "token"
         return "first-use" if self.allow_first_use else "pinned-only"
 
+    def decide(self, fingerprint: str, them: str) -> Decision:
+        """What this policy does with a peer (role ``them``) proving ``fingerprint``: the one
+        place the admission rules live (the daemon acts on it in :meth:`admit`; ``qbsync
+        doctor`` only reports it). Reads the pins; changes nothing."""
+        if self.fingerprints:
+            if fingerprint in self.fingerprints:
+                return Decision("listed")
+            return Decision(
+                "refuse",
+                f"the {them}'s key {fingerprint} is not one of this {self.role}'s "
+                f"--peer-fingerprint ({', '.join(sorted(self.fingerprints))})",
+            )
+        pins = self.store.pins()
+        if fingerprint in pins:
+            return Decision("pinned")
+        if self.token:  # the endpoint has checked the token proof before asking
+            return Decision("pin-token")
+        if self.allow_first_use and not pins:
+            return Decision("pin-first-use")
+        pinned = sorted(p for p in pins if not p.startswith("!"))
+        old = pinned[0] if len(pinned) == 1 else "--all"
+        if "!unreadable" in pins:
+            return Decision(
+                "refuse", f"this {self.role}'s pin file {self.store.path} is unreadable"
+            )
+        if pinned:
+            return Decision(
+                "refuse",
+                f"this {self.role} is paired with the {them} key {', '.join(pinned)}, and the "
+                f"{them} presented {fingerprint}",
+                old,
+            )
+        return Decision(
+            "refuse",
+            f"this {self.role} listens and never trusts on first use: admit the {them} "
+            "with --peer-fingerprint or --auth-token",
+        )
+
     def admit(self, peer: PeerKey, own_fingerprint: str) -> None:
         fp = peer.fingerprint
         them = peer.role.value
-        if self.fingerprints:
-            if fp in self.fingerprints:
-                return
-            self._refuse(
-                peer,
-                own_fingerprint,
-                f"the {them}'s key {fp} is not one of this {self.role}'s --peer-fingerprint "
-                f"({', '.join(sorted(self.fingerprints))})",
-                "",
-            )
-        pins = self.store.pins()
-        if fp in pins:
-            return
-        if self.token:  # the endpoint has checked the token proof before asking
+        decision = self.decide(fp, them)
+        if decision.action == "refuse":
+            self._refuse(peer, own_fingerprint, decision.why, decision.old)
+        elif decision.action == "pin-token":
             self.store.pin(peer, "token")
             log.warning(
                 "event=peer_pinned how=token role=%s peer=%s peer_fingerprint=%s "
@@ -256,8 +295,7 @@ class PeerPolicy:
                 fp,
                 own_fingerprint,
             )
-            return
-        if self.allow_first_use and not pins:
+        elif decision.action == "pin-first-use":
             self.store.pin(peer, "first-use")
             log.warning(
                 "event=peer_first_use role=%s peer=%s peer_fingerprint=%s own_fingerprint=%s "
@@ -273,21 +311,6 @@ class PeerPolicy:
                     "--peer-fingerprint, or set --auth-token on both sides"
                 ),
             )
-            return
-        pinned = sorted(p for p in pins if not p.startswith("!"))
-        if "!unreadable" in pins:
-            why = f"this {self.role}'s pin file {self.store.path} is unreadable"
-        elif pinned:
-            why = (
-                f"this {self.role} is paired with the {them} key {', '.join(pinned)}, and the "
-                f"{them} presented {fp}"
-            )
-        else:
-            why = (
-                f"this {self.role} listens and never trusts on first use: admit the {them} "
-                "with --peer-fingerprint or --auth-token"
-            )
-        self._refuse(peer, own_fingerprint, why, pinned[0] if len(pinned) == 1 else "--all")
 
     def _refuse(self, peer: PeerKey, own_fingerprint: str, why: str, old: str) -> None:
         them = peer.role.value
@@ -315,4 +338,4 @@ class PeerPolicy:
         raise WireError(ErrorCode.UNKNOWN_PEER, f"{why}{hint}")
 
 
-__all__ = ["PEERS_FILE", "PeerPolicy", "Pin", "PinStore", "parse_fingerprint"]
+__all__ = ["PEERS_FILE", "Decision", "PeerPolicy", "Pin", "PinStore", "parse_fingerprint"]
