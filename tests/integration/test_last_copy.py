@@ -178,20 +178,33 @@ async def test_a_users_own_qbittorrent_entry_survives_init_resync_and_finalize(
 async def test_a_finalized_torrent_survives_resync_and_abort(
     tmp_path: Path, qb_factory, qbsync_factory
 ) -> None:
-    """Finding 1/2: after a finalize (and a hand-off) no request deletes, truncates or renames
-    the files: ``InitTorrent(resync=True)`` then ``Abort(delete_files=True)`` leave them
-    byte-for-byte and inode-for-inode in place; a damaged finalized file makes a resync
-    answer ``conflict`` (it is never renamed to ``.partial`` and rewritten)."""
+    """Finding 1/2: after a finalize no request deletes, truncates or renames the files:
+    ``InitTorrent(resync=True)`` then ``Abort(delete_files=True)`` leave them byte-for-byte
+    and inode-for-inode in place; a damaged finalized file makes a resync answer ``conflict``
+    (it is never renamed to ``.partial`` and rewritten). After a hand-off, a resync is refused
+    outright: the torrent belongs to the destination qBittorrent (its entry stays)."""
     qb = qb_factory("dst")
     t = LocalTorrent.create(
         make_payload(tmp_path / "src" / "payload", {"a.bin": 300_000, "b.bin": 100_000}, 5),
         PIECE,
     )
+    handed = LocalTorrent.create(
+        make_payload(tmp_path / "src" / "handed", {"c.bin": 200_000}, 6), PIECE
+    )
     data = tmp_path / "data"
     dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
     async with dest.client() as client:
+        assert (await client.sync(handed)).status == SyncStatus.COMPLETE
+        assert (await client.start(handed)).started
+        handed_files = {data / rel: _fingerprint(data / rel) for rel, _ in handed.files}
+        with pytest.raises(WireError) as refused:
+            await client.init_ready(handed, resync=True)
+        assert refused.value.code == ErrorCode.CONFLICT
+        assert not (await client.abort(handed, delete_files=True)).existed
+    assert {p: _fingerprint(p) for p in handed_files} == handed_files
+    assert qb.info(handed.info_hash) is not None  # still the destination qBittorrent's
+    async with dest.client() as client:
         assert (await client.sync(t)).status == SyncStatus.COMPLETE
-        assert (await client.start(t)).started
     files = [data / rel for rel, _ in t.files]
     before = {p: _fingerprint(p) for p in files}
     async with dest.client() as client:
