@@ -199,6 +199,14 @@ def _read_key(rfd: int, name: str) -> bytes | None:
     return key
 
 
+def _read_all(fd: int) -> bytes:
+    """The rest of an open file, however large (a state file is read whole)."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _key(rfd: int, *, create: bool = True) -> bytes | None:
     """The root's key (created on first write when the root has none: a store built without
     :func:`prepare_root`, as unit tests do; adoption only ever happens there). A read never
@@ -279,12 +287,9 @@ def read(mdir: Path, name: str) -> bytes | None:
                 if st.st_uid != os.geteuid():
                     _ignored(mdir, name, st.st_ino, "not_owned_by_daemon")
                     return None
-                chunks = []
-                while chunk := os.read(fd, 1 << 20):
-                    chunks.append(chunk)
+                raw = _read_all(fd)
             finally:
                 os.close(fd)
-            raw = b"".join(chunks)
             key = _key_of(mdir, create=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
@@ -472,12 +477,9 @@ def _adopt_dir(rfd: int, name: str, key: bytes) -> bool:
                         "event=state_file_ignored dir=%s file=%s reason=not_adopted", name, entry
                     )
                     continue
-                chunks = []
-                while chunk := os.read(fd, 1 << 20):
-                    chunks.append(chunk)
+                raw = _read_all(fd)
             finally:
                 os.close(fd)
-            raw = b"".join(chunks)
             body, ok = _untag(key, name, entry, raw)
             if not ok:
                 body = raw
