@@ -47,6 +47,11 @@ def median(values: Sequence[float]) -> float:
 GiB = 1024 * MiB
 
 
+def print_result(result: Mapping[str, object]) -> None:
+    """The one ``RESULT key=value ...`` line every bench ends with (what CI and people grep)."""
+    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+
+
 def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
     """``median (min-max)`` of several rounds: one round on a shared machine proves little."""
     if not values:

@@ -36,7 +36,7 @@ from tests.bounds_rig import bomb_body, large_init, peak_rss_bytes, raw_init_bod
 from tests.qbharness import QbsyncProcess, free_port
 from tests.wireclient import wire_client
 
-from bench.benchlib import MiB, median, stack
+from bench.benchlib import MiB, median, print_result, stack
 from qbsync.wire import InitTorrent, WireError
 
 
@@ -85,7 +85,7 @@ def main() -> int:
     result["rss_base_mib"] = f"{rss_base:.0f}"
     result["budget_mib"] = str(args.budget_mib)
     result["peak_over_budget_mib"] = f"{float(result['rss_large_peak_mib']) - args.budget_mib:.0f}"
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+    print_result(result)
     return 0
 
 

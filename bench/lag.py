@@ -55,6 +55,7 @@ from bench.benchlib import (
     metric,
     new_torrent,
     poll,
+    print_result,
     split_files,
     spread,
     stack,
@@ -256,7 +257,7 @@ def main() -> int:
         "rounds": len(rounds),
         "pieces": int(sum(col("pieces"))),
     }
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+    print_result(result)
     return 0
 
 

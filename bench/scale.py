@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tests.qbharness import QBInstance, QbsyncProcess, free_port, make_torrent
 
-from bench.benchlib import Stack, cpu_seconds, metric, stack
+from bench.benchlib import Stack, cpu_seconds, metric, print_result, stack
 from qbsync.destination.state import FINALIZED_NAME, FinalizedFile, FinalizedMarker, dump_json
 
 SIZE = 16 * 1024
@@ -158,7 +158,7 @@ def main() -> int:
         "dest_startup_s": f"{start:.2f}",
         "dest_startup_baseline_s": f"{base_start:.2f}",
     }
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+    print_result(result)
     return 0
 
 

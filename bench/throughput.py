@@ -73,6 +73,7 @@ from bench.benchlib import (
     metric,
     peak_rss_mb,
     poll,
+    print_result,
     split_files,
     spread,
     stack,
@@ -333,7 +334,7 @@ def main() -> int:
         "dest_peak_rss_mb": f"{dest_rss:.0f}",
         "source_peak_rss_mb": f"{src_rss:.0f}",
     }
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+    print_result(result)
     return 0
 
 

@@ -67,6 +67,7 @@ from bench.benchlib import (
     median,
     metric,
     poll,
+    print_result,
     split_files,
     spread,
     stack,
@@ -375,7 +376,7 @@ def main() -> int:
         "cpu_s_per_gib_pool": f"{median(res['pool_cpu']):.2f}",
         "cpu_s_per_gib_rsync": f"{median(res['rsync_cpu']):.2f}",
     }
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
+    print_result(result)
     return 0
 
 

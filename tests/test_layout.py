@@ -21,7 +21,7 @@ PKG = SRC / "qbsync"
 # one, nor another unit of its own layer (same-layer units are siblings that must not know
 # each other). ``qbsync`` is the package's ``__init__`` (only ``__version__``).
 LAYERS: list[set[str]] = [
-    {"qbsync", "wire", "bitfield", "paths", "torrent", "interrupt"},
+    {"qbsync", "wire", "bitfield", "paths", "torrent", "interrupt", "atomicfile"},
     {"log"},
     {"metrics"},
     {"ratelimit"},

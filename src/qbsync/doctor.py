@@ -515,21 +515,23 @@ def _handshake_failed(config: Config, exc: WireError, judge: _Judge) -> Verdict:
     )
 
 
-def _peer_verdicts(addr: HostPort, config: SourceConfig) -> list[Verdict]:
-    """The source's destination: TCP reachability, then the handshake with the source's own
-    key and pins (read-only), apart."""
+def _handshake_verdicts(
+    addr: HostPort,
+    config: Config,
+    *,
+    peer_side: str,
+    reached_text: str,
+    unreachable_fix: str,
+    handshake: Callable[[LoadedIdentity, _Judge], str],
+) -> list[Verdict]:
+    """TCP reachability of ``addr`` (the ``peer_side`` verdict), then ``handshake`` with this
+    daemon's own key and pins (read-only), apart; the steps both directions share.
+    ``handshake`` returns the passing verdict's text, or raises ``OSError`` when the TCP
+    connection fails the second time and :class:`WireError` when the handshake fails."""
     why = _tcp(addr)
     if why:
-        return [
-            Verdict(
-                "destination",
-                "FAIL",
-                f"cannot connect to {addr}: {why}",
-                "start the destination, or correct --destination-addr; a firewall or NAT "
-                "between the hosts must let the port through",
-            )
-        ]
-    reached = Verdict("destination", "PASS", f"{addr} accepts connections")
+        return [Verdict(peer_side, "FAIL", f"cannot connect to {addr}: {why}", unreachable_fix)]
+    reached = Verdict(peer_side, "PASS", reached_text)
     try:
         own = _own_identity(config)
     except IdentityError as exc:
@@ -539,7 +541,7 @@ def _peer_verdicts(addr: HostPort, config: SourceConfig) -> list[Verdict]:
     identity, policy = own
     judge = _Judge(policy, identity.fingerprint)
     try:
-        version, peer = trio.run(_handshake, addr, config, identity, judge)
+        passed = handshake(identity, judge)
     except OSError as exc:
         return [
             reached,
@@ -547,21 +549,38 @@ def _peer_verdicts(addr: HostPort, config: SourceConfig) -> list[Verdict]:
                 "handshake",
                 "FAIL",
                 f"connecting to {addr} again failed: {_connect_reason(exc)}",
-                "check that the destination is not restarting",
+                f"check that the {peer_side} is not restarting",
             ),
         ]
     except WireError as exc:
         return [reached, _handshake_failed(config, exc, judge)]
-    auth = "authenticated with the token" if config.auth_token else "without a token"
-    return [
-        reached,
-        Verdict(
-            "handshake",
-            "PASS",
-            f"accepted, protocol version {version}, {auth}, as {identity.fingerprint}; the "
-            f"destination's key {peer} is {judge.outcome}",
-        ),
-    ]
+    return [reached, Verdict("handshake", "PASS", passed)]
+
+
+def _auth_words(config: Config) -> str:
+    return "authenticated with the token" if config.auth_token else "without a token"
+
+
+def _peer_verdicts(addr: HostPort, config: SourceConfig) -> list[Verdict]:
+    """The source's destination: TCP reachability, then the handshake with the source's own
+    key and pins (read-only), apart."""
+
+    def handshake(identity: LoadedIdentity, judge: _Judge) -> str:
+        version, peer = trio.run(_handshake, addr, config, identity, judge)
+        return (
+            f"accepted, protocol version {version}, {_auth_words(config)}, as "
+            f"{identity.fingerprint}; the destination's key {peer} is {judge.outcome}"
+        )
+
+    return _handshake_verdicts(
+        addr,
+        config,
+        peer_side="destination",
+        reached_text=f"{addr} accepts connections",
+        unreachable_fix="start the destination, or correct --destination-addr; a firewall or "
+        "NAT between the hosts must let the port through",
+        handshake=handshake,
+    )
 
 
 def check_peer(config: Config) -> list[Verdict]:
@@ -654,61 +673,34 @@ async def _dial_handshake(
 def _dial_verdicts(addr: HostPort, config: DestinationConfig) -> list[Verdict]:
     """A destination's ``--connect`` target: TCP reachability, then the handshake as the
     dialing side with the destination's own key and pins (read-only)."""
-    why = _tcp(addr)
-    if why:
-        return [
-            Verdict(
-                "source",
-                "FAIL",
-                f"cannot connect to {addr}: {why}",
-                "start the source with --listen on that address, and let its port through the "
-                "seedbox's firewall (--connect / QBSYNC_DESTINATION_CONNECT)",
-            )
-        ]
-    reached = Verdict("source", "PASS", f"{addr} accepts connections (--connect)")
-    try:
-        own = _own_identity(config)
-    except IdentityError as exc:
-        return [reached, _identity_failed(config, exc)]
-    if own is None:
-        return [reached, _no_key_verdict(config)]
-    identity, policy = own
-    judge = _Judge(policy, identity.fingerprint)
-    wire_log = logging.getLogger("qbsync.wire")
-    outcome = _HandshakeOutcome()
-    propagate = wire_log.propagate
-    wire_log.addHandler(outcome)
-    wire_log.propagate = False  # its log lines: the verdict says what they say
-    try:
-        trio.run(_dial_handshake, addr, config, identity, judge, outcome)
-    except OSError as exc:
-        return [
-            reached,
-            Verdict(
-                "handshake",
-                "FAIL",
-                f"connecting to {addr} again failed: {_connect_reason(exc)}",
-                "check that the source is not restarting",
-            ),
-        ]
-    except WireError as exc:
-        return [reached, _handshake_failed(config, exc, judge)]
-    finally:
-        wire_log.removeHandler(outcome)
-        wire_log.propagate = propagate
-    if outcome.failed is not None:
-        failure = WireError(outcome.failed, outcome.reason or "the source ended the handshake")
-        return [reached, _handshake_failed(config, failure, judge)]
-    auth = "authenticated with the token" if config.auth_token else "without a token"
-    return [
-        reached,
-        Verdict(
-            "handshake",
-            "PASS",
-            f"accepted by {addr}, {auth}, as {identity.fingerprint}; the source's key "
-            f"{judge.peer} is {judge.outcome}",
-        ),
-    ]
+
+    def handshake(identity: LoadedIdentity, judge: _Judge) -> str:
+        wire_log = logging.getLogger("qbsync.wire")
+        outcome = _HandshakeOutcome()
+        propagate = wire_log.propagate
+        wire_log.addHandler(outcome)
+        wire_log.propagate = False  # its log lines: the verdict says what they say
+        try:
+            trio.run(_dial_handshake, addr, config, identity, judge, outcome)
+        finally:
+            wire_log.removeHandler(outcome)
+            wire_log.propagate = propagate
+        if outcome.failed is not None:
+            raise WireError(outcome.failed, outcome.reason or "the source ended the handshake")
+        return (
+            f"accepted by {addr}, {_auth_words(config)}, as {identity.fingerprint}; the "
+            f"source's key {judge.peer} is {judge.outcome}"
+        )
+
+    return _handshake_verdicts(
+        addr,
+        config,
+        peer_side="source",
+        reached_text=f"{addr} accepts connections (--connect)",
+        unreachable_fix="start the source with --listen on that address, and let its port "
+        "through the seedbox's firewall (--connect / QBSYNC_DESTINATION_CONNECT)",
+        handshake=handshake,
+    )
 
 
 def check_listen(config: DestinationConfig) -> list[Verdict]:

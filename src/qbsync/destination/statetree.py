@@ -53,6 +53,8 @@ import threading
 from collections.abc import Container, Iterator
 from pathlib import Path
 
+from .. import atomicfile
+
 log = logging.getLogger("qbsync.destination.statetree")
 
 KEY_NAME = ".state-key"
@@ -63,7 +65,7 @@ _TAG_LEN = len(TAG_PREFIX) + 64 + 1  # prefix, hex digest, newline
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = atomicfile.TMP_PREFIX
 
 # (root device, root inode, key inode, key mtime) -> key
 _keys: dict[tuple[int, int, int, int], bytes] = {}
@@ -197,27 +199,12 @@ def _read_key(rfd: int, name: str) -> bytes | None:
     return key
 
 
-def _write_new(rfd: int, name: str, data: bytes) -> None:
-    """Create ``name`` with ``data``, complete or not at all (written under a temporary name,
-    then linked: a reader never sees it empty; ``FileExistsError`` when it exists)."""
-    tmp = f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
-    fd = os.open(
-        tmp,
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-        FILE_MODE,
-        dir_fd=rfd,
-    )
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, name, src_dir_fd=rfd, dst_dir_fd=rfd, follow_symlinks=False)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=rfd)
-    os.fsync(rfd)
+def _read_all(fd: int) -> bytes:
+    """The rest of an open file, however large (a state file is read whole)."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _key(rfd: int, *, create: bool = True) -> bytes | None:
@@ -243,7 +230,7 @@ def _key(rfd: int, *, create: bool = True) -> bytes | None:
     if not create:
         return None
     with _keys_lock, contextlib.suppress(FileExistsError):  # else another thread made it
-        _write_new(rfd, KEY_NAME, secrets.token_bytes(KEY_BYTES))
+        atomicfile.create(rfd, KEY_NAME, secrets.token_bytes(KEY_BYTES), mode=FILE_MODE)
     return _key(rfd, create=False)
 
 
@@ -262,36 +249,12 @@ def write(mdir: Path, name: str, data: bytes) -> None:
     with open_dir(mdir, create=True) as dfd:
         key = _key_of(mdir)
         assert key is not None
-        _write_in(dfd, name, data + _tag(key, mdir.name, name, data))
+        atomicfile.replace(dfd, name, data + _tag(key, mdir.name, name, data), mode=FILE_MODE)
 
 
 def _key_of(mdir: Path, *, create: bool = True) -> bytes | None:
     with open_root(mdir.parent) as rfd:
         return _key(rfd, create=create)
-
-
-def _write_in(dfd: int, name: str, blob: bytes) -> None:
-    tmp = f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
-    fd = os.open(
-        tmp,
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-        FILE_MODE,
-        dir_fd=dfd,
-    )
-    try:
-        try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dfd)
-        raise
-    os.fsync(dfd)
 
 
 def _ignored(mdir: Path, name: str, ino: int, reason: str) -> None:
@@ -324,12 +287,9 @@ def read(mdir: Path, name: str) -> bytes | None:
                 if st.st_uid != os.geteuid():
                     _ignored(mdir, name, st.st_ino, "not_owned_by_daemon")
                     return None
-                chunks = []
-                while chunk := os.read(fd, 1 << 20):
-                    chunks.append(chunk)
+                raw = _read_all(fd)
             finally:
                 os.close(fd)
-            raw = b"".join(chunks)
             key = _key_of(mdir, create=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
@@ -478,7 +438,7 @@ def prepare_root(root: Path) -> int:
         key = _read_key(rfd, ADOPTING_NAME)
         if key is None:
             key = secrets.token_bytes(KEY_BYTES)
-            _write_new(rfd, ADOPTING_NAME, key)
+            atomicfile.create(rfd, ADOPTING_NAME, key, mode=FILE_MODE)
         adopted = 0
         for entry in sorted(os.listdir(rfd)):
             if entry.startswith("."):
@@ -517,16 +477,13 @@ def _adopt_dir(rfd: int, name: str, key: bytes) -> bool:
                         "event=state_file_ignored dir=%s file=%s reason=not_adopted", name, entry
                     )
                     continue
-                chunks = []
-                while chunk := os.read(fd, 1 << 20):
-                    chunks.append(chunk)
+                raw = _read_all(fd)
             finally:
                 os.close(fd)
-            raw = b"".join(chunks)
             body, ok = _untag(key, name, entry, raw)
             if not ok:
                 body = raw
-            _write_in(dfd, entry, body + _tag(key, name, entry, body))
+            atomicfile.replace(dfd, entry, body + _tag(key, name, entry, body), mode=FILE_MODE)
             count += 1
         log.info("event=state_adopted dir=%s files=%d", name, count)
         return True

@@ -29,13 +29,11 @@ path stays untouched. It is not persisted (the chart is "the last hour").
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import re
-import secrets
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +43,7 @@ from typing import Any
 import attrs
 import trio
 
+from .. import atomicfile
 from ..log import kv
 
 log = logging.getLogger("qbsync.http.activity")
@@ -340,29 +339,10 @@ def _write_private(directory: Path, name: str, data: bytes) -> None:
     """Atomic write of a mode-0600 file (temp file, fsync, rename, fsync of the directory).
 
     Not :func:`qbsync.destination.durable.atomic_write`: that one sits in a higher layer and
-    writes 0644. The rename replaces whatever is at ``name`` -- a planted symlink included --
-    never what it points to."""
+    adds the state tree's authentication tag. The rename replaces whatever is at ``name`` -- a
+    planted symlink included -- never what it points to."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = directory / f".tmp-{name}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomicfile.replace_in(directory, name, data)
 
 
 # ---------------------------------------------------------------------------------------------

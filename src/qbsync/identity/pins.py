@@ -30,7 +30,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import attrs
 
+from .. import atomicfile
 from ..log import kv
 from ..wire import ErrorCode, PeerKey, WireError
 from ..wire.keys import parse_fingerprint
@@ -153,25 +153,8 @@ class PinStore:
             "peers": [attrs.asdict(p) for p in pins.values() if not p.fingerprint.startswith("!")],
         }
         data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-        tmp = self.directory / f".tmp-{PEERS_FILE}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path)  # replaces only our own pin file
-            self._seen = True
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)  # our own temporary file, created above with O_EXCL
-            raise
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomicfile.replace_in(self.directory, PEERS_FILE, data)  # replaces only our pin file
+        self._seen = True
 
     def pin(self, peer: PeerKey, how: str) -> None:
         pin = Pin(

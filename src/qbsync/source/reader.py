@@ -25,12 +25,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 import trio
 
 from .. import metrics
+from ..torrent import Span
 from .meta import INCOMPLETE_EXT, SourceMeta
 
 log = logging.getLogger("qbsync.source.reader")
@@ -233,16 +235,11 @@ class PieceReader:
         if _RWF_NOWAIT is None:
             return False
         local_dir = meta.local_dir
-        for span in meta.geometry.spans(index):
-            slot = meta.slots[span.file_index]
-            dst = view[span.piece_offset : span.piece_offset + span.length]
-            if slot.name is None or not slot.selected:
-                dst[:] = bytes(span.length)
-                continue
+        for span, name, dst in _spans_to_read(meta, index, view):
             end = span.file_offset + span.length
             if end % READ_AHEAD < span.length:
                 return False
-            h = self.handles.acquire_cached(meta.info_hash, local_dir / slot.name)
+            h = self.handles.acquire_cached(meta.info_hash, local_dir / name)
             if h is None:
                 return False
             try:
@@ -263,13 +260,8 @@ class PieceReader:
 
     def _read_sync(self, meta: SourceMeta, index: int, view: memoryview) -> None:
         local_dir = meta.local_dir
-        for span in meta.geometry.spans(index):
-            slot = meta.slots[span.file_index]
-            dst = view[span.piece_offset : span.piece_offset + span.length]
-            if slot.name is None or not slot.selected:
-                dst[:] = bytes(span.length)
-                continue
-            path = local_dir / slot.name
+        for span, name, dst in _spans_to_read(meta, index, view):
+            path = local_dir / name
             try:
                 self._read_span(meta.info_hash, path, dst, span.file_offset)
             except FileMissing:
@@ -308,3 +300,18 @@ class PieceReader:
             raise
         finally:
             self.handles.unref(h)
+
+
+def _spans_to_read(
+    meta: SourceMeta, index: int, view: memoryview
+) -> Iterator[tuple[Span, str, memoryview]]:
+    """Piece ``index``'s spans that come from a file: each with the file's name and the part
+    of ``view`` it fills. A span of a padding file or of a file not selected is zero-filled
+    here instead (both read paths, cached and worker, send the same bytes for it)."""
+    for span in meta.geometry.spans(index):
+        slot = meta.slots[span.file_index]
+        dst = view[span.piece_offset : span.piece_offset + span.length]
+        if slot.name is None or not slot.selected:
+            dst[:] = bytes(span.length)
+            continue
+        yield span, slot.name, dst

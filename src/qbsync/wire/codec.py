@@ -269,23 +269,6 @@ def _unpack(r: _Reader, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise r.fail("nesting too deep")
     tag = r.byte()
-    if tag == _T_NONE:
-        return None
-    if tag == _T_FALSE:
-        return False
-    if tag == _T_TRUE:
-        return True
-    if tag == _T_INT:
-        z = r.uvarint()  # <= 2**64 - 1, so the zig-zag value is always a signed 64-bit int
-        return (z >> 1) if not z & 1 else -((z + 1) >> 1)
-    if tag == _T_STR:
-        raw = r.take(r.uvarint())
-        try:
-            return str(raw, "utf-8")
-        except UnicodeDecodeError:
-            raise r.fail("invalid UTF-8") from None
-    if tag == _T_BYTES:
-        return bytes(r.take(r.uvarint()))
     if tag == _T_LIST:
         count = r.uvarint()
         if count > r.end - r.pos:  # every item takes at least one byte
@@ -306,7 +289,7 @@ def _unpack(r: _Reader, depth: int) -> Any:
                 raise r.fail(f"duplicate key {key!r}")
             result[key] = _unpack(r, depth + 1)
         return result
-    raise r.fail(f"unknown value tag {tag}")
+    return _scalar(r, tag)  # (one decoder of scalars for both paths; it rejects unknown tags)
 
 
 # --- schema-driven decoding -----------------------------------------------------------------
@@ -386,7 +369,7 @@ def _scalar(r: _Reader, tag: int) -> Any:
     if tag == _T_TRUE:
         return True
     if tag == _T_INT:
-        z = r.uvarint()
+        z = r.uvarint()  # <= 2**64 - 1, so the zig-zag value is always a signed 64-bit int
         return (z >> 1) if not z & 1 else -((z + 1) >> 1)
     if tag == _T_STR:
         raw = r.take(r.uvarint())
