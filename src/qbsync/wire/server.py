@@ -28,9 +28,9 @@ from __future__ import annotations
 import itertools
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
@@ -420,7 +420,6 @@ async def serve(
     real source finishes its handshake within a round trip, so what piles up is silent sockets,
     and those are what make room. Half-open floods therefore cannot lock a source out.
     """
-    settings = _ServeSettings.of(locals())
     host = listen.host or None
     listeners = await trio.open_tcp_listeners(listen.port, host=host)
     ports = [
@@ -430,7 +429,26 @@ async def serve(
     gate = _HandshakeGate(max_pending_handshakes, max_pending_per_address, hooks)
 
     async def handle(stream: trio.SocketStream) -> None:
-        await _serve_one(stream, settings, gate=gate, ssl_context=ssl_context)
+        await _serve_one(
+            stream,
+            handler,
+            gate=gate,
+            token=token,
+            identity=identity,
+            admission=admission,
+            ssl_context=ssl_context,
+            budget=budget,
+            handshake_timeout=handshake_timeout,
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            window=window,
+            max_piece=max_piece,
+            max_concurrent_requests=max_concurrent_requests,
+            close_grace=close_grace,
+            hooks=hooks,
+            peers=peers,
+            on_peer=on_peer,
+        )
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
@@ -470,9 +488,23 @@ async def serve_dialed(
     Returns when it ends (a failed handshake is logged and counted here too)."""
     await _serve_one(
         stream,
-        _ServeSettings.of(locals()),
+        handler,
         gate=_HandshakeGate(1, 1, hooks),  # one outgoing connection: nothing to cap
+        token=token,
         ssl_context=None,
+        identity=identity,
+        admission=admission,
+        budget=budget,
+        handshake_timeout=handshake_timeout,
+        ping_interval=ping_interval,
+        idle_timeout=idle_timeout,
+        window=window,
+        max_piece=max_piece,
+        max_concurrent_requests=max_concurrent_requests,
+        close_grace=close_grace,
+        hooks=hooks,
+        on_peer=on_peer,
+        peers=peers,
         initiator=True,
     )
 
@@ -541,46 +573,28 @@ class _HandshakeGate:
         self._last_log, self._suppressed = now, 0
 
 
-@attrs.frozen(kw_only=True)
-class _ServeSettings:
-    """What :func:`serve` and :func:`serve_dialed` both hand to every connection they serve.
-
-    Built by :meth:`of` from the public function's own parameters, by name, so the two entry
-    points cannot drift apart in what they forward (they once repeated the same fifteen
-    keywords); a parameter renamed in one of them fails with ``KeyError`` on its first
-    connection, which every wire test makes, rather than being dropped silently."""
-
-    handler: ServerHandler
-    token: str | None
-    identity: Ed25519PrivateKey | None
-    admission: Admission
-    budget: ByteBudget
-    handshake_timeout: float
-    ping_interval: float
-    idle_timeout: float
-    window: int
-    max_piece: int
-    max_concurrent_requests: int
-    close_grace: float
-    hooks: WireHooks
-    peers: OpenPeers | None
-    on_peer: PeerHook
-
-    @staticmethod
-    def of(params: Mapping[str, Any]) -> _ServeSettings:
-        """The fields taken from ``params`` (a public function's ``locals()``) by name."""
-        return _ServeSettings(**{f.name: params[f.name] for f in attrs.fields(_ServeSettings)})
-
-
 async def _serve_one(
     stream: trio.abc.Stream,
-    settings: _ServeSettings,
+    handler: ServerHandler,
     *,
     gate: _HandshakeGate,
+    token: str | None,
+    identity: Ed25519PrivateKey | None,
+    admission: Admission,
     ssl_context: ssl.SSLContext | None,
+    budget: ByteBudget,
+    handshake_timeout: float,
+    ping_interval: float,
+    idle_timeout: float,
+    window: int,
+    max_piece: int,
+    max_concurrent_requests: int,
+    close_grace: float,
+    hooks: WireHooks,
+    peers: OpenPeers | None = None,
+    on_peer: PeerHook = _ignore_peer,
     initiator: bool = False,
 ) -> None:
-    s = settings
     peer = Peer(peer_address(stream), next(_conn_ids))
     label = f"peer={peer.address} conn={peer.conn_id}"
     conn: _ServerConnection | None = None
@@ -595,27 +609,27 @@ async def _serve_one(
             done = await _handshake(
                 stream,
                 label,
-                token=s.token,
-                identity=s.identity,
-                admission=s.admission,
+                token=token,
+                identity=identity,
+                admission=admission,
                 peer_address=peer.address,
                 initiator=initiator,
                 ssl_context=ssl_context,
-                handshake_timeout=s.handshake_timeout,
-                window=s.window,
-                max_piece=s.max_piece,
-                hooks=s.hooks,
+                handshake_timeout=handshake_timeout,
+                window=window,
+                max_piece=max_piece,
+                hooks=hooks,
                 make_conn=lambda endpoint, app_stream: _ServerConnection(
                     endpoint,
                     app_stream,
                     peer=peer,
-                    handler=s.handler,
-                    budget=s.budget,
-                    ping_interval=s.ping_interval,
-                    idle_timeout=s.idle_timeout,
-                    max_concurrent_requests=s.max_concurrent_requests,
+                    handler=handler,
+                    budget=budget,
+                    ping_interval=ping_interval,
+                    idle_timeout=idle_timeout,
+                    max_concurrent_requests=max_concurrent_requests,
                     max_concurrent_pieces=DEFAULT_MAX_CONCURRENT_PIECES,
-                    hooks=s.hooks,
+                    hooks=hooks,
                 ),
             )
         gate.leave(peer)
@@ -626,26 +640,26 @@ async def _serve_one(
             peer, instance=info.peer_instance, fingerprint=info.peer_fingerprint
         )
         opened = True
-        s.hooks.connection_opened("destination")
+        hooks.connection_opened("destination")
         log.info(
             "event=wire_connection_open %s version=%d tls=%s auth=%s peer_software=%s "
             "peer_fingerprint=%s peer_instance=%s",
             label,
             info.version,
             ssl_context is not None,
-            bool(s.token),
+            bool(token),
             kv(info.peer_software),
             info.peer_fingerprint,
             kv(info.peer_instance),
         )
-        if s.peers is not None:
-            s.peers.add(
+        if peers is not None:
+            peers.add(
                 OpenPeer(
-                    peer, time.time(), info.peer_software, ssl_context is not None, bool(s.token)
+                    peer, time.time(), info.peer_software, ssl_context is not None, bool(token)
                 )
             )
-        s.on_peer(peer, True)
-        await conn.run(s.close_grace)
+        on_peer(peer, True)
+        await conn.run(close_grace)
         reason = conn.close_reason
         log.info(
             "event=wire_connection_closed %s code=%s reason=%s",
@@ -658,11 +672,11 @@ async def _serve_one(
         log.exception("event=wire_connection_failed %s code=internal", label)
     finally:
         gate.leave(peer)
-        if s.peers is not None:
-            s.peers.discard(peer)
+        if peers is not None:
+            peers.discard(peer)
         if opened:
-            s.hooks.connection_closed("destination")
-            s.on_peer(peer, False)
+            hooks.connection_closed("destination")
+            on_peer(peer, False)
         if conn is not None:
             conn._abort(ConnectionClosed("connection closed", ErrorCode.OK))
         await trio.aclose_forcefully(stream)
