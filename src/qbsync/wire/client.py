@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar, cast
 
-import attrs
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -310,17 +309,20 @@ async def open_connection(
     async def establish() -> trio.abc.Stream:
         return await dial(addr, ssl_context=ssl_context, server_hostname=server_hostname)
 
-    session = _SessionSettings(
-        token, identity, admission, ping_interval, idle_timeout, hooks, instance
-    )
     async with _client_session(
         establish,
-        session,
         label=f"peer={addr}",
         timeout=connect_timeout,
         timeout_message=f"connecting to {addr} timed out after {connect_timeout:g}s",
+        token=token,
+        instance=instance,
+        identity=identity,
+        admission=admission,
         initiator=True,
         peer=str(addr),
+        ping_interval=ping_interval,
+        idle_timeout=idle_timeout,
+        hooks=hooks,
     ) as conn:
         yield conn
 
@@ -349,54 +351,47 @@ async def accept_connection(
     async def establish() -> trio.abc.Stream:
         return await accept_tls(stream, ssl_context)
 
-    session = _SessionSettings(
-        token, identity, admission, ping_interval, idle_timeout, hooks, instance
-    )
     try:
         async with _client_session(
             establish,
-            session,
             label=f"peer={peer_address(stream)}",
             timeout=handshake_timeout,
             timeout_message=f"handshake timed out after {handshake_timeout:g}s",
+            token=token,
+            instance=instance,
+            identity=identity,
+            admission=admission,
             initiator=False,
             peer=peer_address(stream),
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            hooks=hooks,
         ) as conn:
             yield conn
     finally:
         await trio.aclose_forcefully(stream)
 
 
-@attrs.frozen
-class _SessionSettings:
-    """The public parameters :func:`open_connection` and :func:`accept_connection` share,
-    passed on as one value so the two entry points cannot drift apart in what they forward.
-    Built positionally, so the fields keep the order of both public signatures."""
-
-    token: str | None
-    identity: Ed25519PrivateKey | None
-    admission: Admission
-    ping_interval: float
-    idle_timeout: float
-    hooks: WireHooks
-    instance: str
-
-
 @asynccontextmanager
 async def _client_session(
     establish: Callable[[], Awaitable[trio.abc.Stream]],
-    session: _SessionSettings,
     *,
     label: str,
     timeout: float,  # noqa: ASYNC109  (the deadline covers establish + handshake together)
     timeout_message: str,
+    token: str | None,
+    instance: str,
+    identity: Ed25519PrivateKey | None,
+    admission: Admission,
     initiator: bool,
     peer: str,
+    ping_interval: float,
+    idle_timeout: float,
+    hooks: WireHooks,
 ) -> AsyncIterator[ClientConnection]:
     """The protocol client over whatever ``establish`` returns (a dialed or an accepted
     stream, TLS done; see :mod:`.transport`): the handshake under the same deadline, then the
     connection's life."""
-    hooks = session.hooks
     stream: trio.abc.Stream | None = None
     conn: ClientConnection | None = None
     try:
@@ -404,10 +399,10 @@ async def _client_session(
             stream = await establish()
             endpoint = Endpoint(
                 m.Role.SOURCE,
-                token=session.token,
-                instance=session.instance,
-                identity=session.identity,
-                admission=session.admission,
+                token=token,
+                instance=instance,
+                identity=identity,
+                admission=admission,
                 initiator=initiator,
                 peer_address=peer,
             )
@@ -415,8 +410,8 @@ async def _client_session(
                 endpoint,
                 stream,
                 label=label,
-                ping_interval=session.ping_interval,
-                idle_timeout=session.idle_timeout,
+                ping_interval=ping_interval,
+                idle_timeout=idle_timeout,
                 hooks=hooks,
             )
             remaining = max(cs.deadline - trio.current_time(), 0.0)
