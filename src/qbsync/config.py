@@ -581,7 +581,7 @@ class SourceConfig:
     # Reverse dialing (the destination connects to the source): see resolve() for the rules.
     listen: HostPort | None = option(
         "Accept the destination's connections on this address instead of dialing it "
-        "(host:port; the destination runs --connect; needs --auth-token)",
+        "(host:port; the destination runs --connect; needs --auth-token or --peer-fingerprint)",
         "",
         _parse_optional_listen,
         metavar="ADDR",
