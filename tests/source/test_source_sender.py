@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from qbsync.bitfield import Bitfield
 from qbsync.source.meta import SourceMeta
 from qbsync.source.pool import ConnectionPool
 from qbsync.source.reader import PieceReader
-from qbsync.source.sender import MAX_PIECE_FAILURES, Senders, initialize
+from qbsync.source.sender import MAX_PIECE_FAILURES, Senders, hash_mismatch_delay, initialize
 from qbsync.source.state import Registry, Tracked
 from qbsync.source.tracker import PieceTracker
 from qbsync.wire.errors import ErrorCode
@@ -81,13 +82,21 @@ async def test_all_ok_each_piece_once_with_correct_bytes(torrent):
 
 
 async def test_hash_mismatch_resends_then_gives_up(torrent):
+    """Each re-read waits a growing pause first (the file on disk can lag what qBittorrent
+    reports), so a transient mismatch is not given up within milliseconds."""
     meta, _ = torrent
+    sent_at: list[float] = []
 
     def on_piece(h, i, data):
-        return PieceAck(h, i, ErrorCode.HASH_MISMATCH, "sha1") if i == 1 else PieceAck(h, i)
+        if i != 1:
+            return PieceAck(h, i)
+        sent_at.append(trio.current_time())
+        return PieceAck(h, i, ErrorCode.HASH_MISMATCH, "sha1")
 
     conn = FakeConn(on_request=ready_init(meta), on_piece=on_piece)
     t = await run(meta, conn)
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
+    assert all(gap >= hash_mismatch_delay(0.01, n) for n, gap in enumerate(gaps, start=1))
     sent = Counter(i for _, i, _ in conn.pieces)
     assert sent[1] == MAX_PIECE_FAILURES  # re-read and resent, then given up
     assert all(sent[i] == 1 for i in range(meta.num_pieces) if i != 1)

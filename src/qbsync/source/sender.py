@@ -11,7 +11,8 @@ flow control paces us) under a ``--piece-timeout`` cancel scope and applies the 
 ack                 action
 ==================  ===========================================================================
 ok                  piece done (finalize soon if it was the torrent's last)
-hash-mismatch       re-read and resend; after :data:`MAX_PIECE_FAILURES` give up on the piece so
+hash-mismatch       re-read and resend after a growing pause (the file can lag qBittorrent's
+                    report); after :data:`MAX_PIECE_FAILURES` give up on the piece so
                     finalize surfaces ``incomplete`` (then sync-failed) instead of looping
 not-initialized     InitTorrent again (the destination lost its state), then resend
 io, finalizing,     retry later (growing delay)
@@ -48,6 +49,14 @@ from .state import Registry, Tracked
 log = logging.getLogger("qbsync.source.sender")
 
 MAX_PIECE_FAILURES = 5
+
+
+def hash_mismatch_delay(retry_base: float, failures: int) -> float:
+    """How long to wait before re-reading a piece the destination found corrupt for the
+    ``failures``-th time (see :meth:`Senders._on_failure`)."""
+    return min(30.0, retry_base * 0.5 * float(2 ** min(failures - 1, 5)))
+
+
 INIT_TIMEOUT = 60.0
 DEFAULT_INFLIGHT_BYTES = 64 * MiB  # read-ahead: enough to fill 8 connections' windows
 
@@ -411,7 +420,11 @@ class Senders:
             return
         t.tracker.pending.add(index)
         if code == ErrorCode.HASH_MISMATCH:
-            self.registry.requeue(t, index)  # re-read and resend at once
+            # Re-read after a growing pause (half a retry_base, doubling: 7.5 s in all before
+            # giving up at the default): the bytes on disk can lag what qBittorrent reports,
+            # e.g. right after a selection change, while it moves a boundary piece out of its
+            # .parts file. Re-reading at once would only read the same bytes again.
+            self._requeue_later(t, index, hash_mismatch_delay(self.retry_base, n))
         else:
             self._requeue_later(t, index, min(30.0, self.retry_base * 2 ** min(n - 1, 5)))
 
