@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.browser import browse, chromium_fixture  # noqa: F401  (fixture)
 from tests.integration.source_rig import (  # noqa: F401  # fixtures
     Rig,
     http_status,
@@ -34,27 +34,6 @@ from tests.status_schema import assert_valid
 pytestmark = pytest.mark.integration
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-]
-
-
-@pytest.fixture(name="chromium", scope="session")
-def chromium_fixture() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail(
-            "chromium is not installed (Debian: apt-get install chromium; `make test` does)"
-        )
-    return path
 
 
 class Browser:
@@ -66,16 +45,7 @@ class Browser:
 
     def _run(self, url: str, *extra: str) -> str:
         self.runs += 1
-        profile = self.tmp / f"chromium{self.runs}"
-        profile.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(
-            [self.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url],
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
+        return browse(self.chromium, url, self.tmp / f"chromium{self.runs}", *extra)
 
     def dom(self, port: int) -> str:
         """The page's DOM after Chromium loaded it."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.browser import browse, chromium_fixture  # noqa: F401  (fixture)
 from tests.integration.source_rig import (  # noqa: F401  # fixtures
     Rig,
     http_status,
@@ -27,40 +27,6 @@ from tests.qbharness import KiB, wait_until
 from tests.status_schema import assert_valid
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail(
-            "chromium is not installed (Debian: apt-get install chromium; `make test` does)"
-        )
-    return path
-
-
-def browse(chromium: str, url: str, profile: Path, *extra: str) -> str:
-    """What Chromium renders for ``url`` (its DOM after loading), with a fresh profile."""
-    profile.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def qbsync_status(*args: str) -> str:
