@@ -62,6 +62,7 @@ EXIT_INTERRUPTED = 130
 
 MiB = 1024 * 1024
 NAME = "qbsync-demo"
+PEER_NUDGE_INTERVAL = 5.0  # seconds between re-adding the seeder while none is connected
 
 
 class DemoError(Exception):
@@ -407,11 +408,14 @@ class Demo:
         # 4. Download on the source, throttled so the streaming is visible.
         limit = int(o.size / o.duration) if o.duration > 0 else 0
         self._add(source, torrent, info_hash, download_limit=limit or None)
-        source.api.torrents_add_peers(peers=f"127.0.0.1:{seeder.bt_port}", torrent_hashes=info_hash)
+        seeder_peer = f"127.0.0.1:{seeder.bt_port}"
+        source.api.torrents_add_peers(peers=seeder_peer, torrent_hashes=info_hash)
         if limit:
             self.say(f"source downloads from the seeder at {limit / MiB:.1f} MiB/s")
         sync_started = time.monotonic()
-        self._watch(source, dest, info_hash, pieces, src_health, dest_health, sync_started)
+        self._watch(
+            source, dest, info_hash, pieces, src_health, dest_health, sync_started, seeder_peer
+        )
         sync_seconds = time.monotonic() - sync_started
 
         # 5. Check the copy byte for byte.
@@ -520,9 +524,11 @@ class Demo:
         src_health: int,
         dest_health: int,
         started: float,
+        seeder_peer: str,
     ) -> None:
         display = self._display()
         last_verified = 0
+        next_peer_nudge = time.monotonic() + PEER_NUDGE_INTERVAL
         try:
             while True:
                 elapsed = time.monotonic() - started
@@ -554,6 +560,13 @@ class Demo:
                     return
                 if elapsed > self.opts.timeout:
                     raise DemoError(f"not synced after {self.opts.timeout:g} s")
+                # The swarm is the seeder alone (no tracker, DHT or PEX on loopback): a
+                # connection attempt that failed (a busy machine, a torrent still being checked
+                # when the peer was added) is never retried by qBittorrent itself.
+                no_seeder = src is not None and not src.num_seeds and float(src.progress) < 1
+                if no_seeder and time.monotonic() >= next_peer_nudge:
+                    next_peer_nudge = time.monotonic() + PEER_NUDGE_INTERVAL
+                    source.api.torrents_add_peers(peers=seeder_peer, torrent_hashes=info_hash)
                 time.sleep(0.25)
         finally:
             display.close()
