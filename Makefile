@@ -74,14 +74,19 @@ fuzz: venv
 check: lint typecheck
 	HYPOTHESIS_PROFILE=quick $(BIN)/pytest -q -n 2 tests --ignore=tests/integration
 
-integration: venv qbittorrent chromium
-	$(BIN)/pytest -q tests/integration
+# The integration tests on two pytest-xdist workers. They share nothing: each test has its own
+# temporary directory, its own qbittorrent-nox and qbsync processes, stopped by PID, and ports
+# from free_port (qbsync.qbittorrent.instance), which hands each process its own walk of a
+# block below the kernel's ephemeral range, so two workers are not given the same port.
+INTEGRATION = $(BIN)/pytest -q -n 2 tests/integration
 
-# Unit and property tests on two workers (pure, no shared state), then the integration tests
-# one at a time (each runs real qbittorrent-nox and qbsync processes).
+integration: venv qbittorrent chromium
+	$(INTEGRATION)
+
+# Unit and property tests, then the integration tests, each on two workers.
 test: venv qbittorrent chromium lint typecheck
 	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q -n 2 tests --ignore=tests/integration
-	$(BIN)/pytest -q --durations=15 tests/integration
+	$(INTEGRATION) --durations=15
 
 # stress-ng keeps every core busy for test-stress (a Debian package).
 stress-ng:
@@ -95,7 +100,7 @@ test-stress: venv qbittorrent chromium stress-ng
 	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null' EXIT; \
 	for i in $$(seq 1 $(STRESS_RUNS)); do \
 	  start=$$(date +%s); \
-	  $(BIN)/pytest -q tests/integration || { echo "test-stress: run $$i FAILED"; exit 1; }; \
+	  $(INTEGRATION) || { echo "test-stress: run $$i FAILED"; exit 1; }; \
 	  echo "test-stress: run $$i of $(STRESS_RUNS) passed in $$(( $$(date +%s) - start )) s under stress-ng --cpu $$(nproc)"; \
 	done
 

@@ -17,12 +17,14 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import attrs
 import pytest
+import qbittorrentapi
 import torf
 
 from qbsync.qbittorrent.instance import (
@@ -45,6 +47,7 @@ __all__ = [
     "SEEDING_STATES",
     "KiB",
     "MiB",
+    "PeerNudger",
     "QBInstance",
     "QbsyncProcess",
     "SeededTorrent",
@@ -77,6 +80,84 @@ class QBInstance(_QBInstance):
     binary = QB_BINARY
 
 
+class PeerNudger:
+    """Points each watched download at the seeder again, and the seeder at it, while the
+    download is incomplete and has no seed connected: every :attr:`INTERVAL` seconds, until
+    :meth:`close`.
+
+    There is no tracker, DHT or LSD on loopback, so the one ``torrents_add_peers`` call is all
+    that tells a downloader where the seeder is, and after a connection attempt that failed
+    qBittorrent waits about a minute before it dials that peer again (measured here: a seeder
+    frozen through the first attempt was dialled again 55 s after it resumed). Asking the
+    seeder to dial the downloader, which it has no failure on record for, connects at once.
+    ``qbsync demo`` does the same for its source (``qbsync.demo.run.PEER_NUDGE_INTERVAL``).
+    One thread per test (the ``seeded_torrent`` fixture owns it and closes it before any
+    qBittorrent stops), with its own API client per instance so it never shares the test's
+    HTTP session.
+    """
+
+    INTERVAL = 3.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: list[tuple[QBInstance, SeededTorrent]] = []
+        self._clients: dict[int, qbittorrentapi.Client] = {}
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer-nudger", daemon=True)
+
+    def watch(self, inst: QBInstance, seeded: SeededTorrent) -> None:
+        with self._lock:
+            self._watched.append((inst, seeded))
+            if not self._thread.is_alive() and not self._closed.is_set():
+                self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            started = self._thread.ident is not None
+        if started:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.INTERVAL):
+            with self._lock:
+                watched = list(self._watched)
+            for inst, seeded in watched:
+                self._nudge(inst, seeded)
+
+    def _client(self, inst: QBInstance) -> qbittorrentapi.Client:
+        client = self._clients.get(id(inst))
+        if client is None:
+            client = self._clients[id(inst)] = qbittorrentapi.Client(
+                host=inst.url,
+                FORCE_SCHEME_FROM_HOST=True,
+                username=inst.username,
+                password=inst.password,
+                REQUESTS_ARGS={"timeout": (2, 10)},
+                DISABLE_LOGGING_DEBUG_OUTPUT=True,
+            )
+        return client
+
+    def _nudge(self, inst: QBInstance, seeded: SeededTorrent) -> None:
+        seeder = seeded.seeder
+        if not (inst.running() and seeder.running()):
+            return  # stopped, or between the two halves of a restart
+        try:
+            found = self._client(inst).torrents_info(torrent_hashes=seeded.info_hash)
+            if not found or found[0].progress >= 1 or found[0].num_seeds > 0:
+                return
+            # Both ways: the downloader holds back a seeder whose connection failed, but the
+            # seeder has no such record of the downloader and dials it at once.
+            self._client(inst).torrents_add_peers(
+                peers=f"127.0.0.1:{seeder.bt_port}", torrent_hashes=seeded.info_hash
+            )
+            self._client(seeder).torrents_add_peers(
+                peers=f"127.0.0.1:{inst.bt_port}", torrent_hashes=seeded.info_hash
+            )
+        except qbittorrentapi.APIError:
+            return  # an instance is stopping or restarting (tests do both): next round
+
+
 @attrs.define
 class SeededTorrent:
     """A generated torrent that ``seeder`` is seeding from ``payload``."""
@@ -88,6 +169,7 @@ class SeededTorrent:
     files: dict[str, int]  # relative path inside the torrent -> size
     piece_size: int
     seed: int
+    nudger: PeerNudger | None = None  # keeps re-adding the seeder to downloads: see PeerNudger
 
     @property
     def name(self) -> str:
@@ -136,6 +218,8 @@ class SeededTorrent:
         inst.api.torrents_add_peers(
             peers=f"127.0.0.1:{self.seeder.bt_port}", torrent_hashes=self.info_hash
         )
+        if self.nudger is not None:
+            self.nudger.watch(inst, self)
 
     def expected_bytes(self, rel: str) -> bytes:
         return (self.payload / rel).read_bytes()

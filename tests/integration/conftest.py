@@ -18,6 +18,7 @@ from tests.qbharness import (
     QB_BINARY,
     KiB,
     MiB,
+    PeerNudger,
     QBInstance,
     QbsyncProcess,
     SeededTorrent,
@@ -95,7 +96,7 @@ def qb_factory(tmp_path: Path, qb_binary: str) -> Iterator[QbFactory]:
 
 
 @pytest.fixture
-def seeded_torrent(tmp_path: Path, qb_factory: QbFactory) -> SeededFactory:
+def seeded_torrent(tmp_path: Path, qb_factory: QbFactory) -> Iterator[SeededFactory]:
     """``seeded_torrent(files=DEFAULT_FILES, *, piece_size=256 KiB, seed=0, name="payload",
     seeder=None) -> SeededTorrent``.
 
@@ -104,6 +105,7 @@ def seeded_torrent(tmp_path: Path, qb_factory: QbFactory) -> SeededFactory:
     get it with ``seeded.add_to(other_instance, download_limit=...)``.
     """
     counter = 0
+    nudger = PeerNudger()
 
     def factory(
         files: Mapping[str, int] | None = None,
@@ -128,12 +130,14 @@ def seeded_torrent(tmp_path: Path, qb_factory: QbFactory) -> SeededFactory:
             files=files,
             piece_size=piece_size,
             seed=seed,
+            nudger=nudger,
         )
         seeded.add_to(seeder, connect=False)
         seeder.wait_seeding(info_hash)
         return seeded
 
-    return factory
+    yield factory
+    nudger.close()  # before qb_factory's teardown stops the instances it talks to
 
 
 @pytest.fixture

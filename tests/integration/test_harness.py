@@ -189,3 +189,21 @@ def test_qbsync_process_output_and_exit(qbsync_factory: QbsyncFactory, tmp_path:
     )
     assert printed.wait(30) == 0
     assert '"health_addr": ":9999"' in printed.log_text()
+
+
+def test_a_download_that_lost_its_first_peer_connection_still_completes(
+    qb_factory: QbFactory, seeded_torrent: SeededFactory
+) -> None:
+    """The harness's PeerNudger points a stalled download at the seeder again (and the seeder
+    at it). Here the one ``torrents_add_peers`` call that ``add_to`` makes is left out, as if
+    it had failed: with no tracker or DHT on loopback only the nudger can start the download."""
+    seeded = seeded_torrent({"a.bin": 1 * MiB})
+    leech = qb_factory("leech")
+    seeded.add_to(leech, connect=False)
+    assert seeded.nudger is not None
+    seeded.nudger.watch(leech, seeded)
+    wait_until(
+        lambda: (leech.info(seeded.info_hash) or {}).get("progress") == 1,
+        120,
+        what="the nudged download completes",
+    )

@@ -18,6 +18,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,16 +36,64 @@ SEEDING_STATES = frozenset({"stalledUP", "uploading", "queuedUP", "forcedUP"})
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago.
+# Ports handed out by free_port(): a block below the kernel's ephemeral range, walked in
+# order from a random start. See free_port for why.
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_BLOCK_LOW = 10000
+_MIN_BLOCK = 4096
+_port_lock = threading.Lock()
+_port_cursor: int | None = None
 
-    There is a small race (someone else may take it before we bind it); :class:`QBInstance`
-    retries with new ports when qBittorrent cannot bind, so tests do not flake on it.
+
+def _port_block() -> tuple[int, int] | None:
+    """[low, high) below the kernel's ephemeral range, or None when that leaves too little."""
+    try:
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    if ephemeral_low - _BLOCK_LOW < _MIN_BLOCK:
+        return None
+    return _BLOCK_LOW, ephemeral_low
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago and that this process has not handed
+    out before (until its block of ports wraps around).
+
+    The port is closed again when this returns, so there is a window before the caller's
+    process binds it. Asking the kernel for a port (binding to port 0) picks at random from the
+    ephemeral range, so two processes doing this at once -- two pytest-xdist workers, the demo
+    beside a test -- can be handed the same port in that window, and outgoing connections draw
+    from the same range. Instead each process walks a block *below* the ephemeral range (the
+    kernel never hands those out on its own) in order, from a random start: two walkers collide
+    only if they start within a few ports of each other, and one process never repeats itself.
+    :class:`QBInstance` also retries with new ports when qBittorrent cannot bind.
     """
+    global _port_cursor
+    block = _port_block()
+    with _port_lock:
+        if block is not None:
+            low, high = block
+            if _port_cursor is None or not low <= _port_cursor < high:
+                _port_cursor = low + secrets.randbelow(high - low)
+            for _ in range(high - low):
+                port = _port_cursor
+                _port_cursor = low + (_port_cursor + 1 - low) % (high - low)
+                if _bindable(port):
+                    return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        kernel_port: int = s.getsockname()[1]
+        return kernel_port
 
 
 def wait_until(
@@ -185,6 +234,9 @@ class QBInstance:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def qbsync_args(self, *, password_in_env: bool = False) -> list[str]:
         """``--qb-url`` (and credentials, if any) for a qbsync process talking to this instance.
