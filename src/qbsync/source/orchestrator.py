@@ -829,20 +829,7 @@ class Orchestrator:
             trio.current_time() - t.finalize_started,
             kv(result.message or result.status.value),
         )
-        if self.activity is not None:
-            now = time.time()
-            completed = float(info.get("completion_on") or 0)
-            await self.activity.record(
-                Event(
-                    time=now,
-                    kind="synced",
-                    hash=h,
-                    name=t.name,
-                    size=int(t.meta.selected_size),
-                    duration_seconds=now - t.tracked_at,
-                    since_complete_seconds=now - completed if completed > 0 else None,
-                )
-            )
+        await self._record_end(t, "synced", completed_at=float(info.get("completion_on") or 0))
         if orphan:
             # Removed from the source: the destination takes over. If it cannot start it, it
             # keeps the verified torrent stopped (not cached: nothing here retries).
@@ -851,6 +838,34 @@ class Orchestrator:
                 await self._record_removed_handoff(h)
             return
         await self.synced.mark(h, t.meta.fingerprint)
+
+    async def _record_end(
+        self,
+        t: Tracked,
+        kind: str,
+        *,
+        completed_at: float = 0.0,
+        code: str | None = None,
+        message: str = "",
+    ) -> None:
+        """The activity log's entry for the end of a sync (``synced`` or ``failed``): timed
+        from when ``t`` was tracked and, when qBittorrent knows it, from its completion."""
+        if self.activity is None:
+            return
+        now = time.time()
+        await self.activity.record(
+            Event(
+                time=now,
+                kind=kind,
+                hash=t.info_hash,
+                name=t.name,
+                size=int(t.meta.selected_size),
+                duration_seconds=now - t.tracked_at,
+                since_complete_seconds=now - completed_at if completed_at > 0 else None,
+                code=code,
+                message=message,
+            )
+        )
 
     async def _sync_failed(self, t: Tracked, code: ErrorCode) -> None:
         h = t.info_hash
@@ -867,20 +882,8 @@ class Orchestrator:
             code=code,
             message=t.last_error[1] if t.last_error else None,
         )
-        if self.activity is not None:
-            now = time.time()
-            await self.activity.record(
-                Event(
-                    time=now,
-                    kind="failed",
-                    hash=h,
-                    name=t.name,
-                    size=int(t.meta.selected_size),
-                    duration_seconds=now - t.tracked_at,
-                    code=str(code.value),
-                    message=t.last_error[1] if t.last_error else "",
-                )
-            )
+        message = t.last_error[1] if t.last_error else ""
+        await self._record_end(t, "failed", code=str(code.value), message=message)
         log.error(
             "event=sync_failed hash=%s name=%s code=%s attempts=%d tag=%s",
             h,
