@@ -40,7 +40,6 @@ from qbsync.wire import (
     fingerprint,
     keys,
     open_connection,
-    serve,
 )
 from qbsync.wire import messages as m
 from qbsync.wire.frames import MAGIC, ControlFrame, FrameDecoder, encode_control
@@ -48,6 +47,7 @@ from qbsync.wire.keys import FrameMac, raw_public
 from qbsync.wire.protocol import Endpoint, HandshakeComplete, State
 from qbsync.wire.server import Peer
 from tests.fuzz.wire_helpers import Receiver
+from tests.wireserver import serving
 
 LOCAL = "127.0.0.1"
 H1 = "a" * 40
@@ -99,23 +99,15 @@ async def destination(
     handler = Handler()
     key = key or Ed25519PrivateKey.generate()
     admission = policy(directory, "destination", token=token is not None, fingerprints=fingerprints)
-    async with trio.open_nursery() as nursery:
-
-        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            await serve(
-                HostPort(LOCAL, 0),
-                handler,
-                token=token,
-                identity=key,
-                admission=admission,
-                ssl_context=None,
-                budget=ByteBudget(16 << 20),
-                task_status=task_status,
-            )
-
-        ports = await nursery.start(run)
-        yield ports[0], handler, key
-        nursery.cancel_scope.cancel()
+    async with serving(
+        handler,
+        token=token,
+        identity=key,
+        admission=admission,
+        ssl_context=None,
+        budget=ByteBudget(16 << 20),
+    ) as port:
+        yield port, handler, key
 
 
 def source(

@@ -61,6 +61,7 @@ from qbsync.wire.frames import (
 from qbsync.wire.protocol import Endpoint, HandshakeComplete, RequestReceived, State
 from tests.fuzz.wire_helpers import forge_piece_head
 from tests.qbharness import make_self_signed
+from tests.wireserver import serving
 
 H1 = "a" * 40
 H2 = "b" * 64
@@ -126,22 +127,10 @@ async def running_server(
     handler = handler or Handler()
     budget = budget or ByteBudget(64 << 20)
     kwargs.setdefault("hooks", metrics.WIRE_METRICS)  # the tests below read the metrics
-    async with trio.open_nursery() as nursery:
-
-        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            await serve(
-                HostPort(LOCAL, 0),
-                handler,
-                token=token,
-                ssl_context=ssl_context,
-                budget=budget,
-                task_status=task_status,
-                **kwargs,
-            )
-
-        ports = await nursery.start(run)
-        yield ports[0], handler, budget
-        nursery.cancel_scope.cancel()
+    async with serving(
+        handler, token=token, ssl_context=ssl_context, budget=budget, **kwargs
+    ) as port:
+        yield port, handler, budget
 
 
 def connect(port: int, token: str | None = "s3cret", **kwargs: Any) -> Any:

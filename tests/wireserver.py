@@ -1,0 +1,30 @@
+"""Run a real :func:`qbsync.wire.serve` on 127.0.0.1 for the body of a ``with`` block.
+
+The wire tests and the pairing tests both need a listening destination around a handler of
+their own; this is the one place that starts it on a free port and stops it after.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from qbsync.wire import HostPort, ServerHandler, serve
+
+LOCAL = "127.0.0.1"
+
+
+@asynccontextmanager
+async def serving(handler: ServerHandler, **serve_kwargs: Any) -> AsyncIterator[int]:
+    """Serve ``handler`` on a free port of 127.0.0.1 (``serve_kwargs``: token, identity,
+    admission, budget, ...); yields the port, cancels the server when the block ends."""
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(
+            functools.partial(serve, HostPort(LOCAL, 0), handler, **serve_kwargs)
+        )
+        yield ports[0]
+        nursery.cancel_scope.cancel()
