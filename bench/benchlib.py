@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import secrets
 import shutil
 import signal
@@ -21,11 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.metrics_scrape import metric as metric  # re-exported: the scripts import it from here
+from tests.metrics_scrape import samples
 from tests.qbharness import (
     QBInstance,
     QbsyncProcess,
@@ -100,42 +100,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def scrape(port: int, name: str = "") -> str:
-    """A daemon's /metrics; only the family ``name`` (``?name[]=``, cheap for the daemon:
-    the benchmarks poll every 20 ms) when given."""
-    query = f"?name[]={name}" if name else ""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics{query}", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
-
-
-def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> float:
-    """Sum of the samples of ``qbsync_<name>`` (matching ``labels``) on a daemon's /metrics."""
-    full = name if name.startswith("qbsync_") else f"qbsync_{name}"
-    total = 0.0
-    for line in scrape(port, full).splitlines():
-        m = _SAMPLE.match(line)
-        if not m or m.group(1) != full:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if labels and any(got.get(k) != v for k, v in labels.items()):
-            continue
-        total += float(m.group(3))
-    return total
-
-
 def metric_by_label(port: int, name: str, label: str) -> dict[str, float]:
-    full = name if name.startswith("qbsync_") else f"qbsync_{name}"
     out: dict[str, float] = {}
-    for line in scrape(port).splitlines():
-        m = _SAMPLE.match(line)
-        if not m or m.group(1) != full:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+    for got, value in samples(port, name):
         key = got.get(label, "")
-        out[key] = out.get(key, 0.0) + float(m.group(3))
+        out[key] = out.get(key, 0.0) + value
     return out
 
 

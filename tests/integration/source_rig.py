@@ -25,6 +25,8 @@ import attrs
 import pytest
 
 from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
+from tests.metrics_scrape import metric as metric  # re-exported: the tests import it from here
+from tests.metrics_scrape import scrape
 from tests.qbharness import (
     KiB,
     MiB,
@@ -43,25 +45,6 @@ FILES: dict[str, int] = {
 }
 PIECE = 64 * KiB
 RATE = 512 * KiB
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> float:
-    """Sum of the samples of ``name`` (matching ``labels``) on a daemon's /metrics."""
-    total = 0.0
-    for line in scrape(port).splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if labels and any(got.get(k) != v for k, v in labels.items()):
-            continue
-        total += float(m.group(3))
-    return total
 
 
 def histogram_quantile(port: int, name: str, q: float) -> float:
