@@ -25,6 +25,7 @@ from qbsync.destination.store import Store, new_meta
 from qbsync.destination.writer import acquire, close_all
 from qbsync.torrent import bencode, parse_metainfo
 from qbsync.wire import ErrorCode, WireError
+from tests.diskedit import overwrite
 from tests.qbharness import KiB, make_payload
 from tests.wireclient import LocalTorrent
 
@@ -82,12 +83,6 @@ async def write_all(
             finally:
                 f.release()
         state.mark_written(i, written, verified=True)
-
-
-def _overwrite(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(data)
 
 
 # --- persistence format ---------------------------------------------------------------------------
@@ -308,7 +303,7 @@ async def test_existing_damaged_file_is_demoted_keeping_good_pieces(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     t, data = _payload_on_disk(tmp_path)
-    _overwrite(data / "payload" / "a.bin", 20_000, b"\0\1\2")
+    overwrite(data / "payload" / "a.bin", 20_000, b"\0\1\2")
     _own(data, t.info_hash, [data / "payload" / "a.bin"])
     store = attached_store(data, nursery)
     state = await _scanned(store, t)
@@ -323,7 +318,7 @@ async def test_damaged_file_with_other_links_is_unlinked_not_written(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     t, data = _payload_on_disk(tmp_path)
-    _overwrite(data / "payload" / "b.bin", 0, b"xx")
+    overwrite(data / "payload" / "b.bin", 0, b"xx")
     os.link(data / "payload" / "b.bin", tmp_path / "other-name")
     _own(data, t.info_hash, [data / "payload" / "b.bin"])
     store = attached_store(data, nursery)
