@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+# The source rig's fixtures (``rig``, ``rig_factory``), for every integration test module.
+from tests.integration.source_rig import rig_factory_fixture, rig_fixture  # noqa: F401
 from tests.qbharness import (
     QB_BINARY,
     KiB,

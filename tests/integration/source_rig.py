@@ -4,9 +4,8 @@ A rig is three real qbittorrent-nox instances -- a seeder, the *source* (downloa
 seeder at a throttled rate) and the *destination* -- plus a real ``qbsync destination``
 process. Tests start the real ``qbsync source`` process with the flags they need.
 
-Tests take the ``rig`` fixture (or ``rig_factory`` for a non-default set-up); a test module
-makes them available by importing ``rig_fixture`` and ``rig_factory_fixture`` from here
-(pytest finds fixtures among a module's names).
+Tests take the ``rig`` fixture (or ``rig_factory`` for a non-default set-up); the package's
+``conftest.py`` imports them from here, so every integration test module has them.
 """
 
 from __future__ import annotations
@@ -19,12 +18,11 @@ import secrets
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
 
-from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
 from tests.metrics_scrape import metric as metric  # re-exported: the tests import it from here
 from tests.metrics_scrape import scrape
 from tests.qbharness import (
@@ -36,6 +34,9 @@ from tests.qbharness import (
     free_port,
     wait_until,
 )
+
+if TYPE_CHECKING:  # conftest imports this module's fixtures: no import back at run time
+    from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
 
 # ~6.3 MiB in 64 KiB pieces (~100 pieces), downloaded at 512 KiB/s: ~12 s.
 FILES: dict[str, int] = {

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.conftest import SeededFactory
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     FILES,
     PIECE,
     Rig,
     http_status,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import SEEDING_STATES, wait_until

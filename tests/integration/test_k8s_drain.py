@@ -25,10 +25,8 @@ import pytest
 
 from tests.httpfake import http_server, send_json
 from tests.integration.conftest import SeededFactory
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     Rig,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import free_port, make_self_signed, wait_until

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     Rig,
     RigFactory,
     http_status,
     listening_ports,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import SEEDING_STATES, free_port, make_self_signed, wait_until
