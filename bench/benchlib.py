@@ -145,9 +145,16 @@ class Stack:
         self.qbs.append(inst)
         return inst
 
-    def destination(
-        self, dst: QBInstance, *extra: str, env: Mapping[str, str] | None = None
+    def destination_process(
+        self,
+        data: Path,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+        log_name: str = "",
     ) -> tuple[QbsyncProcess, int, int]:
+        """A destination daemon on ``data`` with this stack's token, listening and serving
+        health on free ports: (process, port, health port). Not started (a caller may time its
+        start-up); the stack stops it when it closes."""
         port, health = free_port(), free_port()
         while health == port:
             health = free_port()
@@ -155,20 +162,28 @@ class Stack:
             "destination",
             [
                 "--data",
-                str(dst.save_path),
+                str(data),
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--health-addr",
                 f"127.0.0.1:{health}",
                 "--auth-token",
                 self.token,
-                *dst.qbsync_args(),
                 *extra,
             ],
             env,
-            self.root / f"qbsync-destination-{len(self.procs)}.log",
+            self.root / (log_name or f"qbsync-destination-{len(self.procs)}.log"),
         )
         self.procs.append(proc)
+        return proc, port, health
+
+    def destination(
+        self, dst: QBInstance, *extra: str, env: Mapping[str, str] | None = None
+    ) -> tuple[QbsyncProcess, int, int]:
+        """A started, ready destination daemon in front of qBittorrent ``dst``."""
+        proc, port, health = self.destination_process(
+            dst.save_path, *dst.qbsync_args(), *extra, env=env
+        )
         proc.start()
         proc.wait_for_log("event=destination_ready", timeout=60)
         return proc, port, health
