@@ -11,7 +11,6 @@ import pytest
 import trio
 
 from qbsync import metrics
-from qbsync.config import SourceConfig, resolve
 from qbsync.integrations.k8s import drain_decision
 from qbsync.source.cache import CompletionCache
 from qbsync.source.cleanup import Candidate, Cleanup, GiB, group_candidates
@@ -19,6 +18,7 @@ from qbsync.source.paths import PathMapper
 from qbsync.source.runner import _drain
 from qbsync.wire.errors import ConnectionClosed, ErrorCode, WireError
 from qbsync.wire.messages import StartResult, StartTorrent
+from tests.source_fakes import source_config
 
 
 def cand(h: str, *, size: int = 1, seeding: int = 10_000, pop: int = 0, ids=()) -> Candidate:
@@ -245,22 +245,6 @@ async def test_drain_gate_fails_closed(tmp_path: Path) -> None:
     assert not broken.drain and "lookup failed" in broken.reason
 
 
-def _source_config(tmp_path: Path, **flags: str) -> SourceConfig:
-    config = resolve(
-        "source",
-        {
-            "data": str(tmp_path),
-            "qb_url": "http://127.0.0.1:1",
-            "destination_addr": "127.0.0.1:2",
-            "state_dir": str(tmp_path / "state"),
-            **flags,
-        },
-        env={},
-    )
-    assert isinstance(config, SourceConfig)
-    return config
-
-
 async def test_drain_runs_under_its_deadline_and_resets_the_gauge(tmp_path, autojump_clock, caplog):
     """A drain that cannot finish (a hung handoff) ends at --drain-timeout, logged, and the
     ``draining`` gauge goes back to 0."""
@@ -279,7 +263,7 @@ async def test_drain_runs_under_its_deadline_and_resets_the_gauge(tmp_path, auto
             return [t("a")]
 
     orchestrator = SimpleNamespace(cleanup=HungCleanup())
-    config = _source_config(tmp_path, drain_annotation="", drain_timeout="7")
+    config = source_config(tmp_path, drain_annotation="", drain_timeout="7")
     begin = trio.current_time()
     with trio.fail_after(60):  # without its own deadline the drain would hang here
         await _drain(config, cast(Any, ListingQB()), cast(Any, orchestrator))
@@ -297,7 +281,7 @@ async def test_drain_skipped_when_the_gate_is_closed(tmp_path, caplog, monkeypat
         async def run_pass(self, *args: Any, **kw: Any) -> None:
             raise AssertionError("the drain must not run when the gate is closed")
 
-    config = _source_config(tmp_path)  # default --drain-annotation qbsync/drain
+    config = source_config(tmp_path)  # default --drain-annotation qbsync/drain
     await _drain(config, cast(Any, None), cast(Any, SimpleNamespace(cleanup=NoCleanup())))
     assert any("event=drain_skipped" in r.message for r in caplog.records)
 
