@@ -59,6 +59,16 @@ def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
+def median_and_range(key: str, values: Sequence[float], fmt: str = "{:.2f}") -> dict[str, str]:
+    """RESULT fields ``key``, ``key_min``, ``key_max`` for a ratio measured over rounds: the
+    median and how far the rounds spread (one round on a shared machine proves little)."""
+    return {
+        key: fmt.format(median(values)),
+        f"{key}_min": fmt.format(min(values)),
+        f"{key}_max": fmt.format(max(values)),
+    }
+
+
 def drop_caches() -> bool:
     """``sync; echo 3 > /proc/sys/vm/drop_caches`` (root only): the next reads come from disk.
     False when not permitted (not root, or a container without a writable /proc/sys)."""
