@@ -94,6 +94,14 @@ def _outside(root: Path) -> dict[str, tuple[int, float]]:
     return out
 
 
+def _unchanged(files: dict[Path, tuple[bytes, int]], whose: str, step: object) -> None:
+    """Every one of ``files`` (path -> bytes, inode) is still there, same bytes, same inode."""
+    for path, (content, ino) in files.items():
+        assert path.is_file(), f"{whose} file {path} removed after {step}"
+        assert path.read_bytes() == content, f"{whose} file {path} changed after {step}"
+        assert path.stat().st_ino == ino, f"{whose} file {path} replaced after {step}"
+
+
 def _built(root: Path, nursery: trio.Nursery) -> Dest:
     """A destination on ``root`` whose qBittorrent is a fake that knows every torrent here."""
     d = build(root, nursery)
@@ -114,10 +122,7 @@ async def _run(root: Path, kinds: list[str], ops: list[tuple[Any, ...]]) -> None
         d = _built(root, nursery)
         for step in ops:
             await _step(d, step)
-            for path, (content, ino) in user.items():
-                assert path.is_file(), f"user file {path} removed after {step}"
-                assert path.read_bytes() == content, f"user file {path} changed after {step}"
-                assert path.stat().st_ino == ino, f"user file {path} replaced after {step}"
+            _unchanged(user, "user", step)
             assert _outside(root) == before, f"something outside --data changed after {step}"
         nursery.cancel_scope.cancel()
 
@@ -248,10 +253,7 @@ async def _run_hostile(root: Path, ops: list[tuple[Any, ...]]) -> None:
         finalized = await _finalize_both(d)
         for step in ops:
             await _hostile_step(d, step)
-            for path, (content, ino) in finalized.items():
-                assert path.is_file(), f"finalized file {path} removed after {step}"
-                assert path.read_bytes() == content, f"finalized file {path} changed after {step}"
-                assert path.stat().st_ino == ino, f"finalized file {path} replaced after {step}"
+            _unchanged(finalized, "finalized", step)
         nursery.cancel_scope.cancel()
 
 

@@ -147,11 +147,18 @@ async def test_nothing_is_stopped_without_an_authenticated_destination(tmp_path)
     assert result is not None and result.handed_off == 1 and started == ["b"]
 
 
-async def test_start_failure_resumes_source_and_missing_synced_tag_is_added(tmp_path):
-    qb = FakeQB()
-    cleanup, cache, _ = make(tmp_path, qb, start_fails=True, min_seeding=0)
+async def _a_and_b_synced(tmp_path: Path, qb: FakeQB, **kw: Any) -> tuple[Cleanup, Any]:
+    """A cleanup with no --min-seeding-time whose completion cache holds torrents a and b
+    (synced); returns it and the list of hashes it starts on the destination."""
+    cleanup, cache, started = make(tmp_path, qb, min_seeding=0, **kw)
     await cache.put("a", "0")
     await cache.put("b", "0")
+    return cleanup, started
+
+
+async def test_start_failure_resumes_source_and_missing_synced_tag_is_added(tmp_path):
+    qb = FakeQB()
+    cleanup, _ = await _a_and_b_synced(tmp_path, qb, start_fails=True)
     result = await cleanup.run_pass([t("a"), t("b", tags="")], free_bytes=0, draining=False)
     assert result is not None and result.groups_failed == 1 and result.handed_off == 0
     assert qb.calls == [
@@ -224,9 +231,7 @@ async def test_drain_ignores_space_seeding_and_exclude_cleanup_but_not_synced(tm
 
 async def test_dry_run_changes_nothing(tmp_path):
     qb = FakeQB()
-    cleanup, cache, started = make(tmp_path, qb, dry_run=True, min_seeding=0)
-    await cache.put("a", "0")
-    await cache.put("b", "0")
+    cleanup, started = await _a_and_b_synced(tmp_path, qb, dry_run=True)
     result = await cleanup.run_pass([t("a"), t("b", tags="")], free_bytes=0, draining=False)
     assert result is not None and result.handed_off == 1
     assert qb.calls == [] and started == []
