@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import secrets
 import shutil
 import signal
@@ -21,11 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.metrics_scrape import metric as metric  # re-exported: the scripts import it from here
+from tests.metrics_scrape import samples
 from tests.qbharness import (
     QBInstance,
     QbsyncProcess,
@@ -57,6 +57,16 @@ def spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
     if not values:
         return "n/a"
     return f"{fmt.format(median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def median_and_range(key: str, values: Sequence[float], fmt: str = "{:.2f}") -> dict[str, str]:
+    """RESULT fields ``key``, ``key_min``, ``key_max`` for a ratio measured over rounds: the
+    median and how far the rounds spread (one round on a shared machine proves little)."""
+    return {
+        key: fmt.format(median(values)),
+        f"{key}_min": fmt.format(min(values)),
+        f"{key}_max": fmt.format(max(values)),
+    }
 
 
 def drop_caches() -> bool:
@@ -100,42 +110,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def scrape(port: int, name: str = "") -> str:
-    """A daemon's /metrics; only the family ``name`` (``?name[]=``, cheap for the daemon:
-    the benchmarks poll every 20 ms) when given."""
-    query = f"?name[]={name}" if name else ""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics{query}", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
-
-
-def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> float:
-    """Sum of the samples of ``qbsync_<name>`` (matching ``labels``) on a daemon's /metrics."""
-    full = name if name.startswith("qbsync_") else f"qbsync_{name}"
-    total = 0.0
-    for line in scrape(port, full).splitlines():
-        m = _SAMPLE.match(line)
-        if not m or m.group(1) != full:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if labels and any(got.get(k) != v for k, v in labels.items()):
-            continue
-        total += float(m.group(3))
-    return total
-
-
 def metric_by_label(port: int, name: str, label: str) -> dict[str, float]:
-    full = name if name.startswith("qbsync_") else f"qbsync_{name}"
     out: dict[str, float] = {}
-    for line in scrape(port).splitlines():
-        m = _SAMPLE.match(line)
-        if not m or m.group(1) != full:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+    for got, value in samples(port, name):
         key = got.get(label, "")
-        out[key] = out.get(key, 0.0) + float(m.group(3))
+        out[key] = out.get(key, 0.0) + value
     return out
 
 
@@ -176,9 +155,16 @@ class Stack:
         self.qbs.append(inst)
         return inst
 
-    def destination(
-        self, dst: QBInstance, *extra: str, env: Mapping[str, str] | None = None
+    def destination_process(
+        self,
+        data: Path,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+        log_name: str = "",
     ) -> tuple[QbsyncProcess, int, int]:
+        """A destination daemon on ``data`` with this stack's token, listening and serving
+        health on free ports: (process, port, health port). Not started (a caller may time its
+        start-up); the stack stops it when it closes."""
         port, health = free_port(), free_port()
         while health == port:
             health = free_port()
@@ -186,20 +172,28 @@ class Stack:
             "destination",
             [
                 "--data",
-                str(dst.save_path),
+                str(data),
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--health-addr",
                 f"127.0.0.1:{health}",
                 "--auth-token",
                 self.token,
-                *dst.qbsync_args(),
                 *extra,
             ],
             env,
-            self.root / f"qbsync-destination-{len(self.procs)}.log",
+            self.root / (log_name or f"qbsync-destination-{len(self.procs)}.log"),
         )
         self.procs.append(proc)
+        return proc, port, health
+
+    def destination(
+        self, dst: QBInstance, *extra: str, env: Mapping[str, str] | None = None
+    ) -> tuple[QbsyncProcess, int, int]:
+        """A started, ready destination daemon in front of qBittorrent ``dst``."""
+        proc, port, health = self.destination_process(
+            dst.save_path, *dst.qbsync_args(), *extra, env=env
+        )
         proc.start()
         proc.wait_for_log("event=destination_ready", timeout=60)
         return proc, port, health

@@ -33,7 +33,7 @@ import urllib.request
 
 import trio
 from tests.bounds_rig import bomb_body, large_init, peak_rss_bytes, raw_init_bodies
-from tests.qbharness import QbsyncProcess, free_port
+from tests.qbharness import QbsyncProcess
 from tests.wireclient import wire_client
 
 from bench.benchlib import MiB, median, print_result, stack
@@ -56,27 +56,12 @@ def main() -> int:
     args = ap.parse_args()
 
     with stack(args.keep) as s:
-        port, health = free_port(), free_port()
-        while health == port:
-            health = free_port()
-        proc = QbsyncProcess(
-            "destination",
-            [
-                "--data",
-                str(s.root / "data"),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--health-addr",
-                f"127.0.0.1:{health}",
-                "--auth-token",
-                s.token,
-                "--max-metadata",
-                str(args.budget_mib),
-            ],
-            None,
-            s.root / "qbsync-destination.log",
+        proc, port, health = s.destination_process(
+            s.root / "data",
+            "--max-metadata",
+            str(args.budget_mib),
+            log_name="qbsync-destination.log",
         )
-        s.procs.append(proc)
         proc.start()
         proc.wait_for_log("event=destination_ready", timeout=60)
         rss_base = peak_rss_bytes(proc.pid) / MiB

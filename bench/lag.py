@@ -52,6 +52,7 @@ from bench.benchlib import (
     MiB,
     cpu_seconds,
     median,
+    median_and_range,
     metric,
     new_torrent,
     poll,
@@ -242,9 +243,7 @@ def main() -> int:
         print(f"| {k} | {quantile(v, 0.5):.0f} | {quantile(v, 0.95):.0f} | {top:.0f} |")
     result = {
         "lag_p50_ms": f"{median(col('p50')):.0f}",
-        "lag_p95_ms": f"{median(col('p95')):.0f}",
-        "lag_p95_ms_min": f"{min(col('p95')):.0f}",
-        "lag_p95_ms_max": f"{max(col('p95')):.0f}",
+        **median_and_range("lag_p95_ms", col("p95"), "{:.0f}"),
         "lag_max_ms": f"{max(col('max')):.0f}",
         "complete_to_synced_s": f"{median(col('synced_s')):.2f}",
         "poll_gap_ms": f"{median(gaps) * 1000:.0f}",

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.qbharness import QBInstance, QbsyncProcess, free_port, make_torrent
+from tests.qbharness import QBInstance, make_torrent
 
 from bench.benchlib import Stack, cpu_seconds, metric, print_result, stack
 from qbsync.destination.state import FINALIZED_NAME, FinalizedFile, FinalizedMarker, dump_json
@@ -66,21 +66,8 @@ def idle_source(
 
 
 def dest_startup(s: Stack, data: Path) -> float:
-    port, health = free_port(), free_port()
-    proc = QbsyncProcess(
-        "destination",
-        [
-            "--data",
-            str(data),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--health-addr",
-            f"127.0.0.1:{health}",
-            "--auth-token",
-            s.token,
-        ],
-        None,
-        s.root / f"qbsync-destination-startup-{port}.log",
+    proc, _, _ = s.destination_process(
+        data, log_name=f"qbsync-destination-startup-{len(s.procs)}.log"
     )
     t0 = time.monotonic()
     proc.start()

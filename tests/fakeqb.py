@@ -28,13 +28,14 @@ import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
 from qbsync.torrent import parse_metainfo
+from tests.httpfake import http_server
 
 PROFILES: dict[str, tuple[str, str]] = {  # qBittorrent -> (app version, Web API version)
     "4.6": ("v4.6.7", "2.9.3"),
@@ -346,14 +347,6 @@ def serve_fake_qb(profile: str, port: int = 0, **kwargs: str) -> Iterator[FakeQB
         do_GET = _serve
         do_POST = _serve
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    fake.port = int(server.server_address[1])
-    thread = threading.Thread(target=server.serve_forever, name=f"fakeqb-{profile}", daemon=True)
-    thread.start()
-    try:
+    with http_server(Handler, port=port, name=f"fakeqb-{profile}") as port:
+        fake.port = port
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)

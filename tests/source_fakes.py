@@ -11,6 +11,7 @@ from typing import Any, TypeVar, cast
 
 import trio
 
+from qbsync.config import SourceConfig, resolve
 from qbsync.qbittorrent.api import QB
 from qbsync.source.meta import SourceMeta, build_meta
 from qbsync.source.paths import PathMapper
@@ -200,3 +201,21 @@ class FakeDestination:
 
     def of_type(self, kind: type[M]) -> list[M]:
         return [r for r in self.requests if isinstance(r, kind)]
+
+
+def source_config(tmp_path: Path, **flags: str) -> SourceConfig:
+    """A source configuration on ``tmp_path`` whose qBittorrent and destination addresses are
+    never dialled (the tests hand it fakes), with ``flags`` on top; the environment ignored."""
+    config = resolve(
+        "source",
+        {
+            "data": str(tmp_path),
+            "qb_url": "http://127.0.0.1:9",
+            "destination_addr": "127.0.0.1:9",
+            "state_dir": str(tmp_path / "state"),
+            **flags,
+        },
+        env={},
+    )
+    assert isinstance(config, SourceConfig)
+    return config

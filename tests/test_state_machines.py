@@ -324,6 +324,22 @@ def test_grep_no_source_state_assignment_outside_state_module() -> None:
     assert _assignments(SOURCE_OWNED, SRC / "source" / "state.py", scope) == []
 
 
+# Probe back-off and hard-link waiters of torrents not yet tracked change only in
+# source/discovery.py (the orchestrator once kept them as three maps of its own).
+DISCOVERY_OWNED = re.compile(r"\b_?(probe_retry_at|retry_at|link_ids|link_waiting|waiting)\[")
+
+
+def test_grep_discovery_state_only_in_discovery_module() -> None:
+    owner = SRC / "source" / "discovery.py"
+    assert _assignments(DISCOVERY_OWNED, owner, [SRC / "source"]) == []
+    for line in (
+        "self._probe_retry_at[h] = now",
+        "self._link_waiting[h] = b",
+        "del self._link_ids[h]",
+    ):
+        assert DISCOVERY_OWNED.search(line), line
+
+
 def test_grep_synced_changes_only_in_synced_module() -> None:
     assert _assignments(SYNCED_OWNED, SRC / "source" / "synced.py", [SRC / "source"]) == []
     for line in ("await self.cache.put(h, fp)", "await self.qb.remove_tags(h, [tag])"):

@@ -15,7 +15,16 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import REPEATABLE, ConfigError, Option, Role, options_for, redacted, resolve
+from .config import (
+    REPEATABLE,
+    Config,
+    ConfigError,
+    Option,
+    Role,
+    options_for,
+    redacted,
+    resolve,
+)
 
 EXIT_CONFIG = 2
 
@@ -127,13 +136,20 @@ def _flags(args: argparse.Namespace, role: Role) -> dict[str, str | None]:
     return flags
 
 
-def doctor_main(argv: Sequence[str]) -> int:
-    args = build_doctor_parser().parse_args(list(argv))
+def _resolved(args: argparse.Namespace, prog: str) -> Config | None:
+    """The configuration the parsed flags and the environment give, or None once the error is
+    printed as ``<prog> <role>: error: ...`` (the caller then exits with EXIT_CONFIG)."""
     role: Role = args.role
     try:
-        config = resolve(role, _flags(args, role))
+        return resolve(role, _flags(args, role))
     except ConfigError as exc:
-        print(f"qbsync doctor {role}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {role}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def doctor_main(argv: Sequence[str]) -> int:
+    config = _resolved(build_doctor_parser().parse_args(list(argv)), "qbsync doctor")
+    if config is None:
         return EXIT_CONFIG
     from . import doctor
 
@@ -159,10 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     role: Role = args.role
-    try:
-        config = resolve(role, _flags(args, role))
-    except ConfigError as exc:
-        print(f"qbsync {role}: error: {exc}", file=sys.stderr)
+    config = _resolved(args, "qbsync")
+    if config is None:
         return EXIT_CONFIG
     if args.print_config:
         print(json.dumps(redacted(config), indent=2, sort_keys=True))

@@ -27,6 +27,7 @@ from qbsync.wire import (
     WireError,
 )
 from tests.destination.test_destination_writer import PEER, Dest, build, torrent, wait_for
+from tests.diskedit import flip_byte
 from tests.wireclient import LocalTorrent, needed_indices
 
 
@@ -173,7 +174,7 @@ async def test_read_back_catches_damage_and_asks_again(
     state = d.state(t)
     # Damage a.bin on disk after it was written (page cache is dropped before the read-back).
     await wait_for(lambda: state.files[0].status is FileStatus.COMPLETE)
-    await trio.to_thread.run_sync(_flip, d.root / "payload" / "a.bin", 5)
+    await trio.to_thread.run_sync(flip_byte, d.root / "payload" / "a.bin", 5, 1)
     with pytest.raises(WireError) as err:
         await d.server.finalize(Finalize(t.info_hash))
     assert err.value.code == ErrorCode.INCOMPLETE
@@ -182,14 +183,6 @@ async def test_read_back_catches_damage_and_asks_again(
     assert (d.root / "payload" / "a.bin.partial").exists()
     assert await d.piece(t, 0) == ErrorCode.OK
     assert (await d.server.finalize(Finalize(t.info_hash))).status == SyncStatus.COMPLETE
-
-
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        b = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([b[0] ^ 1]))
 
 
 async def test_abort_with_and_without_deleting(tmp_path: Path, nursery: trio.Nursery) -> None:

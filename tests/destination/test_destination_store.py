@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -24,6 +25,7 @@ from qbsync.destination.store import Store, new_meta
 from qbsync.destination.writer import acquire, close_all
 from qbsync.torrent import bencode, parse_metainfo
 from qbsync.wire import ErrorCode, WireError
+from tests.diskedit import overwrite
 from tests.qbharness import KiB, make_payload
 from tests.wireclient import LocalTorrent
 
@@ -42,14 +44,20 @@ def meta_for(
     return new_meta(t.info_hash, "payload", sub, files)
 
 
+def attached_store(data: Path, nursery: trio.Nursery, **kw: Any) -> Store:
+    """A ``Store`` on ``data`` whose background work runs in ``nursery``."""
+    store = Store(data, **kw)
+    store.attach(nursery)
+    return store
+
+
 async def fresh_state(
     tmp_path: Path, nursery: trio.Nursery
 ) -> tuple[LocalTorrent, Path, Store, st.TorrentState]:
     """A store on ``tmp_path/data`` with a freshly initialized, fully selected torrent."""
     t = make_torrent(tmp_path)
     data = tmp_path / "data"
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
     return t, data, store, state
 
@@ -75,12 +83,6 @@ async def write_all(
             finally:
                 f.release()
         state.mark_written(i, written, verified=True)
-
-
-def _overwrite(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(data)
 
 
 # --- persistence format ---------------------------------------------------------------------------
@@ -195,8 +197,7 @@ async def test_create_flush_recover_roundtrip(tmp_path: Path, nursery: trio.Nurs
     assert set(written.set_indices()) == {0, 1, 2, 9}
     await close_all(state)
 
-    store2 = Store(data)
-    store2.attach(nursery)
+    store2 = attached_store(data, nursery)
     assert await store2.recover() == 1
     again = store2.torrents[t.info_hash]
     assert set(again.written.set_indices()) == {0, 1, 2, 9}
@@ -216,8 +217,7 @@ async def test_recover_clears_bits_of_missing_or_short_files(
     (data / "payload" / "b.bin.partial").unlink()
     os.truncate(data / "payload" / "c" / "d.bin.partial", 10)
 
-    store2 = Store(data)
-    store2.attach(nursery)
+    store2 = attached_store(data, nursery)
     await store2.recover()
     again = store2.torrents[t.info_hash]
     needed = set(again.needed().set_indices())
@@ -232,8 +232,7 @@ async def test_unloadable_state_dirs_are_skipped(tmp_path: Path, nursery: trio.N
     (data / ".qbsync" / ("ab" * 20)).mkdir(parents=True)
     (data / ".qbsync" / ("ab" * 20) / st.META_NAME).write_text("garbage")
     (data / ".qbsync" / "not-a-hash").mkdir()
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     assert await store.recover() == 0
 
 
@@ -241,8 +240,7 @@ async def test_zero_length_selected_file_created_at_init(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     t = make_torrent(tmp_path, {"a.bin": 40_000, "empty.bin": 0})
-    store = Store(tmp_path / "data")
-    store.attach(nursery)
+    store = attached_store(tmp_path / "data", nursery)
     state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
     empty = next(f for f in state.files if f.size == 0)
     assert empty.status is FileStatus.COMPLETE
@@ -252,8 +250,7 @@ async def test_zero_length_selected_file_created_at_init(
 
 async def test_dry_run_store_touches_nothing(tmp_path: Path, nursery: trio.Nursery) -> None:
     t = make_torrent(tmp_path)
-    store = Store(tmp_path / "data", dry_run=True)
-    store.attach(nursery)
+    store = attached_store(tmp_path / "data", nursery, dry_run=True)
     state = await store.create(meta_for(t), parse_metainfo(t.torrent), fresh=True)
     await store.flush(state)
     assert not (tmp_path / "data").exists()
@@ -274,6 +271,15 @@ def _own(data: Path, info_hash: str, files: list[Path]) -> None:
     ledger.save(data / ".qbsync" / info_hash)
 
 
+def _payload_on_disk(tmp_path: Path) -> tuple[LocalTorrent, Path]:
+    """A torrent whose files already lie, complete, in the data directory (as after a
+    re-download or a copy made by hand): the scan at init has something to prove."""
+    t = make_torrent(tmp_path)
+    data = tmp_path / "data"
+    make_payload(data / "payload", FILES, 0)
+    return t, data
+
+
 async def _scanned(store: Store, t: LocalTorrent, **kw: object) -> st.TorrentState:
     state = await store.create(meta_for(t, **kw), parse_metainfo(t.torrent), fresh=True)  # type: ignore[arg-type]
     if state.scan_done is not None:
@@ -285,11 +291,8 @@ async def _scanned(store: Store, t: LocalTorrent, **kw: object) -> st.TorrentSta
 async def test_existing_good_files_are_proven_by_scan(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    t = make_torrent(tmp_path)
-    data = tmp_path / "data"
-    make_payload(data / "payload", FILES, 0)
-    store = Store(data)
-    store.attach(nursery)
+    t, data = _payload_on_disk(tmp_path)
+    store = attached_store(data, nursery)
     state = await _scanned(store, t)
     assert state.needed().count() == 0
     assert all(f.status is FileStatus.COMPLETE for f in state.files)
@@ -299,13 +302,10 @@ async def test_existing_good_files_are_proven_by_scan(
 async def test_existing_damaged_file_is_demoted_keeping_good_pieces(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    t = make_torrent(tmp_path)
-    data = tmp_path / "data"
-    make_payload(data / "payload", FILES, 0)
-    _overwrite(data / "payload" / "a.bin", 20_000, b"\0\1\2")
+    t, data = _payload_on_disk(tmp_path)
+    overwrite(data / "payload" / "a.bin", 20_000, b"\0\1\2")
     _own(data, t.info_hash, [data / "payload" / "a.bin"])
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     state = await _scanned(store, t)
     assert set(state.needed().set_indices()) == {20_000 // (16 * KiB)}
     a = state.files[0]
@@ -317,14 +317,11 @@ async def test_existing_damaged_file_is_demoted_keeping_good_pieces(
 async def test_damaged_file_with_other_links_is_unlinked_not_written(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    t = make_torrent(tmp_path)
-    data = tmp_path / "data"
-    make_payload(data / "payload", FILES, 0)
-    _overwrite(data / "payload" / "b.bin", 0, b"xx")
+    t, data = _payload_on_disk(tmp_path)
+    overwrite(data / "payload" / "b.bin", 0, b"xx")
     os.link(data / "payload" / "b.bin", tmp_path / "other-name")
     _own(data, t.info_hash, [data / "payload" / "b.bin"])
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     state = await _scanned(store, t)
     assert set(state.needed().set_indices()) == set(state.geometry.file_pieces(1))
     assert not (data / "payload" / "b.bin").exists()
@@ -340,8 +337,7 @@ async def test_hardlink_from_registered_file_then_verified(
     registry = HardlinkRegistry()
     registry.add(7, 99, ("old", "payload", "b.bin"), FILES["b.bin"])
     registry.add(7, 100, ("old", "payload", "gone.bin"), 5)
-    store = Store(data, registry=registry)
-    store.attach(nursery)
+    store = attached_store(data, nursery, registry=registry)
     files = [
         FileMeta(rel, size, True, 7, 99 if rel.endswith("b.bin") else 0) for rel, size in t.files
     ]
@@ -387,17 +383,14 @@ async def test_found_data_counts_only_once_it_is_durable(
     """A bit persisted means its bytes are durable — for bytes found on disk too: a file left
     by an abort or a resync may still sit unsynced in the page cache, so the scan syncs what it
     proves. Data that cannot be synced proves nothing."""
-    t = make_torrent(tmp_path)
-    data = tmp_path / "data"
-    make_payload(data / "payload", FILES, 0)
+    t, data = _payload_on_disk(tmp_path)
     _own(data, t.info_hash, [data / "payload" / rel for rel in FILES])
 
     def fdatasync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     state = await _scanned(store, t)
     assert state.written.count() == 0
     assert state.needed().count() == t.num_pieces
@@ -515,8 +508,7 @@ async def test_finalized_torrent_keeps_its_names_across_restarts(
     (unsafe-path, naming the owner) before anything is created — also after a restart, when
     ownership comes from the .finalized markers — until the owner's marker is gone."""
     data = tmp_path / "data"
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     a, before = await _finalized_on_disk(store, tmp_path, data)
     b = make_torrent(tmp_path / "b", seed=3)  # same names, other content
     for s in (store, Store(data)):
@@ -547,8 +539,7 @@ async def test_delete_never_removes_a_finalized_torrents_files(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     data = tmp_path / "data"
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     a, before = await _finalized_on_disk(store, tmp_path, data)
     b = make_torrent(tmp_path / "b", seed=3)
     names = [(("payload", *rel.split("/")), 0) for rel in FILES]
@@ -578,18 +569,15 @@ async def test_recovery_never_lets_an_unfinished_torrent_take_finalized_names(
     two = make_torrent(tmp_path / "two", seed=3)
     # The unfinished one sorts first, so recovery sees it before the marker.
     unfinished, finished_seed = (one, 3) if one.info_hash < two.info_hash else (two, 0)
-    s1 = Store(data)
-    s1.attach(nursery)
+    s1 = attached_store(data, nursery)
     state = await s1.create(meta_for(unfinished), parse_metainfo(unfinished.torrent), fresh=True)
     await s1.forget(state)
     for p in (data / "payload").rglob("*.partial"):  # an older version created none yet
         p.unlink()
-    s2 = Store(data)
-    s2.attach(nursery)
+    s2 = attached_store(data, nursery)
     finished, before = await _finalized_on_disk(s2, tmp_path, data, seed=finished_seed)
     assert unfinished.info_hash < finished.info_hash
-    s3 = Store(data)
-    s3.attach(nursery)
+    s3 = attached_store(data, nursery)
     assert await s3.recover() == 0
     assert unfinished.info_hash not in s3.torrents
     await trio.testing.wait_all_tasks_blocked()
@@ -606,8 +594,7 @@ async def test_finalized_names_are_released_once_their_files_are_gone(
     give A the names back over B's files."""
     caplog.set_level("INFO", logger="qbsync.destination.store")
     data = tmp_path / "data"
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     a, _ = await _finalized_on_disk(store, tmp_path, data)
     shutil.rmtree(data / "payload")
     b = make_torrent(tmp_path / "b", seed=3)  # same names, other content
@@ -624,8 +611,7 @@ async def test_finalized_names_are_released_once_their_files_are_gone(
     for rel, _ in b.files:
         assert (data / (rel + ".partial")).read_bytes() == (b.base / rel).read_bytes(), rel
     # After a restart B is recovered (A does not come back as the owner of B's files).
-    again = Store(data)
-    again.attach(nursery)
+    again = attached_store(data, nursery)
     assert await again.recover() == 1
     assert again.torrents[b.info_hash].needed().count() == 0
 
@@ -637,8 +623,7 @@ async def test_only_the_vanished_names_of_a_finalized_torrent_are_released(
     taken, the present ones (and one whose ``.partial`` twin is still there) stay A's —
     also after a restart, and deletes never remove them."""
     data = tmp_path / "data"
-    store = Store(data)
-    store.attach(nursery)
+    store = attached_store(data, nursery)
     a, before = await _finalized_on_disk(store, tmp_path, data)
     (data / "payload" / "a.bin").unlink()
     (data / "payload" / "c" / "d.bin").rename(data / "payload" / "c" / "d.bin.partial")
@@ -654,8 +639,7 @@ async def test_only_the_vanished_names_of_a_finalized_torrent_are_released(
         takes_a.base / "payload" / "a.bin"
     ).read_bytes()
     assert (data / ".qbsync" / a.info_hash / st.FINALIZED_NAME).is_file()
-    restarted = Store(data)
-    restarted.attach(nursery)
+    restarted = attached_store(data, nursery)
     assert await restarted.recover() == 1
     assert takes_a.info_hash in restarted.torrents
     for s in (store, restarted):

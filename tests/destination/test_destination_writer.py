@@ -8,6 +8,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -18,7 +19,7 @@ from qbsync.destination.server import DestinationServer
 from qbsync.destination.state import FileStatus, TorrentState
 from qbsync.destination.store import Store
 from qbsync.destination.writer import Writer, acquire
-from qbsync.wire import ErrorCode, InitResult, Peer, Piece, SyncStatus
+from qbsync.wire import ErrorCode, Finalize, FinalizeResult, InitResult, Peer, Piece, SyncStatus
 from tests.qbharness import KiB, make_payload
 from tests.wireclient import LocalTorrent, needed_indices
 
@@ -39,6 +40,16 @@ class Dest:
         while result.status == SyncStatus.VERIFYING:
             await trio.sleep(0.01)
             result = await self.server.init(t.init_msg(**kw))  # type: ignore[arg-type]
+        return result
+
+    async def finalize(self, t: LocalTorrent, **kw: Any) -> FinalizeResult:
+        """Finalize ``t``, asking again while the answer is VERIFYING (as a source does)."""
+        msg = Finalize(t.info_hash, **kw)
+        with trio.fail_after(30):
+            result = await self.server.finalize(msg)
+            while result.status == SyncStatus.VERIFYING:
+                await trio.sleep(0.02)
+                result = await self.server.finalize(msg)
         return result
 
     def state(self, t: LocalTorrent) -> TorrentState:

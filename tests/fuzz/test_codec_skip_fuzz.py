@@ -17,21 +17,11 @@ from hypothesis import strategies as st
 from qbsync.wire import codec
 from qbsync.wire.errors import ErrorCode, WireError
 
-from .wire_helpers import MESSAGE_STRATEGIES
+from .wire_helpers import MESSAGE_STRATEGIES, codec_trees
 
 # Trees the codec can carry, nested at most 4 deep below the unknown key (the message itself
 # and the unknown key's map take the rest of MAX_DEPTH).
-trees = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.text(max_size=12)
-    | st.binary(max_size=24),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
-    ),
-    max_leaves=20,
-)
+trees = codec_trees(text=12, binary=24, key=6, max_leaves=20)
 
 MESSAGE_CLASSES = sorted(MESSAGE_STRATEGIES, key=lambda c: c.__name__)
 

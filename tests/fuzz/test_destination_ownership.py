@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from qbsync.wire import Abort, Finalize, Piece, StartTorrent, WireError
 from tests.destination.test_destination_handoff import FakeQB
-from tests.destination.test_destination_writer import PEER, build
+from tests.destination.test_destination_writer import PEER, Dest, build
 from tests.qbharness import KiB, make_payload
 from tests.wireclient import LocalTorrent
 
@@ -94,6 +94,24 @@ def _outside(root: Path) -> dict[str, tuple[int, float]]:
     return out
 
 
+def _unchanged(files: dict[Path, tuple[bytes, int]], whose: str, step: object) -> None:
+    """Every one of ``files`` (path -> bytes, inode) is still there, same bytes, same inode."""
+    for path, (content, ino) in files.items():
+        assert path.is_file(), f"{whose} file {path} removed after {step}"
+        assert path.read_bytes() == content, f"{whose} file {path} changed after {step}"
+        assert path.stat().st_ino == ino, f"{whose} file {path} replaced after {step}"
+
+
+def _built(root: Path, nursery: trio.Nursery) -> Dest:
+    """A destination on ``root`` whose qBittorrent is a fake that knows every torrent here."""
+    d = build(root, nursery)
+    qb = FakeQB()
+    for t in TORRENTS:
+        qb.register(t.info_hash)
+    d.server.qb = qb  # type: ignore[assignment]
+    return d
+
+
 async def _run(root: Path, kinds: list[str], ops: list[tuple[Any, ...]]) -> None:
     data = root / "data"
     user = _seed(data, kinds)
@@ -101,17 +119,10 @@ async def _run(root: Path, kinds: list[str], ops: list[tuple[Any, ...]]) -> None
     (root / "outside" / "keep.txt").write_text("outside --data")
     before = _outside(root)
     async with trio.open_nursery() as nursery:
-        d = build(root, nursery)
-        qb = FakeQB()
-        for t in TORRENTS:
-            qb.register(t.info_hash)
-        d.server.qb = qb  # type: ignore[assignment]
+        d = _built(root, nursery)
         for step in ops:
             await _step(d, step)
-            for path, (content, ino) in user.items():
-                assert path.is_file(), f"user file {path} removed after {step}"
-                assert path.read_bytes() == content, f"user file {path} changed after {step}"
-                assert path.stat().st_ino == ino, f"user file {path} replaced after {step}"
+            _unchanged(user, "user", step)
             assert _outside(root) == before, f"something outside --data changed after {step}"
         nursery.cancel_scope.cancel()
 
@@ -238,18 +249,11 @@ async def _hostile_step(d: Any, step: tuple[Any, ...]) -> None:
 
 async def _run_hostile(root: Path, ops: list[tuple[Any, ...]]) -> None:
     async with trio.open_nursery() as nursery:
-        d = build(root, nursery)
-        qb = FakeQB()
-        for t in TORRENTS:
-            qb.register(t.info_hash)
-        d.server.qb = qb  # type: ignore[assignment]
+        d = _built(root, nursery)
         finalized = await _finalize_both(d)
         for step in ops:
             await _hostile_step(d, step)
-            for path, (content, ino) in finalized.items():
-                assert path.is_file(), f"finalized file {path} removed after {step}"
-                assert path.read_bytes() == content, f"finalized file {path} changed after {step}"
-                assert path.stat().st_ino == ino, f"finalized file {path} replaced after {step}"
+            _unchanged(finalized, "finalized", step)
         nursery.cancel_scope.cancel()
 
 

@@ -35,6 +35,7 @@ from .wire_helpers import (
     PieceSpec,
     Receiver,
     all_types_decoder,
+    codec_trees,
     control_messages,
     forge,
     pieces,
@@ -43,17 +44,7 @@ from .wire_helpers import (
 request_ids = st.integers(min_value=0, max_value=2**64 - 1)
 
 # A tree of what the converter produces: the codec must round-trip any of it.
-trees = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.text(max_size=20)
-    | st.binary(max_size=40),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=25,
-)
+trees = codec_trees(text=20, binary=40, key=8, max_leaves=25)
 
 
 def frame_bytes(item: Any) -> bytes:

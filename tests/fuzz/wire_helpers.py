@@ -211,3 +211,20 @@ pieces = st.builds(
     offset=st.integers(min_value=0, max_value=2**64 - 1),
     data=st.binary(min_size=0, max_size=3000),
 )
+
+
+def codec_trees(*, text: int, binary: int, key: int, max_leaves: int) -> st.SearchStrategy[Any]:
+    """Trees of what the codec carries (None, bools, 64-bit ints, text, bytes, lists and maps
+    of them), with strings of at most ``text``/``binary``/``key`` (map keys) long."""
+    return st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+        | st.text(max_size=text)
+        | st.binary(max_size=binary),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=key), children, max_size=4)
+        ),
+        max_leaves=max_leaves,
+    )

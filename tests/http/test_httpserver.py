@@ -74,16 +74,21 @@ async def raw_exchange(port: int, data: bytes) -> bytes:
         async with stream:
             with contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(data)  # the server may close before reading everything
-            out = b""
-            while True:
-                try:
-                    chunk = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            return out
+            return await read_until_closed(stream)
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    """Everything the server sends until it closes (or resets) the connection."""
+    out = b""
+    while True:
+        try:
+            chunk = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
 
 
 async def test_healthz_get_and_head(nursery: trio.Nursery) -> None:
@@ -201,7 +206,6 @@ async def test_slowloris_does_not_block_others(nursery: trio.Nursery) -> None:
             assert (await request(port, "/healthz")).status == 200
         # It keeps trickling header bytes; the deadline is per request, not per byte, so it
         # still gets a 408 and is closed.
-        out = b""
         async with trio.open_nursery() as inner:
 
             async def trickle() -> None:
@@ -214,14 +218,7 @@ async def test_slowloris_does_not_block_others(nursery: trio.Nursery) -> None:
 
             inner.start_soon(trickle)
             with trio.fail_after(10):
-                while True:
-                    try:
-                        chunk = await slow.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        break
-                    if not chunk:
-                        break
-                    out += chunk
+                out = await read_until_closed(slow)
             inner.cancel_scope.cancel()
         assert out.startswith(b"HTTP/1.1 408 "), out
 

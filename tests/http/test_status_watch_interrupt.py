@@ -10,7 +10,6 @@ job control (a CI script's background job) starts it: the bug this guards agains
 from __future__ import annotations
 
 import http.server
-import json
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+
+from tests.httpfake import http_server, send_json
 
 DOC = {
     "schema": 1,
@@ -61,26 +62,16 @@ def server() -> Iterator[tuple[int, Recorder]]:
                 rec.held.set()
                 rec.release.wait(120)  # held until the test has signalled and seen the exit
                 return  # the client is gone by then; send nothing
-            body = json.dumps(DOC).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, 200, DOC)
 
         def log_message(self, *args: object) -> None:
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield httpd.server_address[1], rec
-    finally:
-        rec.release.set()
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server(Handler) as port:
+        try:
+            yield port, rec
+        finally:
+            rec.release.set()  # a held request ends before the shutdown
 
 
 def _ignore_sigint() -> None:

@@ -40,7 +40,6 @@ from qbsync.wire import (
     fingerprint,
     keys,
     open_connection,
-    serve,
 )
 from qbsync.wire import messages as m
 from qbsync.wire.frames import MAGIC, ControlFrame, FrameDecoder, encode_control
@@ -48,6 +47,7 @@ from qbsync.wire.keys import FrameMac, raw_public
 from qbsync.wire.protocol import Endpoint, HandshakeComplete, State
 from qbsync.wire.server import Peer
 from tests.fuzz.wire_helpers import Receiver
+from tests.wireserver import raw_peer, serving
 
 LOCAL = "127.0.0.1"
 H1 = "a" * 40
@@ -99,23 +99,15 @@ async def destination(
     handler = Handler()
     key = key or Ed25519PrivateKey.generate()
     admission = policy(directory, "destination", token=token is not None, fingerprints=fingerprints)
-    async with trio.open_nursery() as nursery:
-
-        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            await serve(
-                HostPort(LOCAL, 0),
-                handler,
-                token=token,
-                identity=key,
-                admission=admission,
-                ssl_context=None,
-                budget=ByteBudget(16 << 20),
-                task_status=task_status,
-            )
-
-        ports = await nursery.start(run)
-        yield ports[0], handler, key
-        nursery.cancel_scope.cancel()
+    async with serving(
+        handler,
+        token=token,
+        identity=key,
+        admission=admission,
+        ssl_context=None,
+        budget=ByteBudget(16 << 20),
+    ) as port:
+        yield port, handler, key
 
 
 def source(
@@ -301,15 +293,11 @@ async def test_source_refuses_an_old_destination(tmp_path: Path) -> None:
         await trio.sleep_forever()
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(0, host=LOCAL)
-            port = listeners[0].socket.getsockname()[1]
-            nursery.start_soon(trio.serve_listeners, old_destination, listeners)
+        async with raw_peer(old_destination) as port:
             with pytest.raises(WireError) as err:
                 await init(port, Ed25519PrivateKey.generate(), tmp_path / "src")
             assert err.value.code == ErrorCode.UPGRADE_REQUIRED
             assert "the destination speaks the old unauthenticated handshake" in err.value.message
-            nursery.cancel_scope.cancel()
 
 
 # --- sans-IO: who proves first, reverse dialing, listening sources -------------------------
@@ -581,14 +569,10 @@ async def test_reverse_dial_over_real_sockets(tmp_path: Path) -> None:
         )
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(0, host=LOCAL)
-            port = listeners[0].socket.getsockname()[1]
-            nursery.start_soon(trio.serve_listeners, source_side, listeners)
+        async with raw_peer(source_side) as port:
             refused = Handler()
             await dial(stranger, refused)  # not the listed destination: refused
             real = Handler()
             await dial(dst_key, real)
-            nursery.cancel_scope.cancel()
     assert results[0] == ErrorCode.UNKNOWN_PEER and refused.requests == []
     assert isinstance(results[1], InitResult) and len(real.requests) == 1

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+# The source rig's fixtures (``rig``, ``rig_factory``), for every integration test module.
+from tests.integration.source_rig import rig_factory_fixture, rig_fixture  # noqa: F401
 from tests.qbharness import (
     QB_BINARY,
     KiB,
@@ -59,27 +61,10 @@ def qb_factory(tmp_path: Path, qb_binary: str) -> Iterator[QbFactory]:
     """
     instances: list[QBInstance] = []
 
-    def factory(
-        name: str,
-        *,
-        refresh_ms: int = 250,
-        save_path: Path | None = None,
-        temp_path: Path | None = None,
-        incomplete_ext: bool = False,
-        password: str | None = None,
-        start: bool = True,
-    ) -> QBInstance:
+    def factory(name: str, *, start: bool = True, **options: Any) -> QBInstance:
+        """``options``: ``QBInstance``'s own keywords, passed through (one list of them, there)."""
         assert all(i.name != name for i in instances), f"duplicate instance name {name!r}"
-        inst = QBInstance(
-            name,
-            tmp_path / f"qb-{name}",
-            refresh_ms=refresh_ms,
-            save_path=save_path,
-            temp_path=temp_path,
-            incomplete_ext=incomplete_ext,
-            password=password,
-            start=False,
-        )
+        inst = QBInstance(name, tmp_path / f"qb-{name}", start=False, **options)
         instances.append(inst)
         if start:
             inst.start()

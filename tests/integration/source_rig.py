@@ -4,9 +4,8 @@ A rig is three real qbittorrent-nox instances -- a seeder, the *source* (downloa
 seeder at a throttled rate) and the *destination* -- plus a real ``qbsync destination``
 process. Tests start the real ``qbsync source`` process with the flags they need.
 
-Tests take the ``rig`` fixture (or ``rig_factory`` for a non-default set-up); a test module
-makes them available by importing ``rig_fixture`` and ``rig_factory_fixture`` from here
-(pytest finds fixtures among a module's names).
+Tests take the ``rig`` fixture (or ``rig_factory`` for a non-default set-up); the package's
+``conftest.py`` imports them from here, so every integration test module has them.
 """
 
 from __future__ import annotations
@@ -19,12 +18,13 @@ import secrets
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
 
-from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
+from tests.metrics_scrape import metric as metric  # re-exported: the tests import it from here
+from tests.metrics_scrape import scrape
 from tests.qbharness import (
     KiB,
     MiB,
@@ -35,6 +35,9 @@ from tests.qbharness import (
     wait_until,
 )
 
+if TYPE_CHECKING:  # conftest imports this module's fixtures: no import back at run time
+    from tests.integration.conftest import QbFactory, QbsyncFactory, SeededFactory
+
 # ~6.3 MiB in 64 KiB pieces (~100 pieces), downloaded at 512 KiB/s: ~12 s.
 FILES: dict[str, int] = {
     "a.bin": 2 * MiB + 12345,
@@ -43,25 +46,6 @@ FILES: dict[str, int] = {
 }
 PIECE = 64 * KiB
 RATE = 512 * KiB
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
-def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> float:
-    """Sum of the samples of ``name`` (matching ``labels``) on a daemon's /metrics."""
-    total = 0.0
-    for line in scrape(port).splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if labels and any(got.get(k) != v for k, v in labels.items()):
-            continue
-        total += float(m.group(3))
-    return total
 
 
 def histogram_quantile(port: int, name: str, q: float) -> float:

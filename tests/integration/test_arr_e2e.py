@@ -8,11 +8,9 @@ import socket
 import pytest
 
 from tests.fakearr import serve_fake_arr
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     Rig,
     RigFactory,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import wait_until

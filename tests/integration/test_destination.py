@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from qbsync.wire import ErrorCode, SyncStatus, WireError
+from tests.diskedit import flip_byte
 from tests.integration.conftest import QbDestinationFactory, qb_info
 from tests.qbharness import KiB, wait_until
 from tests.wireclient import LocalTorrent, needed_indices, start_destination
@@ -131,7 +132,7 @@ async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
         # a.bin is complete and renamed by now; damage one byte of its piece 2.
         target = data / "payload" / "a.bin"
         await trio.to_thread.run_sync(lambda: _wait_file(target))
-        await trio.to_thread.run_sync(_flip_byte, target, 2 * 64 * KiB + 5)
+        await trio.to_thread.run_sync(flip_byte, target, 2 * 64 * KiB + 5)
         own = ["synced", "source-removed", "mine"]
         with pytest.raises(WireError) as err:
             await client.finalize(t, tags=own)
@@ -146,14 +147,6 @@ async def test_corrupt_data_on_disk_found_by_recheck_is_re_requested(
     assert qb_info(qb, t.info_hash).progress == 1
     tags = {x.strip() for x in qb_info(qb, t.info_hash).tags.split(",") if x.strip()}
     assert tags == {"mine", "synced"}
-
-
-def _flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([byte[0] ^ 0xFF]))
 
 
 def _wait_file(path: Path) -> None:

@@ -15,8 +15,10 @@ import trio
 
 from qbsync.torrent import bencode
 from qbsync.wire import ErrorCode, FileEntry, InitTorrent, SyncStatus, WireError
+from tests.diskedit import overwrite
+from tests.integration.conftest import QbsyncFactory
 from tests.qbharness import KiB, make_payload, wait_until
-from tests.wireclient import LocalTorrent, needed_indices, start_destination
+from tests.wireclient import Destination, LocalTorrent, needed_indices, start_destination
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +36,6 @@ def _identical(t: LocalTorrent, data: Path) -> None:
 
 def _exists(path: Path) -> bool:
     return path.exists()
-
-
-def _overwrite(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(data)
 
 
 def _remount(path: Path, size: str) -> None:
@@ -431,7 +427,7 @@ async def test_resync_after_selection_change_reuses_data_on_disk(tmp_path, qbsyn
         assert (await client.finalize(t)).status == SyncStatus.COMPLETE
         # Corrupt a file that stays selected: the scan must catch it, and refuse.
         a = data / "payload" / "a.bin"
-        _overwrite(a, 70_000, b"\xff" * 10)
+        overwrite(a, 70_000, b"\xff" * 10)
         damaged = a.read_bytes()
         with pytest.raises(WireError) as err:
             await client.init_ready(t, resync=True)
@@ -458,7 +454,7 @@ async def test_existing_files_are_verified_not_trusted(tmp_path, qbsync_factory)
     data = tmp_path / "data"
     shutil.copytree(t.base / "payload", data / "payload")
     damaged = data / "payload" / "c.bin"
-    _overwrite(damaged, 0, b"garbage!")  # first piece of c.bin is wrong
+    overwrite(damaged, 0, b"garbage!")  # first piece of c.bin is wrong
     before = damaged.read_bytes()
     dest = start_destination(qbsync_factory, data)
     async with dest.client() as client:
@@ -515,13 +511,11 @@ async def test_hardlinked_source_files_are_linked_not_streamed(tmp_path, qbsync_
     assert "event=hardlinked" in dest.proc.log_text()
 
 
-async def test_finalized_files_never_taken_over_by_another_torrent(
-    tmp_path, qbsync_factory
-) -> None:
-    """Torrent B laid out at the names of finalized torrent A (seeded from those files) but
-    with other content: B is refused with unsafe-path naming A, nothing of B is created, and
-    A's files stay byte-identical — also after a destination restart, when ownership comes
-    from A's persisted .finalized marker."""
+async def _a_finalized_and_b_at_its_names(
+    tmp_path: Path, qbsync_factory: QbsyncFactory
+) -> tuple[LocalTorrent, LocalTorrent, Path, Destination]:
+    """Torrent A synced, finalized and byte-identical on a destination; torrent B with the
+    same file names and sizes but other bytes, not sent yet."""
     a = _payload(tmp_path / "a")
     b = _payload(tmp_path / "b", seed=5)  # same names and sizes, other bytes
     data = tmp_path / "data"
@@ -529,6 +523,17 @@ async def test_finalized_files_never_taken_over_by_another_torrent(
     async with dest.client() as client:
         assert (await client.sync(a)).status == SyncStatus.COMPLETE
     _identical(a, data)
+    return a, b, data, dest
+
+
+async def test_finalized_files_never_taken_over_by_another_torrent(
+    tmp_path, qbsync_factory
+) -> None:
+    """Torrent B laid out at the names of finalized torrent A (seeded from those files) but
+    with other content: B is refused with unsafe-path naming A, nothing of B is created, and
+    A's files stay byte-identical — also after a destination restart, when ownership comes
+    from A's persisted .finalized marker."""
+    a, b, data, dest = await _a_finalized_and_b_at_its_names(tmp_path, qbsync_factory)
     before = {rel: (data / rel).stat() for rel, _ in a.files}
 
     async def refused(d) -> None:
@@ -561,13 +566,8 @@ async def test_finalized_names_free_again_once_their_files_are_deleted(
     """The user removed finalized torrent A and deleted its files: B at the same names (other
     content, e.g. a re-release) is accepted, completes and is byte-identical to its source —
     and after a restart B is still known as complete, A does not come back as the owner."""
-    a = _payload(tmp_path / "a")
-    b = _payload(tmp_path / "b", seed=5)  # same names and sizes, other bytes
-    data = tmp_path / "data"
-    dest = start_destination(qbsync_factory, data)
+    a, b, data, dest = await _a_finalized_and_b_at_its_names(tmp_path, qbsync_factory)
     async with dest.client() as client:
-        assert (await client.sync(a)).status == SyncStatus.COMPLETE
-        _identical(a, data)
         shutil.rmtree(data / "payload")
         ready = await client.init_ready(b)
         assert ready.pieces_needed_count == b.num_pieces

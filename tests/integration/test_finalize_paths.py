@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from qbsync.wire import ErrorCode, SyncStatus, WireError
+from tests.diskedit import flip_byte
 from tests.integration.conftest import QbDestinationFactory, qb_info
 from tests.qbharness import KiB, QBInstance, wait_until
 from tests.wireclient import Destination, LocalTorrent, needed_indices
@@ -123,7 +124,7 @@ async def test_recheck_from_environment_finds_damage_done_after_the_write(
         ready = await client.init_ready(t)
         await client.send(t, needed_indices(ready, t.num_pieces))
         await trio.to_thread.run_sync(lambda: wait_until(target.exists, 120, 0.05, "a.bin"))
-        await trio.to_thread.run_sync(_flip_byte, target, 2 * 64 * KiB + 5)
+        await trio.to_thread.run_sync(flip_byte, target, 2 * 64 * KiB + 5)
         with pytest.raises(WireError) as err:
             await client.finalize(t)
         assert err.value.code == ErrorCode.INCOMPLETE
@@ -167,11 +168,3 @@ async def test_partial_selection_is_rechecked_and_ends_complete_for_its_files(
     async with dest.client() as client:
         assert (await client.start(t)).started
     await trio.to_thread.run_sync(lambda: qb.wait_seeding(t.info_hash, timeout=120))
-
-
-def _flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([byte[0] ^ 0xFF]))

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.conftest import SeededFactory
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     FILES,
     PIECE,
     Rig,
     http_status,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import SEEDING_STATES, wait_until
@@ -46,12 +44,7 @@ def test_tagged_torrent_is_moved_and_untagged_one_stays(
     wait_until(lambda: rig.src_qb.info(tagged) is None, 120, 0.2, "tagged torrent moved")
     assert "event=handed_off" in source.log_text()
     assert not (rig.src_qb.save_path / rig.seeded.name).exists()  # deleted with its files
-    wait_until(
-        lambda: (rig.dst_qb.info(tagged) or {}).get("state") in SEEDING_STATES,
-        30,
-        0.2,
-        "destination seeding the moved torrent",
-    )
+    rig.dst_qb.wait_seeding(tagged, timeout=30)
     rig.assert_identical()
     dst_tags = tags_of(rig.dst_qb, tagged)
     assert {"synced", "source-removed", "tv"} <= dst_tags
@@ -93,12 +86,7 @@ def test_tag_on_torrent_whose_destination_copy_is_refused_keeps_the_source_copy(
     code, body = http_status(health, "/status")
     assert code == 200
     assert body["handoff_tag"]["refused"][ih]["reason"] == "not-started"
-    wait_until(
-        lambda: (rig.src_qb.info(ih) or {}).get("state") in SEEDING_STATES,
-        30,
-        0.2,
-        "source seeding again",
-    )
+    rig.src_qb.wait_seeding(ih, timeout=30)
     assert (rig.src_qb.save_path / rig.seeded.name).exists()
     assert "event=handed_off" not in source.log_text()
 

@@ -9,24 +9,24 @@ real qbittorrent-nox processes (see source_rig.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import signal
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 
+from tests.httpfake import http_server, send_json
 from tests.integration.conftest import SeededFactory
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     Rig,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import free_port, make_self_signed, wait_until
@@ -96,7 +96,7 @@ ApiServerFactory = Callable[[str], FakeApiServer]
 @pytest.fixture(name="api_server")
 def api_server_fixture(tmp_path: Path) -> Iterator[ApiServerFactory]:
     """``api_server(mode)`` starts a fake API server; all are stopped at teardown."""
-    servers: list[tuple[ThreadingHTTPServer, FakeApiServer]] = []
+    stack = contextlib.ExitStack()
 
     def serve(mode: str) -> FakeApiServer:
         cert, key = make_self_signed(tmp_path / "apiserver", "apiserver")
@@ -107,29 +107,16 @@ def api_server_fixture(tmp_path: Path) -> Iterator[ApiServerFactory]:
                 pass
 
             def do_GET(self) -> None:
-                code, body = api.answer(self.path.split("?")[0], self.headers["Authorization"])
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, *api.answer(self.path.split("?")[0], self.headers["Authorization"]))
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
-        server.socket = ctx.wrap_socket(server.socket, server_side=True)
-        api.port = int(server.server_address[1])
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append((server, api))
+        api.port = stack.enter_context(http_server(Handler, tls=ctx))
+        stack.callback(api.release.set)  # runs first: a held request ends before the shutdown
         return api
 
-    yield serve
-    for server, api in servers:
-        api.release.set()
-        server.shutdown()
-        server.server_close()
+    with stack:
+        yield serve
 
 
 def in_cluster_env(tmp: Path, api: FakeApiServer, port: int | None = None) -> dict[str, str]:

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from qbsync.wire import ErrorCode, SyncStatus, WireError
-from tests.qbharness import KiB, make_payload
+from tests.qbharness import KiB, QBInstance, make_payload
 from tests.wireclient import Destination, LocalTorrent, needed_indices, start_destination
 
 pytestmark = pytest.mark.integration
@@ -53,6 +53,27 @@ async def _no_handoff(dest: Destination, t: LocalTorrent) -> None:
         assert not result.started
 
 
+async def _refused_leaving_alone(
+    qb: QBInstance,
+    dest: Destination,
+    t: LocalTorrent,
+    names: list[str],
+    named: str,
+    user_file: Path,
+    before: tuple[int, int, bytes],
+) -> None:
+    """Pushed with ``names`` as its ``files`` paths, ``t``'s finalize is refused as a conflict
+    naming ``named``; ``user_file`` keeps its fingerprint ``before`` (also after a hand-off
+    attempt), qBittorrent never gets the torrent, and no hand-off is answered ``True``."""
+    await _push(dest, t, names)
+    err = await _finalize_is_refused(dest, t)
+    assert err.code == ErrorCode.CONFLICT and named in err.message
+    assert _fingerprint(user_file) == before
+    assert qb.info(t.info_hash) is None
+    await _no_handoff(dest, t)
+    assert _fingerprint(user_file) == before
+
+
 async def test_a_user_file_at_the_metainfo_path_is_never_moved(
     tmp_path: Path, qb_factory, qbsync_factory
 ) -> None:
@@ -69,14 +90,10 @@ async def test_a_user_file_at_the_metainfo_path_is_never_moved(
     victim.write_bytes(b"the user's own file" * 100)
     before = _fingerprint(victim)
     dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
-    await _push(dest, t, ["payload/a.bin", "moved/victim.bin"])
-    err = await _finalize_is_refused(dest, t)
-    assert err.code == ErrorCode.CONFLICT and "payload/victim.bin" in err.message
-    assert _fingerprint(victim) == before
-    assert qb.info(t.info_hash) is None  # nothing was added: nothing moved
-    assert "event=qb_file_renamed" not in dest.proc.log_text()
-    await _no_handoff(dest, t)
-    assert _fingerprint(victim) == before
+    await _refused_leaving_alone(
+        qb, dest, t, ["payload/a.bin", "moved/victim.bin"], "payload/victim.bin", victim, before
+    )
+    assert "event=qb_file_renamed" not in dest.proc.log_text()  # nothing added: nothing moved
 
 
 async def test_a_user_file_at_the_files_path_is_never_replaced(
@@ -94,13 +111,9 @@ async def test_a_user_file_at_the_files_path_is_never_replaced(
     known.write_bytes((payload / "x.bin").read_bytes())
     before = _fingerprint(known)
     dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
-    await _push(dest, t, ["known/x.bin", "payload/y.bin"])
-    err = await _finalize_is_refused(dest, t)
-    assert err.code == ErrorCode.CONFLICT and "known/x.bin" in err.message
-    assert _fingerprint(known) == before
-    assert qb.info(t.info_hash) is None
-    await _no_handoff(dest, t)
-    assert _fingerprint(known) == before
+    await _refused_leaving_alone(
+        qb, dest, t, ["known/x.bin", "payload/y.bin"], "known/x.bin", known, before
+    )
 
 
 async def test_a_user_symlink_to_a_directory_outside_data_is_never_followed(
@@ -122,15 +135,11 @@ async def test_a_user_symlink_to_a_directory_outside_data_is_never_followed(
     (data / "payload").mkdir(parents=True)
     (data / "payload" / "escape").symlink_to(outside, target_is_directory=True)
     dest = start_destination(qbsync_factory, data, qb_args=qb.qbsync_args())
-    await _push(dest, t, ["spx/a.bin", "spx/escape/pulled.bin"])
-    err = await _finalize_is_refused(dest, t)
-    assert err.code == ErrorCode.CONFLICT and "payload/escape" in err.message
-    assert _fingerprint(pulled) == before
+    await _refused_leaving_alone(
+        qb, dest, t, ["spx/a.bin", "spx/escape/pulled.bin"], "payload/escape", pulled, before
+    )
     assert sorted(p.name for p in outside.iterdir()) == ["pulled.bin"]
     assert (data / "payload" / "escape").is_symlink()
-    assert qb.info(t.info_hash) is None
-    await _no_handoff(dest, t)
-    assert _fingerprint(pulled) == before
 
 
 async def test_a_users_own_qbittorrent_entry_survives_init_resync_and_finalize(

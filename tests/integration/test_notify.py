@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.source_rig import (  # noqa: F401  # fixtures
+from tests.integration.source_rig import (
     RigFactory,
-    rig_factory_fixture,
 )
 from tests.notify_receiver import Receiver
 

@@ -28,10 +28,9 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qbsync.wire import ErrorCode, WireError
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     FILES,
     Rig,
-    rig_factory_fixture,
     tags_of,
 )
 from tests.qbharness import free_port

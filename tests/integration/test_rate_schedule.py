@@ -13,11 +13,9 @@ import time
 
 import pytest
 
-from tests.integration.source_rig import (  # noqa: F401  # fixtures
+from tests.integration.source_rig import (
     Rig,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
 )
 from tests.qbharness import KiB, MiB
 

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     Rig,
     RigFactory,
     http_status,
     listening_ports,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import SEEDING_STATES, free_port, make_self_signed, wait_until
@@ -65,12 +63,7 @@ def test_reverse_mode_streams_finalizes_and_hands_off_with_no_port_at_home(
     wait_until(lambda: rig.src_qb.info(ih) is None, 120, 0.2, "handed off and removed")
     rig.assert_identical()
     assert {"synced", "source-removed"} <= tags_of(rig.dst_qb, ih)
-    wait_until(
-        lambda: (rig.dst_qb.info(ih) or {}).get("state") in SEEDING_STATES,
-        30,
-        0.2,
-        "destination seeding",
-    )
+    rig.dst_qb.wait_seeding(ih, timeout=30)
     assert metric(health, "qbsync_cleanup_torrents_handed_off_total") == 1
     sources = http_status(rig.dest_health, "/status")[1]["sources"]
     assert [s["name"] for s in sources] == ["seedbox"]

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import SeededFactory
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     FILES,
     PIECE,
     RATE,
     Rig,
     http_status,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import SeededTorrent, wait_until

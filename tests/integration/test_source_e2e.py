@@ -10,13 +10,11 @@ import time
 
 import pytest
 
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     Rig,
     histogram_quantile,
     http_status,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import wait_until

@@ -7,11 +7,9 @@ import signal
 
 import pytest
 
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     Rig,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import SEEDING_STATES, wait_until
@@ -30,12 +28,7 @@ def test_disk_pressure_hands_synced_torrent_to_destination(rig: Rig) -> None:
     dst = rig.dst_qb.info(ih)
     assert dst is not None
     assert {"synced", "source-removed"} <= tags_of(rig.dst_qb, ih)
-    wait_until(
-        lambda: (rig.dst_qb.info(ih) or {}).get("state") in SEEDING_STATES,
-        30,
-        0.2,
-        "destination seeding",
-    )
+    rig.dst_qb.wait_seeding(ih, timeout=30)
     rig.assert_identical()
     assert metric(health, "qbsync_cleanup_torrents_handed_off_total") == 1
     # The removal that followed the handoff is recognized: the cache entry goes.
@@ -129,12 +122,7 @@ def test_handoff_to_destination_whose_files_were_deleted_keeps_the_source_copy(r
     # Synced again, verified again, and only then handed off.
     wait_until(lambda: rig.src_qb.info(ih) is None, 120, 0.2, "handed off after the re-sync")
     rig.assert_identical()
-    wait_until(
-        lambda: (rig.dst_qb.info(ih) or {}).get("state") in SEEDING_STATES,
-        30,
-        0.2,
-        "destination seeding",
-    )
+    rig.dst_qb.wait_seeding(ih, timeout=30)
 
 
 def test_dry_run_destination_never_causes_a_source_delete(rig: Rig) -> None:
@@ -148,12 +136,7 @@ def test_dry_run_destination_never_causes_a_source_delete(rig: Rig) -> None:
     source.wait_for_log("event=handoff_refused", timeout=60)
     assert "reason=not-started" in source.log_text()
     assert metric(health, "qbsync_handoff_refused_total", {"reason": "not-started"}) >= 1
-    wait_until(
-        lambda: (rig.src_qb.info(ih) or {}).get("state") in SEEDING_STATES,
-        30,
-        0.2,
-        "source seeding again",
-    )
+    rig.src_qb.wait_seeding(ih, timeout=30)
     assert (rig.src_qb.save_path / rig.seeded.name).exists()
     assert metric(health, "qbsync_cleanup_torrents_handed_off_total") == 0
     dst = rig.dst_qb.info(ih)

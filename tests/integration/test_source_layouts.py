@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     FILES,
     Rig,
     RigFactory,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import wait_until

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.source_rig import (  # noqa: F401  (the *_fixture names are fixtures)
+from tests.integration.source_rig import (
     RigFactory,
     metric,
-    rig_factory_fixture,
-    rig_fixture,
     tags_of,
 )
 from tests.qbharness import make_self_signed, wait_until

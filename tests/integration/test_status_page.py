@@ -17,11 +17,9 @@ from typing import Any
 import pytest
 
 from tests.integration.browser import browse, chromium_fixture  # noqa: F401  (fixture)
-from tests.integration.source_rig import (  # noqa: F401  # fixtures
+from tests.integration.source_rig import (
     Rig,
     http_status,
-    rig_factory_fixture,
-    rig_fixture,
 )
 from tests.qbharness import KiB, wait_until
 from tests.status_schema import assert_valid

@@ -14,7 +14,7 @@ import trio
 
 from qbsync.config import ConfigError, resolve
 from qbsync.integrations.arr import ArrSet, download_id
-from qbsync.wire import ErrorCode, Finalize, InitResult, InitTorrent, SyncStatus
+from qbsync.wire import ErrorCode, InitResult, InitTorrent, SyncStatus
 from tests.destination.test_destination_writer import build, torrent
 from tests.fakearr import serve_fake_arr
 from tests.source.test_source_orchestrator import Rig, make, on_disk
@@ -192,12 +192,7 @@ async def test_finalizer_requests_import_after_verified_finalize(
         for i in needed_indices(ready, t.num_pieces):
             assert await d.piece(t, i) == ErrorCode.OK
         assert sonarr.commands() == []  # nothing before the finalize
-        with trio.fail_after(30):
-            while True:
-                result = await d.server.finalize(Finalize(t.info_hash, category="", tags=()))
-                if result.status != SyncStatus.VERIFYING:
-                    break
-                await trio.sleep(0.02)
+        result = await d.finalize(t, category="", tags=())
         assert result.status == SyncStatus.COMPLETE
         (cmd,) = sonarr.commands()
         assert cmd["name"] == "DownloadedEpisodesScan"
@@ -228,12 +223,7 @@ async def test_import_and_webhook_paths_come_from_the_validated_file_paths(
             result = await d.server.init(msg)
         for i in needed_indices(result, t.num_pieces):
             assert await d.piece(t, i) == ErrorCode.OK
-        with trio.fail_after(30):
-            while True:
-                final = await d.server.finalize(Finalize(t.info_hash, category="", tags=()))
-                if final.status != SyncStatus.VERIFYING:
-                    break
-                await trio.sleep(0.02)
+        final = await d.finalize(t, category="", tags=())
         assert final.status == SyncStatus.COMPLETE
         (cmd,) = sonarr.commands()
     expected = str(d.root / "tv" / "payload")

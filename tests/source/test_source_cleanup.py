@@ -11,7 +11,6 @@ import pytest
 import trio
 
 from qbsync import metrics
-from qbsync.config import SourceConfig, resolve
 from qbsync.integrations.k8s import drain_decision
 from qbsync.source.cache import CompletionCache
 from qbsync.source.cleanup import Candidate, Cleanup, GiB, group_candidates
@@ -19,6 +18,7 @@ from qbsync.source.paths import PathMapper
 from qbsync.source.runner import _drain
 from qbsync.wire.errors import ConnectionClosed, ErrorCode, WireError
 from qbsync.wire.messages import StartResult, StartTorrent
+from tests.source_fakes import source_config
 
 
 def cand(h: str, *, size: int = 1, seeding: int = 10_000, pop: int = 0, ids=()) -> Candidate:
@@ -147,11 +147,18 @@ async def test_nothing_is_stopped_without_an_authenticated_destination(tmp_path)
     assert result is not None and result.handed_off == 1 and started == ["b"]
 
 
-async def test_start_failure_resumes_source_and_missing_synced_tag_is_added(tmp_path):
-    qb = FakeQB()
-    cleanup, cache, _ = make(tmp_path, qb, start_fails=True, min_seeding=0)
+async def _a_and_b_synced(tmp_path: Path, qb: FakeQB, **kw: Any) -> tuple[Cleanup, Any]:
+    """A cleanup with no --min-seeding-time whose completion cache holds torrents a and b
+    (synced); returns it and the list of hashes it starts on the destination."""
+    cleanup, cache, started = make(tmp_path, qb, min_seeding=0, **kw)
     await cache.put("a", "0")
     await cache.put("b", "0")
+    return cleanup, started
+
+
+async def test_start_failure_resumes_source_and_missing_synced_tag_is_added(tmp_path):
+    qb = FakeQB()
+    cleanup, _ = await _a_and_b_synced(tmp_path, qb, start_fails=True)
     result = await cleanup.run_pass([t("a"), t("b", tags="")], free_bytes=0, draining=False)
     assert result is not None and result.groups_failed == 1 and result.handed_off == 0
     assert qb.calls == [
@@ -224,9 +231,7 @@ async def test_drain_ignores_space_seeding_and_exclude_cleanup_but_not_synced(tm
 
 async def test_dry_run_changes_nothing(tmp_path):
     qb = FakeQB()
-    cleanup, cache, started = make(tmp_path, qb, dry_run=True, min_seeding=0)
-    await cache.put("a", "0")
-    await cache.put("b", "0")
+    cleanup, started = await _a_and_b_synced(tmp_path, qb, dry_run=True)
     result = await cleanup.run_pass([t("a"), t("b", tags="")], free_bytes=0, draining=False)
     assert result is not None and result.handed_off == 1
     assert qb.calls == [] and started == []
@@ -243,22 +248,6 @@ async def test_drain_gate_fails_closed(tmp_path: Path) -> None:
     # A kubeconfig that cannot be read: the lookup fails, so no drain.
     broken = await drain_decision("qbsync/drain", env={**kubeconfig, "POD_NAME": "p"})
     assert not broken.drain and "lookup failed" in broken.reason
-
-
-def _source_config(tmp_path: Path, **flags: str) -> SourceConfig:
-    config = resolve(
-        "source",
-        {
-            "data": str(tmp_path),
-            "qb_url": "http://127.0.0.1:1",
-            "destination_addr": "127.0.0.1:2",
-            "state_dir": str(tmp_path / "state"),
-            **flags,
-        },
-        env={},
-    )
-    assert isinstance(config, SourceConfig)
-    return config
 
 
 async def test_drain_runs_under_its_deadline_and_resets_the_gauge(tmp_path, autojump_clock, caplog):
@@ -279,7 +268,7 @@ async def test_drain_runs_under_its_deadline_and_resets_the_gauge(tmp_path, auto
             return [t("a")]
 
     orchestrator = SimpleNamespace(cleanup=HungCleanup())
-    config = _source_config(tmp_path, drain_annotation="", drain_timeout="7")
+    config = source_config(tmp_path, drain_annotation="", drain_timeout="7")
     begin = trio.current_time()
     with trio.fail_after(60):  # without its own deadline the drain would hang here
         await _drain(config, cast(Any, ListingQB()), cast(Any, orchestrator))
@@ -297,7 +286,7 @@ async def test_drain_skipped_when_the_gate_is_closed(tmp_path, caplog, monkeypat
         async def run_pass(self, *args: Any, **kw: Any) -> None:
             raise AssertionError("the drain must not run when the gate is closed")
 
-    config = _source_config(tmp_path)  # default --drain-annotation qbsync/drain
+    config = source_config(tmp_path)  # default --drain-annotation qbsync/drain
     await _drain(config, cast(Any, None), cast(Any, SimpleNamespace(cleanup=NoCleanup())))
     assert any("event=drain_skipped" in r.message for r in caplog.records)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 
+import pytest
 import trio
 
 from qbsync.source.growth import Action, GrowthPolicy, Sample
@@ -102,17 +103,35 @@ def _scale_log(caplog) -> list[tuple[str, int, str]]:
     return out
 
 
-async def test_pool_grows_while_throughput_grows(autojump_clock, caplog):
+@pytest.fixture(autouse=True)
+def _pool_log(caplog):
+    """Every pool test reads the pool's scaling decisions from its log."""
     caplog.set_level(logging.INFO, logger="qbsync.source.pool")
-    pool = ConnectionPool(
-        FakeConnector(lambda n: FakeConn()), address="d:1", min_connections=2, max_connections=16
+
+
+def _pool(max_connections: int) -> ConnectionPool:
+    return ConnectionPool(
+        FakeConnector(lambda n: FakeConn()),
+        address="d:1",
+        min_connections=2,
+        max_connections=max_connections,
     )
+
+
+async def _connected_after(pool: ConnectionPool, seconds: float, per_conn: float, limit: float):
+    """Run ``pool`` on a busy simulated link for ``seconds`` of mock time; how many
+    connections it then has."""
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
-        nursery.start_soon(_link, pool, 20 * MB, float("inf"), [True])
-        await trio.sleep(20)
+        nursery.start_soon(_link, pool, per_conn, limit, [True])
+        await trio.sleep(seconds)
         connected = pool.connected
         nursery.cancel_scope.cancel()
+    return connected
+
+
+async def test_pool_grows_while_throughput_grows(autojump_clock, caplog):
+    connected = await _connected_after(_pool(16), 20, 20 * MB, float("inf"))
     assert connected == 16
     assert _scale_log(caplog) == [
         ("up", 2, "saturated"),
@@ -122,16 +141,7 @@ async def test_pool_grows_while_throughput_grows(autojump_clock, caplog):
 
 
 async def test_pool_stops_growing_when_throughput_does_not(autojump_clock, caplog):
-    caplog.set_level(logging.INFO, logger="qbsync.source.pool")
-    pool = ConnectionPool(
-        FakeConnector(lambda n: FakeConn()), address="d:1", min_connections=2, max_connections=16
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pool.run)
-        nursery.start_soon(_link, pool, 20 * MB, 80 * MB, [True])  # 4 connections fill it
-        await trio.sleep(25)
-        connected = pool.connected
-        nursery.cancel_scope.cancel()
+    connected = await _connected_after(_pool(16), 25, 20 * MB, 80 * MB)  # 4 connections fill it
     assert connected == 4
     assert _scale_log(caplog) == [
         ("up", 2, "saturated"),
@@ -141,10 +151,7 @@ async def test_pool_stops_growing_when_throughput_does_not(autojump_clock, caplo
 
 
 async def test_pool_shrinks_to_the_minimum_when_idle(autojump_clock, caplog):
-    caplog.set_level(logging.INFO, logger="qbsync.source.pool")
-    pool = ConnectionPool(
-        FakeConnector(lambda n: FakeConn()), address="d:1", min_connections=2, max_connections=8
-    )
+    pool = _pool(8)
     busy = [True]
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
@@ -168,7 +175,6 @@ async def test_pool_grows_when_the_memory_budget_hides_the_bottleneck(autojump_c
     """Nothing queues on any connection because every byte of --max-inflight is between disk
     and ack (window-limited connections hold it): with pieces waiting in the queue, that
     counts as the connections being the bottleneck."""
-    caplog.set_level(logging.INFO, logger="qbsync.source.pool")
     connector = FakeConnector(lambda n: FakeConn())
     pool = ConnectionPool(
         connector, address="d:1", min_connections=2, max_connections=4, queue_depth=lambda: 10

@@ -19,7 +19,6 @@ import attrs
 import pytest
 import trio
 
-from qbsync.config import SourceConfig, resolve
 from qbsync.source.cache import CompletionCache, fingerprint
 from qbsync.source.meta import build_meta
 from qbsync.source.monitor import MaindataUpdate, Monitor
@@ -41,7 +40,7 @@ from qbsync.wire.messages import (
     StartTorrent,
     SyncStatus,
 )
-from tests.source_fakes import FakeDestination, FakeQB, SourceTorrent
+from tests.source_fakes import FakeDestination, FakeQB, SourceTorrent, source_config
 
 H = [f"{i:040x}" for i in range(8)]
 
@@ -132,20 +131,7 @@ def make(
     answers: Mapping[type, Any],
     **flags: str,
 ) -> Rig:
-    config = resolve(
-        "source",
-        {
-            "data": str(tmp_path),
-            "qb_url": "http://127.0.0.1:9",
-            "destination_addr": "127.0.0.1:9",
-            "state_dir": str(tmp_path / "state"),
-            "exclude_sync_tag": "no-sync",
-            "sleep": "1",
-            **flags,
-        },
-        env={},
-    )
-    assert isinstance(config, SourceConfig)
+    config = source_config(tmp_path, **{"exclude_sync_tag": "no-sync", "sleep": "1", **flags})
     qb, dest, registry = FakeQB(torrents), FakeDestination(answers), Registry()
     pool = ConnectionPool(
         dest.connector,

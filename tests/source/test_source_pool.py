@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -96,35 +98,37 @@ async def test_request_retries_once_on_a_closed_connection(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-async def test_pick_prefers_least_loaded(autojump_clock):
-    a, b = FakeConn(), FakeConn()
-    it = iter([a, b])
+@asynccontextmanager
+async def connected_pool(*conns: FakeConn) -> AsyncIterator[ConnectionPool]:
+    """A running pool whose connections are ``conns`` (all of them, at once), for the body
+    of the ``with`` block."""
+    it = iter(conns)
+    n = len(conns)
     pool = ConnectionPool(
-        FakeConnector(lambda n: next(it)), address="d:1", min_connections=2, max_connections=2
+        FakeConnector(lambda _: next(it)), address="d:1", min_connections=n, max_connections=n
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
-        while pool.connected < 2:  # noqa: ASYNC110
+        while pool.connected < n:  # noqa: ASYNC110
             await trio.sleep(0.01)
+        yield pool
+        nursery.cancel_scope.cancel()
+
+
+async def test_pick_prefers_least_loaded(autojump_clock):
+    a, b = FakeConn(), FakeConn()
+    async with connected_pool(a, b) as pool:
         a.inflight_bytes = 10
         assert await pool.pick() is b
         b.inflight_bytes = 20
         assert await pool.pick() is a
-        nursery.cancel_scope.cancel()
 
 
 async def test_pick_counts_pieces_queued_behind_a_connection(autojump_clock):
     """Pieces assigned but not written yet (waiting for credit) count as load: pieces
     alternate, and a connection with more credit left takes the next one."""
     a, b = FakeConn(), FakeConn()
-    it = iter([a, b])
-    pool = ConnectionPool(
-        FakeConnector(lambda n: next(it)), address="d:1", min_connections=2, max_connections=2
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pool.run)
-        while pool.connected < 2:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+    async with connected_pool(a, b) as pool:
         first = await pool.pick(nbytes=100)
         second = await pool.pick(nbytes=100)
         assert {first, second} == {a, b}
@@ -135,17 +139,12 @@ async def test_pick_counts_pieces_queued_behind_a_connection(autojump_clock):
         pool.unassign(b, 100)
         a.credit = 10_000  # b can take more now
         assert await pool.pick(nbytes=100) is b
-        nursery.cancel_scope.cancel()
 
 
 async def test_pick_waits_while_every_connection_has_a_queue(autojump_clock):
     """A piece is bound to a connection only when one has room: not a whole torrent at once."""
     a = FakeConn()
-    pool = ConnectionPool(FakeConnector(lambda n: a), address="d:1")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pool.run)
-        while pool.connected < 1:  # noqa: ASYNC110
-            await trio.sleep(0.01)
+    async with connected_pool(a) as pool:
         for _ in range(QUEUE_AHEAD):
             await pool.pick(nbytes=100)
         with trio.move_on_after(5) as scope:
@@ -154,7 +153,6 @@ async def test_pick_waits_while_every_connection_has_a_queue(autojump_clock):
         pool.unassign(a, 100)
         with trio.fail_after(1):
             assert await pool.pick(nbytes=100) is a
-        nursery.cancel_scope.cancel()
 
 
 async def test_scales_to_max_while_pieces_queue_on_every_connection(autojump_clock, caplog):

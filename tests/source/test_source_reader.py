@@ -218,13 +218,8 @@ async def test_reads_ahead_once_per_window_crossed(layout, monkeypatch):
     reader.close()
 
 
-async def test_cached_pieces_are_read_without_a_worker_thread(layout, monkeypatch):
-    """Files already open and bytes in the page cache (the payload was just written): pieces
-    are read on the Trio thread with RWF_NOWAIT, no thread hand-off; the bytes are right."""
-    if not hasattr(os, "RWF_NOWAIT"):
-        pytest.skip("no RWF_NOWAIT on this platform")
-    meta = _meta(layout)
-    reader = PieceReader()
+def _count_threaded_reads(reader: PieceReader, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The list of piece indexes ``reader`` reads in a worker thread, from now on."""
     threaded: list[int] = []
     real = reader._read_sync
 
@@ -233,6 +228,17 @@ async def test_cached_pieces_are_read_without_a_worker_thread(layout, monkeypatc
         real(meta, index, view)
 
     monkeypatch.setattr(reader, "_read_sync", counting)
+    return threaded
+
+
+async def test_cached_pieces_are_read_without_a_worker_thread(layout, monkeypatch):
+    """Files already open and bytes in the page cache (the payload was just written): pieces
+    are read on the Trio thread with RWF_NOWAIT, no thread hand-off; the bytes are right."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT on this platform")
+    meta = _meta(layout)
+    reader = PieceReader()
+    threaded = _count_threaded_reads(reader, monkeypatch)
     try:
         for _ in range(2):  # the first pass opens the files (in threads), the second does not
             for i in range(meta.num_pieces):
@@ -263,14 +269,7 @@ async def test_a_read_that_would_block_goes_to_a_worker_thread(layout, monkeypat
         buf, view = await reader.read(meta, 0)  # opens a.bin
         reader.recycle(buf, view)
         monkeypatch.setattr(os, "preadv", cold)
-        threaded: list[int] = []
-        real_sync = reader._read_sync
-
-        def counting(meta: SourceMeta, index: int, view: memoryview) -> None:
-            threaded.append(index)
-            real_sync(meta, index, view)
-
-        monkeypatch.setattr(reader, "_read_sync", counting)
+        threaded = _count_threaded_reads(reader, monkeypatch)
         buf, view = await reader.read(meta, 1)
         assert hashlib.sha1(view).digest() == layout[5][1]
         assert threaded == [1]

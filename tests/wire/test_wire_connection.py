@@ -61,6 +61,7 @@ from qbsync.wire.frames import (
 from qbsync.wire.protocol import Endpoint, HandshakeComplete, RequestReceived, State
 from tests.fuzz.wire_helpers import forge_piece_head
 from tests.qbharness import make_self_signed
+from tests.wireserver import raw_peer, serving
 
 H1 = "a" * 40
 H2 = "b" * 64
@@ -126,22 +127,10 @@ async def running_server(
     handler = handler or Handler()
     budget = budget or ByteBudget(64 << 20)
     kwargs.setdefault("hooks", metrics.WIRE_METRICS)  # the tests below read the metrics
-    async with trio.open_nursery() as nursery:
-
-        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            await serve(
-                HostPort(LOCAL, 0),
-                handler,
-                token=token,
-                ssl_context=ssl_context,
-                budget=budget,
-                task_status=task_status,
-                **kwargs,
-            )
-
-        ports = await nursery.start(run)
-        yield ports[0], handler, budget
-        nursery.cancel_scope.cancel()
+    async with serving(
+        handler, token=token, ssl_context=ssl_context, budget=budget, **kwargs
+    ) as port:
+        yield port, handler, budget
 
 
 def connect(port: int, token: str | None = "s3cret", **kwargs: Any) -> Any:
@@ -535,17 +524,13 @@ async def test_reflected_proof_is_rejected() -> None:
                     await trio.sleep_forever()
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(0, host=LOCAL)
-            port = listeners[0].socket.getsockname()[1]
-            nursery.start_soon(trio.serve_listeners, fake_destination, listeners)
+        async with raw_peer(fake_destination) as port:
             with pytest.raises(WireError) as err:
                 async with connect(port, token="s3cret"):
                     pytest.fail("accepted a reflected proof")
             assert err.value.code == ErrorCode.AUTH_FAILED
             # the signature fails first; the token MAC inside is the reflected one too
             assert "signature does not verify" in err.value.message
-            nursery.cancel_scope.cancel()
 
 
 # --- misbehaving peers ----------------------------------------------------------------------
@@ -666,20 +651,15 @@ async def test_stalled_client_is_dropped_at_the_handshake_timeout() -> None:
 
 
 async def test_stalled_server_times_out_the_client() -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(0, host=LOCAL)
-            port = listeners[0].socket.getsockname()[1]
-
-            async def silent(stream: trio.SocketStream) -> None:
-                await trio.sleep_forever()
-
-            nursery.start_soon(trio.serve_listeners, silent, listeners)
+        async with raw_peer(silent) as port:
             with pytest.raises(WireError) as err:
                 async with connect(port, connect_timeout=0.3):
                     pytest.fail("handshake with a silent server")
             assert err.value.code == ErrorCode.TIMEOUT
-            nursery.cancel_scope.cancel()
 
 
 async def test_client_that_closes_mid_piece_leaves_the_server_intact() -> None:
@@ -715,18 +695,13 @@ async def test_server_that_closes_mid_frame_fails_pending_calls() -> None:
                 ep.receive_data(data)
 
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await trio.open_tcp_listeners(0, host=LOCAL)
-            port = listeners[0].socket.getsockname()[1]
-            nursery.start_soon(trio.serve_listeners, half_answer, listeners)
-            async with connect(port, token=None) as conn:
-                with pytest.raises(ConnectionClosed) as err:
-                    await conn.request(Abort(H1), timeout=5)
-                assert "middle of a frame" in err.value.message
-                assert conn.closed
-                with pytest.raises(ConnectionClosed):
-                    await conn.send_piece(H1, 0, 0, b"x")
-            nursery.cancel_scope.cancel()
+        async with raw_peer(half_answer) as port, connect(port, token=None) as conn:
+            with pytest.raises(ConnectionClosed) as err:
+                await conn.request(Abort(H1), timeout=5)
+            assert "middle of a frame" in err.value.message
+            assert conn.closed
+            with pytest.raises(ConnectionClosed):
+                await conn.send_piece(H1, 0, 0, b"x")
 
 
 async def test_silent_peer_after_auth_hits_the_idle_timeout() -> None:

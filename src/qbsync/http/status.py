@@ -742,90 +742,109 @@ def _disk_card(doc: Mapping[str, Any]) -> list[str]:
     if doc.get("role") == "source":
         cands = doc.get("handoff_candidates") or []
         parts.append("<h2>Next hand-off candidates</h2>")
-        if not cands:
-            parts.append('<p class="muted" id="no-candidates">None: no synced torrent here.</p>')
-        else:
-            parts.append('<ol class="cand" id="candidates">')
-            for c in cands[:5]:
-                wait = " · waits for --min-seeding-time" if c.get("waiting_seeding") else ""
-                parts.append(
-                    f'<li data-hash="{e(str(c.get("hash", "")))}"><b>{e(str(c.get("name")))}</b>'
-                    f' <span class="muted">{e(human_bytes(c.get("size")))} · seeded '
-                    f"{e(human_seconds(c.get('seeding_time')))} · "
-                    f"{int(c.get('peers') or 0)} in swarm{e(wait)}</span></li>"
-                )
-            parts.append("</ol>")
+        parts += _list_or_none(
+            '<ol class="cand" id="candidates">',
+            [_candidate_item(c) for c in cands[:5]],
+            '<p class="muted" id="no-candidates">None: no synced torrent here.</p>',
+        )
     parts.append("</section>")
     return parts
+
+
+def _list_or_none(opening: str, items: list[str], none: str) -> list[str]:
+    """A card's list: ``opening`` (an ``<ol ...>`` or ``<ul ...>`` tag), the ``<li>`` items and
+    the closing tag; with no items, the paragraph ``none`` instead (each card says in its own
+    words why it is empty)."""
+    if not items:
+        return [none]
+    return [opening, *items, f"</{opening[1:3]}>"]
+
+
+def _candidate_item(c: Mapping[str, Any]) -> str:
+    e = html.escape
+    wait = " · waits for --min-seeding-time" if c.get("waiting_seeding") else ""
+    return (
+        f'<li data-hash="{e(str(c.get("hash", "")))}"><b>{e(str(c.get("name")))}</b>'
+        f' <span class="muted">{e(human_bytes(c.get("size")))} · seeded '
+        f"{e(human_seconds(c.get('seeding_time')))} · "
+        f"{int(c.get('peers') or 0)} in swarm{e(wait)}</span></li>"
+    )
 
 
 def _peers_card(doc: Mapping[str, Any], now: float) -> list[str]:
     e = html.escape
     peers = doc.get("peers") or []
     want = "destination" if doc.get("role") == "source" else "sources"
-    parts = [f'<section class="card" id="peers"><h2>Connected {want}</h2>']
-    if not peers:
-        d = doc.get("daemon") or {}
-        parts.append(f'<p class="muted" id="no-peers">None. {e(str(d.get("peer") or ""))}</p>')
-    else:
-        parts.append("<ul>")
-        for p in peers:
-            ident = [f"{p.get('connections')} connection{'s' if p.get('connections') != 1 else ''}"]
-            ident.append("TLS" if p.get("tls") else "no TLS")
-            ident.append(str(p.get("auth") or "key"))
-            if p.get("fingerprint"):
-                ident.append(f"key {p.get('fingerprint')}")
-            if p.get("software"):
-                ident.append(str(p.get("software")))
-            since = p.get("since")
-            if since:
-                ident.append(f"since {_when(float(since), now)}")
-            parts.append(
-                f'<li class="peer" data-address="{e(str(p.get("address")))}">'
-                f"<b>{e(str(p.get('address')))}</b><br>"
-                f'<span class="muted">{e(" · ".join(ident))}</span></li>'
-            )
-        parts.append("</ul>")
-    parts.append("</section>")
-    return parts
+    d = doc.get("daemon") or {}
+    return [
+        f'<section class="card" id="peers"><h2>Connected {want}</h2>',
+        *_list_or_none(
+            "<ul>",
+            [_peer_item(p, now) for p in peers],
+            f'<p class="muted" id="no-peers">None. {e(str(d.get("peer") or ""))}</p>',
+        ),
+        "</section>",
+    ]
+
+
+def _peer_item(p: Mapping[str, Any], now: float) -> str:
+    e = html.escape
+    ident = [f"{p.get('connections')} connection{'s' if p.get('connections') != 1 else ''}"]
+    ident.append("TLS" if p.get("tls") else "no TLS")
+    ident.append(str(p.get("auth") or "key"))
+    if p.get("fingerprint"):
+        ident.append(f"key {p.get('fingerprint')}")
+    if p.get("software"):
+        ident.append(str(p.get("software")))
+    since = p.get("since")
+    if since:
+        ident.append(f"since {_when(float(since), now)}")
+    return (
+        f'<li class="peer" data-address="{e(str(p.get("address")))}">'
+        f"<b>{e(str(p.get('address')))}</b><br>"
+        f'<span class="muted">{e(" · ".join(ident))}</span></li>'
+    )
 
 
 def _activity_card(doc: Mapping[str, Any], now: float) -> list[str]:
-    e = html.escape
     recent = (doc.get("activity") or {}).get("recent") or []
-    parts = ['<section class="card wide" id="activity"><h2>Recent activity</h2>']
-    if not recent:
-        parts.append('<p class="muted" id="no-activity">Nothing synced yet.</p>')
-    else:
-        parts.append("<ol>")
-        for ev in recent:
-            kind = str(ev.get("kind", ""))
-            label, cls = _KIND_LABEL.get(kind, (kind, ""))
-            bits = [human_bytes(ev.get("size"))]
-            if ev.get("duration_seconds") is not None:
-                bits.append(f"took {human_seconds(ev.get('duration_seconds'))}")
-            if ev.get("since_complete_seconds") is not None:
-                target = "seeding" if kind == "handed off" else "ready"
-                bits.append(
-                    f"complete on source → {target} here in "
-                    f"{human_seconds(ev.get('since_complete_seconds'))}"
-                    if doc.get("role") == "destination"
-                    else f"complete → {target} on destination in "
-                    f"{human_seconds(ev.get('since_complete_seconds'))}"
-                )
-            if ev.get("code"):
-                bits.append(f"{ev.get('code')}: {ev.get('message') or ''}")
-            elif ev.get("message"):
-                bits.append(str(ev.get("message")))
-            parts.append(
-                f'<li class="ev" data-kind="{e(kind)}" data-hash="{e(str(ev.get("hash", "")))}">'
-                f"<time>{e(_when(float(ev.get('time') or 0), now))}</time>"
-                f'<div><span class="chip {cls}">{e(label)}</span> <b>{e(str(ev.get("name")))}</b>'
-                f'<div class="d">{e(" · ".join(bits))}</div></div></li>'
-            )
-        parts.append("</ol>")
-    parts.append("</section>")
-    return parts
+    return [
+        '<section class="card wide" id="activity"><h2>Recent activity</h2>',
+        *_list_or_none(
+            "<ol>",
+            [_event_item(ev, doc.get("role") == "destination", now) for ev in recent],
+            '<p class="muted" id="no-activity">Nothing synced yet.</p>',
+        ),
+        "</section>",
+    ]
+
+
+def _event_item(ev: Mapping[str, Any], on_destination: bool, now: float) -> str:
+    e = html.escape
+    kind = str(ev.get("kind", ""))
+    label, cls = _KIND_LABEL.get(kind, (kind, ""))
+    bits = [human_bytes(ev.get("size"))]
+    if ev.get("duration_seconds") is not None:
+        bits.append(f"took {human_seconds(ev.get('duration_seconds'))}")
+    if ev.get("since_complete_seconds") is not None:
+        target = "seeding" if kind == "handed off" else "ready"
+        bits.append(
+            f"complete on source → {target} here in "
+            f"{human_seconds(ev.get('since_complete_seconds'))}"
+            if on_destination
+            else f"complete → {target} on destination in "
+            f"{human_seconds(ev.get('since_complete_seconds'))}"
+        )
+    if ev.get("code"):
+        bits.append(f"{ev.get('code')}: {ev.get('message') or ''}")
+    elif ev.get("message"):
+        bits.append(str(ev.get("message")))
+    return (
+        f'<li class="ev" data-kind="{e(kind)}" data-hash="{e(str(ev.get("hash", "")))}">'
+        f"<time>{e(_when(float(ev.get('time') or 0), now))}</time>"
+        f'<div><span class="chip {cls}">{e(label)}</span> <b>{e(str(ev.get("name")))}</b>'
+        f'<div class="d">{e(" · ".join(bits))}</div></div></li>'
+    )
 
 
 def render_html(doc: Mapping[str, Any] | None) -> str:

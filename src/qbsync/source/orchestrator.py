@@ -64,6 +64,7 @@ from ..wire.messages import Abort, Finalize, FinalizeResult, InitResult, InitTor
 from .cache import CompletionCache, fingerprint
 from .cleanup import Cleanup
 from .codes import Code, SkipReason, SourceCode
+from .discovery import Discovery
 from .meta import MetaError, SourceMeta, build_meta
 from .monitor import MaindataUpdate, Monitor
 from .paths import PathMapper
@@ -200,9 +201,7 @@ class Orchestrator:
         self.stats = _Stats()
         self._removed: set[str] = set()
         self._size_changed: set[str] = set()
-        self._probe_retry_at: dict[str, float] = {}
-        self._link_ids: dict[str, frozenset[tuple[int, int]]] = {}  # see _hardlink_gate
-        self._link_waiting: dict[str, str] = {}  # waiting hash -> the tracked hash it waits on
+        self.discovery = Discovery()  # probe back-off and hard-link waiters (not tracked)
         self._dry_logged: set[tuple[str, str]] = set()
         self._pending_aborts: set[str] = set()  # aborts that failed while unreachable
         self._waiting_on_other: set[str] = set()  # another source syncs these (see _discover)
@@ -255,11 +254,7 @@ class Orchestrator:
                 wake = True
             elif fields & {"state", "progress"} and h not in self.registry and h not in self.cache:
                 info = self.monitor.torrents.get(h)
-                if (
-                    info is not None
-                    and self._probe_retry_at.get(h, 0.0) <= now
-                    and self._skip(info) is None
-                ):
+                if info is not None and self.discovery.due(h, now) and self._skip(info) is None:
                     wake = True
         if wake:
             self.wake()
@@ -464,7 +459,7 @@ class Orchestrator:
         the torrent is recorded as synced without a second copy."""
         if h in self.registry:
             self._untrack(h)
-        self._probe_retry_at[h] = trio.current_time() + self.config.sleep
+        self.discovery.retry_at(h, trio.current_time() + self.config.sleep)
         first = h not in self._waiting_on_other
         self._waiting_on_other.add(h)  # logged at info once per wait, then at debug
         log.log(
@@ -556,35 +551,21 @@ class Orchestrator:
     # -- 4. discovery -----------------------------------------------------------------------
 
     def _hardlink_gate(self, h: str, ids: frozenset[tuple[int, int]]) -> None:
-        """Hard links: a torrent sharing a file (same device and inode here) with a torrent
-        that is being synced waits until that one is finalized, so the destination links the
-        shared file from the finalized copy instead of receiving and storing it twice. Only
-        torrents already tracked can block, and a waiting torrent is not tracked, so nothing
-        waits on itself or in a circle; a blocker that fails or is removed is untracked too."""
-        self._link_ids[h] = ids
-        if not ids:
-            return
-        for t in self.registry.all():
-            if t.info_hash != h and t.active and self._link_ids.get(t.info_hash, frozenset()) & ids:
-                raise HardlinkWait(t.info_hash)
-
-    def _release_link_waiters(self) -> None:
-        for h, blocker in list(self._link_waiting.items()):
-            if blocker not in self.registry:
-                del self._link_waiting[h]
-                self._probe_retry_at.pop(h, None)
-        for h in list(self._link_ids):
-            if h not in self.registry and h not in self._link_waiting:
-                del self._link_ids[h]
+        """Raise HardlinkWait when an active tracked torrent shares a linked file with ``h``
+        (the rule and why: ``Discovery``'s docstring)."""
+        active = (t.info_hash for t in self.registry.all() if t.active)
+        blocker = self.discovery.gate(h, ids, active)
+        if blocker is not None:
+            raise HardlinkWait(blocker)
 
     async def _discover(self) -> None:
         now = trio.current_time()
-        self._release_link_waiters()
+        self.discovery.release(self.registry)
         candidates = [
             info
             for h, info in self.monitor.torrents.items()
             if not self._finishing_removed(h)
-            and self._probe_retry_at.get(h, 0.0) <= now
+            and self.discovery.due(h, now)
             and self._skip(info) is None
         ]
         if not candidates:
@@ -596,7 +577,7 @@ class Orchestrator:
         for info in candidates:
             h = str(info["hash"])
             if self.arr and await self.arr.rejected(h, str(info.get("name") or "")):
-                self._probe_retry_at[h] = now + ARR_RECHECK  # *arr failed/ignored it: no sync
+                self.discovery.retry_at(h, now + ARR_RECHECK)  # *arr failed/ignored it: no sync
                 continue
             try:
                 result: InitResult = await self.pool.request(
@@ -616,14 +597,14 @@ class Orchestrator:
                 log.warning(
                     "event=probe_failed hash=%s code=%s error=%s", h, exc.code.value, kv(str(exc))
                 )
-                self._probe_retry_at[h] = now + self.config.sleep
+                self.discovery.retry_at(h, now + self.config.sleep)
                 continue
             self._waiting_on_other.discard(h)
             if result.status == SyncStatus.COMPLETE:
                 await self._mark_complete_on_probe(h)
             elif result.status == SyncStatus.VERIFYING:
                 log.info("event=probe_verifying hash=%s", h)
-                self._probe_retry_at[h] = now + min(self.config.sleep, 5.0)
+                self.discovery.retry_at(h, now + min(self.config.sleep, 5.0))
             else:
                 ready.append((result.pieces_have_count, h))
         urgent = {h for h, info in self.monitor.torrents.items() if self._urgent(info)}
@@ -634,22 +615,21 @@ class Orchestrator:
                 continue
             if self.dry_run:
                 self._dry("sync", h, name=kv(current.get("name", "")), have=str(have))
-                self._probe_retry_at[h] = now + self.config.sleep
+                self.discovery.retry_at(h, now + self.config.sleep)
                 continue
             try:
                 await self._track(h, current)
             except HardlinkWait as wait:
                 log.info("event=hardlink_group_wait hash=%s waiting_for=%s", h, wait.blocker)
-                self._probe_retry_at[h] = float("inf")  # until the blocker is no longer tracked
-                self._link_waiting[h] = wait.blocker
+                self.discovery.wait(h, wait.blocker)  # until the blocker is no longer tracked
             except MetaError as exc:
                 log.error(
                     "event=torrent_unsupported hash=%s code=bad-request error=%s", h, kv(str(exc))
                 )
-                self._probe_retry_at[h] = now + 10 * self.config.sleep
+                self.discovery.retry_at(h, now + 10 * self.config.sleep)
             except QBError as exc:
                 log.warning("event=track_failed hash=%s code=qb-error error=%s", h, kv(str(exc)))
-                self._probe_retry_at[h] = now + self.config.sleep
+                self.discovery.retry_at(h, now + self.config.sleep)
 
     async def _mark_complete_on_probe(self, h: str) -> None:
         """The destination already has this torrent verified (e.g. a re-download)."""
@@ -781,7 +761,7 @@ class Orchestrator:
                 log.info("event=finalize_verifying hash=%s", h)
             return True
         await self._mark_synced(t, info, result)
-        if self._link_waiting:
+        if self.discovery.anyone_waiting:
             self.wake()  # torrents sharing its files can start now (see _hardlink_gate)
         return True
 
@@ -849,20 +829,7 @@ class Orchestrator:
             trio.current_time() - t.finalize_started,
             kv(result.message or result.status.value),
         )
-        if self.activity is not None:
-            now = time.time()
-            completed = float(info.get("completion_on") or 0)
-            await self.activity.record(
-                Event(
-                    time=now,
-                    kind="synced",
-                    hash=h,
-                    name=t.name,
-                    size=int(t.meta.selected_size),
-                    duration_seconds=now - t.tracked_at,
-                    since_complete_seconds=now - completed if completed > 0 else None,
-                )
-            )
+        await self._record_end(t, "synced", completed_at=float(info.get("completion_on") or 0))
         if orphan:
             # Removed from the source: the destination takes over. If it cannot start it, it
             # keeps the verified torrent stopped (not cached: nothing here retries).
@@ -871,6 +838,34 @@ class Orchestrator:
                 await self._record_removed_handoff(h)
             return
         await self.synced.mark(h, t.meta.fingerprint)
+
+    async def _record_end(
+        self,
+        t: Tracked,
+        kind: str,
+        *,
+        completed_at: float = 0.0,
+        code: str | None = None,
+        message: str = "",
+    ) -> None:
+        """The activity log's entry for the end of a sync (``synced`` or ``failed``): timed
+        from when ``t`` was tracked and, when qBittorrent knows it, from its completion."""
+        if self.activity is None:
+            return
+        now = time.time()
+        await self.activity.record(
+            Event(
+                time=now,
+                kind=kind,
+                hash=t.info_hash,
+                name=t.name,
+                size=int(t.meta.selected_size),
+                duration_seconds=now - t.tracked_at,
+                since_complete_seconds=now - completed_at if completed_at > 0 else None,
+                code=code,
+                message=message,
+            )
+        )
 
     async def _sync_failed(self, t: Tracked, code: ErrorCode) -> None:
         h = t.info_hash
@@ -887,20 +882,8 @@ class Orchestrator:
             code=code,
             message=t.last_error[1] if t.last_error else None,
         )
-        if self.activity is not None:
-            now = time.time()
-            await self.activity.record(
-                Event(
-                    time=now,
-                    kind="failed",
-                    hash=h,
-                    name=t.name,
-                    size=int(t.meta.selected_size),
-                    duration_seconds=now - t.tracked_at,
-                    code=str(code.value),
-                    message=t.last_error[1] if t.last_error else "",
-                )
-            )
+        message = t.last_error[1] if t.last_error else ""
+        await self._record_end(t, "failed", code=str(code.value), message=message)
         log.error(
             "event=sync_failed hash=%s name=%s code=%s attempts=%d tag=%s",
             h,
@@ -937,7 +920,7 @@ class Orchestrator:
 
     async def _maintenance(self) -> None:
         listed = self.monitor.torrents
-        self._probe_retry_at = {h: v for h, v in self._probe_retry_at.items() if h in listed}
+        self.discovery.keep_listed(listed)
         self._dry_logged = {k for k in self._dry_logged if k[1] in listed}
         # Synced torrents that left the source while nobody watched (restart, missed event).
         for h in list(self.cache):
