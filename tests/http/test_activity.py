@@ -16,10 +16,17 @@ import pytest
 
 from qbsync.bitfield import Bitfield
 from qbsync.http import activity, status
-from qbsync.http.activity import ActivityLog, Event, Throughput
+from qbsync.http.activity import (
+    ActivityLog,
+    Event,
+    Throughput,
+    completed_ms_ago,
+    since_complete,
+)
 from qbsync.http.status import DaemonStatus, Peer, Sections, StatusBuilder
 from qbsync.source.state import Tracked
 from qbsync.source.tracker import PieceTracker
+from qbsync.wire.messages import COMPLETED_UNKNOWN
 from tests.status_schema import assert_valid
 
 DAEMON = DaemonStatus(1, 0, 0, 10, "127.0.0.1:1")
@@ -424,3 +431,17 @@ async def test_the_removal_after_a_cleanup_hand_off_is_not_a_second_one(
         rig.orch.on_removed(h)
         await eventually(lambda: h not in rig.orch.cache)
     assert log.events == [] and h not in rig.orch.cleanup.handed_off
+
+
+def test_completed_ms_ago_is_a_duration_on_the_senders_clock() -> None:
+    assert completed_ms_ago(1_000.0, 1_090.5) == 90_500
+    assert completed_ms_ago(1_000.0, 1_000.0) == 0
+    # Unknown: qBittorrent has no completion time, or one after now.
+    for completed in (None, 0.0, -1.0, 2_000.0):
+        assert completed_ms_ago(completed, 1_090.5) == COMPLETED_UNKNOWN
+
+
+def test_since_complete_adds_the_receivers_own_elapsed_time() -> None:
+    assert since_complete(90_500, 2.0) == 92.5
+    assert since_complete(0, -0.1) == 0.0  # never below what the source measured
+    assert since_complete(COMPLETED_UNKNOWN, 5.0) is None

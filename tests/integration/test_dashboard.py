@@ -86,6 +86,16 @@ def kinds(doc: dict[str, Any], info_hash: str) -> list[str]:
     return [e["kind"] for e in doc["activity"]["recent"] if e["hash"] == info_hash]
 
 
+def since_complete(doc: dict[str, Any], info_hash: str, kind: str) -> float:
+    """The ``since_complete_seconds`` of ``info_hash``'s newest ``kind`` event (must be known)."""
+    event = next(
+        e for e in doc["activity"]["recent"] if e["hash"] == info_hash and e["kind"] == kind
+    )
+    value = event["since_complete_seconds"]
+    assert isinstance(value, (int, float)), event
+    return float(value)
+
+
 def chart_peak(dom: str) -> float:
     m = re.search(r'<svg id="chart"[^>]*data-peak="([0-9.]+)"', dom)
     assert m, "no throughput chart on the page"
@@ -184,7 +194,10 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
     )
     assert_valid(dest)
     assert dest["activity"]["totals"]["all"]["synced"] == 1
-    assert chart_peak(browser.dom(rig.dest_health)) > 0
+    # The source sent how long ago the torrent completed there (a duration, not a clock).
+    assert since_complete(dest, ih, "synced") >= 0
+    dest_dom = browser.dom(rig.dest_health)
+    assert chart_peak(dest_dom) > 0 and "complete on source → ready here in" in dest_dom
     browser.screenshot(health, "dashboard-after-sync.png", docs=False)
     browser.screenshot(rig.dest_health, "dashboard-destination.png")
     browser.screenshot(health, "dashboard-phone.png", width=390, height=1600)
@@ -222,6 +235,8 @@ def test_dashboard_mid_sync_after_sync_after_handoff_and_after_restarts(
         0.2,
         "the destination's activity shows the hand-off",
     )
+    assert since_complete(dest, ih, "handed off") >= since_complete(dest, ih, "synced")
+    assert "complete on source → seeding here in" in browser.dom(rig.dest_health)
 
     # -- restart the destination: its history is still there ---------------------------------
     assert rig.dest is not None

@@ -11,7 +11,14 @@ import pytest
 import trio
 
 from qbsync.qbittorrent import api as qb
-from qbsync.qbittorrent.api import QB, CircuitOpen, QBError, normalize_state, split_tags
+from qbsync.qbittorrent.api import (
+    QB,
+    CircuitOpen,
+    QBError,
+    completion_time,
+    normalize_state,
+    split_tags,
+)
 
 
 def test_normalize_state_maps_4x_names() -> None:
@@ -19,6 +26,21 @@ def test_normalize_state_maps_4x_names() -> None:
     assert normalize_state("pausedDL") == "stoppedDL"
     assert normalize_state("stalledUP") == "stalledUP"
     assert normalize_state("stoppedDL") == "stoppedDL"
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"),
+    [
+        ({"completion_on": 1_765_000_000}, 1_765_000_000.0),
+        ({"completion_on": 0}, None),
+        ({"completion_on": -1}, None),  # not completed (5.x)
+        ({"completion_on": 4294967295}, None),  # -1 as unsigned 32-bit
+        ({"completion_on": "x"}, None),
+        ({}, None),
+    ],
+)
+def test_completion_time(info: dict[str, object], expected: float | None) -> None:
+    assert completion_time(info) == expected
 
 
 def test_split_tags() -> None:

@@ -59,7 +59,7 @@ import trio
 
 from .. import metrics, paths
 from ..config import GiB
-from ..http.activity import ActivityLog, Event
+from ..http.activity import ActivityLog, Event, since_complete
 from ..integrations import notify
 from ..integrations.arr import ArrSet
 from ..log import paths_kv
@@ -241,6 +241,9 @@ class Finalizer:
                 name=state.meta.name,
                 size=sum(f.size for f in state.files if f.selected),
                 duration_seconds=now - created if created > 0 else None,
+                since_complete_seconds=since_complete(
+                    job.request.completed_ms_ago, time.monotonic() - job.started
+                ),
                 code=job.error.code.value if job.error is not None else None,
                 message=job.error.message if job.error is not None else "",
             )

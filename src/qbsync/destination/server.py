@@ -49,7 +49,7 @@ from typing import Any
 import trio
 
 from .. import metrics, paths
-from ..http.activity import ActivityLog, Event
+from ..http.activity import ActivityLog, Event, since_complete
 from ..log import paths_kv
 from ..qbittorrent.api import ERROR_STATES, QB, QBError
 from ..torrent import Metainfo, MetainfoError, parse_metainfo
@@ -671,6 +671,9 @@ class DestinationServer:
                         name=str(info.get("name") or h),
                         size=int(info.get("size") or 0),
                         duration_seconds=time.monotonic() - started,
+                        since_complete_seconds=since_complete(
+                            req.completed_ms_ago, time.monotonic() - started
+                        ),
                     )
                 )
             return StartResult(started=True)

@@ -45,6 +45,7 @@ import trio
 
 from .. import atomicfile
 from ..log import kv
+from ..wire.messages import COMPLETED_UNKNOWN
 
 log = logging.getLogger("qbsync.http.activity")
 
@@ -153,6 +154,25 @@ def _str(v: Any, limit: int) -> str:
 
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
+
+
+def completed_ms_ago(completed_at: float | None, now: float) -> int:
+    """``completed_ms_ago`` for a Finalize or StartTorrent (see
+    ``qbsync.wire.messages.COMPLETED_UNKNOWN``): milliseconds from ``completed_at`` (Unix time
+    qBittorrent finished the download, on this machine's clock) to ``now``. Unknown when
+    qBittorrent does not know (0, -1) or gives a time after ``now`` (older versions report
+    2**32 - 1 for "never")."""
+    if completed_at is None or completed_at <= 0 or completed_at > now:
+        return COMPLETED_UNKNOWN
+    return round((now - completed_at) * 1000)
+
+
+def since_complete(ms_ago: int, elapsed: float) -> float | None:
+    """Seconds from "complete on the source" to now, for the destination: the source's
+    ``completed_ms_ago`` when it asked, plus ``elapsed`` here since then. None when unknown."""
+    if ms_ago < 0:
+        return None
+    return ms_ago / 1000 + max(elapsed, 0.0)
 
 
 def day_of(t: float) -> str:

@@ -30,7 +30,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -62,6 +62,17 @@ ERROR_STATES = frozenset({"error", "missingFiles"})
 def normalize_state(state: str) -> str:
     """qBittorrent 4.x ``pausedUP``/``pausedDL`` are 5.x ``stoppedUP``/``stoppedDL``."""
     return "stopped" + state[len("paused") :] if state.startswith("paused") else state
+
+
+def completion_time(info: Mapping[str, Any]) -> float | None:
+    """When qBittorrent finished downloading the torrent (``completion_on``, Unix time), or
+    None when it has not or does not say: 0 and -1 mean "not completed", and so does -1 read
+    as an unsigned 32-bit number."""
+    try:
+        value = float(info.get("completion_on") or 0)
+    except (TypeError, ValueError):
+        return None
+    return value if 0 < value < 2**32 - 1 else None
 
 
 def split_tags(tags: str | None) -> list[str]:

@@ -45,10 +45,10 @@ import attrs
 import trio
 
 from .. import metrics
-from ..http.activity import ActivityLog, Event
+from ..http.activity import ActivityLog, Event, completed_ms_ago
 from ..integrations import notify
 from ..log import kv
-from ..qbittorrent.api import QB, QBError, split_tags
+from ..qbittorrent.api import QB, QBError, completion_time, split_tags
 from ..wire.errors import ErrorCode, WireError
 from ..wire.messages import StartResult, StartTorrent
 from .cache import CompletionCache
@@ -128,14 +128,13 @@ def _file_ids(local_dir: Path, names: Iterable[str]) -> set[tuple[int, int]]:
 
 
 def _candidate(info: dict[str, Any]) -> Candidate:
-    completion = float(info.get("completion_on") or 0)
     return Candidate(
         info_hash=str(info.get("hash") or ""),
         name=str(info.get("name") or ""),
         size=int(info.get("size") or 0),
         seeding_time=int(info.get("seeding_time") or 0),
         popularity=int(info.get("num_complete") or 0) + int(info.get("num_incomplete") or 0),
-        completed_at=completion if completion > 0 else None,
+        completed_at=completion_time(info),
     )
 
 
@@ -457,7 +456,9 @@ class Cleanup:
                 "event=handoff_failed hash=%s step=stop code=qb-error error=%s", h, kv(str(exc))
             )
             return False
-        if not await self.start_on_destination(h, then="resume_source"):
+        if not await self.start_on_destination(
+            h, then="resume_source", completed_at=c.completed_at
+        ):
             try:
                 await self.qb.start(h)
             except QBError as exc2:
@@ -502,7 +503,9 @@ class Cleanup:
             )
         return True
 
-    async def start_on_destination(self, h: str, *, then: str) -> bool:
+    async def start_on_destination(
+        self, h: str, *, then: str, completed_at: float | None = None
+    ) -> bool:
         """``StartTorrent`` with ``--source-removed-tag``: the destination seeds ``h`` from now
         on. True only when the destination answered ``started=True``, which it does only after
         checking its ``.finalized`` marker, the files' sizes and qBittorrent's progress, and
@@ -515,7 +518,12 @@ class Cleanup:
         detail = ""
         try:
             result = await self.request(
-                StartTorrent(h, tag=self.source_removed_tag), within=HANDOFF_TIMEOUT
+                StartTorrent(
+                    h,
+                    tag=self.source_removed_tag,
+                    completed_ms_ago=completed_ms_ago(completed_at, time.time()),
+                ),
+                within=HANDOFF_TIMEOUT,
             )
         except WireError as exc:
             reason, detail = exc.code.value, str(exc)

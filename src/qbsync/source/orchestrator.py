@@ -52,13 +52,13 @@ import trio
 
 from .. import metrics
 from ..config import SourceConfig
-from ..http.activity import ActivityLog, Event
+from ..http.activity import ActivityLog, Event, completed_ms_ago
 from ..http.server import Health
 from ..integrations import notify
 from ..integrations.arr import RECHECK_AFTER as ARR_RECHECK
 from ..integrations.arr import ArrSet
 from ..log import kv
-from ..qbittorrent.api import QB, QBError, split_tags
+from ..qbittorrent.api import QB, QBError, completion_time, split_tags
 from ..wire.errors import RETRYABLE, ConnectionClosed, ErrorCode, WireError
 from ..wire.messages import Abort, Finalize, FinalizeResult, InitResult, InitTorrent, SyncStatus
 from .cache import CompletionCache, fingerprint
@@ -660,8 +660,8 @@ class Orchestrator:
         if not resync:
             self._hardlink_gate(h, await trio.to_thread.run_sync(_link_ids, meta))
         tracker = PieceTracker(meta.num_pieces, meta.mask)
-        completion = float(info.get("completion_on") or 0)
-        since = completion if completion > 0 else time.time()
+        completion = completion_time(info)
+        since = completion if completion is not None else time.time()
         self.reader.forget(h)
         self._pending_aborts.discard(h)  # tracked again (tag removed, re-added): keep its data
         t = self.registry.add(meta, tracker, since, resync=resync)
@@ -739,6 +739,7 @@ class Orchestrator:
                 if tag != self.config.handoff_tag
             ),
             save_sub_path=t.meta.save_sub_path,
+            completed_ms_ago=completed_ms_ago(completion_time(info), time.time()),
         )
         try:
             result: FinalizeResult = await self.pool.request(request, within=FINALIZE_TIMEOUT)
@@ -829,11 +830,13 @@ class Orchestrator:
             trio.current_time() - t.finalize_started,
             kv(result.message or result.status.value),
         )
-        await self._record_end(t, "synced", completed_at=float(info.get("completion_on") or 0))
+        await self._record_end(t, "synced", completed_at=completion_time(info))
         if orphan:
             # Removed from the source: the destination takes over. If it cannot start it, it
             # keeps the verified torrent stopped (not cached: nothing here retries).
-            if await self.cleanup.start_on_destination(h, then="left_stopped_on_destination"):
+            if await self.cleanup.start_on_destination(
+                h, then="left_stopped_on_destination", completed_at=completion_time(info)
+            ):
                 log.info("event=handoff_removed hash=%s", h)
                 await self._record_removed_handoff(h)
             return
@@ -844,7 +847,7 @@ class Orchestrator:
         t: Tracked,
         kind: str,
         *,
-        completed_at: float = 0.0,
+        completed_at: float | None = None,
         code: str | None = None,
         message: str = "",
     ) -> None:
@@ -861,7 +864,9 @@ class Orchestrator:
                 name=t.name,
                 size=int(t.meta.selected_size),
                 duration_seconds=now - t.tracked_at,
-                since_complete_seconds=now - completed_at if completed_at > 0 else None,
+                since_complete_seconds=(
+                    None if completed_at is None else max(now - completed_at, 0.0)
+                ),
                 code=code,
                 message=message,
             )

@@ -180,6 +180,15 @@ class InitResult:
     pieces_have_count: int = 0
 
 
+# ``completed_ms_ago`` on Finalize and StartTorrent: how long ago, in milliseconds, the torrent
+# finished downloading on the source, measured on the source's clock as it sends the request;
+# this value when unknown (and from a source that predates the field: unknown keys are skipped
+# and missing ones take their default). A duration rather than a time, so the two machines'
+# clocks are never compared: the destination adds its own elapsed time to show "complete on
+# the source -> seeding here" in its activity log.
+COMPLETED_UNKNOWN = -1
+
+
 @attrs.frozen
 class Finalize(RequestMessage["FinalizeResult"]):
     """All pieces sent: verify, add to the destination qBittorrent, tag."""
@@ -188,6 +197,7 @@ class Finalize(RequestMessage["FinalizeResult"]):
     category: str = ""
     tags: tuple[str, ...] = ()  # the source torrent's tags, copied to the destination
     save_sub_path: str = ""
+    completed_ms_ago: int = COMPLETED_UNKNOWN  # see COMPLETED_UNKNOWN
 
 
 @attrs.frozen
@@ -215,6 +225,7 @@ class StartTorrent(RequestMessage["StartResult"]):
 
     info_hash: str
     tag: str = ""
+    completed_ms_ago: int = COMPLETED_UNKNOWN  # see COMPLETED_UNKNOWN
 
 
 @attrs.frozen
