@@ -230,6 +230,13 @@ class Rig:
             lambda: "synced" in tags_of(self.dst_qb, ih), dest_timeout, 0.2, "destination synced"
         )
 
+    def wait_source_files_deleted(self, timeout: float = 60) -> None:
+        """Wait until the source qBittorrent has deleted the torrent's files. It drops the
+        torrent from its list first and deletes the files afterwards, in the background, so
+        "no longer listed" does not mean "files gone" yet on a busy machine."""
+        content = self.src_qb.save_path / self.seeded.name
+        wait_until(lambda: not content.exists(), timeout, 0.2, f"{content} deleted")
+
     def assert_identical(self, files: Mapping[str, int] = FILES) -> None:
         """Every file on the destination holds exactly the seeded bytes."""
         for rel in files:

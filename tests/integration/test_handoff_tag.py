@@ -43,7 +43,7 @@ def test_tagged_torrent_is_moved_and_untagged_one_stays(
     rig.add_to_source(download_limit=None, tags=["handoff", "tv"])
     wait_until(lambda: rig.src_qb.info(tagged) is None, 120, 0.2, "tagged torrent moved")
     assert "event=handed_off" in source.log_text()
-    assert not (rig.src_qb.save_path / rig.seeded.name).exists()  # deleted with its files
+    rig.wait_source_files_deleted()  # deleted with its files
     rig.dst_qb.wait_seeding(tagged, timeout=30)
     rig.assert_identical()
     dst_tags = tags_of(rig.dst_qb, tagged)

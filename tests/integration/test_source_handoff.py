@@ -24,7 +24,7 @@ def test_disk_pressure_hands_synced_torrent_to_destination(rig: Rig) -> None:
     rig.add_to_source(download_limit=None)
     wait_until(lambda: rig.src_qb.info(ih) is None, 90, 0.2, "removed from the source")
     source.wait_for_log("event=handed_off", timeout=120)
-    assert not (rig.src_qb.save_path / rig.seeded.name).exists()  # deleted with its files
+    rig.wait_source_files_deleted()  # deleted with its files
     dst = rig.dst_qb.info(ih)
     assert dst is not None
     assert {"synced", "source-removed"} <= tags_of(rig.dst_qb, ih)
