@@ -76,8 +76,8 @@ check: lint typecheck
 
 # The integration tests on two pytest-xdist workers. They share nothing: each test has its own
 # temporary directory, its own qbittorrent-nox and qbsync processes, stopped by PID, and ports
-# from free_port (qbsync.qbittorrent.instance), which hands each process its own walk of a
-# block below the kernel's ephemeral range, so two workers are not given the same port.
+# from free_port (qbsync.qbittorrent.instance) in the worker's own slot of a block below the
+# kernel's ephemeral range (tests/conftest.py), so two workers are never given the same port.
 INTEGRATION = $(BIN)/pytest -q -n 2 tests/integration
 
 integration: venv qbittorrent chromium

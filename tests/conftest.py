@@ -13,6 +13,8 @@ import signal
 
 from hypothesis import HealthCheck, settings
 
+from qbsync.qbittorrent.instance import PORT_SLOTS, use_port_slot
+
 # Tests stop the demo and `qbsync status --watch` with Ctrl-C (SIGINT). A shell that starts
 # pytest in the background (`make test &`, some CI runners) sets SIGINT to "ignored", and
 # every child inherits that: the Ctrl-C would be lost and those tests would wait for their
@@ -25,3 +27,8 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=100)
 settings.register_profile("quick", max_examples=20, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# Each pytest-xdist worker (gw0, gw1, ...) takes its own slot of ports, so two workers running
+# integration tests side by side are never handed the same port (see free_port).
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+use_port_slot(int(_worker[2:]) % PORT_SLOTS if _worker[2:].isdigit() else 0)

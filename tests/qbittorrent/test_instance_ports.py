@@ -39,3 +39,20 @@ def test_without_room_below_the_ephemeral_range_the_kernel_picks(
     monkeypatch.setattr(instance, "_port_block", lambda: None)
     port = free_port()
     assert 1024 <= port < 65536
+
+
+def test_slots_are_disjoint_and_apart_from_the_shared_half(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two test workers (different slots) can never be handed one port, nor can a worker and a
+    process with no slot (the demo's daemons)."""
+    parts = []
+    for slot in (*range(instance.PORT_SLOTS), None):
+        monkeypatch.setattr(instance, "_port_slot", slot)
+        block = instance._port_block()
+        assert block is not None
+        parts.append(range(*block))
+    for i, a in enumerate(parts):
+        assert len(a) >= 1000
+        for b in parts[i + 1 :]:
+            assert not set(a) & set(b)
+    with pytest.raises(ValueError, match="port slot"):
+        instance.use_port_slot(instance.PORT_SLOTS)

@@ -36,24 +36,44 @@ SEEDING_STATES = frozenset({"stalledUP", "uploading", "queuedUP", "forcedUP"})
 T = TypeVar("T")
 
 
-# Ports handed out by free_port(): a block below the kernel's ephemeral range, walked in
-# order from a random start. See free_port for why.
+# Ports handed out by free_port(): a block below the kernel's ephemeral range. Its upper half
+# is for any process; its lower half is cut into PORT_SLOTS disjoint slots, one per process
+# that asks for one with use_port_slot (the test suite gives each pytest-xdist worker its
+# own). Each process walks its part in order from a random start. See free_port for why.
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _BLOCK_LOW = 10000
 _MIN_BLOCK = 4096
+PORT_SLOTS = 8
 _port_lock = threading.Lock()
 _port_cursor: int | None = None
+_port_slot: int | None = None
+
+
+def use_port_slot(index: int) -> None:
+    """From now on, this process's :func:`free_port` draws from slot ``index`` (0 to
+    ``PORT_SLOTS - 1``), which no process without that slot draws from: processes given
+    different slots are never handed the same port."""
+    global _port_slot, _port_cursor
+    if not 0 <= index < PORT_SLOTS:
+        raise ValueError(f"port slot {index} is not in 0..{PORT_SLOTS - 1}")
+    with _port_lock:
+        _port_slot, _port_cursor = index, None
 
 
 def _port_block() -> tuple[int, int] | None:
-    """[low, high) below the kernel's ephemeral range, or None when that leaves too little."""
+    """[low, high) this process draws from: its slot, or the upper half of the block below the
+    kernel's ephemeral range; None when that leaves too little room."""
     try:
         ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768  # Linux's default
     if ephemeral_low - _BLOCK_LOW < _MIN_BLOCK:
         return None
-    return _BLOCK_LOW, ephemeral_low
+    half = _BLOCK_LOW + (ephemeral_low - _BLOCK_LOW) // 2
+    if _port_slot is None:
+        return half, ephemeral_low
+    size = (half - _BLOCK_LOW) // PORT_SLOTS
+    return _BLOCK_LOW + _port_slot * size, _BLOCK_LOW + (_port_slot + 1) * size
 
 
 def _bindable(port: int) -> bool:
@@ -67,20 +87,23 @@ def _bindable(port: int) -> bool:
 
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago and that this process has not handed
-    out before (until its block of ports wraps around).
+    out before (until its part of the block wraps around).
 
     The port is closed again when this returns, so there is a window before the caller's
     process binds it. Asking the kernel for a port (binding to port 0) picks at random from the
     ephemeral range, so two processes doing this at once -- two pytest-xdist workers, the demo
     beside a test -- can be handed the same port in that window, and outgoing connections draw
-    from the same range. Instead each process walks a block *below* the ephemeral range (the
-    kernel never hands those out on its own) in order, from a random start: two walkers collide
-    only if they start within a few ports of each other, and one process never repeats itself.
-    :class:`QBInstance` also retries with new ports when qBittorrent cannot bind.
+    from the same range. Instead each process walks a part of a block *below* the ephemeral
+    range (the kernel never hands those out on its own) in order, from a random start, so it
+    never repeats itself. Random starts alone are not enough: two walkers that start near each
+    other keep colliding as they go (seen: a dozen tests of one run failed that way). So
+    processes that run side by side take disjoint slots (:func:`use_port_slot`); the rest share
+    the block's upper half. :class:`QBInstance` also retries with new ports when qBittorrent
+    cannot bind.
     """
     global _port_cursor
-    block = _port_block()
     with _port_lock:
+        block = _port_block()
         if block is not None:
             low, high = block
             if _port_cursor is None or not low <= _port_cursor < high:
