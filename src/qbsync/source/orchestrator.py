@@ -728,6 +728,7 @@ class Orchestrator:
             return True
         t.meta.locate(self.mapper, info)
         t.begin_finalize(now)
+        wall = time.time()
         request = Finalize(
             info_hash=h,
             category=str(info.get("category") or ""),
@@ -739,7 +740,9 @@ class Orchestrator:
                 if tag != self.config.handoff_tag
             ),
             save_sub_path=t.meta.save_sub_path,
-            completed_ms_ago=completed_ms_ago(completion_time(info), time.time()),
+            # Every piece is here. qBittorrent stamps completion_on a moment after it reports
+            # the last piece, and pieces stream faster than that: no stamp yet = just now.
+            completed_ms_ago=completed_ms_ago(completion_time(info) or wall, wall),
         )
         try:
             result: FinalizeResult = await self.pool.request(request, within=FINALIZE_TIMEOUT)
